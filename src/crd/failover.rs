@@ -1,0 +1,333 @@
+//! `SiteFailover`: pairs this cluster's site with a peer site in another cluster for geographic redundancy.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::KeyRef;
+use super::validation::{is_dns_label, is_dns_subdomain, ValidationErrors};
+
+/// A live standby site for some MailPods: access tables mirrored and hash-checked, stores replicated, the
+/// primary probed, automatic failover under a higher epoch with fencing, and failback after resync.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "mailpod.io",
+    version = "v1alpha1",
+    kind = "SiteFailover",
+    plural = "sitefailovers",
+    shortname = "sf",
+    namespaced,
+    status = "SiteFailoverStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.activeSite"}"#,
+    printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch"}"#,
+    printcolumn = r#"{"name":"Tables-In-Sync","type":"boolean","jsonPath":".status.accessTablesInSync"}"#,
+    printcolumn = r#"{"name":"Lag","type":"number","jsonPath":".status.replicationLagSeconds"}"#,
+    printcolumn = r#"{"name":"Last-RTO","type":"number","priority":1,"jsonPath":".status.lastFailover.rtoSeconds"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("self.localSite != self.peer.name").message("localSite and peer.name must differ").field_path(".peer.name"))]
+#[x_kube(validation = Rule::new("self.primarySite == self.localSite || self.primarySite == self.peer.name").message("primarySite must be localSite or peer.name").field_path(".primarySite"))]
+#[serde(rename_all = "camelCase")]
+pub struct SiteFailoverSpec {
+    /// MailPods (in this namespace) this pairing covers.
+    #[schemars(length(min = 1))]
+    pub mail_pods: Vec<String>,
+    /// This cluster's site name; must match the operator's `--site`.
+    pub local_site: String,
+    /// The other cluster.
+    pub peer: PeerSite,
+    /// Site that serves while both are healthy.
+    pub primary_site: String,
+    #[serde(default)]
+    pub detection: Detection,
+    #[serde(default)]
+    pub policy: FailoverPolicy,
+    #[serde(default)]
+    pub targets: Targets,
+    /// DNS names switched to the active site through external-dns `DNSEndpoint` objects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<DnsName>,
+}
+
+/// The peer cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerSite {
+    /// The peer's site name.
+    pub name: String,
+    /// Secret key holding a kubeconfig for the peer cluster.
+    pub kubeconfig_secret: KeyRef,
+    /// Namespace of the peer's MailPods; this SiteFailover's namespace when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// How the standby decides that the primary is gone.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Detection {
+    /// Seconds between probes of the primary (API and front-end protocols). Default 5.
+    #[serde(default = "default_probe_interval")]
+    #[schemars(range(min = 1, max = 300))]
+    pub probe_interval_seconds: u32,
+    /// Consecutive failed probes before the primary is declared lost. Default 3.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: u32,
+    /// Timeout of one probe. Default 2.
+    #[serde(default = "default_probe_timeout")]
+    #[schemars(range(min = 1, max = 60))]
+    pub probe_timeout_seconds: u32,
+}
+
+fn default_probe_interval() -> u32 {
+    5
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+fn default_probe_timeout() -> u32 {
+    2
+}
+
+impl Default for Detection {
+    fn default() -> Self {
+        Self {
+            probe_interval_seconds: default_probe_interval(),
+            failure_threshold: default_failure_threshold(),
+            probe_timeout_seconds: default_probe_timeout(),
+        }
+    }
+}
+
+/// Whether failover and failback happen by themselves.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverPolicy {
+    /// Promote the standby when the primary is lost (default true).
+    #[serde(default = "default_true")]
+    pub automatic_failover: bool,
+    /// Switch back to the primary site once it is resynchronised (default false: an operator decides).
+    #[serde(default)]
+    pub automatic_failback: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for FailoverPolicy {
+    fn default() -> Self {
+        Self {
+            automatic_failover: true,
+            automatic_failback: false,
+        }
+    }
+}
+
+/// Recovery objectives; status reports measured figures against them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Targets {
+    /// Recovery time objective in seconds (default 60).
+    #[serde(default = "default_rto")]
+    #[schemars(range(min = 1))]
+    pub rto_seconds: u32,
+    /// Recovery point objective in seconds (default 30).
+    #[serde(default = "default_rpo")]
+    #[schemars(range(min = 0))]
+    pub rpo_seconds: u32,
+}
+
+fn default_rto() -> u32 {
+    60
+}
+fn default_rpo() -> u32 {
+    30
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Self {
+            rto_seconds: default_rto(),
+            rpo_seconds: default_rpo(),
+        }
+    }
+}
+
+/// A DNS name pointed at the active site's Service of one traffic type.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsName {
+    /// Fully qualified name, such as `mx.example.com`.
+    pub name: String,
+    /// MailPod whose Service the name points to.
+    pub mail_pod: String,
+    /// `mx`, `submission`, `imap`, `pop3` or `webmail`.
+    #[x_kube(validation = Rule::new("self in ['mx', 'submission', 'imap', 'pop3', 'webmail']").message("must be mx, submission, imap, pop3 or webmail"))]
+    pub service: String,
+    /// Record TTL in seconds (default 30, short so clients follow a failover).
+    #[serde(default = "default_ttl")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub ttl: u32,
+}
+
+fn default_ttl() -> u32 {
+    30
+}
+
+/// Phase of a site pairing.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FailoverPhase {
+    /// Both sites up; the standby is current.
+    #[default]
+    Healthy,
+    /// The peer is unreachable or behind, below the failure threshold.
+    Degraded,
+    /// The standby is taking over.
+    FailingOver,
+    /// The standby site serves.
+    FailedOver,
+    /// Switching back to the primary site.
+    FailingBack,
+}
+
+/// What the SiteFailover controller reports.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteFailoverStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub phase: FailoverPhase,
+    /// Site that serves now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_site: Option<String>,
+    /// Raised at every failover and failback; a site that sees a higher epoch than its own is fenced.
+    #[serde(default)]
+    pub epoch: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_reachable: Option<bool>,
+    #[serde(default)]
+    pub consecutive_probe_failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_tables_in_sync: Option<bool>,
+    /// Hash of the access tables on this site and on the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_access_tables_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_access_tables_hash: Option<String>,
+    /// RFC 3339 time of the last table sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_table_sync: Option<String>,
+    /// Data behind the active site (the RPO if it were lost now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_lag_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover: Option<FailoverRecord>,
+}
+
+/// One failover or failback, with its measured figures.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverRecord {
+    pub from: String,
+    pub to: String,
+    pub epoch: i64,
+    /// RFC 3339.
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rto_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_seconds: Option<f64>,
+    /// `failover` or `failback`.
+    pub kind: String,
+}
+
+impl SiteFailoverSpec {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        if self.mail_pods.is_empty() {
+            errs.push("spec.mailPods", "at least one MailPod is required");
+        }
+        let mut seen = BTreeSet::new();
+        for (i, mp) in self.mail_pods.iter().enumerate() {
+            if !is_dns_label(mp) {
+                errs.push(format!("spec.mailPods[{i}]"), format!("`{mp}` is not a MailPod name"));
+            } else if !seen.insert(mp) {
+                errs.push(format!("spec.mailPods[{i}]"), format!("duplicate MailPod `{mp}`"));
+            }
+        }
+        if !is_dns_label(&self.local_site) {
+            errs.push("spec.localSite", "must be a DNS label");
+        }
+        if !is_dns_label(&self.peer.name) {
+            errs.push("spec.peer.name", "must be a DNS label");
+        } else if self.peer.name == self.local_site {
+            errs.push("spec.peer.name", "must differ from spec.localSite");
+        }
+        if self.primary_site != self.local_site && self.primary_site != self.peer.name {
+            errs.push(
+                "spec.primarySite",
+                format!(
+                    "`{}` must be spec.localSite (`{}`) or spec.peer.name (`{}`)",
+                    self.primary_site, self.local_site, self.peer.name
+                ),
+            );
+        }
+        if let Some(ns) = &self.peer.namespace {
+            if !is_dns_label(ns) {
+                errs.push("spec.peer.namespace", "must be a namespace name");
+            }
+        }
+        let d = &self.detection;
+        if !(1..=300).contains(&d.probe_interval_seconds) {
+            errs.push("spec.detection.probeIntervalSeconds", "must be between 1 and 300");
+        }
+        if !(1..=100).contains(&d.failure_threshold) {
+            errs.push("spec.detection.failureThreshold", "must be between 1 and 100");
+        }
+        if !(1..=60).contains(&d.probe_timeout_seconds) {
+            errs.push("spec.detection.probeTimeoutSeconds", "must be between 1 and 60");
+        } else if d.probe_timeout_seconds > d.probe_interval_seconds {
+            errs.push(
+                "spec.detection.probeTimeoutSeconds",
+                "must not exceed probeIntervalSeconds",
+            );
+        }
+        if self.targets.rto_seconds == 0 {
+            errs.push("spec.targets.rtoSeconds", "must be at least 1");
+        }
+        for (i, dns) in self.dns.iter().enumerate() {
+            if !is_dns_subdomain(&dns.name) {
+                errs.push(format!("spec.dns[{i}].name"), format!("`{}` is not a DNS name", dns.name));
+            }
+            if !self.mail_pods.contains(&dns.mail_pod) {
+                errs.push(
+                    format!("spec.dns[{i}].mailPod"),
+                    format!("`{}` is not in spec.mailPods", dns.mail_pod),
+                );
+            }
+            if !["mx", "submission", "imap", "pop3", "webmail"].contains(&dns.service.as_str()) {
+                errs.push(
+                    format!("spec.dns[{i}].service"),
+                    "must be mx, submission, imap, pop3 or webmail",
+                );
+            }
+        }
+        errs.into_result()
+    }
+
+    /// Whether this site is the configured primary.
+    pub fn local_is_primary(&self) -> bool {
+        self.primary_site == self.local_site
+    }
+}

@@ -1,0 +1,240 @@
+//! `StorageLUN`: one storage unit of at most `maxUsers` mailboxes, run as 1 active + `standbys` store replicas.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{PvcRetention, ReplicationSpec, SnapshotPolicy};
+use super::mailpod::{MAX_STANDBYS, MAX_USERS_PER_LUN};
+use super::validation::{is_dns_label, parse_bytes, split_address, ValidationErrors};
+
+/// A storage unit of bounded size. Normally created and owned by its MailPod, which places mailboxes on it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "mailpod.io",
+    version = "v1alpha1",
+    kind = "StorageLUN",
+    plural = "storageluns",
+    singular = "storagelun",
+    shortname = "lun",
+    namespaced,
+    status = "StorageLUNStatus",
+    printcolumn = r#"{"name":"MailPod","type":"string","jsonPath":".spec.mailPod"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Users","type":"integer","jsonPath":".status.users"}"#,
+    printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.currentActive"}"#,
+    printcolumn = r#"{"name":"Lag","type":"number","jsonPath":".status.replicationLagSeconds"}"#,
+    printcolumn = r#"{"name":"Last-Snapshot","type":"date","jsonPath":".status.lastSnapshot.time"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("size(self.mailboxes) <= self.maxUsers").message("more mailboxes than maxUsers").field_path(".mailboxes"))]
+#[serde(rename_all = "camelCase")]
+pub struct StorageLUNSpec {
+    /// The MailPod this LUN belongs to.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("mailPod is immutable"))]
+    pub mail_pod: String,
+    /// Position of this LUN in its MailPod's placement (0, 1, ...).
+    #[x_kube(validation = Rule::new("self == oldSelf").message("index is immutable"))]
+    pub index: u32,
+    /// Size of each replica's volume.
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(k|M|G|T|Ki|Mi|Gi|Ti)?$')").message("must be a whole quantity of bytes such as 50Gi"))]
+    pub capacity: String,
+    /// StorageClass; the cluster's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Most mailboxes this LUN may hold.
+    #[serde(default = "default_max_users")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_users: u32,
+    /// Mailboxes placed on this LUN.
+    #[serde(default)]
+    #[schemars(length(max = 10000))]
+    pub mailboxes: Vec<String>,
+    /// Standby replicas beside the active one.
+    #[serde(default = "default_standbys")]
+    #[schemars(range(min = 0, max = 4))]
+    pub standbys: u32,
+    #[serde(default)]
+    pub replication: ReplicationSpec,
+    #[serde(default)]
+    pub snapshots: SnapshotPolicy,
+    /// Seconds the active replica may be unready before a standby is promoted.
+    #[serde(default = "default_failover_threshold")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub failover_threshold_seconds: u32,
+    /// Store image; the operator's default mail image when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default)]
+    pub pvc_retention: PvcRetention,
+    /// Fenced: no replica of this LUN serves as active (set during site failover, or by hand).
+    #[serde(default)]
+    pub fenced: bool,
+}
+
+fn default_max_users() -> u32 {
+    1000
+}
+fn default_standbys() -> u32 {
+    1
+}
+fn default_failover_threshold() -> u32 {
+    30
+}
+
+/// What the StorageLUN controller reports.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageLUNStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Mailboxes on this LUN.
+    #[serde(default)]
+    pub users: i32,
+    /// Replica the operator is promoting (first step of a failover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_active: Option<String>,
+    /// Replica the Service sends traffic to (second step, once it serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_active: Option<String>,
+    /// Replicas that must be resynchronised before they may become active again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs_resync: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaStatus>,
+    /// Largest lag of a standby behind the active replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_lag_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_promotion: Option<Promotion>,
+    /// Snapshots this LUN made and keeps, newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_snapshot: Option<SnapshotResult>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    /// Pod name.
+    pub name: String,
+    /// `active` or `standby`.
+    pub role: String,
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+}
+
+/// One promotion of a standby.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Promotion {
+    pub from: String,
+    pub to: String,
+    /// When the old active was first seen unready (RFC 3339).
+    pub lost_at: String,
+    /// When the new active served.
+    pub promoted_at: String,
+    /// Loss to promoted, in seconds.
+    pub seconds: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRecord {
+    /// VolumeSnapshot name.
+    pub name: String,
+    /// RFC 3339.
+    pub created_at: String,
+    #[serde(default)]
+    pub ready_to_use: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// RFC 3339.
+    pub time: String,
+    /// `Succeeded` or `Failed`.
+    pub result: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// How long delivery to the LUN was paused, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_millis: Option<u64>,
+}
+
+impl StorageLUNSpec {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::default();
+        if !is_dns_label(&self.mail_pod) {
+            errs.push("spec.mailPod", "must be the name of a MailPod");
+        }
+        if parse_bytes(&self.capacity).is_none() {
+            errs.push(
+                "spec.capacity",
+                format!("`{}` is not a whole quantity of bytes such as 50Gi", self.capacity),
+            );
+        }
+        if !(1..=MAX_USERS_PER_LUN).contains(&self.max_users) {
+            errs.push("spec.maxUsers", format!("must be between 1 and {MAX_USERS_PER_LUN}"));
+        }
+        if self.mailboxes.len() > self.max_users as usize {
+            errs.push(
+                "spec.mailboxes",
+                format!(
+                    "{} mailboxes is more than maxUsers ({})",
+                    self.mailboxes.len(),
+                    self.max_users
+                ),
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for (i, m) in self.mailboxes.iter().enumerate() {
+            if split_address(m).is_none() {
+                errs.push(format!("spec.mailboxes[{i}]"), format!("`{m}` is not a mail address"));
+            } else if !seen.insert(m.as_str()) {
+                errs.push(format!("spec.mailboxes[{i}]"), format!("duplicate mailbox `{m}`"));
+            }
+        }
+        if self.standbys > MAX_STANDBYS {
+            errs.push("spec.standbys", format!("must be at most {MAX_STANDBYS}"));
+        }
+        if !(5..=3600).contains(&self.failover_threshold_seconds) {
+            errs.push("spec.failoverThresholdSeconds", "must be between 5 and 3600");
+        }
+        self.replication.validate("spec.replication", &mut errs);
+        self.snapshots.validate("spec.snapshots", &mut errs);
+        errs.into_result()
+    }
+
+    /// Store replicas: the active one and the standbys.
+    pub fn replicas(&self) -> i32 {
+        1 + self.standbys as i32
+    }
+}
+
+impl StorageLUN {
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = match self.spec.validate() {
+            Ok(()) => ValidationErrors::default(),
+            Err(e) => e,
+        };
+        let name = self.metadata.name.as_deref().unwrap_or_default();
+        if !is_dns_label(name) || name.len() > 50 {
+            errs.push("metadata.name", "must be a DNS label of at most 50 characters");
+        }
+        errs.into_result()
+    }
+}

@@ -1,0 +1,46 @@
+//! The custom resources: `MailPod`, `StorageLUN` and `SiteFailover` (group `mailpod.io`, version `v1alpha1`).
+//!
+//! Each kind has its spec and status types, defaults, and a `validate()` that applies in Rust the same rules
+//! the CRD schema states for the API server (ranges, enums, CEL), so `render`, the reconcilers and the
+//! API server accept the same things. Errors name the field path.
+
+mod common;
+mod failover;
+mod lun;
+mod mailpod;
+mod validation;
+
+pub use common::*;
+pub use failover::*;
+pub use lun::*;
+pub use mailpod::*;
+pub use validation::{FieldError, ValidationErrors};
+
+use kube::core::crd::merge_crds;
+use kube::CustomResourceExt;
+
+/// API group of every custom resource of this operator.
+pub const GROUP: &str = "mailpod.io";
+/// API version served and stored.
+pub const VERSION: &str = "v1alpha1";
+
+/// The three CustomResourceDefinitions, in the order they are printed and installed.
+pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+    vec![MailPod::crd(), StorageLUN::crd(), SiteFailover::crd()]
+}
+
+/// Checks that `merge_crds` would accept each CRD on its own (one served and stored version).
+pub fn check_crds() -> Result<(), String> {
+    for crd in all_crds() {
+        merge_crds(vec![crd], VERSION).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// All CRDs as multi-document YAML, exactly as crds/ holds them (one document each, in `all_crds` order).
+pub fn crds_yaml() -> String {
+    all_crds()
+        .iter()
+        .map(|crd| format!("---\n{}", serde_yaml::to_string(crd).expect("CRD serializes")))
+        .collect()
+}

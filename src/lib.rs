@@ -1,0 +1,11 @@
+//! mailpod-operator: a Kubernetes operator for highly-available mail service.
+//!
+//! Layout: [`crd`] (the custom resources), [`placement`] (mailboxes onto LUNs), [`mailconfig`] (tables and
+//! settings shared by operator and agent), [`resources`] (pure builders: resource -> Kubernetes objects),
+//! [`render`] (what `mailpod-operator render` prints), [`names`] (object names and labels).
+#![forbid(unsafe_code)]
+
+pub mod crd;
+pub mod mailconfig;
+pub mod names;
+pub mod placement;

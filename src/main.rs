@@ -1,0 +1,33 @@
+//! `mailpod-operator`: one binary for the operator, the in-pod agent, snapshot/restore jobs and offline tools.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mailpod-operator",
+    version,
+    about = "Kubernetes operator for highly-available mail service (MailPod, StorageLUN, SiteFailover)",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (MailPod, StorageLUN, SiteFailover) as multi-document YAML.
+    Crds,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds => {
+            print!("{}", mailpod_operator::crd::crds_yaml());
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Names of every object the operator creates, derived from the owner's name. One place, so builders,
+//! controllers, the agent and `render` agree.
+
+use crate::crd::ServiceKind;
+
+/// Labels (app.kubernetes.io recommended set plus this operator's own).
+pub mod labels {
+    pub const NAME: &str = "app.kubernetes.io/name";
+    pub const INSTANCE: &str = "app.kubernetes.io/instance";
+    pub const COMPONENT: &str = "app.kubernetes.io/component";
+    pub const PART_OF: &str = "app.kubernetes.io/part-of";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    /// The MailPod an object belongs to.
+    pub const MAILPOD: &str = "mailpod.io/mailpod";
+    /// The StorageLUN an object belongs to.
+    pub const LUN: &str = "mailpod.io/lun";
+    /// `active` or `standby` on store pods; the LUN's Service selects `active`.
+    pub const ROLE: &str = "mailpod.io/role";
+    pub const ROLE_ACTIVE: &str = "active";
+    pub const ROLE_STANDBY: &str = "standby";
+    pub const APP_NAME: &str = "mailpod";
+    pub const MANAGER: &str = "mailpod-operator";
+}
+
+/// Field manager for every Server-Side Apply of this operator.
+pub const FIELD_MANAGER: &str = "mailpod-operator";
+
+/// Default image of mail pods and of the operator's own Jobs.
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/mailpod-io/mailpod-operator:", env!("CARGO_PKG_VERSION"));
+
+/// StatefulSet and client-facing Service of a front-end service: `corp-mx`.
+pub fn frontend(mailpod: &str, kind: ServiceKind) -> String {
+    format!("{mailpod}-{}", kind.as_str())
+}
+
+/// Headless Service that gives a front-end StatefulSet's pods stable names: `corp-mx-hl`.
+pub fn frontend_headless(mailpod: &str, kind: ServiceKind) -> String {
+    format!("{mailpod}-{}-hl", kind.as_str())
+}
+
+/// ConfigMap holding the access tables: `corp-access-tables`.
+pub fn access_tables(mailpod: &str) -> String {
+    format!("{mailpod}-access-tables")
+}
+
+/// ConfigMap holding the MailPod-wide mail settings: `corp-mail-settings`.
+pub fn mail_settings(mailpod: &str) -> String {
+    format!("{mailpod}-mail-settings")
+}
+
+/// StorageLUN number `index` of a MailPod: `corp-lun-0`. Also its StatefulSet and active Service.
+pub fn lun(mailpod: &str, index: u32) -> String {
+    format!("{mailpod}-lun-{index}")
+}
+
+/// Headless Service of a LUN's store StatefulSet: `corp-lun-0-hl`.
+pub fn lun_headless(lun: &str) -> String {
+    format!("{lun}-hl")
+}
+
+/// Snapshot CronJob of a LUN: `corp-lun-0-snapshot`.
+pub fn lun_snapshot_cronjob(lun: &str) -> String {
+    format!("{lun}-snapshot")
+}
+
+/// Pod `ordinal` of a StatefulSet.
+pub fn pod(statefulset: &str, ordinal: i32) -> String {
+    format!("{statefulset}-{ordinal}")
+}
+
+/// PVC of store replica `ordinal` (volumeClaimTemplate `mail` of the LUN's StatefulSet).
+pub fn lun_pvc(lun: &str, ordinal: i32) -> String {
+    format!("mail-{lun}-{ordinal}")
+}
