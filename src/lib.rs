@@ -9,3 +9,5 @@ pub mod crd;
 pub mod mailconfig;
 pub mod names;
 pub mod placement;
+pub mod render;
+pub mod resources;

@@ -50,7 +50,7 @@ pub enum ReplicationMethod {
 }
 
 /// Replication between the replicas of a LUN.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.method != 'Volume' || has(self.volumeReplicationClass)").message("volumeReplicationClass is required when method is Volume").field_path(".volumeReplicationClass"))]
 pub struct ReplicationSpec {
@@ -70,6 +70,16 @@ fn default_sync_interval() -> u32 {
     5
 }
 
+impl Default for ReplicationSpec {
+    fn default() -> Self {
+        Self {
+            method: ReplicationMethod::default(),
+            volume_replication_class: None,
+            sync_interval_seconds: default_sync_interval(),
+        }
+    }
+}
+
 impl ReplicationSpec {
     pub fn validate(&self, path: &str, errs: &mut ValidationErrors) {
         if self.method == ReplicationMethod::Volume && self.volume_replication_class.is_none() {
@@ -79,7 +89,10 @@ impl ReplicationSpec {
             );
         }
         if !(1..=3600).contains(&self.sync_interval_seconds) {
-            errs.push(format!("{path}.syncIntervalSeconds"), "must be between 1 and 3600");
+            errs.push(
+                format!("{path}.syncIntervalSeconds"),
+                "must be between 1 and 3600",
+            );
         }
     }
 }
@@ -142,7 +155,10 @@ impl SnapshotPolicy {
             errs.push(format!("{path}.retain"), "must be between 1 and 100");
         }
         if !(5..=600).contains(&self.max_pause_seconds) {
-            errs.push(format!("{path}.maxPauseSeconds"), "must be between 5 and 600");
+            errs.push(
+                format!("{path}.maxPauseSeconds"),
+                "must be between 5 and 600",
+            );
         }
     }
 }
@@ -182,5 +198,7 @@ pub fn set_condition(
 
 /// Whether `type_` is present with status `True`.
 pub fn condition_is_true(conditions: &[Condition], type_: &str) -> bool {
-    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
 }
