@@ -21,7 +21,7 @@ enum Command {
     /// Print the CustomResourceDefinitions (MailPod, StorageLUN, SiteFailover) as multi-document YAML.
     Crds,
     /// Run as PID 1 of a mail pod: render, supervise and hot-reload Postfix/Dovecot for one role.
-    Agent(mailpod_operator::agent::AgentArgs),
+    Agent(Box<mailpod_operator::agent::AgentArgs>),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +31,6 @@ fn main() -> ExitCode {
             print!("{}", mailpod_operator::crd::crds_yaml());
             ExitCode::SUCCESS
         }
-        Command::Agent(args) => mailpod_operator::agent::main(args),
+        Command::Agent(args) => mailpod_operator::agent::main(*args),
     }
 }
