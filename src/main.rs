@@ -35,6 +35,8 @@ enum Command {
     /// On invalid input prints one line per problem (file, object, field) on stderr, nothing on stdout, and
     /// exits with status 2.
     Render(RenderArgs),
+    /// Run as PID 1 of a mail pod: render, supervise and hot-reload Postfix/Dovecot for one role.
+    Agent(Box<mailpod_operator::agent::AgentArgs>),
 }
 
 #[derive(Args)]
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Render(args) => run_render(args),
+        Command::Agent(args) => mailpod_operator::agent::main(*args),
     }
 }
 

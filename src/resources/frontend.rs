@@ -145,10 +145,10 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
             mounts.push(pod::mount(volumes::TLS, paths::TLS, true));
             volumes_.push(pod::secret_volume(volumes::TLS, &tls.secret_name));
         }
+        let mut env = vec![];
         if kind == ServiceKind::Submission {
             if let Some(passwd) = &spec.mailboxes.passwd_file_secret {
-                mounts.push(pod::mount(volumes::PASSWD, paths::PASSWD, true));
-                volumes_.push(pod::secret_volume(volumes::PASSWD, &passwd.name));
+                env.push(pod::users_file(passwd, &mut mounts, &mut volumes_));
             }
         }
         if kind == ServiceKind::Mx {

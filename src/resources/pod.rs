@@ -22,7 +22,7 @@ pub mod paths {
     /// Postfix queue of mx pods (a PVC, so queued mail survives restarts).
     pub const QUEUE: &str = "/var/spool/postfix";
     /// Maildirs of store pods (the LUN's PVC).
-    pub const MAIL: &str = "/var/mail/mailpod";
+    pub const MAIL: &str = "/var/mail/store";
 }
 
 /// Volume names.
@@ -121,19 +121,28 @@ pub fn agent_container(
     mut ports_: Vec<ContainerPort>,
     mounts: Vec<VolumeMount>,
     resources: Option<ResourceRequirements>,
-    extra_args: Vec<String>,
+    extra_env: Vec<EnvVar>,
 ) -> Container {
     ports_.push(container_port(ports::METRICS_NAME, ports::METRICS));
-    let mut args = vec!["agent".to_string(), "--role".to_string(), role.to_string()];
-    args.extend(extra_args);
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        // The daemons must be stopped before the kubelet's SIGKILL.
+        value_env(
+            "MAILPOD_GRACE_SECONDS",
+            &(TERMINATION_GRACE_SECONDS - 10).to_string(),
+        ),
+    ];
+    env.extend(extra_env);
     Container {
         name: role.to_string(),
         image: Some(image.to_string()),
-        args: Some(args),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
+        args: Some(vec![
+            "agent".to_string(),
+            "--role".to_string(),
+            role.to_string(),
         ]),
+        env: Some(env),
         ports: Some(ports_),
         volume_mounts: Some(mounts),
         resources: Some(resources.unwrap_or_else(default_resources)),
@@ -142,6 +151,28 @@ pub fn agent_container(
         security_context: Some(mail_security_context()),
         ..Default::default()
     }
+}
+
+pub fn value_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+/// Mounts the users passwd-file Secret and points the agent at the key that holds it.
+pub fn users_file(
+    secret: &crate::crd::KeyRef,
+    mounts: &mut Vec<VolumeMount>,
+    volumes_: &mut Vec<Volume>,
+) -> EnvVar {
+    mounts.push(mount(volumes::PASSWD, paths::PASSWD, true));
+    volumes_.push(secret_volume(volumes::PASSWD, &secret.name));
+    value_env(
+        "MAILPOD_USERS_FILE",
+        &format!("{}/{}", paths::PASSWD, secret.key),
+    )
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {

@@ -150,23 +150,25 @@ fn statefulset(ctx: &Context) -> StatefulSet {
     let mut mounts = vec![
         pod::mount(volumes::MAIL, paths::MAIL, false),
         pod::mount(volumes::SETTINGS, paths::SETTINGS, true),
+        pod::mount(volumes::TABLES, paths::TABLES, true),
     ];
-    let mut volumes_ = vec![pod::config_map_volume(
-        volumes::SETTINGS,
-        &names::mail_settings(&spec.mail_pod),
-    )];
+    let mut volumes_ = vec![
+        pod::config_map_volume(volumes::SETTINGS, &names::mail_settings(&spec.mail_pod)),
+        pod::config_map_volume(volumes::TABLES, &names::access_tables(&spec.mail_pod)),
+    ];
     // Users authenticate against the MailPod's passwd-file Secret, when it names one.
-    if let Some(passwd) = &spec.passwd_file_secret {
-        mounts.push(pod::mount(volumes::PASSWD, paths::PASSWD, true));
-        volumes_.push(pod::secret_volume(volumes::PASSWD, &passwd.name));
-    }
+    let env: Vec<_> = spec
+        .passwd_file_secret
+        .iter()
+        .map(|passwd| pod::users_file(passwd, &mut mounts, &mut volumes_))
+        .collect();
     let container = pod::agent_container(
         COMPONENT,
         ctx.image,
         container_ports,
         mounts,
         spec.resources.clone(),
-        vec!["--lun".into(), ctx.name().to_string()],
+        env,
     );
     let retention = match spec.pvc_retention {
         PvcRetention::Retain => "Retain",
