@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, Probe,
-    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, DownwardAPIVolumeFile,
+    DownwardAPIVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PodAffinityTerm, PodAntiAffinity, Probe, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -23,6 +23,10 @@ pub mod paths {
     pub const QUEUE: &str = "/var/spool/postfix";
     /// Maildirs of store pods (the LUN's PVC).
     pub const MAIL: &str = "/var/mail/store";
+    /// Downward-API files of store pods (`labels`).
+    pub const PODINFO: &str = "/etc/podinfo";
+    /// The LUN's replication Secret on store pods.
+    pub const REPLICATION: &str = "/etc/mailpod/replication";
 }
 
 /// Volume names.
@@ -33,6 +37,8 @@ pub mod volumes {
     pub const PASSWD: &str = "passwd";
     pub const QUEUE: &str = "queue";
     pub const MAIL: &str = "mail";
+    pub const PODINFO: &str = "podinfo";
+    pub const REPLICATION: &str = "replication";
 }
 
 /// Ports (container and Service).
@@ -230,6 +236,34 @@ pub fn secret_volume(name: &str, secret: &str) -> Volume {
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.into()),
             default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A Secret that may not exist yet (the pod starts; the agent waits for the file).
+pub fn optional_secret_volume(name: &str, secret: &str) -> Volume {
+    let mut v = secret_volume(name, secret);
+    if let Some(s) = v.secret.as_mut() {
+        s.optional = Some(true);
+    }
+    v
+}
+
+/// The pod's own labels as the file `labels`, updated by the kubelet when they change.
+pub fn labels_volume(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: "labels".into(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.labels".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         ..Default::default()

@@ -133,7 +133,8 @@ fn active_service(ctx: &Context) -> Service {
         metadata: ctx.meta(ctx.name().to_string(), COMPONENT),
         spec: Some(ServiceSpec {
             selector: Some(selector),
-            ports: Some(service_ports(&store_ports()[..3])),
+            // doveadm included: standbys replicate from whichever replica is active.
+            ports: Some(service_ports(&store_ports())),
             ..Default::default()
         }),
         ..Default::default()
@@ -156,12 +157,29 @@ fn statefulset(ctx: &Context) -> StatefulSet {
         pod::config_map_volume(volumes::SETTINGS, &names::mail_settings(&spec.mail_pod)),
         pod::config_map_volume(volumes::TABLES, &names::access_tables(&spec.mail_pod)),
     ];
+    // The pod's labels as a file the kubelet keeps current: the agent learns from `mailpod.io/role`
+    // whether it is the active replica or a standby, with no API access of its own.
+    mounts.push(pod::mount(volumes::PODINFO, paths::PODINFO, true));
+    volumes_.push(pod::labels_volume(volumes::PODINFO));
+    // Replicas authenticate to each other's doveadm service with the LUN's replication secret.
+    mounts.push(pod::mount(volumes::REPLICATION, paths::REPLICATION, true));
+    volumes_.push(pod::optional_secret_volume(
+        volumes::REPLICATION,
+        &replication_secret(ctx.name()),
+    ));
+    let mut env = vec![
+        pod::value_env("MAILPOD_LUN", ctx.name()),
+        pod::value_env(
+            "MAILPOD_DOVEADM_PASSWORD_FILE",
+            &format!("{}/{}", paths::REPLICATION, REPLICATION_SECRET_KEY),
+        ),
+    ];
     // Users authenticate against the MailPod's passwd-file Secret, when it names one.
-    let env: Vec<_> = spec
-        .passwd_file_secret
-        .iter()
-        .map(|passwd| pod::users_file(passwd, &mut mounts, &mut volumes_))
-        .collect();
+    env.extend(
+        spec.passwd_file_secret
+            .iter()
+            .map(|passwd| pod::users_file(passwd, &mut mounts, &mut volumes_)),
+    );
     let container = pod::agent_container(
         COMPONENT,
         ctx.image,
@@ -233,6 +251,15 @@ fn statefulset(ctx: &Context) -> StatefulSet {
         ..Default::default()
     }
 }
+
+/// Secret holding the doveadm password the replicas of a LUN share (created once by the StorageLUN
+/// controller with a random value; never part of an apply, so it is never rotated by surprise).
+pub fn replication_secret(lun: &str) -> String {
+    format!("{lun}-replication")
+}
+
+/// Key of the doveadm password in the replication Secret.
+pub const REPLICATION_SECRET_KEY: &str = "doveadm-password";
 
 /// ServiceAccount (and Role) the snapshot jobs of a LUN run as.
 pub fn snapshot_service_account(lun: &str) -> String {
