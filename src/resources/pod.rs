@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, DownwardAPIVolumeFile,
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, DownwardAPIVolumeFile,
     DownwardAPIVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-    PodAffinityTerm, PodAntiAffinity, Probe, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount, WeightedPodAffinityTerm,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// Where the agent finds what the operator renders.
@@ -236,6 +237,55 @@ pub fn secret_volume(name: &str, secret: &str) -> Volume {
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.into()),
             default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The pod of a mail StatefulSet: one agent container, its volumes, replicas spread across nodes, time to
+/// drain on shutdown, and no service-link environment (hundreds of Services would flood it).
+pub fn mail_pod_spec(
+    container: Container,
+    volumes_: Vec<Volume>,
+    spread: BTreeMap<String, String>,
+) -> PodSpec {
+    PodSpec {
+        containers: vec![container],
+        volumes: (!volumes_.is_empty()).then_some(volumes_),
+        affinity: Some(Affinity {
+            pod_anti_affinity: Some(spread_across_nodes(spread)),
+            ..Default::default()
+        }),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        enable_service_links: Some(false),
+        ..Default::default()
+    }
+}
+
+/// A ReadWriteOnce volumeClaimTemplate of `capacity`.
+pub fn claim_template(
+    name: &str,
+    labels: BTreeMap<String, String>,
+    capacity: &str,
+    storage_class: Option<String>,
+) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: storage_class,
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(capacity.into()),
+                )])),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()

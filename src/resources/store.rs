@@ -9,11 +9,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
-    PodTemplateSpec, Service, ServiceAccount, ServicePort, ServiceSpec, VolumeResourceRequirements,
+    Container, PodSpec, PodTemplateSpec, Service, ServiceAccount, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -209,42 +207,22 @@ fn statefulset(ctx: &Context) -> StatefulSet {
                     when_scaled: Some("Retain".into()),
                 },
             ),
-            volume_claim_templates: Some(vec![PersistentVolumeClaim {
-                metadata: ObjectMeta {
-                    name: Some(volumes::MAIL.into()),
-                    labels: Some(ctx.labels(COMPONENT)),
-                    ..Default::default()
-                },
-                spec: Some(PersistentVolumeClaimSpec {
-                    access_modes: Some(vec!["ReadWriteOnce".into()]),
-                    storage_class_name: spec.storage_class_name.clone(),
-                    resources: Some(VolumeResourceRequirements {
-                        requests: Some(BTreeMap::from([(
-                            "storage".to_string(),
-                            Quantity(spec.capacity.clone()),
-                        )])),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }]),
+            volume_claim_templates: Some(vec![pod::claim_template(
+                volumes::MAIL,
+                ctx.labels(COMPONENT),
+                &spec.capacity,
+                spec.storage_class_name.clone(),
+            )]),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(ctx.labels(COMPONENT)),
                     ..Default::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    volumes: Some(volumes_),
-                    affinity: Some(Affinity {
-                        pod_anti_affinity: Some(pod::spread_across_nodes(ctx.replica_selector())),
-                        ..Default::default()
-                    }),
-                    termination_grace_period_seconds: Some(pod::TERMINATION_GRACE_SECONDS),
-                    enable_service_links: Some(false),
-                    ..Default::default()
-                }),
+                spec: Some(pod::mail_pod_spec(
+                    container,
+                    volumes_,
+                    ctx.replica_selector(),
+                )),
             },
             ..Default::default()
         }),
