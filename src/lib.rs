@@ -9,3 +9,6 @@ pub mod crd;
 pub mod mailconfig;
 pub mod names;
 pub mod placement;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;

@@ -26,7 +26,10 @@ pub mod labels {
 pub const FIELD_MANAGER: &str = "mailpod-operator";
 
 /// Default image of mail pods and of the operator's own Jobs.
-pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/mailpod-io/mailpod-operator:", env!("CARGO_PKG_VERSION"));
+pub const DEFAULT_IMAGE: &str = concat!(
+    "ghcr.io/mailpod-io/mailpod-operator:",
+    env!("CARGO_PKG_VERSION")
+);
 
 /// StatefulSet and client-facing Service of a front-end service: `corp-mx`.
 pub fn frontend(mailpod: &str, kind: ServiceKind) -> String {

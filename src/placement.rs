@@ -21,7 +21,11 @@ pub struct LunAssignment {
 /// higher index still holds mail, so indices never shift; trailing empty LUNs are dropped.
 /// A LUN that already holds more than `max_users` (the limit was lowered) keeps its mailboxes and takes no
 /// new ones: nobody moves unless asked.
-pub fn place(existing: &[LunAssignment], wanted: &BTreeSet<String>, max_users: u32) -> Vec<LunAssignment> {
+pub fn place(
+    existing: &[LunAssignment],
+    wanted: &BTreeSet<String>,
+    max_users: u32,
+) -> Vec<LunAssignment> {
     let max = max_users as usize;
     let mut luns: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     let mut placed: BTreeSet<&str> = BTreeSet::new();
@@ -32,10 +36,18 @@ pub fn place(existing: &[LunAssignment], wanted: &BTreeSet<String>, max_users: u
             .filter(|m| wanted.contains(*m) && !placed.contains(m.as_str()))
             .cloned()
             .collect();
-        placed.extend(lun.mailboxes.iter().filter(|m| wanted.contains(*m)).map(String::as_str));
+        placed.extend(
+            lun.mailboxes
+                .iter()
+                .filter(|m| wanted.contains(*m))
+                .map(String::as_str),
+        );
         luns.entry(lun.index).or_default().extend(kept);
     }
-    let mut new = wanted.iter().filter(|m| !placed.contains(m.as_str())).peekable();
+    let mut new = wanted
+        .iter()
+        .filter(|m| !placed.contains(m.as_str()))
+        .peekable();
     let mut index = 0u32;
     while new.peek().is_some() {
         let lun = luns.entry(index).or_default();
@@ -76,7 +88,10 @@ mod tests {
         let luns = place(&[], &names(0..2500), 1000);
         let sizes: Vec<usize> = luns.iter().map(|l| l.mailboxes.len()).collect();
         assert_eq!(sizes, vec![1000, 1000, 500]);
-        assert_eq!(luns.iter().map(|l| l.index).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            luns.iter().map(|l| l.index).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
     }
 
     #[test]
@@ -116,7 +131,12 @@ mod tests {
         let a = place(&[], &names(0..12), 4);
         let wanted: BTreeSet<String> = names(0..4).into_iter().chain(names(8..12)).collect();
         let b = place(&a, &wanted, 4);
-        assert_eq!(b.iter().map(|l| (l.index, l.mailboxes.len())).collect::<Vec<_>>(), vec![(0, 4), (1, 0), (2, 4)]);
+        assert_eq!(
+            b.iter()
+                .map(|l| (l.index, l.mailboxes.len()))
+                .collect::<Vec<_>>(),
+            vec![(0, 4), (1, 0), (2, 4)]
+        );
     }
 
     #[test]

@@ -79,7 +79,10 @@ impl ReplicationSpec {
             );
         }
         if !(1..=3600).contains(&self.sync_interval_seconds) {
-            errs.push(format!("{path}.syncIntervalSeconds"), "must be between 1 and 3600");
+            errs.push(
+                format!("{path}.syncIntervalSeconds"),
+                "must be between 1 and 3600",
+            );
         }
     }
 }
@@ -142,7 +145,10 @@ impl SnapshotPolicy {
             errs.push(format!("{path}.retain"), "must be between 1 and 100");
         }
         if !(5..=600).contains(&self.max_pause_seconds) {
-            errs.push(format!("{path}.maxPauseSeconds"), "must be between 5 and 600");
+            errs.push(
+                format!("{path}.maxPauseSeconds"),
+                "must be between 5 and 600",
+            );
         }
     }
 }
@@ -182,5 +188,7 @@ pub fn set_condition(
 
 /// Whether `type_` is present with status `True`.
 pub fn condition_is_true(conditions: &[Condition], type_: &str) -> bool {
-    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
 }

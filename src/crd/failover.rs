@@ -261,9 +261,15 @@ impl SiteFailoverSpec {
         let mut seen = BTreeSet::new();
         for (i, mp) in self.mail_pods.iter().enumerate() {
             if !is_dns_label(mp) {
-                errs.push(format!("spec.mailPods[{i}]"), format!("`{mp}` is not a MailPod name"));
+                errs.push(
+                    format!("spec.mailPods[{i}]"),
+                    format!("`{mp}` is not a MailPod name"),
+                );
             } else if !seen.insert(mp) {
-                errs.push(format!("spec.mailPods[{i}]"), format!("duplicate MailPod `{mp}`"));
+                errs.push(
+                    format!("spec.mailPods[{i}]"),
+                    format!("duplicate MailPod `{mp}`"),
+                );
             }
         }
         if !is_dns_label(&self.local_site) {
@@ -290,13 +296,22 @@ impl SiteFailoverSpec {
         }
         let d = &self.detection;
         if !(1..=300).contains(&d.probe_interval_seconds) {
-            errs.push("spec.detection.probeIntervalSeconds", "must be between 1 and 300");
+            errs.push(
+                "spec.detection.probeIntervalSeconds",
+                "must be between 1 and 300",
+            );
         }
         if !(1..=100).contains(&d.failure_threshold) {
-            errs.push("spec.detection.failureThreshold", "must be between 1 and 100");
+            errs.push(
+                "spec.detection.failureThreshold",
+                "must be between 1 and 100",
+            );
         }
         if !(1..=60).contains(&d.probe_timeout_seconds) {
-            errs.push("spec.detection.probeTimeoutSeconds", "must be between 1 and 60");
+            errs.push(
+                "spec.detection.probeTimeoutSeconds",
+                "must be between 1 and 60",
+            );
         } else if d.probe_timeout_seconds > d.probe_interval_seconds {
             errs.push(
                 "spec.detection.probeTimeoutSeconds",
@@ -308,7 +323,10 @@ impl SiteFailoverSpec {
         }
         for (i, dns) in self.dns.iter().enumerate() {
             if !is_dns_subdomain(&dns.name) {
-                errs.push(format!("spec.dns[{i}].name"), format!("`{}` is not a DNS name", dns.name));
+                errs.push(
+                    format!("spec.dns[{i}].name"),
+                    format!("`{}` is not a DNS name", dns.name),
+                );
             }
             if !self.mail_pods.contains(&dns.mail_pod) {
                 errs.push(

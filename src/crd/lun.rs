@@ -184,11 +184,17 @@ impl StorageLUNSpec {
         if parse_bytes(&self.capacity).is_none() {
             errs.push(
                 "spec.capacity",
-                format!("`{}` is not a whole quantity of bytes such as 50Gi", self.capacity),
+                format!(
+                    "`{}` is not a whole quantity of bytes such as 50Gi",
+                    self.capacity
+                ),
             );
         }
         if !(1..=MAX_USERS_PER_LUN).contains(&self.max_users) {
-            errs.push("spec.maxUsers", format!("must be between 1 and {MAX_USERS_PER_LUN}"));
+            errs.push(
+                "spec.maxUsers",
+                format!("must be between 1 and {MAX_USERS_PER_LUN}"),
+            );
         }
         if self.mailboxes.len() > self.max_users as usize {
             errs.push(
@@ -203,16 +209,25 @@ impl StorageLUNSpec {
         let mut seen = BTreeSet::new();
         for (i, m) in self.mailboxes.iter().enumerate() {
             if split_address(m).is_none() {
-                errs.push(format!("spec.mailboxes[{i}]"), format!("`{m}` is not a mail address"));
+                errs.push(
+                    format!("spec.mailboxes[{i}]"),
+                    format!("`{m}` is not a mail address"),
+                );
             } else if !seen.insert(m.as_str()) {
-                errs.push(format!("spec.mailboxes[{i}]"), format!("duplicate mailbox `{m}`"));
+                errs.push(
+                    format!("spec.mailboxes[{i}]"),
+                    format!("duplicate mailbox `{m}`"),
+                );
             }
         }
         if self.standbys > MAX_STANDBYS {
             errs.push("spec.standbys", format!("must be at most {MAX_STANDBYS}"));
         }
         if !(5..=3600).contains(&self.failover_threshold_seconds) {
-            errs.push("spec.failoverThresholdSeconds", "must be between 5 and 3600");
+            errs.push(
+                "spec.failoverThresholdSeconds",
+                "must be between 5 and 3600",
+            );
         }
         self.replication.validate("spec.replication", &mut errs);
         self.snapshots.validate("spec.snapshots", &mut errs);
@@ -233,7 +248,10 @@ impl StorageLUN {
         };
         let name = self.metadata.name.as_deref().unwrap_or_default();
         if !is_dns_label(name) || name.len() > 50 {
-            errs.push("metadata.name", "must be a DNS label of at most 50 characters");
+            errs.push(
+                "metadata.name",
+                "must be a DNS label of at most 50 characters",
+            );
         }
         errs.into_result()
     }

@@ -9,7 +9,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{KeyRef, PvcRetention, ReplicationSpec, SnapshotPolicy};
-use super::validation::{is_dns_label, is_mail_domain, parse_bytes, split_address, ValidationErrors};
+use super::validation::{
+    is_dns_label, is_mail_domain, parse_bytes, split_address, ValidationErrors,
+};
 
 /// Most standby replicas a LUN may have (the M of N+M).
 pub const MAX_STANDBYS: u32 = 4;
@@ -37,7 +39,13 @@ pub const MAX_USERS_PER_LUN: u32 = 10_000;
 #[serde(rename_all = "camelCase")]
 pub struct MailPodSpec {
     /// Mail domains this MailPod hosts mailboxes for. Every mailbox must be in one of them.
-    #[schemars(length(min = 1, max = 1000), inner(length(max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$")))]
+    #[schemars(
+        length(min = 1, max = 1000),
+        inner(
+            length(max = 253),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$")
+        )
+    )]
     pub domains: Vec<String>,
     /// Image for every mail pod (the mailpod-operator image with Postfix and Dovecot); each service may override it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -497,7 +505,10 @@ impl MailPodSpec {
                     format!("`{d}` is not a lower-case DNS name with at least two labels"),
                 );
             } else if !seen.insert(d.as_str()) {
-                errs.push(format!("spec.domains[{i}]"), format!("duplicate domain `{d}`"));
+                errs.push(
+                    format!("spec.domains[{i}]"),
+                    format!("duplicate domain `{d}`"),
+                );
             }
         }
         for (kind, svc) in ServiceKind::ALL.iter().map(|k| (*k, self.frontend.get(*k))) {
@@ -528,13 +539,20 @@ impl MailPodSpec {
         if parse_bytes(&b.lun_template.capacity).is_none() {
             errs.push(
                 "spec.backend.lunTemplate.capacity",
-                format!("`{}` is not a whole quantity of bytes such as 50Gi", b.lun_template.capacity),
+                format!(
+                    "`{}` is not a whole quantity of bytes such as 50Gi",
+                    b.lun_template.capacity
+                ),
             );
         }
         if !(5..=3600).contains(&b.failover_threshold_seconds) {
-            errs.push("spec.backend.failoverThresholdSeconds", "must be between 5 and 3600");
+            errs.push(
+                "spec.backend.failoverThresholdSeconds",
+                "must be between 5 and 3600",
+            );
         }
-        b.replication.validate("spec.backend.replication", &mut errs);
+        b.replication
+            .validate("spec.backend.replication", &mut errs);
 
         for (i, m) in self.mailboxes.inline.iter().enumerate() {
             self.check_mailbox(m, &format!("spec.mailboxes.inline[{i}]"), &mut errs);
@@ -553,11 +571,17 @@ impl MailPodSpec {
         if parse_bytes(&p.max_message_size).is_none() {
             errs.push(
                 "spec.protection.maxMessageSize",
-                format!("`{}` is not a whole quantity of bytes such as 25Mi", p.max_message_size),
+                format!(
+                    "`{}` is not a whole quantity of bytes such as 25Mi",
+                    p.max_message_size
+                ),
             );
         }
         if !(1..=100).contains(&p.dnsbl_threshold) {
-            errs.push("spec.protection.dnsblThreshold", "must be between 1 and 100");
+            errs.push(
+                "spec.protection.dnsblThreshold",
+                "must be between 1 and 100",
+            );
         }
         for (i, site) in p.dnsbl.iter().enumerate() {
             let (name, weight) = site.split_once('*').unwrap_or((site.as_str(), "1"));
@@ -580,7 +604,10 @@ impl MailPodSpec {
     /// An address is valid and in one of `domains`.
     pub fn check_mailbox(&self, address: &str, path: &str, errs: &mut ValidationErrors) {
         match split_address(address) {
-            None => errs.push(path, format!("`{address}` is not a lower-case mail address")),
+            None => errs.push(
+                path,
+                format!("`{address}` is not a lower-case mail address"),
+            ),
             Some((_, domain)) if !self.domains.iter().any(|d| d == domain) => errs.push(
                 path,
                 format!("`{address}`: domain `{domain}` is not in spec.domains"),
@@ -591,7 +618,10 @@ impl MailPodSpec {
 
     fn validate_access_tables(&self, errs: &mut ValidationErrors) {
         let t = &self.access_tables;
-        for (name, rules) in [("recipientAccess", &t.recipient_access), ("senderAccess", &t.sender_access)] {
+        for (name, rules) in [
+            ("recipientAccess", &t.recipient_access),
+            ("senderAccess", &t.sender_access),
+        ] {
             for (i, r) in rules.iter().enumerate() {
                 if !is_access_pattern(&r.pattern) {
                     errs.push(
@@ -623,7 +653,10 @@ impl MailPodSpec {
                 );
             }
             if a.targets.is_empty() {
-                errs.push(format!("spec.accessTables.aliases[{i}].targets"), "at least one target is required");
+                errs.push(
+                    format!("spec.accessTables.aliases[{i}].targets"),
+                    "at least one target is required",
+                );
             }
             for (j, target) in a.targets.iter().enumerate() {
                 if split_address(target).is_none() {
@@ -643,7 +676,10 @@ impl MailPodSpec {
             } else if self.domains.contains(&r.domain) {
                 errs.push(
                     format!("spec.accessTables.relayDomains[{i}].domain"),
-                    format!("`{}` is hosted here (spec.domains); it cannot also be relayed", r.domain),
+                    format!(
+                        "`{}` is hosted here (spec.domains); it cannot also be relayed",
+                        r.domain
+                    ),
                 );
             }
             if let Some(hop) = &r.next_hop {

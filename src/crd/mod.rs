@@ -25,7 +25,9 @@ pub const GROUP: &str = "mailpod.io";
 pub const VERSION: &str = "v1alpha1";
 
 /// The three CustomResourceDefinitions, in the order they are printed and installed.
-pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+pub fn all_crds(
+) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
     vec![MailPod::crd(), StorageLUN::crd(), SiteFailover::crd()]
 }
 
@@ -41,6 +43,11 @@ pub fn check_crds() -> Result<(), String> {
 pub fn crds_yaml() -> String {
     all_crds()
         .iter()
-        .map(|crd| format!("---\n{}", serde_yaml::to_string(crd).expect("CRD serializes")))
+        .map(|crd| {
+            format!(
+                "---\n{}",
+                serde_yaml::to_string(crd).expect("CRD serializes")
+            )
+        })
         .collect()
 }

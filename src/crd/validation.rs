@@ -61,7 +61,9 @@ pub fn is_dns_subdomain(s: &str) -> bool {
         && s.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -84,7 +86,8 @@ pub fn is_local_part(s: &str) -> bool {
         && !s.starts_with('.')
         && !s.ends_with('.')
         && !s.contains("..")
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-.".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~-.".contains(&b))
 }
 
 /// Splits `local@domain`; `None` when it is not a plain address.
@@ -122,7 +125,9 @@ pub fn check_cron(s: &str) -> Result<(), String> {
         return Err("time zones belong in the CronJob's timeZone, not in the schedule".into());
     }
     if !trimmed.starts_with('@') && trimmed.split_whitespace().count() != 5 {
-        return Err(format!("`{s}` must have five fields (minute hour day-of-month month day-of-week)"));
+        return Err(format!(
+            "`{s}` must have five fields (minute hour day-of-month month day-of-week)"
+        ));
     }
     CronParser::builder()
         .seconds(Seconds::Disallowed)
@@ -139,7 +144,10 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(split_address("a.b+c@example.com"), Some(("a.b+c", "example.com")));
+        assert_eq!(
+            split_address("a.b+c@example.com"),
+            Some(("a.b+c", "example.com"))
+        );
         assert!(split_address("nodomain").is_none());
         assert!(split_address("a@localhost").is_none());
         assert!(split_address(".a@example.com").is_none());

@@ -31,7 +31,11 @@ pub struct MailSettings {
 
 impl MailSettings {
     pub fn build(mailpod: &str, spec: &MailPodSpec) -> Self {
-        let first = spec.domains.first().map(String::as_str).unwrap_or("localdomain");
+        let first = spec
+            .domains
+            .first()
+            .map(String::as_str)
+            .unwrap_or("localdomain");
         Self {
             mailpod: mailpod.to_string(),
             hostname: format!("mail.{first}"),

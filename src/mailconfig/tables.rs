@@ -100,7 +100,10 @@ impl AccessTables {
                 .map(|r| AccessEntry {
                     pattern: r.pattern.clone(),
                     action: match (&r.message, r.action) {
-                        (Some(m), AccessAction::Reject | AccessAction::Defer | AccessAction::Hold) => {
+                        (
+                            Some(m),
+                            AccessAction::Reject | AccessAction::Defer | AccessAction::Hold,
+                        ) => {
                             format!("{} {m}", r.action.as_str())
                         }
                         _ => r.action.as_str().to_string(),
@@ -123,7 +126,10 @@ impl AccessTables {
                 .iter()
                 .flat_map(|l| l.mailboxes.iter().map(move |m| (m.clone(), l.index)))
                 .collect(),
-            luns: placement.iter().map(|l| (l.index, endpoint(l.index))).collect(),
+            luns: placement
+                .iter()
+                .map(|l| (l.index, endpoint(l.index)))
+                .collect(),
             relay_domains: t
                 .relay_domains
                 .iter()
@@ -147,7 +153,10 @@ impl AccessTables {
         let mut put = |key: &str, text: String| {
             data.insert(key.to_string(), text);
         };
-        put(keys::DOMAINS, lines(self.domains.iter().map(|d| d.to_string())));
+        put(
+            keys::DOMAINS,
+            lines(self.domains.iter().map(|d| d.to_string())),
+        );
         put(
             keys::MAILBOXES,
             lines(self.mailboxes.iter().map(|(m, i)| format!("{m} {i}"))),
@@ -155,7 +164,10 @@ impl AccessTables {
         put(
             keys::LUNS,
             lines(self.luns.iter().map(|(i, e)| {
-                format!("{i} {} {} {} {}", e.host, e.lmtp_port, e.imap_port, e.pop3_port)
+                format!(
+                    "{i} {} {} {} {}",
+                    e.host, e.lmtp_port, e.imap_port, e.pop3_port
+                )
             })),
         );
         put(
@@ -170,15 +182,27 @@ impl AccessTables {
         );
         put(
             keys::ALIASES,
-            lines(self.aliases.iter().map(|(a, t)| format!("{a} {}", t.join(",")))),
+            lines(
+                self.aliases
+                    .iter()
+                    .map(|(a, t)| format!("{a} {}", t.join(","))),
+            ),
         );
         put(
             keys::RECIPIENT_ACCESS,
-            lines(self.recipient_access.iter().map(|e| format!("{} {}", e.pattern, e.action))),
+            lines(
+                self.recipient_access
+                    .iter()
+                    .map(|e| format!("{} {}", e.pattern, e.action)),
+            ),
         );
         put(
             keys::SENDER_ACCESS,
-            lines(self.sender_access.iter().map(|e| format!("{} {}", e.pattern, e.action))),
+            lines(
+                self.sender_access
+                    .iter()
+                    .map(|e| format!("{} {}", e.pattern, e.action)),
+            ),
         );
         put(
             keys::RECIPIENT_BCC,
@@ -210,7 +234,13 @@ impl AccessTables {
         }
         for (n, line) in entries(data, keys::LUNS) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let bad = || err(keys::LUNS, n, "expected `index host lmtp-port imap-port pop3-port`");
+            let bad = || {
+                err(
+                    keys::LUNS,
+                    n,
+                    "expected `index host lmtp-port imap-port pop3-port`",
+                )
+            };
             if f.len() != 5 {
                 return Err(bad());
             }
@@ -234,8 +264,10 @@ impl AccessTables {
             if targets.is_empty() {
                 return Err(err(keys::ALIASES, n, "expected `alias target[,target...]`"));
             }
-            t.aliases
-                .insert(a.to_string(), targets.split(',').map(str::to_string).collect());
+            t.aliases.insert(
+                a.to_string(),
+                targets.split(',').map(str::to_string).collect(),
+            );
         }
         for (key, list) in [
             (keys::RECIPIENT_ACCESS, &mut t.recipient_access),
@@ -298,7 +330,10 @@ fn lines(items: impl Iterator<Item = String>) -> String {
     s
 }
 
-fn entries<'a>(data: &'a BTreeMap<String, String>, key: &str) -> impl Iterator<Item = (usize, &'a str)> {
+fn entries<'a>(
+    data: &'a BTreeMap<String, String>,
+    key: &str,
+) -> impl Iterator<Item = (usize, &'a str)> {
     data.get(key)
         .map(String::as_str)
         .unwrap_or("")
@@ -330,7 +365,8 @@ mod tests {
     use crate::placement::place;
 
     fn spec() -> MailPodSpec {
-        let mut spec: MailPodSpec = serde_yaml::from_str("domains: [example.com, example.org]").unwrap();
+        let mut spec: MailPodSpec =
+            serde_yaml::from_str("domains: [example.com, example.org]").unwrap();
         spec.access_tables.recipient_access.push(AccessRule {
             pattern: "spam@example.com".into(),
             action: AccessAction::Reject,
@@ -359,12 +395,26 @@ mod tests {
             .map(String::from)
             .collect();
         let placement = place(&[], &wanted, 2);
-        let t = AccessTables::build(&spec(), &placement, |i| LunEndpoint::in_cluster(format!("corp-lun-{i}")));
+        let t = AccessTables::build(&spec(), &placement, |i| {
+            LunEndpoint::in_cluster(format!("corp-lun-{i}"))
+        });
         let data = t.to_data();
-        assert_eq!(data[keys::MAILBOXES], "a@example.com 0\nb@example.org 0\nc@example.com 1\n");
-        assert_eq!(data[keys::LUNS], "0 corp-lun-0 24 143 110\n1 corp-lun-1 24 143 110\n");
-        assert_eq!(data[keys::RECIPIENT_ACCESS], "spam@example.com REJECT no such user here\n");
-        assert_eq!(data[keys::RECIPIENT_BCC], "@example.com archive@example.org\n");
+        assert_eq!(
+            data[keys::MAILBOXES],
+            "a@example.com 0\nb@example.org 0\nc@example.com 1\n"
+        );
+        assert_eq!(
+            data[keys::LUNS],
+            "0 corp-lun-0 24 143 110\n1 corp-lun-1 24 143 110\n"
+        );
+        assert_eq!(
+            data[keys::RECIPIENT_ACCESS],
+            "spam@example.com REJECT no such user here\n"
+        );
+        assert_eq!(
+            data[keys::RECIPIENT_BCC],
+            "@example.com archive@example.org\n"
+        );
         assert_eq!(data[keys::SENDER_BCC], "");
         let back = AccessTables::from_data(&data).unwrap();
         assert_eq!(back, t);
