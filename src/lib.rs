@@ -9,6 +9,8 @@ pub mod crd;
 pub mod mailconfig;
 pub mod names;
 pub mod placement;
+pub mod render;
+pub mod resources;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -50,7 +50,7 @@ pub enum ReplicationMethod {
 }
 
 /// Replication between the replicas of a LUN.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.method != 'Volume' || has(self.volumeReplicationClass)").message("volumeReplicationClass is required when method is Volume").field_path(".volumeReplicationClass"))]
 pub struct ReplicationSpec {
@@ -68,6 +68,16 @@ pub struct ReplicationSpec {
 
 fn default_sync_interval() -> u32 {
     5
+}
+
+impl Default for ReplicationSpec {
+    fn default() -> Self {
+        Self {
+            method: ReplicationMethod::default(),
+            volume_replication_class: None,
+            sync_interval_seconds: default_sync_interval(),
+        }
+    }
 }
 
 impl ReplicationSpec {

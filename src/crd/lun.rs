@@ -8,7 +8,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{PvcRetention, ReplicationSpec, SnapshotPolicy};
+use super::common::{KeyRef, PvcRetention, ReplicationSpec, SnapshotPolicy};
 use super::mailpod::{MAX_STANDBYS, MAX_USERS_PER_LUN};
 use super::validation::{is_dns_label, parse_bytes, split_address, ValidationErrors};
 
@@ -73,8 +73,12 @@ pub struct StorageLUNSpec {
     pub resources: Option<ResourceRequirements>,
     #[serde(default)]
     pub pvc_retention: PvcRetention,
+    /// Dovecot passwd-file Secret key the store authenticates users against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passwd_file_secret: Option<KeyRef>,
     /// Fenced: no replica of this LUN serves as active (set during site failover, or by hand).
-    #[serde(default)]
+    /// Left out of the MailPod's apply so the site-failover controller and `kubectl mailpod fence` own it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fenced: bool,
 }
 

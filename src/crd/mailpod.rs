@@ -120,6 +120,32 @@ pub struct FrontendService {
     /// Image for this service only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// How the client-facing Service is exposed. With `LoadBalancer` the Service keeps client source
+    /// addresses (externalTrafficPolicy Local), which postscreen, rate limits and DNSBLs need.
+    #[serde(default)]
+    pub service_type: ExposeType,
+    /// Extra annotations on the client-facing Service (load-balancer settings, external-dns names).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub service_annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// Service type of a front-end service.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ExposeType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ExposeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExposeType::ClusterIP => "ClusterIP",
+            ExposeType::NodePort => "NodePort",
+            ExposeType::LoadBalancer => "LoadBalancer",
+        }
+    }
 }
 
 impl FrontendService {

@@ -1,0 +1,257 @@
+//! The front-end tier: per traffic type a StatefulSet, a headless Service, a client-facing Service and a
+//! PodDisruptionBudget.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, ContainerPort, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
+    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::mailpod::Context;
+use super::pod::{self, paths, ports, volumes};
+use super::{labels, selector, Child};
+use crate::crd::{ExposeType, ServiceKind};
+use crate::names;
+
+/// Size of each mx pod's queue volume.
+pub const MX_QUEUE_CAPACITY: &str = "5Gi";
+
+/// Named ports a front-end service listens on.
+pub fn service_ports(kind: ServiceKind) -> Vec<(&'static str, i32)> {
+    match kind {
+        ServiceKind::Mx => vec![("smtp", ports::SMTP)],
+        ServiceKind::Submission => vec![
+            ("submission", ports::SUBMISSION),
+            ("submissions", ports::SUBMISSIONS),
+        ],
+        ServiceKind::Imap => vec![("imap", ports::IMAP), ("imaps", ports::IMAPS)],
+        ServiceKind::Pop3 => vec![("pop3", ports::POP3), ("pop3s", ports::POP3S)],
+        ServiceKind::Webmail => vec![("http", ports::HTTP)],
+    }
+}
+
+/// Every object of one enabled front-end service.
+pub fn build(ctx: &Context, kind: ServiceKind) -> Vec<Child> {
+    let svc = ctx.spec().frontend.get(kind);
+    let mut out = vec![
+        Child::Service(headless_service(ctx, kind)),
+        Child::Service(client_service(ctx, kind)),
+    ];
+    if svc.replicas >= 2 {
+        out.push(Child::PodDisruptionBudget(pdb(ctx, kind)));
+    }
+    out.push(Child::StatefulSet(statefulset(ctx, kind)));
+    out
+}
+
+fn headless_service(ctx: &Context, kind: ServiceKind) -> Service {
+    Service {
+        metadata: ctx.meta(names::frontend_headless(ctx.name(), kind), kind.as_str()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector(ctx.name(), kind.as_str())),
+            ports: Some(to_service_ports(kind)),
+            publish_not_ready_addresses: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn client_service(ctx: &Context, kind: ServiceKind) -> Service {
+    let svc = ctx.spec().frontend.get(kind);
+    let mut metadata = ctx.meta(names::frontend(ctx.name(), kind), kind.as_str());
+    if !svc.service_annotations.is_empty() {
+        metadata.annotations = Some(svc.service_annotations.clone());
+    }
+    let external = svc.service_type != ExposeType::ClusterIP;
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(svc.service_type.as_str().into()),
+            selector: Some(selector(ctx.name(), kind.as_str())),
+            ports: Some(to_service_ports(kind)),
+            // Mail filtering (postscreen, rate limits, DNSBLs) needs the client's own address.
+            external_traffic_policy: external.then(|| "Local".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn to_service_ports(kind: ServiceKind) -> Vec<ServicePort> {
+    service_ports(kind)
+        .into_iter()
+        .map(|(name, port)| ServicePort {
+            name: Some(name.into()),
+            port,
+            target_port: Some(IntOrString::String(name.into())),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Voluntary disruptions (drains, upgrades) never take the service below one ready replica.
+fn pdb(ctx: &Context, kind: ServiceKind) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: ctx.meta(names::frontend(ctx.name(), kind), kind.as_str()),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(ctx.name(), kind.as_str())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
+    let spec = ctx.spec();
+    let svc = spec.frontend.get(kind);
+    let image = svc.image.clone().unwrap_or_else(|| ctx.image().to_string());
+    let container_ports: Vec<ContainerPort> = service_ports(kind)
+        .into_iter()
+        .map(|(name, port)| pod::container_port(name, port))
+        .collect();
+    let mut volumes_ = vec![];
+    let container = if kind == ServiceKind::Webmail {
+        webmail_container(&image, container_ports, svc.resources.clone())
+    } else {
+        let mut mounts = vec![
+            pod::mount(volumes::TABLES, paths::TABLES, true),
+            pod::mount(volumes::SETTINGS, paths::SETTINGS, true),
+        ];
+        volumes_.push(pod::config_map_volume(
+            volumes::TABLES,
+            &names::access_tables(ctx.name()),
+        ));
+        volumes_.push(pod::config_map_volume(
+            volumes::SETTINGS,
+            &names::mail_settings(ctx.name()),
+        ));
+        if let Some(tls) = &spec.tls {
+            mounts.push(pod::mount(volumes::TLS, paths::TLS, true));
+            volumes_.push(pod::secret_volume(volumes::TLS, &tls.secret_name));
+        }
+        if kind == ServiceKind::Submission {
+            if let Some(passwd) = &spec.mailboxes.passwd_file_secret {
+                mounts.push(pod::mount(volumes::PASSWD, paths::PASSWD, true));
+                volumes_.push(pod::secret_volume(volumes::PASSWD, &passwd.name));
+            }
+        }
+        if kind == ServiceKind::Mx {
+            mounts.push(pod::mount(volumes::QUEUE, paths::QUEUE, false));
+        }
+        pod::agent_container(
+            kind.as_str(),
+            &image,
+            container_ports,
+            mounts,
+            svc.resources.clone(),
+            vec![],
+        )
+    };
+    let labels_ = labels(ctx.name(), kind.as_str());
+    StatefulSet {
+        metadata: ctx.meta(names::frontend(ctx.name(), kind), kind.as_str()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(svc.replicas),
+            service_name: Some(names::frontend_headless(ctx.name(), kind)),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector(ctx.name(), kind.as_str())),
+                ..Default::default()
+            },
+            // Queued mail is data: an mx queue volume outlives its pod and its StatefulSet.
+            persistent_volume_claim_retention_policy: (kind == ServiceKind::Mx).then(|| {
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some("Retain".into()),
+                    when_scaled: Some("Retain".into()),
+                }
+            }),
+            volume_claim_templates: (kind == ServiceKind::Mx).then(|| vec![queue_claim(ctx)]),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels_),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: (!volumes_.is_empty()).then_some(volumes_),
+                    affinity: Some(Affinity {
+                        pod_anti_affinity: Some(pod::spread_across_nodes(selector(
+                            ctx.name(),
+                            kind.as_str(),
+                        ))),
+                        ..Default::default()
+                    }),
+                    termination_grace_period_seconds: Some(pod::TERMINATION_GRACE_SECONDS),
+                    enable_service_links: Some(false),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn queue_claim(ctx: &Context) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(volumes::QUEUE.into()),
+            labels: Some(labels(ctx.name(), ServiceKind::Mx.as_str())),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: ctx.spec().backend.lun_template.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(MX_QUEUE_CAPACITY.into()),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Webmail runs the user's image (none ships in the mail image); probed on its HTTP port.
+fn webmail_container(
+    image: &str,
+    ports_: Vec<ContainerPort>,
+    resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+) -> Container {
+    let probe = Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(10),
+        ..Default::default()
+    };
+    Container {
+        name: ServiceKind::Webmail.as_str().into(),
+        image: Some(image.into()),
+        ports: Some(ports_),
+        resources: Some(resources.unwrap_or_else(pod::default_resources)),
+        readiness_probe: Some(probe.clone()),
+        liveness_probe: Some(probe),
+        ..Default::default()
+    }
+}

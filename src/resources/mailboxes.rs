@@ -1,0 +1,133 @@
+//! The mailboxes of a MailPod: inline ones plus those listed in ConfigMaps and Secrets.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::crd::{MailPodSpec, MailboxSource, ValidationErrors};
+
+/// The text of one mailbox source, as fetched from the cluster (or from `render`'s input files).
+/// `None` when the object or key does not exist.
+pub trait SourceLookup {
+    fn text(&self, source: &MailboxSource) -> Option<String>;
+}
+
+impl<F: Fn(&MailboxSource) -> Option<String>> SourceLookup for F {
+    fn text(&self, source: &MailboxSource) -> Option<String> {
+        self(source)
+    }
+}
+
+/// Describes a source for messages: `ConfigMap corp-users key users.txt`.
+pub fn describe(source: &MailboxSource) -> String {
+    match (&source.config_map, &source.secret) {
+        (Some(r), _) => format!("ConfigMap {} key {}", r.name, r.key),
+        (None, Some(r)) => format!("Secret {} key {}", r.name, r.key),
+        (None, None) => "an empty source".to_string(),
+    }
+}
+
+/// Every mailbox of the spec, validated: each a lower-case address in `spec.domains`, none twice.
+/// Errors name the field path, and for referenced lists the object, key and line.
+pub fn resolve(
+    spec: &MailPodSpec,
+    lookup: &impl SourceLookup,
+) -> Result<BTreeSet<String>, ValidationErrors> {
+    let mut errs = ValidationErrors::default();
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut add = |address: &str, path: String, errs: &mut ValidationErrors| {
+        spec.check_mailbox(address, &path, errs);
+        if let Some(first) = seen.get(address) {
+            errs.push(
+                path,
+                format!("duplicate mailbox `{address}` (first at {first})"),
+            );
+        } else {
+            seen.insert(address.to_string(), path);
+        }
+    };
+    for (i, m) in spec.mailboxes.inline.iter().enumerate() {
+        add(m, format!("spec.mailboxes.inline[{i}]"), &mut errs);
+    }
+    for (i, src) in spec.mailboxes.from.iter().enumerate() {
+        let path = format!("spec.mailboxes.from[{i}]");
+        let Some(text) = lookup.text(src) else {
+            errs.push(path, format!("{} not found", describe(src)));
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            // A passwd-file line: the address ends at the first `:`.
+            let address = line.split(':').next().unwrap_or_default().trim();
+            add(
+                address,
+                format!("{path} ({} line {})", describe(src), n + 1),
+                &mut errs,
+            );
+        }
+    }
+    errs.into_result()?;
+    Ok(seen.into_keys().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MailPodSpec {
+        serde_yaml::from_str(
+            r#"
+domains: [example.com]
+mailboxes:
+  inline: [alice@example.com]
+  from:
+    - configMap: {name: users, key: list}
+    - secret: {name: passwd, key: passwd}
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn merges_sources_and_reads_passwd_lines() {
+        let lookup = |s: &MailboxSource| match s {
+            MailboxSource {
+                config_map: Some(_),
+                ..
+            } => Some("# staff\nbob@example.com\n\ncarol@example.com\n".into()),
+            _ => Some("dave@example.com:{SHA512-CRYPT}$6$x::::::\n".into()),
+        };
+        let all = resolve(&spec(), &lookup).unwrap();
+        assert_eq!(
+            all.into_iter().collect::<Vec<_>>(),
+            [
+                "alice@example.com",
+                "bob@example.com",
+                "carol@example.com",
+                "dave@example.com"
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_name_source_and_line() {
+        let lookup = |s: &MailboxSource| match s {
+            MailboxSource {
+                config_map: Some(_),
+                ..
+            } => Some("bob@example.com\nalice@example.com\neve@other.org\n".into()),
+            _ => None,
+        };
+        let err = resolve(&spec(), &lookup).unwrap_err().to_string();
+        assert!(err.contains("spec.mailboxes.from[0] (ConfigMap users key list line 2): duplicate mailbox `alice@example.com` (first at spec.mailboxes.inline[0])"), "{err}");
+        assert!(
+            err.contains("line 3): `eve@other.org`: domain `other.org` is not in spec.domains"),
+            "{err}"
+        );
+        assert!(
+            err.contains("spec.mailboxes.from[1]: Secret passwd key passwd not found"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,366 @@
+//! What a StorageLUN runs: the store StatefulSet (1 active + standbys, a PVC each), the Service that
+//! selects the active replica, a headless Service for replication, and the snapshot CronJob with the
+//! ServiceAccount and Role it runs under.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
+use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
+    PodTemplateSpec, Service, ServiceAccount, ServicePort, ServiceSpec, VolumeResourceRequirements,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+
+use super::pod::{self, paths, ports, volumes};
+use super::{labels, object_meta, owner_reference, Child};
+use crate::crd::{PvcRetention, StorageLUN};
+use crate::names::{self, labels as l};
+
+/// Component label of store pods and their Services.
+pub const COMPONENT: &str = "store";
+/// Component label of snapshot job pods.
+pub const SNAPSHOT_COMPONENT: &str = "snapshot";
+
+/// What the builders of one StorageLUN share.
+pub struct Context<'a> {
+    lun: &'a StorageLUN,
+    owner: OwnerReference,
+    image: &'a str,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(lun: &'a StorageLUN, default_image: &'a str) -> Self {
+        Self {
+            owner: owner_reference(lun),
+            image: lun.spec.image.as_deref().unwrap_or(default_image),
+            lun,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.lun.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    fn labels(&self, component: &str) -> BTreeMap<String, String> {
+        let mut out = labels(&self.lun.spec.mail_pod, component);
+        out.insert(l::LUN.to_string(), self.name().to_string());
+        out
+    }
+
+    /// Selects every replica of this LUN.
+    pub fn replica_selector(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (l::LUN.to_string(), self.name().to_string()),
+            (l::COMPONENT.to_string(), COMPONENT.to_string()),
+        ])
+    }
+
+    fn meta(&self, name: String, component: &str) -> ObjectMeta {
+        object_meta(
+            &self.owner,
+            self.lun.namespace(),
+            name,
+            self.labels(component),
+        )
+    }
+}
+
+/// Every object of a validated StorageLUN, in apply order.
+pub fn build(lun: &StorageLUN, default_image: &str) -> Vec<Child> {
+    let ctx = Context::new(lun, default_image);
+    let mut out = vec![];
+    if lun.spec.snapshots.enabled {
+        out.extend(snapshot_rbac(&ctx));
+    }
+    out.push(Child::Service(headless_service(&ctx)));
+    out.push(Child::Service(active_service(&ctx)));
+    if lun.spec.snapshots.enabled {
+        out.push(Child::CronJob(snapshot_cronjob(&ctx)));
+    }
+    out.push(Child::StatefulSet(statefulset(&ctx)));
+    out
+}
+
+fn store_ports() -> Vec<(&'static str, i32)> {
+    vec![
+        ("lmtp", ports::LMTP),
+        ("imap", ports::IMAP),
+        ("pop3", ports::POP3),
+        ("doveadm", ports::DOVEADM),
+    ]
+}
+
+fn service_ports(list: &[(&'static str, i32)]) -> Vec<ServicePort> {
+    list.iter()
+        .map(|(name, port)| ServicePort {
+            name: Some(name.to_string()),
+            port: *port,
+            target_port: Some(IntOrString::String(name.to_string())),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Every replica by a stable name (`corp-lun-0-1.corp-lun-0-hl`), ready or not, so replicas can sync.
+fn headless_service(ctx: &Context) -> Service {
+    Service {
+        metadata: ctx.meta(names::lun_headless(ctx.name()), COMPONENT),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(ctx.replica_selector()),
+            ports: Some(service_ports(&store_ports())),
+            publish_not_ready_addresses: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The front ends reach the LUN here; it selects only the replica the operator labelled active, so a
+/// promotion moves traffic without touching any front end.
+fn active_service(ctx: &Context) -> Service {
+    let mut selector = ctx.replica_selector();
+    selector.insert(l::ROLE.to_string(), l::ROLE_ACTIVE.to_string());
+    Service {
+        metadata: ctx.meta(ctx.name().to_string(), COMPONENT),
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(service_ports(&store_ports()[..3])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn statefulset(ctx: &Context) -> StatefulSet {
+    let spec = &ctx.lun.spec;
+    let mut container_ports: Vec<_> = store_ports()
+        .into_iter()
+        .map(|(n, p)| pod::container_port(n, p))
+        .collect();
+    container_ports.push(pod::container_port(ports::CONTROL_NAME, ports::CONTROL));
+    let mut mounts = vec![
+        pod::mount(volumes::MAIL, paths::MAIL, false),
+        pod::mount(volumes::SETTINGS, paths::SETTINGS, true),
+    ];
+    let mut volumes_ = vec![pod::config_map_volume(
+        volumes::SETTINGS,
+        &names::mail_settings(&spec.mail_pod),
+    )];
+    // Users authenticate against the MailPod's passwd-file Secret, when it names one.
+    if let Some(passwd) = &spec.passwd_file_secret {
+        mounts.push(pod::mount(volumes::PASSWD, paths::PASSWD, true));
+        volumes_.push(pod::secret_volume(volumes::PASSWD, &passwd.name));
+    }
+    let container = pod::agent_container(
+        COMPONENT,
+        ctx.image,
+        container_ports,
+        mounts,
+        spec.resources.clone(),
+        vec!["--lun".into(), ctx.name().to_string()],
+    );
+    let retention = match spec.pvc_retention {
+        PvcRetention::Retain => "Retain",
+        PvcRetention::Delete => "Delete",
+    };
+    StatefulSet {
+        metadata: ctx.meta(ctx.name().to_string(), COMPONENT),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.replicas()),
+            service_name: Some(names::lun_headless(ctx.name())),
+            // Replicas are peers; which one is active is the operator's decision, not the ordinal's.
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(ctx.replica_selector()),
+                ..Default::default()
+            },
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(retention.into()),
+                    when_scaled: Some("Retain".into()),
+                },
+            ),
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some(volumes::MAIL.into()),
+                    labels: Some(ctx.labels(COMPONENT)),
+                    ..Default::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    storage_class_name: spec.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([(
+                            "storage".to_string(),
+                            Quantity(spec.capacity.clone()),
+                        )])),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(ctx.labels(COMPONENT)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes_),
+                    affinity: Some(Affinity {
+                        pod_anti_affinity: Some(pod::spread_across_nodes(ctx.replica_selector())),
+                        ..Default::default()
+                    }),
+                    termination_grace_period_seconds: Some(pod::TERMINATION_GRACE_SECONDS),
+                    enable_service_links: Some(false),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// ServiceAccount (and Role) the snapshot jobs of a LUN run as.
+pub fn snapshot_service_account(lun: &str) -> String {
+    format!("{lun}-snapshot")
+}
+
+/// The snapshot job may create and prune VolumeSnapshots and record results on its LUN; nothing else.
+fn snapshot_rbac(ctx: &Context) -> Vec<Child> {
+    let sa = snapshot_service_account(ctx.name());
+    let rule = |group: &str, resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(vec![group.to_string()]),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    };
+    vec![
+        Child::ServiceAccount(ServiceAccount {
+            metadata: ctx.meta(sa.clone(), SNAPSHOT_COMPONENT),
+            automount_service_account_token: Some(true),
+            ..Default::default()
+        }),
+        Child::Role(Role {
+            metadata: ctx.meta(sa.clone(), SNAPSHOT_COMPONENT),
+            rules: Some(vec![
+                rule(
+                    "snapshot.storage.k8s.io",
+                    &["volumesnapshots"],
+                    &["get", "list", "create", "delete"],
+                ),
+                rule("mailpod.io", &["storageluns"], &["get"]),
+                rule("mailpod.io", &["storageluns/status"], &["get", "patch"]),
+                rule("", &["pods"], &["get", "list"]),
+                rule("", &["events"], &["create"]),
+            ]),
+        }),
+        Child::RoleBinding(RoleBinding {
+            metadata: ctx.meta(sa.clone(), SNAPSHOT_COMPONENT),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: sa.clone(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: sa,
+                namespace: ctx.lun.namespace(),
+                ..Default::default()
+            }]),
+        }),
+    ]
+}
+
+fn snapshot_cronjob(ctx: &Context) -> CronJob {
+    let policy = &ctx.lun.spec.snapshots;
+    let mut args = vec![
+        "snapshot".to_string(),
+        "--lun".to_string(),
+        ctx.name().to_string(),
+    ];
+    if let Some(class) = &policy.volume_snapshot_class_name {
+        args.extend(["--volume-snapshot-class".to_string(), class.clone()]);
+    }
+    let container = Container {
+        name: SNAPSHOT_COMPONENT.into(),
+        image: Some(ctx.image.to_string()),
+        args: Some(args),
+        env: Some(vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "POD_NAMESPACE".into(),
+            value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                    field_path: "metadata.namespace".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        security_context: Some(restricted_security_context()),
+        ..Default::default()
+    };
+    CronJob {
+        metadata: ctx.meta(names::lun_snapshot_cronjob(ctx.name()), SNAPSHOT_COMPONENT),
+        spec: Some(CronJobSpec {
+            schedule: policy.schedule.clone(),
+            concurrency_policy: Some("Forbid".into()),
+            starting_deadline_seconds: Some(600),
+            successful_jobs_history_limit: Some(3),
+            failed_jobs_history_limit: Some(3),
+            job_template: JobTemplateSpec {
+                metadata: None,
+                spec: Some(JobSpec {
+                    backoff_limit: Some(2),
+                    active_deadline_seconds: Some(i64::from(policy.max_pause_seconds) * 10),
+                    ttl_seconds_after_finished: Some(86_400),
+                    template: PodTemplateSpec {
+                        metadata: Some(ObjectMeta {
+                            labels: Some(ctx.labels(SNAPSHOT_COMPONENT)),
+                            ..Default::default()
+                        }),
+                        spec: Some(PodSpec {
+                            containers: vec![container],
+                            restart_policy: Some("Never".into()),
+                            service_account_name: Some(snapshot_service_account(ctx.name())),
+                            ..Default::default()
+                        }),
+                    },
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The snapshot job only talks to the API server and the agent: it runs as nobody with nothing.
+fn restricted_security_context() -> k8s_openapi::api::core::v1::SecurityContext {
+    k8s_openapi::api::core::v1::SecurityContext {
+        allow_privilege_escalation: Some(false),
+        run_as_non_root: Some(true),
+        run_as_user: Some(65534),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(k8s_openapi::api::core::v1::SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
