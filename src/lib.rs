@@ -5,12 +5,14 @@
 //! [`render`] (what `mailpod-operator render` prints), [`names`] (object names and labels).
 #![forbid(unsafe_code)]
 
+pub mod controller;
 pub mod crd;
 pub mod mailconfig;
 pub mod names;
 pub mod placement;
 pub mod render;
 pub mod resources;
+pub mod telemetry;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

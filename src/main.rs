@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use mailpod_operator::{names, render};
+use mailpod_operator::{controller, names, render};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,23 @@ enum Command {
     /// On invalid input prints one line per problem (file, object, field) on stderr, nothing on stdout, and
     /// exits with status 2.
     Render(RenderArgs),
+    /// Run the controllers against the cluster of the current kubeconfig, or the in-cluster config.
+    ///
+    /// Checks first that the CRDs are installed. Stops on SIGTERM or Ctrl-C after in-flight reconciles finish.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Watch only this namespace (all namespaces when unset).
+    #[arg(short = 'n', long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Mail image for MailPods that name none.
+    #[arg(long, env = "MAILPOD_IMAGE", default_value = names::DEFAULT_IMAGE)]
+    image: String,
+    /// MailPods reconciled at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: u16,
 }
 
 #[derive(Args)]
@@ -58,6 +75,58 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Render(args) => run_render(args),
+        Command::Run(args) => run_operator(args),
+    }
+}
+
+fn run_operator(args: RunArgs) -> ExitCode {
+    mailpod_operator::telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = controller::RunConfig {
+        namespace: args.namespace,
+        default_image: args.image,
+        concurrency: args.concurrency,
+    };
+    let result = runtime.block_on(async move {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!("cannot configure a Kubernetes client (kubeconfig or in-cluster): {e}")
+        })?;
+        controller::run_mailpods(client, config, shutdown_signal()).await
+    });
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailpod-operator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
     }
 }
 
