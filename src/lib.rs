@@ -6,9 +6,14 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod controller;
 pub mod crd;
 pub mod mailconfig;
 pub mod names;
 pub mod placement;
 pub mod render;
 pub mod resources;
+pub mod telemetry;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
