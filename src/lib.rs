@@ -11,6 +11,7 @@ pub mod crd;
 pub mod mailconfig;
 pub mod names;
 pub mod placement;
+pub mod plugin;
 pub mod render;
 pub mod resources;
 pub mod telemetry;
