@@ -79,8 +79,8 @@ pub async fn status(
     }
     let _ = writeln!(
         out,
-        "\n{:<20} {:>6} {:<24} {:>8} {:<22} {}",
-        "LUN", "USERS", "ACTIVE", "LAG(s)", "LAST SNAPSHOT", "READY"
+        "\n{:<20} {:>6} {:<24} {:>8} {:<22} READY",
+        "LUN", "USERS", "ACTIVE", "LAG(s)", "LAST SNAPSHOT"
     );
     for lun in &luns {
         let s = lun.status.clone().unwrap_or_default();
