@@ -5,6 +5,7 @@
 //! [`render`] (what `mailpod-operator render` prints), [`names`] (object names and labels).
 #![forbid(unsafe_code)]
 
+pub mod controller;
 pub mod crd;
 pub mod mailconfig;
 pub mod names;

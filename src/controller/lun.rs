@@ -1,0 +1,4 @@
+//! The StorageLUN controller.
+
+pub mod failover;
+pub mod replicas;

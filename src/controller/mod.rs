@@ -1,0 +1,3 @@
+//! Reconcilers.
+
+pub mod lun;
