@@ -12,3 +12,6 @@ pub mod names;
 pub mod placement;
 pub mod render;
 pub mod resources;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
