@@ -12,6 +12,7 @@ pub mod names;
 pub mod placement;
 pub mod render;
 pub mod resources;
+pub mod snapshot;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

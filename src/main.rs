@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use mailpod_operator::{names, render};
+use mailpod_operator::{names, render, snapshot};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,28 @@ enum Command {
     /// On invalid input prints one line per problem (file, object, field) on stderr, nothing on stdout, and
     /// exits with status 2.
     Render(RenderArgs),
+    /// Take a consistent snapshot of a StorageLUN's active replica (what the LUN's CronJob runs).
+    ///
+    /// Pauses delivery to the LUN (LMTP answers 4xx; Postfix keeps the mail queued), creates a VolumeSnapshot
+    /// of the active replica's PVC, resumes delivery whatever happens, waits for readyToUse, prunes to the
+    /// LUN's `retain`, and records the result in the LUN's status. Exit status 1 on failure.
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Args)]
+struct SnapshotArgs {
+    /// StorageLUN to snapshot.
+    #[arg(long)]
+    lun: String,
+    /// Namespace of the StorageLUN.
+    #[arg(short = 'n', long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// VolumeSnapshotClass; the LUN's `spec.snapshots.volumeSnapshotClassName`, else the cluster default.
+    #[arg(long)]
+    volume_snapshot_class: Option<String>,
+    /// Seconds to wait for the snapshot to become readyToUse (delivery runs meanwhile).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -58,6 +80,52 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Render(args) => run_render(args),
+        Command::Snapshot(args) => run_snapshot(args),
+    }
+}
+
+fn job_runtime() -> tokio::runtime::Runtime {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn run_snapshot(args: SnapshotArgs) -> ExitCode {
+    let mut opts = snapshot::Options::new(args.namespace, args.lun);
+    opts.volume_snapshot_class = args.volume_snapshot_class;
+    opts.timeout = std::time::Duration::from_secs(args.timeout);
+    let result = job_runtime().block_on(async {
+        let client = kube::Client::try_default().await?;
+        let agent = snapshot::HttpAgent {
+            timeout: std::time::Duration::from_secs(10),
+        };
+        Ok::<_, anyhow::Error>(snapshot::run(&client, &agent, &opts).await?)
+    });
+    match result {
+        Ok(out) => {
+            println!(
+                "{} taken; delivery paused {} ms; pruned: {}",
+                out.name,
+                out.pause.as_millis(),
+                if out.pruned.is_empty() {
+                    "none".to_string()
+                } else {
+                    out.pruned.join(", ")
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("snapshot of {}: {e:#}", opts.lun);
+            ExitCode::FAILURE
+        }
     }
 }
 
