@@ -13,6 +13,7 @@ pub mod placement;
 pub mod render;
 pub mod resources;
 pub mod snapshot;
+pub mod telemetry;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

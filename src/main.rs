@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use mailpod_operator::{names, render, snapshot};
+use mailpod_operator::{controller, names, render, snapshot};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,10 @@ enum Command {
     /// of the active replica's PVC, resumes delivery whatever happens, waits for readyToUse, prunes to the
     /// LUN's `retain`, and records the result in the LUN's status. Exit status 1 on failure.
     Snapshot(SnapshotArgs),
+    /// Run the controllers against the cluster of the current kubeconfig, or the in-cluster config.
+    ///
+    /// Checks first that the CRDs are installed. Stops on SIGTERM or Ctrl-C after in-flight reconciles finish.
+    Run(RunArgs),
 }
 
 #[derive(Args)]
@@ -57,6 +61,19 @@ struct SnapshotArgs {
     /// Seconds to wait for the snapshot to become readyToUse (delivery runs meanwhile).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Watch only this namespace (all namespaces when unset).
+    #[arg(short = 'n', long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Mail image for MailPods that name none.
+    #[arg(long, env = "MAILPOD_IMAGE", default_value = names::DEFAULT_IMAGE)]
+    image: String,
+    /// MailPods reconciled at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: u16,
 }
 
 #[derive(Args)]
@@ -81,16 +98,63 @@ fn main() -> ExitCode {
         }
         Command::Render(args) => run_render(args),
         Command::Snapshot(args) => run_snapshot(args),
+        Command::Run(args) => run_operator(args),
+    }
+}
+
+fn run_operator(args: RunArgs) -> ExitCode {
+    mailpod_operator::telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = controller::RunConfig {
+        namespace: args.namespace,
+        default_image: args.image,
+        concurrency: args.concurrency,
+    };
+    let result = runtime.block_on(async move {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!("cannot configure a Kubernetes client (kubeconfig or in-cluster): {e}")
+        })?;
+        controller::run_mailpods(client, config, shutdown_signal()).await
+    });
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailpod-operator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
     }
 }
 
 fn job_runtime() -> tokio::runtime::Runtime {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    mailpod_operator::telemetry::init();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

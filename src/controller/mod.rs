@@ -1,3 +1,242 @@
-//! Reconcilers.
+//! The controllers that `mailpod-operator run` starts, and what they share.
+//!
+//! [`mailpod`] reconciles MailPods; [`lun`] StorageLUNs (stores, failover, replication); [`apply`] holds the Server-Side Apply and orphan removal every controller
+//! uses; [`status`] computes conditions; [`error`] is the one error type.
 
+pub mod apply;
+pub mod error;
 pub mod lun;
+pub mod mailpod;
+pub mod status;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::crd::{MailPod, SiteFailover, StorageLUN};
+use crate::names;
+
+pub use error::{Error, Result};
+
+/// How `mailpod-operator run` runs the controllers. Leader election and the metrics server plug in here.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Watch only this namespace; all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// Mail image for MailPods that name none.
+    pub default_image: String,
+    /// MailPods reconciled at once.
+    pub concurrency: u16,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            default_image: names::DEFAULT_IMAGE.to_string(),
+            concurrency: 8,
+        }
+    }
+}
+
+/// Counters of what the controllers did (exported as metrics by the metrics server, read by the benchmark).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub reconciles: AtomicU64,
+    pub failures: AtomicU64,
+    pub invalid: AtomicU64,
+}
+
+impl Stats {
+    pub fn reconciles(&self) -> u64 {
+        self.reconciles.load(Ordering::Relaxed)
+    }
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// What every reconcile gets.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub config: RunConfig,
+    pub stats: Stats,
+    /// Consecutive failures per object, for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, config: RunConfig) -> Self {
+        let reporter = Reporter {
+            controller: names::FIELD_MANAGER.to_string(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            stats: Stats::default(),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key<K: Resource>(obj: &K) -> String {
+        format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+    }
+
+    /// Counts one more failure of `obj` and returns how many in a row.
+    pub fn record_failure<K: Resource>(&self, obj: &K) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(Self::key(obj)).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    pub fn reset_failures<K: Resource>(&self, obj: &K) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&Self::key(obj));
+    }
+}
+
+/// Checks that the CRDs are installed, with the fix in the message when they are not.
+pub async fn check_crds(client: &Client) -> anyhow::Result<()> {
+    async fn one<K>(client: &Client) -> anyhow::Result<()>
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::all(client.clone());
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
+                "the {} CustomResourceDefinition ({}.{}) is not installed; install the CRDs with \
+                 `mailpod-operator crds | kubectl apply --server-side -f -` and start again",
+                K::kind(&()),
+                K::plural(&()),
+                K::group(&())
+            ),
+            Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
+                "not allowed to list {}: {} (check the operator's ClusterRole)",
+                K::plural(&()),
+                s.message
+            ),
+            Err(e) => Err(anyhow::Error::new(e).context(format!(
+                "cannot reach the API server to list {}",
+                K::plural(&())
+            ))),
+        }
+    }
+    one::<MailPod>(client).await?;
+    one::<StorageLUN>(client).await?;
+    one::<SiteFailover>(client).await?;
+    Ok(())
+}
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the MailPod controller until `shutdown` resolves; in-flight reconciles finish first.
+/// Returns the shared context so callers (tests, the benchmark) can read its counters.
+pub async fn run_mailpods(
+    client: Client,
+    config: RunConfig,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<Arc<Context>> {
+    check_crds(&client).await?;
+    let ns = config.namespace.clone();
+    let ns = ns.as_deref();
+    let ctx = Arc::new(Context::new(client.clone(), config.clone()));
+    let wc = watcher::Config::default().any_semantic();
+    let children = watcher::Config::default()
+        .labels(&format!(
+            "{}={}",
+            names::labels::MANAGED_BY,
+            names::labels::MANAGER
+        ))
+        .any_semantic();
+    let controller = Controller::new(api::<MailPod>(&client, ns), wc.clone());
+    let mailpods = controller.store();
+    let for_sources = mailpods.clone();
+    let for_secrets = mailpods.clone();
+    let controller = controller
+        .owns(api::<ConfigMap>(&client, ns), children.clone())
+        .owns(api::<NetworkPolicy>(&client, ns), children.clone())
+        .owns(api::<Service>(&client, ns), children.clone())
+        .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
+        .owns(api::<StorageLUN>(&client, ns), children.clone())
+        .owns(api::<StatefulSet>(&client, ns), children)
+        // Mailbox lists kept in ConfigMaps and Secrets: a change there reconciles the MailPods that use them.
+        .watches(
+            api::<ConfigMap>(&client, ns),
+            wc.clone(),
+            move |cm: ConfigMap| referencing(&for_sources, &cm, |src| src.config_map.as_ref()),
+        )
+        .watches(api::<Secret>(&client, ns), wc, move |s: Secret| {
+            referencing(&for_secrets, &s, |src| src.secret.as_ref())
+        })
+        .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .graceful_shutdown_on(shutdown);
+    info!(
+        namespace = ns.unwrap_or("(all)"),
+        "MailPod controller starting"
+    );
+    controller
+        .run(mailpod::reconcile, mailpod::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                // Reconcile errors are logged by error_policy; this is watch/queue trouble.
+                if !matches!(e, kube::runtime::controller::Error::ReconcilerFailed(..)) {
+                    warn!(error = %e, "controller stream error");
+                }
+            }
+        })
+        .await;
+    info!("MailPod controller stopped");
+    Ok(ctx)
+}
+
+/// MailPods in `obj`'s namespace whose mailbox sources name `obj`.
+fn referencing<K: Resource>(
+    mailpods: &kube::runtime::reflector::Store<MailPod>,
+    obj: &K,
+    key_ref: impl Fn(&crate::crd::MailboxSource) -> Option<&crate::crd::KeyRef>,
+) -> Vec<ObjectRef<MailPod>> {
+    let name = obj.name_any();
+    let ns = obj.namespace();
+    mailpods
+        .state()
+        .iter()
+        .filter(|mp| mp.namespace() == ns)
+        .filter(|mp| {
+            mp.spec
+                .mailboxes
+                .from
+                .iter()
+                .any(|s| key_ref(s).is_some_and(|r| r.name == name))
+        })
+        .map(|mp| ObjectRef::from_obj(mp.as_ref()))
+        .collect()
+}

@@ -1,0 +1,350 @@
+//! The MailPod reconciler: dereference → validate → read placement → build → apply → remove orphans → status.
+//! Only the ends talk to the API server; `build` is the pure builder that `render` runs too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::apply::{self, LiveChildren};
+use super::error::{Error, Result};
+use super::status::{self, Observed};
+use super::Context;
+use crate::crd::{MailPod, MailPodStatus, MailboxSource, StorageLUN, ValidationErrors};
+use crate::names::{labels, FIELD_MANAGER};
+use crate::placement::LunAssignment;
+use crate::resources::{self, lun::assignments, mailboxes, Child};
+
+/// How often a converged MailPod is looked at again even with no event (a safety net, not the trigger).
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// The text of every mailbox source a spec references, fetched once per reconcile.
+/// Key: (`ConfigMap`|`Secret`, name, key); `None` when the object or key does not exist.
+type Sources = BTreeMap<(&'static str, String, String), Option<String>>;
+
+async fn fetch_sources(ctx: &Context, ns: &str, mp: &MailPod) -> Result<Sources> {
+    let mut objects: BTreeMap<(&'static str, String), Option<BTreeMap<String, String>>> =
+        BTreeMap::new();
+    let mut sources = Sources::new();
+    for src in &mp.spec.mailboxes.from {
+        let (kind, r) = match (&src.config_map, &src.secret) {
+            (Some(r), _) => ("ConfigMap", r),
+            (None, Some(r)) => ("Secret", r),
+            (None, None) => continue,
+        };
+        let key = (kind, r.name.clone());
+        if !objects.contains_key(&key) {
+            let data = match kind {
+                "ConfigMap" => {
+                    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+                    api.get_opt(&r.name)
+                        .await
+                        .map_err(|source| Error::Read {
+                            what: format!("ConfigMap {}", r.name),
+                            source,
+                        })?
+                        .map(|cm| cm.data.unwrap_or_default())
+                }
+                _ => {
+                    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+                    api.get_opt(&r.name)
+                        .await
+                        .map_err(|source| Error::Read {
+                            what: format!("Secret {}", r.name),
+                            source,
+                        })?
+                        .map(|s| {
+                            s.data
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                                .collect()
+                        })
+                }
+            };
+            objects.insert(key.clone(), data);
+        }
+        let text = objects[&key].as_ref().and_then(|d| d.get(&r.key).cloned());
+        sources.insert((kind, r.name.clone(), r.key.clone()), text);
+    }
+    Ok(sources)
+}
+
+fn lookup(sources: &Sources) -> impl Fn(&MailboxSource) -> Option<String> + '_ {
+    move |src: &MailboxSource| {
+        let (kind, r) = match (&src.config_map, &src.secret) {
+            (Some(r), _) => ("ConfigMap", r),
+            (None, Some(r)) => ("Secret", r),
+            (None, None) => return None,
+        };
+        sources
+            .get(&(kind, r.name.clone(), r.key.clone()))
+            .cloned()
+            .flatten()
+    }
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+/// Writes `status` by Server-Side Apply on the status subresource, unless it equals what is stored.
+async fn write_status(ctx: &Context, mp: &MailPod, status: MailPodStatus) -> Result<bool> {
+    if mp.status.as_ref() == Some(&status) {
+        return Ok(false);
+    }
+    let ns = mp.namespace().unwrap_or_default();
+    let api: Api<MailPod> = Api::namespaced(ctx.client.clone(), &ns);
+    let body = json!({
+        "apiVersion": MailPod::api_version(&()),
+        "kind": MailPod::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &mp.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(|source| Error::Status { source })?;
+    Ok(true)
+}
+
+async fn publish(
+    ctx: &Context,
+    mp: &MailPod,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(status::truncate(&note, 1024)),
+        action: action.into(),
+        secondary: None,
+    };
+    // Events are for people; failing to record one must not fail the reconcile.
+    if let Err(e) = ctx.recorder.publish(&event, &mp.object_ref(&())).await {
+        warn!(mailpod = %mp.name_any(), error = %e, "cannot record event");
+    }
+}
+
+/// An invalid spec: report it and leave every child as it is. No error, so no retry: the MailPod (or a
+/// watched mailbox source) changing is what brings the next reconcile.
+async fn reject(ctx: &Context, mp: &MailPod, errs: ValidationErrors) -> Result<Action> {
+    let status = status::invalid(mp, &errs, now());
+    let first = errs.first_path().unwrap_or("spec").to_string();
+    if write_status(ctx, mp, status).await? {
+        publish(
+            ctx,
+            mp,
+            EventType::Warning,
+            "InvalidSpec",
+            "Validate",
+            errs.to_string(),
+        )
+        .await;
+    }
+    info!(mailpod = %mp.name_any(), field = %first, "invalid spec; children left untouched");
+    ctx.stats
+        .invalid
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(Action::await_change())
+}
+
+/// Reconciles one MailPod to its spec.
+pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.stats
+        .reconciles
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = mp.name_any();
+    if mp.meta().deletion_timestamp.is_some() {
+        // Children go with it through their owner references; nothing to do.
+        return Ok(Action::await_change());
+    }
+    let ns = mp
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(format!("MailPod {name}")))?;
+    let uid = mp.uid().unwrap_or_default();
+
+    // Dereference and validate.
+    let sources = fetch_sources(&ctx, &ns, &mp).await?;
+    let wanted = match mp
+        .validate()
+        .and_then(|()| mailboxes::resolve(&mp.spec, &lookup(&sources)))
+    {
+        Ok(m) => m,
+        Err(errs) => return reject(&ctx, &mp, errs).await,
+    };
+
+    // Current children, and the placement they record.
+    let selector = format!("{}={name}", labels::MAILPOD);
+    let kinds = apply::mailpod_child_kinds();
+    let live = LiveChildren::list(&ctx.client, &ns, &kinds, &selector, &uid).await?;
+    let live_luns: Vec<StorageLUN> = live.typed()?;
+    let existing = assignments(&live_luns);
+
+    // Build (pure).
+    let desired =
+        match resources::mailpod::build(&mp, &wanted, &existing, &ctx.config.default_image) {
+            Ok(d) => d,
+            Err(errs) => return reject(&ctx, &mp, errs).await,
+        };
+
+    // Apply, in the builders' order.
+    let report = apply::apply_children(&ctx.client, &ns, &desired.children, &live).await?;
+
+    // Orphans: owned children no longer desired.
+    let desired_keys: BTreeSet<(String, String)> = desired
+        .children
+        .iter()
+        .map(|c| (c.kind().to_string(), c.name()))
+        .collect();
+    let mut deleted = vec![];
+    let mut drained = vec![];
+    for ((kind, child), obj) in &live.objects {
+        if desired_keys.contains(&(kind.clone(), child.clone())) {
+            continue;
+        }
+        if kind == "StorageLUN" {
+            // A LUN goes only once it holds no mailboxes: first emptied (its store stops being a target),
+            // deleted on a later pass. Its PVCs follow the LUN's pvcRetention (kept by default).
+            let lun = live_luns.iter().find(|l| l.name_any() == *child);
+            if let Some(lun) = lun.filter(|l| !l.spec.mailboxes.is_empty()) {
+                let empty = LunAssignment {
+                    index: lun.spec.index,
+                    mailboxes: BTreeSet::new(),
+                };
+                let bctx = resources::mailpod::Context::new(&mp, &ctx.config.default_image);
+                let emptied = Child::StorageLUN(resources::lun::build(&bctx, &empty));
+                let r = apply::apply_children(&ctx.client, &ns, &[emptied], &live).await?;
+                drained.extend(r.updated);
+                continue;
+            }
+        }
+        if apply::delete_child(&ctx.client, &ns, obj).await? {
+            deleted.push(format!("{kind}/{child}"));
+        }
+    }
+
+    let changed = report.changed() || !deleted.is_empty() || !drained.is_empty();
+    if report.changed() {
+        let mut parts = vec![];
+        if !report.created.is_empty() {
+            parts.push(format!("created {}", report.created.join(", ")));
+        }
+        if !report.updated.is_empty() {
+            parts.push(format!("updated {}", report.updated.join(", ")));
+        }
+        publish(
+            &ctx,
+            &mp,
+            EventType::Normal,
+            "Applied",
+            "Apply",
+            parts.join("; "),
+        )
+        .await;
+    }
+    if !deleted.is_empty() || !drained.is_empty() {
+        let mut parts = vec![];
+        if !deleted.is_empty() {
+            parts.push(format!("deleted {}", deleted.join(", ")));
+        }
+        if !drained.is_empty() {
+            parts.push(format!(
+                "emptied {} (deleted on the next pass)",
+                drained.join(", ")
+            ));
+        }
+        publish(
+            &ctx,
+            &mp,
+            EventType::Normal,
+            "Deleted",
+            "Delete",
+            parts.join("; "),
+        )
+        .await;
+    }
+
+    // Status from what the cluster reports.
+    let statefulsets: Vec<StatefulSet> = live.typed()?;
+    let status = status::compute(
+        &Observed {
+            mailpod: &mp,
+            placement: &desired.placement,
+            tables_hash: &desired.tables_hash,
+            statefulsets: &statefulsets,
+            luns: &live_luns,
+            changed,
+        },
+        now(),
+    );
+    write_status(&ctx, &mp, status).await?;
+    debug!(
+        mailpod = %name,
+        created = report.created.len(),
+        updated = report.updated.len(),
+        unchanged = report.unchanged,
+        deleted = deleted.len(),
+        "reconciled"
+    );
+    ctx.reset_failures(mp.as_ref());
+    // Changes roll out through the owned children's watch events; this is only a safety net.
+    Ok(if changed || !drained.is_empty() {
+        Action::requeue(Duration::from_secs(5))
+    } else {
+        Action::requeue(RESYNC)
+    })
+}
+
+/// Transient failures (API errors, timeouts) are retried with a per-object exponential backoff.
+pub fn error_policy(mp: Arc<MailPod>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.record_failure(mp.as_ref());
+    let delay = backoff(failures);
+    warn!(
+        mailpod = %mp.name_any(),
+        error = %error,
+        kind = error.metric_label(),
+        retry_in_ms = delay.as_millis() as u64,
+        "reconcile failed"
+    );
+    ctx.stats
+        .failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match error {
+        Error::InvalidSpec(_) => Action::await_change(),
+        _ => Action::requeue(delay),
+    }
+}
+
+/// 0.5 s, 1 s, 2 s, … capped at 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    let ms = 500u64.saturating_mul(1u64 << failures.saturating_sub(1).min(20));
+    Duration::from_millis(ms.min(300_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(2), Duration::from_secs(1));
+        assert_eq!(backoff(4), Duration::from_secs(4));
+        assert_eq!(backoff(40), Duration::from_secs(300));
+    }
+}
