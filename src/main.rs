@@ -120,7 +120,16 @@ fn run_operator(args: RunArgs) -> ExitCode {
         let client = kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!("cannot configure a Kubernetes client (kubeconfig or in-cluster): {e}")
         })?;
-        controller::run_mailpods(client, config, shutdown_signal()).await
+        // The StorageLUN controller runs beside the MailPod controller, with its own context.
+        let lun_ctx = std::sync::Arc::new(controller::Context::new(client.clone(), config.clone()));
+        let luns = tokio::spawn(controller::lun::run(
+            lun_ctx,
+            config.namespace.clone(),
+            shutdown_signal(),
+        ));
+        let result = controller::run_mailpods(client, config, shutdown_signal()).await;
+        let _ = luns.await;
+        result
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,

@@ -426,3 +426,41 @@ pub fn truncate_note(note: &str) -> String {
     }
     format!("{}...", &note[..end])
 }
+
+/// Runs the StorageLUN controller until `shutdown` resolves. Store pods are watched too: readiness and the
+/// agent's replication reports arrive as pod changes, mapped to their LUN by the `mailpod.io/lun` label.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures::StreamExt;
+    use kube::runtime::reflector::ObjectRef;
+    use kube::runtime::{watcher, Controller};
+    let client = ctx.client.clone();
+    let luns: Api<StorageLUN> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let pods: Api<Pod> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let statefulsets: Api<StatefulSet> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let store_pods = watcher::Config::default()
+        .labels(&format!("{}={}", l::COMPONENT, store::COMPONENT))
+        .any_semantic();
+    Controller::new(luns, watcher::Config::default().any_semantic())
+        .owns(statefulsets, watcher::Config::default().any_semantic())
+        .watches(pods, store_pods, |pod: Pod| {
+            let lun = pod.labels().get(l::LUN).cloned();
+            lun.map(|name| ObjectRef::new(&name).within(&pod.namespace().unwrap_or_default()))
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
