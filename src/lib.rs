@@ -14,6 +14,7 @@ pub mod placement;
 pub mod plugin;
 pub mod render;
 pub mod resources;
+pub mod snapshot;
 pub mod telemetry;
 
 #[cfg(feature = "testkit")]

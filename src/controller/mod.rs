@@ -1,10 +1,11 @@
 //! The controllers that `mailpod-operator run` starts, and what they share.
 //!
-//! [`mailpod`] reconciles MailPods; [`apply`] holds the Server-Side Apply and orphan removal every controller
+//! [`mailpod`] reconciles MailPods; [`lun`] StorageLUNs (stores, failover, replication); [`apply`] holds the Server-Side Apply and orphan removal every controller
 //! uses; [`status`] computes conditions; [`error`] is the one error type.
 
 pub mod apply;
 pub mod error;
+pub mod lun;
 pub mod mailpod;
 pub mod status;
 

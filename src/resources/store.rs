@@ -270,7 +270,8 @@ fn snapshot_rbac(ctx: &Context) -> Vec<Child> {
                 rule("mailpod.io", &["storageluns"], &["get"]),
                 rule("mailpod.io", &["storageluns/status"], &["get", "patch"]),
                 rule("", &["pods"], &["get", "list"]),
-                rule("", &["events"], &["create"]),
+                // kube's event Recorder writes events.k8s.io/v1 and patches repeats into a series.
+                rule("events.k8s.io", &["events"], &["create", "patch"]),
             ]),
         }),
         Child::RoleBinding(RoleBinding {

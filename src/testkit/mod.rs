@@ -16,6 +16,8 @@
 mod selector;
 mod store;
 
+pub mod fixtures;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,0 +1,625 @@
+//! The MailPod reconciler against the in-memory Kubernetes API: run to a fixed point and check what the
+//! cluster holds, what was written, and what was not.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use mailpod_operator::controller::{mailpod, Context, RunConfig};
+use mailpod_operator::crd::{condition, MailPod, StorageLUN};
+use mailpod_operator::names::{self, labels};
+use mailpod_operator::testkit::fixtures::{
+    self, mark_ready, reconcile_once, reconcile_to_fixed_point,
+};
+use mailpod_operator::testkit::{ApiServer, Fault, FaultKind};
+use serde_json::json;
+
+const NS: &str = "mail";
+
+fn ctx(server: &ApiServer) -> Arc<Context> {
+    Arc::new(Context::new(server.client(), RunConfig::default()))
+}
+
+fn condition<'a>(
+    mp: &'a MailPod,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    mp.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {:?}", mp.status))
+}
+
+/// (kind, name) -> resourceVersion of every object labelled as belonging to `mailpod`.
+fn children_versions(server: &ApiServer, mailpod: &str) -> BTreeMap<(String, String), String> {
+    fn add<K: Resource<DynamicType = ()> + serde::de::DeserializeOwned>(
+        server: &ApiServer,
+        mailpod: &str,
+        out: &mut BTreeMap<(String, String), String>,
+    ) {
+        for o in server.list::<K>(Some(NS)) {
+            if o.meta()
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(labels::MAILPOD))
+                .map(String::as_str)
+                == Some(mailpod)
+            {
+                out.insert(
+                    (K::kind(&()).to_string(), o.name_any()),
+                    o.meta().resource_version.clone().unwrap_or_default(),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    add::<ConfigMap>(server, mailpod, &mut out);
+    add::<Service>(server, mailpod, &mut out);
+    add::<StatefulSet>(server, mailpod, &mut out);
+    add::<PodDisruptionBudget>(server, mailpod, &mut out);
+    add::<NetworkPolicy>(server, mailpod, &mut out);
+    add::<StorageLUN>(server, mailpod, &mut out);
+    out
+}
+
+fn placement(server: &ApiServer, mailpod: &str) -> BTreeMap<String, u32> {
+    server
+        .list::<StorageLUN>(Some(NS))
+        .into_iter()
+        .filter(|l| l.spec.mail_pod == mailpod)
+        .flat_map(|l| {
+            l.spec
+                .mailboxes
+                .iter()
+                .map(move |m| (m.clone(), l.spec.index))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn converges_with_owned_children_and_status_then_writes_nothing() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    let mp = fixtures::create_mailpod(&client, NS, "corp", "corp.example", 2500).await;
+    let uid = mp.uid().unwrap();
+
+    let passes = reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    assert!(passes >= 1);
+
+    let children = children_versions(&server, "corp");
+    let names: BTreeSet<String> = children.keys().map(|(k, n)| format!("{k}/{n}")).collect();
+    for expected in [
+        "ConfigMap/corp-access-tables",
+        "ConfigMap/corp-mail-settings",
+        "StatefulSet/corp-mx",
+        "StatefulSet/corp-submission",
+        "StatefulSet/corp-imap",
+        "Service/corp-mx",
+        "Service/corp-mx-hl",
+        "PodDisruptionBudget/corp-mx",
+        "StorageLUN/corp-lun-0",
+        "StorageLUN/corp-lun-1",
+        "StorageLUN/corp-lun-2",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("pop3") || n.contains("webmail")),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n.starts_with("NetworkPolicy/")));
+    assert!(!names.contains("StorageLUN/corp-lun-3"));
+
+    // Every child is owned by this MailPod (as controller) and labelled with it.
+    for o in server.list::<StatefulSet>(Some(NS)) {
+        let refs = o.metadata.owner_references.clone().unwrap_or_default();
+        assert_eq!(refs.len(), 1, "{}", o.name_any());
+        assert_eq!(refs[0].uid, uid);
+        assert_eq!(refs[0].kind, "MailPod");
+        assert_eq!(refs[0].controller, Some(true));
+        assert_eq!(
+            o.labels().get(labels::MANAGED_BY).map(String::as_str),
+            Some(labels::MANAGER)
+        );
+    }
+    let luns = server.list::<StorageLUN>(Some(NS));
+    assert_eq!(
+        luns.iter()
+            .map(|l| l.spec.mailboxes.len())
+            .collect::<Vec<_>>(),
+        vec![1000, 1000, 500]
+    );
+    assert!(luns
+        .iter()
+        .all(|l| l.metadata.owner_references.as_ref().unwrap()[0].uid == uid));
+
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let status = mp.status.clone().unwrap();
+    assert_eq!(status.observed_generation, mp.metadata.generation);
+    assert_eq!(status.mailboxes, 2500);
+    assert_eq!(status.lun_count, 3);
+    assert_eq!(
+        status.luns.iter().map(|l| l.users).collect::<Vec<_>>(),
+        vec![1000, 1000, 500]
+    );
+    assert_eq!(status.services.len(), 3);
+    assert!(status
+        .services
+        .iter()
+        .all(|s| s.desired == 2 && s.ready == 0));
+    let tables: ConfigMap = server.get(NS, "corp-access-tables").unwrap();
+    let hash = mailpod_operator::mailconfig::tables::data_hash(&tables.data.unwrap());
+    assert_eq!(status.access_tables_hash.as_deref(), Some(hash.as_str()));
+    // Nothing is running yet: not ready, and saying why.
+    let ready = condition(&mp, condition::READY);
+    assert_eq!(ready.status, "False");
+    assert!(ready.message.contains("mx 0/2"), "{}", ready.message);
+
+    // Steady state: a pass reads but writes nothing.
+    server.clear_requests();
+    let action = reconcile_once(&client, &ctx, NS, "corp").await.unwrap();
+    assert_eq!(
+        server.mutating_requests(),
+        vec![],
+        "steady-state reconcile wrote"
+    );
+    assert!(!server.requests().is_empty());
+    assert_eq!(action, Action::requeue(mailpod::RESYNC));
+
+    // The workloads come up: Ready=True, and again a pass after that writes nothing.
+    mark_ready(&client, NS, "corp").await;
+    let before = condition(&mp, condition::READY)
+        .last_transition_time
+        .clone();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 3).await;
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let ready = condition(&mp, condition::READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Serving"),
+        "{ready:?}"
+    );
+    assert_eq!(condition(&mp, condition::PROGRESSING).status, "False");
+    assert_eq!(condition(&mp, condition::DEGRADED).status, "False");
+    assert!(mp
+        .status
+        .as_ref()
+        .unwrap()
+        .services
+        .iter()
+        .all(|s| s.ready == 2));
+    assert!(ready.last_transition_time.0 >= before.0);
+    let transition = ready.last_transition_time.clone();
+    server.clear_requests();
+    reconcile_once(&client, &ctx, NS, "corp").await.unwrap();
+    assert_eq!(server.mutating_requests(), vec![]);
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    assert_eq!(
+        condition(&mp, condition::READY).last_transition_time,
+        transition
+    );
+}
+
+#[tokio::test]
+async fn invalid_spec_reports_the_field_and_touches_no_child() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 50).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let before = children_versions(&server, "corp");
+
+    let mps: Api<MailPod> = Api::namespaced(client.clone(), NS);
+    mps.patch(
+        "corp",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"mailboxes": {"inline": ["eve@elsewhere.example"]}, "backend": {"standbys": 9}}})),
+    )
+    .await
+    .unwrap();
+    server.clear_requests();
+    let action = reconcile_once(&client, &ctx, NS, "corp").await.unwrap();
+    assert_eq!(
+        action,
+        Action::await_change(),
+        "an invalid spec waits for a change"
+    );
+
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let ready = condition(&mp, condition::READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", condition::REASON_INVALID_SPEC)
+    );
+    assert!(
+        ready.message.contains("spec.mailboxes.inline[0]"),
+        "{}",
+        ready.message
+    );
+    assert!(
+        ready.message.contains("spec.backend.standbys"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(
+        mp.status.as_ref().unwrap().observed_generation,
+        mp.metadata.generation
+    );
+    assert_eq!(
+        children_versions(&server, "corp"),
+        before,
+        "a child changed"
+    );
+    let writes = server.mutating_requests();
+    assert!(
+        writes.iter().all(|r| r.method != Method::DELETE),
+        "{writes:?}"
+    );
+    assert!(
+        writes
+            .iter()
+            .all(|r| r.path.ends_with("/mailpods/corp/status") || r.path.contains("/events")),
+        "{writes:?}"
+    );
+    assert!(
+        writes.iter().any(|r| r.path.contains("/events")),
+        "an InvalidSpec event is recorded"
+    );
+
+    // Reconciling the same invalid spec again writes nothing: no hot loop of status or events.
+    server.clear_requests();
+    reconcile_once(&client, &ctx, NS, "corp").await.unwrap();
+    assert_eq!(server.mutating_requests(), vec![]);
+
+    // A missing mailbox source is a spec problem too, named with the source.
+    mps.patch(
+        "corp",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"mailboxes": {"inline": [], "from": [{"configMap": {"name": "nope", "key": "users"}}]}, "backend": {"standbys": 1}}})),
+    )
+    .await
+    .unwrap();
+    reconcile_once(&client, &ctx, NS, "corp").await.unwrap();
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let ready = condition(&mp, condition::READY);
+    assert!(
+        ready
+            .message
+            .contains("spec.mailboxes.from[0]: ConfigMap nope key users not found"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(children_versions(&server, "corp"), before);
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_and_converge_without_duplicates() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 1500).await;
+    server.inject(Fault::new(
+        Some(Method::PATCH),
+        "/statefulsets/corp-submission",
+        FaultKind::Status(500),
+        2,
+    ));
+    server.inject(Fault::new(
+        Some(Method::PATCH),
+        "/storageluns/corp-lun-1",
+        FaultKind::Status(409),
+        1,
+    ));
+    server.inject(Fault::new(
+        Some(Method::GET),
+        "/services",
+        FaultKind::Timeout,
+        1,
+    ));
+    server.inject(Fault::new(
+        Some(Method::PATCH),
+        "/mailpods/corp/status",
+        FaultKind::Status(503),
+        1,
+    ));
+
+    let mut failures = 0;
+    let mut delays = vec![];
+    for _ in 0..20 {
+        let mp = Arc::new(
+            Api::<MailPod>::namespaced(client.clone(), NS)
+                .get("corp")
+                .await
+                .unwrap(),
+        );
+        match mailpod::reconcile(mp.clone(), ctx.clone()).await {
+            Ok(_) if server.pending_faults() == 0 => break,
+            Ok(_) => {}
+            Err(e) => {
+                failures += 1;
+                let action = mailpod::error_policy(mp, &e, ctx.clone());
+                delays.push(format!("{action:?}"));
+            }
+        }
+    }
+    assert_eq!(server.pending_faults(), 0);
+    assert_eq!(failures, 5, "each injected fault fails one reconcile");
+    assert!(
+        delays.iter().all(|d| d.contains("requeue_after: Some")),
+        "{delays:?}"
+    );
+    // Backoff grows while failures continue.
+    assert_ne!(delays[0], delays[1]);
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+
+    let luns = server.list::<StorageLUN>(Some(NS));
+    assert_eq!(luns.len(), 2);
+    let placed = placement(&server, "corp");
+    assert_eq!(placed.len(), 1500, "every mailbox placed exactly once");
+    assert_eq!(server.list::<StatefulSet>(Some(NS)).len(), 3);
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    assert_eq!(mp.status.unwrap().mailboxes, 1500);
+    // Creates went through apply: no POST of children, so no duplicate can have been made.
+    assert!(server.requests().iter().all(|r| r.method != Method::POST
+        || r.path.contains("/events")
+        || r.path.ends_with("/configmaps")
+        || r.path.ends_with("/mailpods")));
+}
+
+#[tokio::test]
+async fn scaling_a_service_to_zero_removes_only_its_own_children() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 20).await;
+    fixtures::create_mailpod(&client, NS, "other", "other.example", 20).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "other", 5).await;
+
+    // An object that carries corp's label but that another MailPod owns must survive.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let other_mp: MailPod = server.get(NS, "other").unwrap();
+    let mut decoy = fixtures::mailbox_configmap(NS, "corp-imap-notes", "k", "v".into());
+    decoy.metadata.labels = Some(BTreeMap::from([(
+        labels::MAILPOD.to_string(),
+        "corp".to_string(),
+    )]));
+    decoy.metadata.owner_references = Some(vec![mailpod_operator::resources::owner_reference(
+        &other_mp,
+    )]);
+    cms.create(&PostParams::default(), &decoy).await.unwrap();
+
+    let other_before = children_versions(&server, "other");
+    let mps: Api<MailPod> = Api::namespaced(client.clone(), NS);
+    mps.patch(
+        "corp",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"frontend": {"imap": {"replicas": 0}}}})),
+    )
+    .await
+    .unwrap();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+
+    let corp = children_versions(&server, "corp");
+    let imap: Vec<_> = corp
+        .keys()
+        .filter(|(_, n)| n.starts_with("corp-imap"))
+        .collect();
+    assert_eq!(
+        imap,
+        vec![&("ConfigMap".to_string(), "corp-imap-notes".to_string())],
+        "{corp:?}"
+    );
+    assert!(corp.contains_key(&("StatefulSet".to_string(), "corp-mx".to_string())));
+    assert_eq!(
+        children_versions(&server, "other"),
+        other_before,
+        "another MailPod's children changed"
+    );
+    let deletes: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::DELETE)
+        .collect();
+    assert!(!deletes.is_empty());
+    assert!(
+        deletes.iter().all(|r| r.path.contains("/corp-imap")),
+        "{deletes:?}"
+    );
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    assert!(mp.status.unwrap().services.iter().all(|s| s.name != "imap"));
+}
+
+#[tokio::test]
+async fn placement_is_stable_as_mailboxes_come_and_go() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 3500).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let first = placement(&server, "corp");
+    assert_eq!(first.len(), 3500);
+
+    // Remove 300 from the first LUN and 100 from the last, add 900 new ones.
+    let keep: Vec<String> = fixtures::mailbox_lines("corp.example", 0, 3500)
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| !(*i < 300 || (3400..3500).contains(i)))
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    let text = keep.concat() + &fixtures::mailbox_lines("corp.example", 10_000, 900);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    cms.patch(
+        "corp-users",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"users": text}})),
+    )
+    .await
+    .unwrap();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let second = placement(&server, "corp");
+    assert_eq!(second.len(), 3500 - 400 + 900);
+    for (m, lun) in &second {
+        if let Some(old) = first.get(m) {
+            assert_eq!(old, lun, "{m} moved");
+        }
+    }
+    let sizes: BTreeMap<u32, usize> = second.values().fold(BTreeMap::new(), |mut acc, l| {
+        *acc.entry(*l).or_default() += 1;
+        acc
+    });
+    // The freed slots are filled before any new LUN: 300 on LUN 0, 100 + 500 on LUN 3.
+    assert_eq!(
+        sizes,
+        BTreeMap::from([(0, 1000), (1, 1000), (2, 1000), (3, 1000)])
+    );
+
+    // Emptying the last LUN: first emptied, then deleted; nobody else moves.
+    let text: String = fixtures::mailbox_lines("corp.example", 0, 3500)
+        .lines()
+        .skip(300)
+        .take(2700)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    cms.patch(
+        "corp-users",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"users": text}})),
+    )
+    .await
+    .unwrap();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let third = placement(&server, "corp");
+    assert_eq!(third.len(), 2700);
+    for (m, lun) in &third {
+        assert_eq!(second.get(m), Some(lun), "{m} moved");
+    }
+    let luns: Vec<String> = server
+        .list::<StorageLUN>(Some(NS))
+        .iter()
+        .map(|l| l.name_any())
+        .collect();
+    assert_eq!(luns, vec!["corp-lun-0", "corp-lun-1", "corp-lun-2"]);
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    assert_eq!(mp.status.unwrap().lun_count, 3);
+}
+
+#[tokio::test]
+async fn deleting_the_mailpod_removes_its_children() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 10).await;
+    fixtures::create_mailpod(&client, NS, "other", "other.example", 10).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "other", 5).await;
+    assert!(!children_versions(&server, "corp").is_empty());
+    let other = children_versions(&server, "other");
+
+    Api::<MailPod>::namespaced(client.clone(), NS)
+        .delete("corp", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(children_versions(&server, "corp"), BTreeMap::new());
+    assert_eq!(children_versions(&server, "other"), other);
+    // The mailbox list is the user's, not the MailPod's: it stays.
+    assert!(server.get::<ConfigMap>(NS, "corp-users").is_some());
+}
+
+#[tokio::test]
+async fn the_controller_runs_against_the_in_memory_api_and_follows_mailbox_sources() {
+    let server = ApiServer::new();
+    let client = server.client();
+    // Without CRDs there is nothing to serve: in memory every kind exists, so this checks the happy path.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = RunConfig {
+        namespace: Some(NS.into()),
+        ..RunConfig::default()
+    };
+    let run = tokio::spawn(mailpod_operator::controller::run_mailpods(
+        client.clone(),
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 1200).await;
+
+    let status_mailboxes = |n: i32| {
+        let server = server.clone();
+        async move {
+            for _ in 0..200 {
+                if let Some(mp) = server.get::<MailPod>(NS, "corp") {
+                    if mp.status.as_ref().is_some_and(|s| s.mailboxes == n) {
+                        return mp;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("status.mailboxes never became {n}");
+        }
+    };
+    status_mailboxes(1200).await;
+    assert_eq!(server.list::<StorageLUN>(Some(NS)).len(), 2);
+
+    // A change to the referenced ConfigMap alone reconciles the MailPod.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let text = fixtures::mailbox_lines("corp.example", 0, 1200)
+        + &fixtures::mailbox_lines("corp.example", 5000, 900);
+    cms.patch(
+        "corp-users",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"users": text}})),
+    )
+    .await
+    .unwrap();
+    status_mailboxes(2100).await;
+    assert_eq!(server.list::<StorageLUN>(Some(NS)).len(), 3);
+
+    // Pods coming up (StatefulSet status) reach the MailPod through the owned-children watch.
+    mark_ready(&client, NS, "corp").await;
+    let mut ready = false;
+    for _ in 0..200 {
+        let mp: MailPod = server.get(NS, "corp").unwrap();
+        if mp.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == condition::READY && c.status == "True")
+        }) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "MailPod never became Ready");
+
+    // Quiet once converged: no writes while nothing changes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writes = server.mutating_requests().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.mutating_requests().len(), writes);
+
+    stop.send(()).unwrap();
+    let ctx = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(ctx.stats.reconciles() >= 3);
+    assert_eq!(names::lun("corp", 2), "corp-lun-2");
+}
