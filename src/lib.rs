@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod agent_client;
 pub mod controller;
 pub mod crd;
 pub mod mailconfig;

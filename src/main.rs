@@ -179,9 +179,7 @@ fn run_snapshot(args: SnapshotArgs) -> ExitCode {
     opts.timeout = std::time::Duration::from_secs(args.timeout);
     let result = job_runtime().block_on(async {
         let client = kube::Client::try_default().await?;
-        let agent = snapshot::HttpAgent {
-            timeout: std::time::Duration::from_secs(10),
-        };
+        let agent = snapshot::HttpAgent::new(std::time::Duration::from_secs(10));
         Ok::<_, anyhow::Error>(snapshot::run(&client, &agent, &opts).await?)
     });
     match result {

@@ -76,16 +76,9 @@ pub fn lun_pvc(lun: &str, ordinal: i32) -> String {
     format!("mail-{lun}-{ordinal}")
 }
 
-/// Annotations the store agent writes on its own pod to report replication, and the operator writes on a
-/// promoted pod. The operator reads them from the pods it already watches, so it never calls into the data
-/// plane and a slow or hung agent cannot stall a reconcile.
+/// Annotations the operator writes on a promoted store pod, so the second step of a promotion can compute
+/// loss-to-promoted even when the old pod is gone.
 pub mod annotations {
-    /// Seconds this replica's mail is behind the active replica's, after its last sync pass (decimal).
-    pub const REPLICATION_LAG: &str = "mailpod.io/replication-lag-seconds";
-    /// Pod name of the active replica the last completed sync pass pulled from.
-    pub const SYNCED_FROM: &str = "mailpod.io/synced-from";
-    /// When the last completed sync pass finished (RFC 3339).
-    pub const SYNCED_AT: &str = "mailpod.io/synced-at";
     /// On a promoted pod: the replica it replaced.
     pub const PROMOTED_FROM: &str = "mailpod.io/promoted-from";
     /// On a promoted pod: when the replica it replaced was first seen unready (RFC 3339).

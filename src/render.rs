@@ -242,27 +242,14 @@ fn build_all(docs: &[Doc], opts: &Options, errs: &mut Vec<RenderError>) -> Vec<C
             Input::MailPod(mp) => {
                 let object = format!("MailPod {}", mp.name_any());
                 let ns = mp.namespace().unwrap_or_default();
-                // Report the spec's problems and the mailboxes' together, so one run shows them all.
-                let resolved = mailboxes::resolve(&mp.spec, &lookup_source(docs, &ns));
-                let (resolved, problems) = match (mp.validate(), resolved) {
-                    (Ok(()), Ok(m)) => (m, vec![]),
-                    (a, b) => (
-                        Default::default(),
-                        [a.err(), b.err()]
-                            .into_iter()
-                            .flatten()
-                            .flat_map(|e| e.0)
-                            .collect(),
-                    ),
+                let resolved = match mailboxes::validate_and_resolve(mp, &lookup_source(docs, &ns))
+                {
+                    Ok(m) => m,
+                    Err(e) => {
+                        errs.extend(e.0.iter().map(|fe| err(&d.file, &object, fe.to_string())));
+                        continue;
+                    }
                 };
-                if !problems.is_empty() {
-                    errs.extend(
-                        problems
-                            .iter()
-                            .map(|fe| err(&d.file, &object, fe.to_string())),
-                    );
-                    continue;
-                }
                 let existing = owned_luns
                     .get(&(ns.clone(), mp.name_any()))
                     .map(|luns| assignments(luns.iter().copied()))

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use kube::ResourceExt;
 use lun_common::*;
+use mailpod_operator::controller::lun::reports::{ReplicationReport, StaticReports};
 use mailpod_operator::controller::{lun, Context, RunConfig};
 use mailpod_operator::crd::{StorageLUN, StorageLUNStatus};
 use mailpod_operator::testkit::ApiServer;
@@ -47,10 +48,14 @@ fn ago(seconds: i64) -> String {
 }
 
 /// A LUN serving from replica 0 with replica 1 standing by, elected through the controller.
-async fn serving() -> (ApiServer, Arc<Context>) {
+async fn serving() -> (ApiServer, Arc<Context>, Arc<StaticReports>) {
     let server = ApiServer::new();
     create_lun(&server, &lun(LUN, &["a@corp.example"], 10)).await;
-    let ctx = Arc::new(Context::new(server.client(), RunConfig::default()));
+    let reports = Arc::new(StaticReports::default());
+    let ctx = Arc::new(
+        Context::new(server.client(), RunConfig::default())
+            .with_replication_source(reports.clone()),
+    );
     let st = reconcile(&server, &ctx).await;
     assert!(st.current_active.is_none(), "no pods yet: nobody serves");
     create_pod(&server, LUN, 0, true, None).await;
@@ -70,12 +75,26 @@ async fn serving() -> (ApiServer, Arc<Context>) {
         role(&server, "corp-lun-0-1").await.as_deref(),
         Some("standby")
     );
-    (server, ctx)
+    (server, ctx, reports)
+}
+
+/// What a standby's agent says after a complete pass `seconds_ago`.
+fn standby_report(lag: f64, seconds_ago: i64, in_sync: bool) -> ReplicationReport {
+    ReplicationReport {
+        role: Some("standby".into()),
+        source: Some(format!("{LUN}:12345")),
+        last_sync_unix_seconds: Some(
+            (Timestamp::now() - seconds_ago.seconds()).as_millisecond() as f64 / 1000.0,
+        ),
+        lag_seconds: Some(lag),
+        in_sync,
+        last_error: None,
+    }
 }
 
 #[tokio::test]
 async fn builds_the_store_and_is_quiet_in_steady_state() {
-    let (server, ctx) = serving().await;
+    let (server, ctx, _) = serving().await;
     let sts: StatefulSet = server.get(NS, LUN).unwrap();
     assert_eq!(sts.spec.unwrap().replicas, Some(2));
     server.clear_requests();
@@ -93,19 +112,8 @@ async fn builds_the_store_and_is_quiet_in_steady_state() {
 
 #[tokio::test]
 async fn promotes_only_after_the_threshold_in_two_steps_and_never_back_without_resync() {
-    let (server, ctx) = serving().await;
-    let annotate = |lag: &str| {
-        json!({"metadata": {"annotations": {"mailpod.io/replication-lag-seconds": lag,
-        "mailpod.io/synced-from": "corp-lun-0-0", "mailpod.io/synced-at": Timestamp::now().to_string()}}})
-    };
-    Api::<Pod>::namespaced(server.client(), NS)
-        .patch(
-            "corp-lun-0-1",
-            &PatchParams::default(),
-            &Patch::Merge(annotate("0.4")),
-        )
-        .await
-        .unwrap();
+    let (server, ctx, reports) = serving().await;
+    reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
 
     set_pod_ready(&server, "corp-lun-0-0", false, &ago(10)).await;
     let st = reconcile(&server, &ctx).await;
@@ -167,11 +175,21 @@ async fn promotes_only_after_the_threshold_in_two_steps_and_never_back_without_r
         .conditions
         .iter()
         .any(|c| c.type_ == "Degraded" && c.reason == "NoStandbyAvailable"));
+
+    // Its agent reports a complete pass as standby after the promotion: it is cleared and takes over.
+    reports.set("corp-lun-0-0", standby_report(0.2, 0, true));
+    let st = reconcile(&server, &ctx).await;
+    assert!(
+        st.needs_resync.iter().all(|n| n != "corp-lun-0-0"),
+        "{:?}",
+        st.needs_resync
+    );
+    assert_eq!(st.target_active.as_deref(), Some("corp-lun-0-0"));
 }
 
 #[tokio::test]
 async fn fenced_lun_serves_from_no_replica() {
-    let (server, ctx) = serving().await;
+    let (server, ctx, _) = serving().await;
     Api::<StorageLUN>::namespaced(server.client(), NS)
         .patch(
             LUN,
@@ -194,7 +212,7 @@ async fn fenced_lun_serves_from_no_replica() {
 
 #[tokio::test]
 async fn more_mailboxes_than_max_users_is_reported_and_deletes_nothing() {
-    let (server, ctx) = serving().await;
+    let (server, ctx, _) = serving().await;
     Api::<StorageLUN>::namespaced(server.client(), NS)
         .patch(
             LUN,

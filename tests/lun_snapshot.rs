@@ -320,3 +320,31 @@ async fn unknown_snapshot_class_and_no_active_replica_are_named() {
         .unwrap_err();
     assert_eq!(err.to_string(), "StorageLUN mail/nope not found");
 }
+
+/// The snapshot job's namespaced Role cannot read cluster-scoped VolumeSnapshotClasses: the check is skipped
+/// and the snapshot is still taken (a bad class would show on the VolumeSnapshot itself).
+#[tokio::test]
+async fn class_check_is_skipped_where_classes_may_not_be_read() {
+    let server = cluster().await;
+    server.inject(Fault::new(
+        Some(Method::GET),
+        "/volumesnapshotclasses",
+        FaultKind::Status(403),
+        1,
+    ));
+    let csi = snapshot_controller(&server, true);
+    let agent = FakeAgent::default();
+    let out = snapshot::run(&server.client(), &agent, &opts()).await;
+    csi.abort();
+    let out = out.unwrap();
+    assert!(out.name.starts_with("corp-lun-0-"), "{}", out.name);
+    assert_eq!(
+        (agent.pauses(), agent.resumes(), agent.is_paused()),
+        (1, 1, false)
+    );
+    assert_eq!(
+        server.pending_faults(),
+        0,
+        "the class lookup was made and refused"
+    );
+}

@@ -9,6 +9,7 @@
 pub mod failover;
 pub mod replicas;
 pub mod replication;
+pub mod reports;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,10 +129,12 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
             what: format!("store pods of StorageLUN {name}"),
             source,
         })?;
+    let reports = reports::collect(ctx.replication.as_ref(), &pod_list.items).await;
     let now = Timestamp::now();
     let observed = replicas::observe(
         &name,
         &pod_list.items,
+        &reports,
         lun.spec.replication.sync_interval_seconds,
         now,
     );

@@ -76,6 +76,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub config: RunConfig,
     pub stats: Stats,
+    /// Where store replicas' replication reports come from (their agents, over HTTP).
+    pub replication: Arc<dyn lun::reports::ReplicationSource>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -91,8 +93,20 @@ impl Context {
             client,
             config,
             stats: Stats::default(),
+            replication: Arc::new(lun::reports::HttpReplicationSource::new(
+                std::time::Duration::from_secs(2),
+            )),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context with replication reports from `source` (tests give each pod the report they want).
+    pub fn with_replication_source(
+        mut self,
+        source: Arc<dyn lun::reports::ReplicationSource>,
+    ) -> Self {
+        self.replication = source;
+        self
     }
 
     fn key<K: Resource>(obj: &K) -> String {

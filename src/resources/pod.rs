@@ -244,7 +244,7 @@ pub fn secret_volume(name: &str, secret: &str) -> Volume {
 }
 
 /// The pod of a mail StatefulSet: one agent container, its volumes, replicas spread across nodes, time to
-/// drain on shutdown, and no service-link environment (hundreds of Services would flood it).
+/// drain on shutdown, no service-link environment (hundreds of Services would flood it) and no API token.
 pub fn mail_pod_spec(
     container: Container,
     volumes_: Vec<Volume>,
@@ -259,6 +259,8 @@ pub fn mail_pod_spec(
         }),
         termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
         enable_service_links: Some(false),
+        // The agent never talks to the API server: no credentials in mail pods.
+        automount_service_account_token: Some(false),
         ..Default::default()
     }
 }

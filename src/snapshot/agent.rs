@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use http::Method;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::agent_client::AgentClient;
 
 use crate::resources::pod::ports;
 
@@ -18,46 +19,39 @@ pub trait StoreAgent: Send + Sync {
     fn resume<'a>(&'a self, pod: &'a Pod) -> BoxFuture<'a, Result<(), String>>;
 }
 
-/// The real agent, over HTTP/1.1 to the pod's IP. A plain request on a socket: the body is a short JSON
-/// line, and the only thing that matters is the status code.
+/// The real agent: HTTP to the pod's control port.
 pub struct HttpAgent {
-    pub timeout: Duration,
+    client: AgentClient,
+    port: i32,
 }
 
 impl HttpAgent {
+    pub fn new(timeout: Duration) -> Self {
+        Self::on_port(ports::CONTROL, timeout)
+    }
+
+    /// An agent whose control endpoint listens on `port` (tests).
+    pub fn on_port(port: i32, timeout: Duration) -> Self {
+        Self {
+            client: AgentClient::new(timeout),
+            port,
+        }
+    }
+
     async fn post(&self, pod: &Pod, path_and_query: &str) -> Result<(), String> {
-        let name = pod.name_any();
-        let ip = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.clone())
-            .ok_or_else(|| format!("pod {name} has no IP"))?;
-        let addr = if ip.contains(':') {
-            format!("[{ip}]:{}", ports::CONTROL)
+        let answer = self
+            .client
+            .call(pod, self.port, Method::POST, path_and_query)
+            .await?;
+        if (200..300).contains(&answer.status) {
+            Ok(())
         } else {
-            format!("{ip}:{}", ports::CONTROL)
-        };
-        let request = format!(
-            "POST {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        let exchange = async {
-            let mut stream = TcpStream::connect(&addr).await?;
-            stream.write_all(request.as_bytes()).await?;
-            let mut response = Vec::new();
-            stream.read_to_end(&mut response).await?;
-            Ok::<_, std::io::Error>(response)
-        };
-        let response = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| format!("{name} ({addr}): no answer within {:?}", self.timeout))?
-            .map_err(|e| format!("{name} ({addr}): {e}"))?;
-        let text = String::from_utf8_lossy(&response);
-        let status_line = text.lines().next().unwrap_or_default();
-        match status_line.split_whitespace().nth(1) {
-            Some(code) if code.starts_with('2') => Ok(()),
-            _ => Err(format!(
-                "{name} ({addr}): {path_and_query} answered `{status_line}`"
-            )),
+            Err(format!(
+                "{}: {path_and_query} answered {} {}",
+                pod.name_any(),
+                answer.status,
+                answer.body.trim()
+            ))
         }
     }
 }
@@ -75,15 +69,13 @@ impl StoreAgent for HttpAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     #[tokio::test]
     async fn status_code_decides_success() {
-        // The control port is fixed (8081), so the test serves on it only when it is free.
-        let Ok(listener) = TcpListener::bind(("127.0.0.1", ports::CONTROL as u16)).await else {
-            eprintln!("port {} busy; skipping", ports::CONTROL);
-            return;
-        };
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
         let server = tokio::spawn(async move {
             let mut seen = vec![];
             for answer in ["HTTP/1.1 200 OK", "HTTP/1.1 404 Not Found"] {
@@ -97,9 +89,12 @@ mod tests {
                         .unwrap()
                         .to_string(),
                 );
-                s.write_all(format!("{answer}\r\nContent-Length: 0\r\n\r\n").as_bytes())
-                    .await
-                    .unwrap();
+                s.write_all(
+                    format!("{answer}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
             }
             seen
         });
@@ -107,9 +102,7 @@ mod tests {
             "metadata": {"name": "corp-lun-0-0"}, "status": {"podIP": "127.0.0.1"}
         }))
         .unwrap();
-        let agent = HttpAgent {
-            timeout: Duration::from_secs(5),
-        };
+        let agent = HttpAgent::on_port(i32::from(port), Duration::from_secs(5));
         agent.pause(&pod, 60).await.unwrap();
         let err = agent.resume(&pod).await.unwrap_err();
         assert!(err.contains("404"), "{err}");

@@ -68,8 +68,9 @@ pub struct Replica {
     pub unready_since: Option<Timestamp>,
     /// Replication lag the agent reports.
     pub lag_seconds: Option<f64>,
-    /// The active replica its last completed sync pass pulled from, and when that pass finished.
-    pub synced_from: Option<String>,
+    /// The agent reports a complete pass from the current active since it last became a standby, and
+    /// when its last pass finished.
+    pub in_sync: bool,
     pub synced_at: Option<Timestamp>,
     pub promotion: Option<PromotionMark>,
 }
@@ -361,8 +362,9 @@ fn degraded_with(status: &StorageLUNStatus, reason: &str) -> bool {
         .any(|c| c.type_ == condition::DEGRADED && c.status == "True" && c.reason == reason)
 }
 
-/// A demoted replica may serve again once it reports a completed sync pass from the current active that
-/// finished after that active was promoted.
+/// A demoted replica may serve again once it reports itself in sync (a complete pass since it became a
+/// standby, pulling from the LUN's Service, which selects the current active) with a pass that finished
+/// after that active was promoted.
 fn clear_resynced(d: &mut Decision, replicas: &[Replica]) {
     let Some(current) = d.current_active.clone() else {
         return;
@@ -375,7 +377,7 @@ fn clear_resynced(d: &mut Decision, replicas: &[Replica]) {
     let synced: BTreeSet<String> = replicas
         .iter()
         .filter(|r| d.needs_resync.contains(&r.name))
-        .filter(|r| r.synced_from.as_deref() == Some(current.as_str()))
+        .filter(|r| r.in_sync)
         .filter(|r| match (r.synced_at, since) {
             (Some(at), Some(since)) => at >= since,
             (Some(_), None) => true,

@@ -25,7 +25,7 @@ fn replica(ordinal: i32, ready: bool, role: Option<Role>) -> Replica {
         role,
         unready_since: (!ready).then(|| t(0)),
         lag_seconds: None,
-        synced_from: None,
+        in_sync: false,
         synced_at: None,
         promotion: None,
     }
@@ -158,8 +158,8 @@ fn a_replica_awaiting_resync_is_never_promoted_until_it_reports_sync() {
     });
     let mut old = replica(0, true, Some(Role::Standby));
     old.lag_seconds = Some(0.0);
-    // A sync from the right active but finished before it was promoted does not count.
-    old.synced_from = Some("corp-lun-0-1".into());
+    // A pass that finished before the new active was promoted does not count.
+    old.in_sync = true;
     old.synced_at = Some(t(20));
     let mut pods = vec![old, replica(1, false, Some(Role::Active))];
     pods[1].unready_since = Some(t(100));

@@ -1,11 +1,14 @@
-//! Store pods as the failover decision sees them: readiness, role label, and what the agent reports in
-//! annotations on its own pod.
+//! Store pods as the failover decision sees them: readiness, role label, and the replication state their
+//! agents report.
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
+use std::collections::BTreeMap;
+
 use super::failover::{PromotionMark, Replica, Role};
+use super::reports::ReplicationReport;
 use crate::names::{annotations as a, labels as l};
 
 /// A sync report older than this many sync intervals no longer vouches for the lag it states.
@@ -21,19 +24,34 @@ pub fn ordinal(lun: &str, pod: &str) -> Option<i32> {
 pub fn observe(
     lun: &str,
     pods: &[Pod],
+    reports: &BTreeMap<String, ReplicationReport>,
     sync_interval_seconds: u32,
     now: Timestamp,
 ) -> Vec<Replica> {
     let mut out: Vec<Replica> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| replica(lun, p, sync_interval_seconds, now))
+        .filter_map(|p| {
+            replica(
+                lun,
+                p,
+                reports.get(&p.name_any()),
+                sync_interval_seconds,
+                now,
+            )
+        })
         .collect();
     out.sort_by_key(|r| r.ordinal);
     out
 }
 
-fn replica(lun: &str, pod: &Pod, sync_interval_seconds: u32, now: Timestamp) -> Option<Replica> {
+fn replica(
+    lun: &str,
+    pod: &Pod,
+    report: Option<&ReplicationReport>,
+    sync_interval_seconds: u32,
+    now: Timestamp,
+) -> Option<Replica> {
     let name = pod.name_any();
     let ordinal = ordinal(lun, &name)?;
     let ready_condition = pod
@@ -50,10 +68,12 @@ fn replica(lun: &str, pod: &Pod, sync_interval_seconds: u32, now: Timestamp) -> 
     });
     let ann = pod.annotations();
     let time = |key: &str| ann.get(key).and_then(|v| v.parse::<Timestamp>().ok());
-    let synced_at = time(a::SYNCED_AT);
-    let reported_lag = ann
-        .get(a::REPLICATION_LAG)
-        .and_then(|v| v.parse::<f64>().ok())
+    let synced_at = report
+        .and_then(|r| r.last_sync_unix_seconds)
+        .filter(|s| s.is_finite())
+        .and_then(|s| Timestamp::from_millisecond((s * 1000.0) as i64).ok());
+    let reported_lag = report
+        .and_then(|r| r.lag_seconds)
         .filter(|l| l.is_finite() && *l >= 0.0);
     // An agent that stopped reporting must not keep a small lag forever: past a few sync intervals the
     // report's age is the better bound on how far behind it is.
@@ -82,7 +102,7 @@ fn replica(lun: &str, pod: &Pod, sync_interval_seconds: u32, now: Timestamp) -> 
         role: pod.labels().get(l::ROLE).and_then(|r| Role::parse(r)),
         unready_since,
         lag_seconds,
-        synced_from: ann.get(a::SYNCED_FROM).cloned(),
+        in_sync: report.is_some_and(|r| r.in_sync),
         synced_at,
         promotion,
     })
@@ -92,31 +112,37 @@ fn replica(lun: &str, pod: &Pod, sync_interval_seconds: u32, now: Timestamp) -> 
 mod tests {
     use super::*;
 
-    fn pod(name: &str, ready: bool, ann: serde_json::Value) -> Pod {
+    fn pod(name: &str, ready: bool) -> Pod {
         serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"mailpod.io/role": "standby"}, "annotations": ann},
+            "metadata": {"name": name, "labels": {"mailpod.io/role": "standby"}},
             "status": {"conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"},
                                         "lastTransitionTime": "2024-01-01T00:00:00Z"}]}
         }))
         .unwrap()
     }
 
+    fn report(pod: &str, lag: f64, at: &str, in_sync: bool) -> BTreeMap<String, ReplicationReport> {
+        let at: Timestamp = at.parse().unwrap();
+        BTreeMap::from([(
+            pod.to_string(),
+            serde_json::from_value(serde_json::json!({
+                "role": "standby", "source": "corp-lun-0:12345", "lagSeconds": lag,
+                "lastSyncUnixSeconds": at.as_second() as f64, "inSync": in_sync
+            }))
+            .unwrap(),
+        )])
+    }
+
     #[test]
     fn reads_readiness_role_and_agent_reports() {
         let now: Timestamp = "2024-01-01T00:00:10Z".parse().unwrap();
         let pods = vec![
-            pod(
-                "corp-lun-0-1",
-                true,
-                serde_json::json!({
-                "mailpod.io/replication-lag-seconds": "1.5",
-                "mailpod.io/synced-from": "corp-lun-0-0",
-                "mailpod.io/synced-at": "2024-01-01T00:00:08Z"}),
-            ),
-            pod("corp-lun-0-0", false, serde_json::json!({})),
-            pod("other-0", true, serde_json::json!({})),
+            pod("corp-lun-0-1", true),
+            pod("corp-lun-0-0", false),
+            pod("other-0", true),
         ];
-        let r = observe("corp-lun-0", &pods, 5, now);
+        let reports = report("corp-lun-0-1", 1.5, "2024-01-01T00:00:08Z", true);
+        let r = observe("corp-lun-0", &pods, &reports, 5, now);
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].ordinal, r[0].ready), (0, false));
         assert_eq!(
@@ -125,21 +151,21 @@ mod tests {
         );
         assert_eq!(r[1].lag_seconds, Some(1.5));
         assert_eq!(r[1].role, Some(Role::Standby));
-        assert_eq!(r[1].synced_from.as_deref(), Some("corp-lun-0-0"));
+        assert!(r[1].in_sync);
+        assert_eq!(
+            r[1].synced_at,
+            Some("2024-01-01T00:00:08Z".parse().unwrap())
+        );
+        assert!(!r[0].in_sync, "no report: not in sync");
     }
 
     #[test]
     fn a_stale_lag_report_is_bounded_by_its_age() {
         let now: Timestamp = "2024-01-01T00:10:00Z".parse().unwrap();
-        let pods = vec![pod(
-            "corp-lun-0-1",
-            true,
-            serde_json::json!({
-            "mailpod.io/replication-lag-seconds": "0.2",
-            "mailpod.io/synced-at": "2024-01-01T00:00:00Z"}),
-        )];
+        let pods = vec![pod("corp-lun-0-1", true)];
+        let reports = report("corp-lun-0-1", 0.2, "2024-01-01T00:00:00Z", true);
         assert_eq!(
-            observe("corp-lun-0", &pods, 5, now)[0].lag_seconds,
+            observe("corp-lun-0", &pods, &reports, 5, now)[0].lag_seconds,
             Some(600.0)
         );
     }
