@@ -25,9 +25,10 @@ pub mod labels {
 /// Field manager for every Server-Side Apply of this operator.
 pub const FIELD_MANAGER: &str = "mailpod-operator";
 
-/// Default image of mail pods and of the operator's own Jobs.
+/// Default image of mail pods and of the operator's Jobs (the `mail` target of mail-image/Dockerfile; the
+/// chart passes its own with `--mail-image`).
 pub const DEFAULT_IMAGE: &str = concat!(
-    "ghcr.io/mailpod-io/mailpod-operator:",
+    "ghcr.io/mailpod-io/mailpod:",
     env!("CARGO_PKG_VERSION")
 );
 
