@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod failover;
 pub mod mailpod;
 pub mod status;
 

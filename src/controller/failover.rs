@@ -1,0 +1,2 @@
+//! The SiteFailover controller.
+pub mod machine;
