@@ -54,6 +54,10 @@ struct RunArgs {
     /// MailPods reconciled at once.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
+    /// This cluster's site name: starts the SiteFailover controller for SiteFailovers whose
+    /// `spec.localSite` is this name. Without it SiteFailovers are left alone.
+    #[arg(long, env = "MAILPOD_SITE")]
+    site: Option<String>,
 }
 
 #[derive(Args)]
@@ -91,6 +95,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let site = args.site;
     let config = controller::RunConfig {
         namespace: args.namespace,
         default_image: args.image,
@@ -100,7 +105,19 @@ fn run_operator(args: RunArgs) -> ExitCode {
         let client = kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!("cannot configure a Kubernetes client (kubeconfig or in-cluster): {e}")
         })?;
-        controller::run_mailpods(client, config, shutdown_signal()).await
+        // One shutdown signal for every controller, each finishing its in-flight work.
+        let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+        let namespace = config.namespace.clone();
+        let mailpods = controller::run_mailpods(client.clone(), config, shutdown.clone());
+        match site {
+            Some(site) => {
+                let failover = controller::failover::run(client, namespace, site, shutdown);
+                let (m, f) = tokio::join!(mailpods, failover);
+                f?;
+                m
+            }
+            None => mailpods.await,
+        }
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,
