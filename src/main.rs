@@ -76,6 +76,10 @@ struct RunArgs {
     /// MailPods reconciled at once.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
+    /// This cluster's site name: starts the SiteFailover controller for SiteFailovers whose
+    /// `spec.localSite` is this name. Without it SiteFailovers are left alone.
+    #[arg(long, env = "MAILPOD_SITE")]
+    site: Option<String>,
 }
 
 #[derive(Args)]
@@ -114,6 +118,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let site = args.site;
     let config = controller::RunConfig {
         namespace: args.namespace,
         default_image: args.image,
@@ -123,16 +128,9 @@ fn run_operator(args: RunArgs) -> ExitCode {
         let client = kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!("cannot configure a Kubernetes client (kubeconfig or in-cluster): {e}")
         })?;
-        // The StorageLUN controller runs beside the MailPod controller, with its own context.
-        let lun_ctx = std::sync::Arc::new(controller::Context::new(client.clone(), config.clone()));
-        let luns = tokio::spawn(controller::lun::run(
-            lun_ctx,
-            config.namespace.clone(),
-            shutdown_signal(),
-        ));
-        let result = controller::run_mailpods(client, config, shutdown_signal()).await;
-        let _ = luns.await;
-        result
+        // One shutdown signal for every controller, each finishing its in-flight work.
+        let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+        controller::run_all(client, config, site, shutdown).await
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,

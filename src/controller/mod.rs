@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod failover;
 pub mod lun;
 pub mod mailpod;
 pub mod status;
@@ -170,6 +171,42 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// Runs every controller until `shutdown` resolves: MailPods and StorageLUNs always, SiteFailovers when this
+/// operator knows its site. Each finishes its in-flight reconciles first.
+pub async fn run_all<S>(
+    client: Client,
+    config: RunConfig,
+    site: Option<String>,
+    shutdown: S,
+) -> anyhow::Result<()>
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    // Before anything starts, so a missing CRD stops the operator with its hint instead of leaving the
+    // other controllers running.
+    check_crds(&client).await?;
+    let namespace = config.namespace.clone();
+    let lun_ctx = Arc::new(Context::new(client.clone(), config.clone()));
+    let luns = lun::run(lun_ctx, namespace.clone(), shutdown.clone());
+    let failover = async {
+        match site {
+            Some(site) => {
+                failover::run(client.clone(), namespace.clone(), site, shutdown.clone()).await
+            }
+            None => {
+                info!(
+                    "no --site given: SiteFailover resources are not reconciled by this operator"
+                );
+                Ok(())
+            }
+        }
+    };
+    let mailpods = run_mailpods(client.clone(), config, shutdown.clone());
+    let (m, (), f) = tokio::join!(mailpods, luns, failover);
+    f?;
+    m.map(|_| ())
 }
 
 /// Runs the MailPod controller until `shutdown` resolves; in-flight reconciles finish first.
