@@ -277,6 +277,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
                 .as_ref()
                 .and_then(|(p, _)| p.as_ref())
                 .is_some_and(observe::failback_requested),
+        failover_requested: observe::failover_requested(&sf),
         local_fencing: local.fencing(),
     };
 
@@ -419,10 +420,28 @@ async fn carry_out(
             act::withdraw_dns(c, peer_ns, sf, timeout).await?;
         }
         Action::ClearFailbackRequest => {
-            act::clear_failback(&ctx.client, ns, &sf.name_any(), timeout).await?;
+            act::clear_annotation(
+                &ctx.client,
+                ns,
+                &sf.name_any(),
+                FAILBACK_ANNOTATION,
+                timeout,
+            )
+            .await?;
             if let Some(c) = peer {
-                act::clear_failback(c, peer_ns, &sf.name_any(), timeout).await?;
+                act::clear_annotation(c, peer_ns, &sf.name_any(), FAILBACK_ANNOTATION, timeout)
+                    .await?;
             }
+        }
+        Action::ClearFailoverRequest => {
+            act::clear_annotation(
+                &ctx.client,
+                ns,
+                &sf.name_any(),
+                crate::plugin::FAILOVER_ANNOTATION,
+                timeout,
+            )
+            .await?;
         }
     }
     Ok(())

@@ -13,7 +13,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use super::observe::{lb_address, service_kind, timed, SiteState};
-use super::{Error, FAILBACK_ANNOTATION, FIELD_MANAGER};
+use super::{Error, FIELD_MANAGER};
 use crate::crd::{MailPod, SiteFailover, StorageLUN};
 use crate::names;
 
@@ -387,22 +387,24 @@ pub fn dns_endpoint_name(sf: &str, dns_name: &str) -> String {
     n.trim_end_matches('-').to_lowercase()
 }
 
-/// Removes `mailpod.io/failback` from a SiteFailover when present.
-pub async fn clear_failback(
+/// Removes a request annotation (`mailpod.io/failback`, `mailpod.io/failover`) from a SiteFailover when
+/// present.
+pub async fn clear_annotation(
     client: &Client,
     ns: &str,
     name: &str,
+    annotation: &str,
     timeout: Duration,
 ) -> Result<(), Error> {
     let api: Api<SiteFailover> = Api::namespaced(client.clone(), ns);
-    let what = format!("SiteFailover {ns}/{name} annotation {FAILBACK_ANNOTATION}");
+    let what = format!("SiteFailover {ns}/{name} annotation {annotation}");
     let Some(sf) = timed(what.clone(), timeout, api.get_opt(name)).await? else {
         return Ok(());
     };
-    if !sf.annotations().contains_key(FAILBACK_ANNOTATION) {
+    if !sf.annotations().contains_key(annotation) {
         return Ok(());
     }
-    let patch = json!({"metadata": {"annotations": {FAILBACK_ANNOTATION: null}}});
+    let patch = json!({"metadata": {"annotations": {annotation: null}}});
     timed(
         what,
         timeout,

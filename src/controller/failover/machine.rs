@@ -62,6 +62,8 @@ pub struct Observation {
     pub replication_lag_seconds: Option<f64>,
     /// `mailpod.io/failback=requested` on either site's SiteFailover.
     pub failback_requested: bool,
+    /// `mailpod.io/failover=requested` on this site's SiteFailover (`kubectl mailpod promote`).
+    pub failover_requested: bool,
     pub local_fencing: LocalFencing,
 }
 
@@ -84,6 +86,8 @@ pub enum Action {
     WithdrawPeerDns,
     /// Remove the failback request annotation (here and on the peer).
     ClearFailbackRequest,
+    /// Remove the failover request annotation here.
+    ClearFailoverRequest,
 }
 
 impl Action {
@@ -95,7 +99,10 @@ impl Action {
                 self,
                 Action::TellPeer { .. } | Action::FencePeer(_) | Action::WithdrawPeerDns
             )
-            || matches!(self, Action::ClearFailbackRequest)
+            || matches!(
+                self,
+                Action::ClearFailbackRequest | Action::ClearFailoverRequest
+            )
     }
 }
 
@@ -406,7 +413,20 @@ fn standby_tick(
         }
     }
     let lost = st.consecutive_probe_failures >= spec.detection.failure_threshold;
-    if lost && spec.policy.automatic_failover {
+    // A person may promote before the threshold or with automatic failover off, but only while the
+    // primary's front ends are failing: promoting over a primary that serves would make two writers.
+    let requested = obs.failover_requested && st.consecutive_probe_failures > 0;
+    if obs.failover_requested && !requested {
+        notes.push(Note {
+            warning: true,
+            reason: "PromoteRefused",
+            message: format!(
+                "promotion of {me} refused: the front ends of site {peer} answer; fail over with a planned failback from {peer} instead"
+            ),
+        });
+        actions.push(Action::ClearFailoverRequest);
+    }
+    if (lost && spec.policy.automatic_failover) || requested {
         let started = parse(&st.probe_failing_since).unwrap_or(obs.now);
         let epoch = st.epoch.max(obs.peer.as_ref().map_or(0, |p| p.epoch)) + 1;
         st.epoch = epoch;
@@ -426,12 +446,16 @@ fn standby_tick(
             warning: true,
             reason: "FailingOver",
             message: format!(
-                "site {peer} lost after {} failed probes; promoting {me} at epoch {epoch}",
-                st.consecutive_probe_failures
+                "site {peer} lost after {} failed probes{}; promoting {me} at epoch {epoch}",
+                st.consecutive_probe_failures,
+                if requested { ", on request" } else { "" }
             ),
         });
         actions.retain(|a| !matches!(a, Action::FenceLocal(_) | Action::WithdrawDns));
         actions.extend(promotion_actions(me, epoch));
+        if obs.failover_requested {
+            actions.push(Action::ClearFailoverRequest);
+        }
         *after = Some(finish(spec, st, obs.now));
         return;
     }
@@ -440,7 +464,7 @@ fn standby_tick(
             warning: true,
             reason: "FailoverNeeded",
             message: format!(
-                "site {peer} is lost and spec.policy.automaticFailover is false; promote {me} by hand"
+                "site {peer} is lost and spec.policy.automaticFailover is false; promote {me} with `kubectl mailpod promote`"
             ),
         });
     }

@@ -119,6 +119,13 @@ pub fn peer_view(peer_sf: Option<&SiteFailover>) -> PeerView {
     }
 }
 
+pub fn failover_requested(sf: &SiteFailover) -> bool {
+    sf.annotations()
+        .get(crate::plugin::FAILOVER_ANNOTATION)
+        .map(String::as_str)
+        == Some(crate::plugin::REQUESTED)
+}
+
 pub fn failback_requested(sf: &SiteFailover) -> bool {
     sf.annotations()
         .get(FAILBACK_ANNOTATION)

@@ -49,6 +49,7 @@ fn obs(now: i64, peer: Option<PeerView>, frontend_ok: Option<bool>) -> Observati
         }],
         replication_lag_seconds: Some(1.0),
         failback_requested: false,
+        failover_requested: false,
         local_fencing: LocalFencing::default(),
     }
 }
@@ -473,4 +474,37 @@ fn tables_in_sync_and_last_sync_time() {
     let st = stored(&decide(&s, &again, &o));
     assert_eq!(st.access_tables_in_sync, Some(false));
     assert!(st.peer_access_tables_hash.is_none());
+}
+
+#[test]
+fn a_requested_promotion_needs_failing_front_ends_and_then_skips_the_threshold() {
+    let mut s = spec("west");
+    s.policy.automatic_failover = false;
+    // Healthy primary: the request is refused and cleared; nothing is promoted.
+    let st = standby_after_failures(0);
+    let mut o = obs(10, peer(1, "east"), Some(true));
+    o.failover_requested = true;
+    let d = decide(&s, &st, &o);
+    assert_eq!(stored(&d).active_site.as_deref(), Some("east"));
+    assert!(d.notes.iter().any(|n| n.reason == "PromoteRefused"));
+    assert!(d.actions.contains(&Action::ClearFailoverRequest));
+    assert!(!d.actions.contains(&Action::FenceLocal(false)));
+
+    // One failed probe of three, automatic failover off: only the request promotes.
+    let st = standby_after_failures(1);
+    let d = decide(&s, &st, &obs(10, None, Some(false)));
+    assert_eq!(
+        stored(&d).active_site.as_deref(),
+        Some("east"),
+        "no request, no promotion"
+    );
+    let mut o = obs(10, None, Some(false));
+    o.failover_requested = true;
+    let d = decide(&s, &st, &o);
+    let after = stored(&d);
+    assert_eq!(after.active_site.as_deref(), Some("west"));
+    assert_eq!(after.epoch, st.epoch + 1);
+    assert!(d.actions.contains(&Action::FenceLocal(false)));
+    assert!(d.actions.contains(&Action::ClearFailoverRequest));
+    assert!(d.notes.iter().any(|n| n.message.contains("on request")));
 }
