@@ -145,8 +145,8 @@ fn standby_mirrors_active_and_roles_swap_on_promotion() {
     std::thread::sleep(Duration::from_secs(3));
     wait_for_exactly("B unchanged while it has no role", &b, &first);
 
-    // 3. Promotion: B becomes active, A is demoted. A's first pass is a two-way merge, so the mail only A
-    //    had reaches B instead of being deleted; then A mirrors B, including new mail.
+    // 3. Promotion: B becomes active, A is demoted. A's first pass hands the mail only A had to B (instead
+    //    of deleting it), while B already takes new deliveries; then A mirrors B, including the new mail.
     set_role(&labels_a, Some("standby"));
     set_role(&labels_b, Some("active"));
     wait_for("A to report the demotion", WAIT, || {

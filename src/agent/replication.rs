@@ -10,9 +10,13 @@
 //!   used: it keeps destination-only changes, so a standby would slowly diverge (its manual says it
 //!   "doesn't currently work perfectly"), and a standby never legitimately has changes of its own.
 //! - **demoted** (was active, now standby: fenced or switched over): mail delivered to it that never
-//!   reached the new active would be deleted by a one-way backup. So its first pass is a two-way
-//!   `doveadm sync -R`, which merges by message GUID and loses nothing; only then does it mirror. Its last
-//!   role is kept on the mail volume so a restart in between does not forget it.
+//!   reached the new active would be deleted by a one-way backup. So its first pass pushes those
+//!   messages to the new active with `doveadm sync -1` (local -> remote, one-way: the new active gains
+//!   what it lacks and loses nothing, the old active is not modified) — the hand-over its manual gives
+//!   `sync -1` after mail delivery has moved; only then does it mirror with `backup -R`. A two-way
+//!   `sync` is not used here: it renumbers conflicting UIDs on both sides while the new active is taking
+//!   deliveries, and duplicated messages in tests. Its last role is kept on the mail volume so a restart
+//!   in between does not forget it.
 //! - no role yet (before the operator elects one): nothing.
 //!
 //! A role change away from standby stops a pass in flight at once (the doveadm child is killed).
@@ -215,9 +219,9 @@ impl Replication {
             let role = self.observe_role();
             if role == ReplicaRole::Standby && tokio::time::Instant::now() >= next_pass {
                 let started = SystemTime::now();
-                let merge = self.last_role_on_disk() == Some(ReplicaRole::Active);
+                let hand_over = self.last_role_on_disk() == Some(ReplicaRole::Active);
                 let outcome = tokio::select! {
-                    r = tokio::time::timeout(MAX_PASS, self.pass(merge)) => {
+                    r = tokio::time::timeout(MAX_PASS, self.pass(hand_over)) => {
                         r.unwrap_or_else(|_| Err(anyhow::anyhow!("pass took longer than {MAX_PASS:?}")))
                     }
                     () = self.role_leaves(ReplicaRole::Standby) => {
@@ -225,7 +229,7 @@ impl Replication {
                         continue;
                     }
                 };
-                self.record(started, merge, outcome);
+                self.record(started, hand_over, outcome);
                 next_pass = tokio::time::Instant::now() + self.config.interval;
             }
             tokio::time::sleep(ROLE_POLL).await;
@@ -260,12 +264,12 @@ impl Replication {
         }
     }
 
-    fn record(&self, started: SystemTime, merged: bool, outcome: Result<usize>) {
+    fn record(&self, started: SystemTime, handed_over: bool, outcome: Result<usize>) {
         let mut s = self.state.lock().expect("replication state");
         match outcome {
             Ok(users) => {
-                tracing::debug!(users, merged, "replication pass done");
-                if merged {
+                tracing::debug!(users, handed_over, "replication pass done");
+                if handed_over {
                     drop(s);
                     self.remember_role(ReplicaRole::Standby);
                     s = self.state.lock().expect("replication state");
@@ -317,7 +321,7 @@ impl Replication {
     }
 
     /// One pass over every mailbox of the LUN; returns how many there were.
-    async fn pass(&self, merge: bool) -> Result<usize> {
+    async fn pass(&self, hand_over: bool) -> Result<usize> {
         let c = &self.config;
         let users = c.mailboxes()?;
         if users.is_empty() {
@@ -327,12 +331,12 @@ impl Replication {
             .with_context(|| format!("writing {}", c.users_list.display()))?;
         let mut cmd = tokio::process::Command::new("doveadm");
         cmd.arg("-c").arg(&c.dovecot_conf);
-        if merge {
+        if hand_over {
             tracing::info!(
                 users = users.len(),
-                "first pass after demotion: two-way merge with the new active"
+                "first pass after demotion: handing mail only this replica has to the new active"
             );
-            cmd.args(["sync", "-R"]);
+            cmd.args(["sync", "-1"]);
         } else {
             cmd.args(["backup", "-R"]);
         }
@@ -354,7 +358,7 @@ impl Replication {
             let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
             bail!(
                 "doveadm {} from {} exited with {}: {}",
-                if merge { "sync" } else { "backup" },
+                if hand_over { "sync -1" } else { "backup -R" },
                 c.source(),
                 out.status,
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
@@ -439,7 +443,7 @@ mod tests {
         let rep = r.report();
         assert!(rep.in_sync && rep.source.is_none() && rep.last_error.is_none());
         assert_eq!(r.last_role_on_disk(), Some(ReplicaRole::Active));
-        // Demoted: not in sync until a full pass completes; the merge pass clears the demotion mark.
+        // Demoted: not in sync until a full pass completes; the hand-over pass clears the demotion mark.
         std::fs::write(dir.path().join("labels"), "mailpod.io/role=\"standby\"\n").unwrap();
         r.observe_role();
         assert!(!r.report().in_sync);

@@ -366,12 +366,22 @@ pub struct Session {
 
 impl Session {
     pub fn connect(port: u16) -> Self {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        Self::from_stream(TcpStream::connect(("127.0.0.1", port)).unwrap())
+    }
+
+    pub fn from_stream(s: TcpStream) -> Self {
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         Self {
             w: s.try_clone().unwrap(),
             r: BufReader::new(s),
         }
+    }
+
+    /// The connection, for a TLS upgrade after STARTTLS (nothing is buffered: the server waits for the
+    /// client's handshake).
+    pub fn into_stream(self) -> TcpStream {
+        assert!(self.r.buffer().is_empty(), "bytes pending before TLS");
+        self.w
     }
 
     pub fn line(&mut self) -> String {
