@@ -106,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
         if done == args.mailpods {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let converge_s = start.elapsed().as_secs_f64();
     let converge_cpu = cpu_seconds() - cpu0;

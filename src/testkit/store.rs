@@ -499,19 +499,10 @@ impl Store {
         sub: Subresource,
         kind: PatchKind,
         field_manager: Option<&str>,
-        body: &[u8],
+        patch: Value,
         changes: &mut Vec<Change>,
     ) -> Result<Written, ApiError> {
         let current = self.get(resource, ns, name);
-        let patch: Value = match kind {
-            PatchKind::Apply { .. } => serde_json::from_slice(body)
-                .or_else(|_| serde_yaml::from_slice(body))
-                .map_err(|e| {
-                    ApiError::bad_request(format!("apply patch is not YAML or JSON: {e}"))
-                })?,
-            _ => serde_json::from_slice(body)
-                .map_err(|e| ApiError::bad_request(format!("patch is not JSON: {e}")))?,
-        };
         let Some(current) = current else {
             let PatchKind::Apply { .. } = kind else {
                 return Err(ApiError::not_found(resource, name));
