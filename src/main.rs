@@ -97,7 +97,8 @@ fn run_operator(args: RunArgs) -> ExitCode {
         let client = kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!("cannot configure a Kubernetes client (kubeconfig or in-cluster): {e}")
         })?;
-        controller::run_mailpods(client, config, shutdown_signal()).await
+        let ctx = std::sync::Arc::new(controller::Context::new(client, config));
+        controller::run_mailpods(ctx, shutdown_signal()).await
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,
