@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use mailpod_operator::{controller, names, render};
+use mailpod_operator::{controller, names, render, snapshot};
 
 #[derive(Parser)]
 #[command(
@@ -35,10 +35,34 @@ enum Command {
     /// On invalid input prints one line per problem (file, object, field) on stderr, nothing on stdout, and
     /// exits with status 2.
     Render(RenderArgs),
+    /// Run as PID 1 of a mail pod: render, supervise and hot-reload Postfix/Dovecot for one role.
+    Agent(Box<mailpod_operator::agent::AgentArgs>),
+    /// Take a consistent snapshot of a StorageLUN's active replica (what the LUN's CronJob runs).
+    ///
+    /// Pauses delivery to the LUN (LMTP answers 4xx; Postfix keeps the mail queued), creates a VolumeSnapshot
+    /// of the active replica's PVC, resumes delivery whatever happens, waits for readyToUse, prunes to the
+    /// LUN's `retain`, and records the result in the LUN's status. Exit status 1 on failure.
+    Snapshot(SnapshotArgs),
     /// Run the controllers against the cluster of the current kubeconfig, or the in-cluster config.
     ///
     /// Checks first that the CRDs are installed. Stops on SIGTERM or Ctrl-C after in-flight reconciles finish.
     Run(RunArgs),
+}
+
+#[derive(Args)]
+struct SnapshotArgs {
+    /// StorageLUN to snapshot.
+    #[arg(long)]
+    lun: String,
+    /// Namespace of the StorageLUN.
+    #[arg(short = 'n', long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// VolumeSnapshotClass; the LUN's `spec.snapshots.volumeSnapshotClassName`, else the cluster default.
+    #[arg(long)]
+    volume_snapshot_class: Option<String>,
+    /// Seconds to wait for the snapshot to become readyToUse (delivery runs meanwhile).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -52,6 +76,10 @@ struct RunArgs {
     /// MailPods reconciled at once.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
+    /// This cluster's site name: starts the SiteFailover controller for SiteFailovers whose
+    /// `spec.localSite` is this name. Without it SiteFailovers are left alone.
+    #[arg(long, env = "MAILPOD_SITE")]
+    site: Option<String>,
 }
 
 #[derive(Args)]
@@ -75,6 +103,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Render(args) => run_render(args),
+        Command::Agent(args) => mailpod_operator::agent::main(*args),
+        Command::Snapshot(args) => run_snapshot(args),
         Command::Run(args) => run_operator(args),
     }
 }
@@ -88,6 +118,7 @@ fn run_operator(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let site = args.site;
     let config = controller::RunConfig {
         namespace: args.namespace,
         default_image: args.image,
@@ -97,8 +128,9 @@ fn run_operator(args: RunArgs) -> ExitCode {
         let client = kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!("cannot configure a Kubernetes client (kubeconfig or in-cluster): {e}")
         })?;
-        let ctx = std::sync::Arc::new(controller::Context::new(client, config));
-        controller::run_mailpods(ctx, shutdown_signal()).await
+        // One shutdown signal for every controller, each finishing its in-flight work.
+        let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+        controller::run_all(client, config, site, shutdown).await
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,
@@ -128,6 +160,44 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+fn job_runtime() -> tokio::runtime::Runtime {
+    mailpod_operator::telemetry::init();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn run_snapshot(args: SnapshotArgs) -> ExitCode {
+    let mut opts = snapshot::Options::new(args.namespace, args.lun);
+    opts.volume_snapshot_class = args.volume_snapshot_class;
+    opts.timeout = std::time::Duration::from_secs(args.timeout);
+    let result = job_runtime().block_on(async {
+        let client = kube::Client::try_default().await?;
+        let agent = snapshot::HttpAgent::new(std::time::Duration::from_secs(10));
+        Ok::<_, anyhow::Error>(snapshot::run(&client, &agent, &opts).await?)
+    });
+    match result {
+        Ok(out) => {
+            println!(
+                "{} taken; delivery paused {} ms; pruned: {}",
+                out.name,
+                out.pause.as_millis(),
+                if out.pruned.is_empty() {
+                    "none".to_string()
+                } else {
+                    out.pruned.join(", ")
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("snapshot of {}: {e:#}", opts.lun);
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -25,11 +25,9 @@ pub mod labels {
 /// Field manager for every Server-Side Apply of this operator.
 pub const FIELD_MANAGER: &str = "mailpod-operator";
 
-/// Default image of mail pods and of the operator's own Jobs.
-pub const DEFAULT_IMAGE: &str = concat!(
-    "ghcr.io/mailpod-io/mailpod-operator:",
-    env!("CARGO_PKG_VERSION")
-);
+/// Default image of mail pods and of the operator's Jobs (the `mail` target of mail-image/Dockerfile; the
+/// chart passes its own with `--mail-image`).
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/mailpod-io/mailpod:", env!("CARGO_PKG_VERSION"));
 
 /// StatefulSet and client-facing Service of a front-end service: `corp-mx`.
 pub fn frontend(mailpod: &str, kind: ServiceKind) -> String {
@@ -74,4 +72,13 @@ pub fn pod(statefulset: &str, ordinal: i32) -> String {
 /// PVC of store replica `ordinal` (volumeClaimTemplate `mail` of the LUN's StatefulSet).
 pub fn lun_pvc(lun: &str, ordinal: i32) -> String {
     format!("mail-{lun}-{ordinal}")
+}
+
+/// Annotations the operator writes on a promoted store pod, so the second step of a promotion can compute
+/// loss-to-promoted even when the old pod is gone.
+pub mod annotations {
+    /// On a promoted pod: the replica it replaced.
+    pub const PROMOTED_FROM: &str = "mailpod.io/promoted-from";
+    /// On a promoted pod: when the replica it replaced was first seen unready (RFC 3339).
+    pub const LOST_AT: &str = "mailpod.io/lost-at";
 }

@@ -242,7 +242,8 @@ fn build_all(docs: &[Doc], opts: &Options, errs: &mut Vec<RenderError>) -> Vec<C
             Input::MailPod(mp) => {
                 let object = format!("MailPod {}", mp.name_any());
                 let ns = mp.namespace().unwrap_or_default();
-                let resolved = match mailboxes::resolve(&mp.spec, &lookup_source(docs, &ns)) {
+                let resolved = match mailboxes::validate_and_resolve(mp, &lookup_source(docs, &ns))
+                {
                     Ok(m) => m,
                     Err(e) => {
                         errs.extend(e.0.iter().map(|fe| err(&d.file, &object, fe.to_string())));

@@ -180,10 +180,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
 
     // Dereference and validate.
     let sources = fetch_sources(&ctx, &ns, &mp).await?;
-    let wanted = match mp
-        .validate()
-        .and_then(|()| mailboxes::resolve(&mp.spec, &lookup(&sources)))
-    {
+    let wanted = match mailboxes::validate_and_resolve(&mp, &lookup(&sources)) {
         Ok(m) => m,
         Err(errs) => return reject(&ctx, &mp, errs).await,
     };

@@ -1,10 +1,12 @@
 //! The controllers that `mailpod-operator run` starts, and what they share.
 //!
-//! [`mailpod`] reconciles MailPods; [`apply`] holds the Server-Side Apply and orphan removal every controller
+//! [`mailpod`] reconciles MailPods; [`lun`] StorageLUNs (stores, failover, replication); [`apply`] holds the Server-Side Apply and orphan removal every controller
 //! uses; [`status`] computes conditions; [`error`] is the one error type.
 
 pub mod apply;
 pub mod error;
+pub mod failover;
+pub mod lun;
 pub mod mailpod;
 pub mod status;
 
@@ -75,6 +77,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub config: RunConfig,
     pub stats: Stats,
+    /// Where store replicas' replication reports come from (their agents, over HTTP).
+    pub replication: Arc<dyn lun::reports::ReplicationSource>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -90,8 +94,20 @@ impl Context {
             client,
             config,
             stats: Stats::default(),
+            replication: Arc::new(lun::reports::HttpReplicationSource::new(
+                std::time::Duration::from_secs(2),
+            )),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context with replication reports from `source` (tests give each pod the report they want).
+    pub fn with_replication_source(
+        mut self,
+        source: Arc<dyn lun::reports::ReplicationSource>,
+    ) -> Self {
+        self.replication = source;
+        self
     }
 
     fn key<K: Resource>(obj: &K) -> String {
@@ -155,6 +171,45 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// Runs every controller until `shutdown` resolves: MailPods and StorageLUNs always, SiteFailovers when this
+/// operator knows its site. Each finishes its in-flight reconciles first.
+pub async fn run_all<S>(
+    client: Client,
+    config: RunConfig,
+    site: Option<String>,
+    shutdown: S,
+) -> anyhow::Result<()>
+where
+    S: Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    // Before anything starts, so a missing CRD stops the operator with its hint instead of leaving the
+    // other controllers running.
+    check_crds(&client).await?;
+    let namespace = config.namespace.clone();
+    let lun_ctx = Arc::new(Context::new(client.clone(), config.clone()));
+    let luns = lun::run(lun_ctx, namespace.clone(), shutdown.clone());
+    let failover = async {
+        match site {
+            Some(site) => {
+                failover::run(client.clone(), namespace.clone(), site, shutdown.clone()).await
+            }
+            None => {
+                info!(
+                    "no --site given: SiteFailover resources are not reconciled by this operator"
+                );
+                Ok(())
+            }
+        }
+    };
+    let mailpods = run_mailpods(
+        Arc::new(Context::new(client.clone(), config)),
+        shutdown.clone(),
+    );
+    let (m, (), f) = tokio::join!(mailpods, luns, failover);
+    f?;
+    m
 }
 
 /// Runs the MailPod controller with `ctx` (its client and [`RunConfig`]) until `shutdown` resolves;

@@ -216,6 +216,16 @@ pub struct SiteFailoverStatus {
     pub peer_reachable: Option<bool>,
     #[serde(default)]
     pub consecutive_probe_failures: u32,
+    /// RFC 3339 time of the last counted probe of the peer: a probe counts at most once per
+    /// `probeIntervalSeconds`, so extra reconciles (watch events) never hasten a failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_time: Option<String>,
+    /// RFC 3339 time of the first failed probe of the current run of failures; the RTO is measured from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_failing_since: Option<String>,
+    /// Whether this site's StorageLUNs are fenced (standby, or a site that saw a higher epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_tables_in_sync: Option<bool>,
     /// Hash of the access tables on this site and on the peer.

@@ -518,6 +518,7 @@ pub struct LunPlacement {
 
 impl MailPodSpec {
     /// The same rules as the CRD schema, plus those that need more than one field; paths are `spec.…`.
+    /// Mailboxes are validated by `resources::mailboxes::resolve`, which sees referenced lists too.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errs = ValidationErrors::default();
         if self.domains.is_empty() {
@@ -580,9 +581,8 @@ impl MailPodSpec {
         b.replication
             .validate("spec.backend.replication", &mut errs);
 
-        for (i, m) in self.mailboxes.inline.iter().enumerate() {
-            self.check_mailbox(m, &format!("spec.mailboxes.inline[{i}]"), &mut errs);
-        }
+        // Mailbox addresses (inline and referenced) are checked where they are all known:
+        // `resources::mailboxes::resolve`.
         for (i, src) in self.mailboxes.from.iter().enumerate() {
             if src.config_map.is_some() == src.secret.is_some() {
                 errs.push(

@@ -1,18 +1,14 @@
 //! The front-end tier: per traffic type a StatefulSet, a headless Service, a client-facing Service and a
 //! PodDisruptionBudget.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
-    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, TCPSocketAction,
-    VolumeResourceRequirements,
+    Container, ContainerPort, PersistentVolumeClaim, PodTemplateSpec, Probe, Service, ServicePort,
+    ServiceSpec, TCPSocketAction,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -145,10 +141,10 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
             mounts.push(pod::mount(volumes::TLS, paths::TLS, true));
             volumes_.push(pod::secret_volume(volumes::TLS, &tls.secret_name));
         }
+        let mut env = vec![];
         if kind == ServiceKind::Submission {
             if let Some(passwd) = &spec.mailboxes.passwd_file_secret {
-                mounts.push(pod::mount(volumes::PASSWD, paths::PASSWD, true));
-                volumes_.push(pod::secret_volume(volumes::PASSWD, &passwd.name));
+                env.push(pod::users_file(passwd, &mut mounts, &mut volumes_));
             }
         }
         if kind == ServiceKind::Mx {
@@ -187,20 +183,11 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
                     labels: Some(labels_),
                     ..Default::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    volumes: (!volumes_.is_empty()).then_some(volumes_),
-                    affinity: Some(Affinity {
-                        pod_anti_affinity: Some(pod::spread_across_nodes(selector(
-                            ctx.name(),
-                            kind.as_str(),
-                        ))),
-                        ..Default::default()
-                    }),
-                    termination_grace_period_seconds: Some(pod::TERMINATION_GRACE_SECONDS),
-                    enable_service_links: Some(false),
-                    ..Default::default()
-                }),
+                spec: Some(pod::mail_pod_spec(
+                    container,
+                    volumes_,
+                    selector(ctx.name(), kind.as_str()),
+                )),
             },
             ..Default::default()
         }),
@@ -209,26 +196,12 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
 }
 
 fn queue_claim(ctx: &Context) -> PersistentVolumeClaim {
-    PersistentVolumeClaim {
-        metadata: ObjectMeta {
-            name: Some(volumes::QUEUE.into()),
-            labels: Some(labels(ctx.name(), ServiceKind::Mx.as_str())),
-            ..Default::default()
-        },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
-            storage_class_name: ctx.spec().backend.lun_template.storage_class_name.clone(),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_string(),
-                    Quantity(MX_QUEUE_CAPACITY.into()),
-                )])),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    pod::claim_template(
+        volumes::QUEUE,
+        labels(ctx.name(), ServiceKind::Mx.as_str()),
+        MX_QUEUE_CAPACITY,
+        ctx.spec().backend.lun_template.storage_class_name.clone(),
+    )
 }
 
 /// Webmail runs the user's image (none ships in the mail image); probed on its HTTP port.

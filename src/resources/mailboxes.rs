@@ -71,6 +71,24 @@ pub fn resolve(
     Ok(seen.into_keys().collect())
 }
 
+/// The MailPod's own checks and its mailboxes' together, so one pass reports every problem; on success,
+/// the resolved mailboxes.
+pub fn validate_and_resolve(
+    mailpod: &crate::crd::MailPod,
+    lookup: &impl SourceLookup,
+) -> Result<BTreeSet<String>, ValidationErrors> {
+    match (mailpod.validate(), resolve(&mailpod.spec, lookup)) {
+        (Ok(()), Ok(m)) => Ok(m),
+        (a, b) => Err(ValidationErrors(
+            [a.err(), b.err()]
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e.0)
+                .collect(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

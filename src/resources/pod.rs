@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, Probe,
-    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, DownwardAPIVolumeFile,
+    DownwardAPIVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// Where the agent finds what the operator renders.
@@ -22,7 +23,11 @@ pub mod paths {
     /// Postfix queue of mx pods (a PVC, so queued mail survives restarts).
     pub const QUEUE: &str = "/var/spool/postfix";
     /// Maildirs of store pods (the LUN's PVC).
-    pub const MAIL: &str = "/var/mail/mailpod";
+    pub const MAIL: &str = "/var/mail/store";
+    /// Downward-API files of store pods (`labels`).
+    pub const PODINFO: &str = "/etc/podinfo";
+    /// The LUN's replication Secret on store pods.
+    pub const REPLICATION: &str = "/etc/mailpod/replication";
 }
 
 /// Volume names.
@@ -33,6 +38,8 @@ pub mod volumes {
     pub const PASSWD: &str = "passwd";
     pub const QUEUE: &str = "queue";
     pub const MAIL: &str = "mail";
+    pub const PODINFO: &str = "podinfo";
+    pub const REPLICATION: &str = "replication";
 }
 
 /// Ports (container and Service).
@@ -121,19 +128,28 @@ pub fn agent_container(
     mut ports_: Vec<ContainerPort>,
     mounts: Vec<VolumeMount>,
     resources: Option<ResourceRequirements>,
-    extra_args: Vec<String>,
+    extra_env: Vec<EnvVar>,
 ) -> Container {
     ports_.push(container_port(ports::METRICS_NAME, ports::METRICS));
-    let mut args = vec!["agent".to_string(), "--role".to_string(), role.to_string()];
-    args.extend(extra_args);
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        // The daemons must be stopped before the kubelet's SIGKILL.
+        value_env(
+            "MAILPOD_GRACE_SECONDS",
+            &(TERMINATION_GRACE_SECONDS - 10).to_string(),
+        ),
+    ];
+    env.extend(extra_env);
     Container {
         name: role.to_string(),
         image: Some(image.to_string()),
-        args: Some(args),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
+        args: Some(vec![
+            "agent".to_string(),
+            "--role".to_string(),
+            role.to_string(),
         ]),
+        env: Some(env),
         ports: Some(ports_),
         volume_mounts: Some(mounts),
         resources: Some(resources.unwrap_or_else(default_resources)),
@@ -142,6 +158,28 @@ pub fn agent_container(
         security_context: Some(mail_security_context()),
         ..Default::default()
     }
+}
+
+pub fn value_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+/// Mounts the users passwd-file Secret and points the agent at the key that holds it.
+pub fn users_file(
+    secret: &crate::crd::KeyRef,
+    mounts: &mut Vec<VolumeMount>,
+    volumes_: &mut Vec<Volume>,
+) -> EnvVar {
+    mounts.push(mount(volumes::PASSWD, paths::PASSWD, true));
+    volumes_.push(secret_volume(volumes::PASSWD, &secret.name));
+    value_env(
+        "MAILPOD_USERS_FILE",
+        &format!("{}/{}", paths::PASSWD, secret.key),
+    )
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
@@ -199,6 +237,85 @@ pub fn secret_volume(name: &str, secret: &str) -> Volume {
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.into()),
             default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The pod of a mail StatefulSet: one agent container, its volumes, replicas spread across nodes, time to
+/// drain on shutdown, no service-link environment (hundreds of Services would flood it) and no API token.
+pub fn mail_pod_spec(
+    container: Container,
+    volumes_: Vec<Volume>,
+    spread: BTreeMap<String, String>,
+) -> PodSpec {
+    PodSpec {
+        containers: vec![container],
+        volumes: (!volumes_.is_empty()).then_some(volumes_),
+        affinity: Some(Affinity {
+            pod_anti_affinity: Some(spread_across_nodes(spread)),
+            ..Default::default()
+        }),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        enable_service_links: Some(false),
+        // The agent never talks to the API server: no credentials in mail pods.
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    }
+}
+
+/// A ReadWriteOnce volumeClaimTemplate of `capacity`.
+pub fn claim_template(
+    name: &str,
+    labels: BTreeMap<String, String>,
+    capacity: &str,
+    storage_class: Option<String>,
+) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: storage_class,
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(capacity.into()),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A Secret that may not exist yet (the pod starts; the agent waits for the file).
+pub fn optional_secret_volume(name: &str, secret: &str) -> Volume {
+    let mut v = secret_volume(name, secret);
+    if let Some(s) = v.secret.as_mut() {
+        s.optional = Some(true);
+    }
+    v
+}
+
+/// The pod's own labels as the file `labels`, updated by the kubelet when they change.
+pub fn labels_volume(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: "labels".into(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.labels".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         ..Default::default()

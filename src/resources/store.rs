@@ -9,11 +9,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
-    PodTemplateSpec, Service, ServiceAccount, ServicePort, ServiceSpec, VolumeResourceRequirements,
+    Container, PodSpec, PodTemplateSpec, Service, ServiceAccount, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -133,7 +131,8 @@ fn active_service(ctx: &Context) -> Service {
         metadata: ctx.meta(ctx.name().to_string(), COMPONENT),
         spec: Some(ServiceSpec {
             selector: Some(selector),
-            ports: Some(service_ports(&store_ports()[..3])),
+            // doveadm included: standbys replicate from whichever replica is active.
+            ports: Some(service_ports(&store_ports())),
             ..Default::default()
         }),
         ..Default::default()
@@ -150,23 +149,42 @@ fn statefulset(ctx: &Context) -> StatefulSet {
     let mut mounts = vec![
         pod::mount(volumes::MAIL, paths::MAIL, false),
         pod::mount(volumes::SETTINGS, paths::SETTINGS, true),
+        pod::mount(volumes::TABLES, paths::TABLES, true),
     ];
-    let mut volumes_ = vec![pod::config_map_volume(
-        volumes::SETTINGS,
-        &names::mail_settings(&spec.mail_pod),
-    )];
+    let mut volumes_ = vec![
+        pod::config_map_volume(volumes::SETTINGS, &names::mail_settings(&spec.mail_pod)),
+        pod::config_map_volume(volumes::TABLES, &names::access_tables(&spec.mail_pod)),
+    ];
+    // The pod's labels as a file the kubelet keeps current: the agent learns from `mailpod.io/role`
+    // whether it is the active replica or a standby, with no API access of its own.
+    mounts.push(pod::mount(volumes::PODINFO, paths::PODINFO, true));
+    volumes_.push(pod::labels_volume(volumes::PODINFO));
+    // Replicas authenticate to each other's doveadm service with the LUN's replication secret.
+    mounts.push(pod::mount(volumes::REPLICATION, paths::REPLICATION, true));
+    volumes_.push(pod::optional_secret_volume(
+        volumes::REPLICATION,
+        &replication_secret(ctx.name()),
+    ));
+    let mut env = vec![
+        pod::value_env("MAILPOD_LUN", ctx.name()),
+        pod::value_env(
+            "MAILPOD_DOVEADM_PASSWORD_FILE",
+            &format!("{}/{}", paths::REPLICATION, REPLICATION_SECRET_KEY),
+        ),
+    ];
     // Users authenticate against the MailPod's passwd-file Secret, when it names one.
-    if let Some(passwd) = &spec.passwd_file_secret {
-        mounts.push(pod::mount(volumes::PASSWD, paths::PASSWD, true));
-        volumes_.push(pod::secret_volume(volumes::PASSWD, &passwd.name));
-    }
+    env.extend(
+        spec.passwd_file_secret
+            .iter()
+            .map(|passwd| pod::users_file(passwd, &mut mounts, &mut volumes_)),
+    );
     let container = pod::agent_container(
         COMPONENT,
         ctx.image,
         container_ports,
         mounts,
         spec.resources.clone(),
-        vec!["--lun".into(), ctx.name().to_string()],
+        env,
     );
     let retention = match spec.pvc_retention {
         PvcRetention::Retain => "Retain",
@@ -189,48 +207,37 @@ fn statefulset(ctx: &Context) -> StatefulSet {
                     when_scaled: Some("Retain".into()),
                 },
             ),
-            volume_claim_templates: Some(vec![PersistentVolumeClaim {
-                metadata: ObjectMeta {
-                    name: Some(volumes::MAIL.into()),
-                    labels: Some(ctx.labels(COMPONENT)),
-                    ..Default::default()
-                },
-                spec: Some(PersistentVolumeClaimSpec {
-                    access_modes: Some(vec!["ReadWriteOnce".into()]),
-                    storage_class_name: spec.storage_class_name.clone(),
-                    resources: Some(VolumeResourceRequirements {
-                        requests: Some(BTreeMap::from([(
-                            "storage".to_string(),
-                            Quantity(spec.capacity.clone()),
-                        )])),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }]),
+            volume_claim_templates: Some(vec![pod::claim_template(
+                volumes::MAIL,
+                ctx.labels(COMPONENT),
+                &spec.capacity,
+                spec.storage_class_name.clone(),
+            )]),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(ctx.labels(COMPONENT)),
                     ..Default::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    volumes: Some(volumes_),
-                    affinity: Some(Affinity {
-                        pod_anti_affinity: Some(pod::spread_across_nodes(ctx.replica_selector())),
-                        ..Default::default()
-                    }),
-                    termination_grace_period_seconds: Some(pod::TERMINATION_GRACE_SECONDS),
-                    enable_service_links: Some(false),
-                    ..Default::default()
-                }),
+                spec: Some(pod::mail_pod_spec(
+                    container,
+                    volumes_,
+                    ctx.replica_selector(),
+                )),
             },
             ..Default::default()
         }),
         ..Default::default()
     }
 }
+
+/// Secret holding the doveadm password the replicas of a LUN share (created once by the StorageLUN
+/// controller with a random value; never part of an apply, so it is never rotated by surprise).
+pub fn replication_secret(lun: &str) -> String {
+    format!("{lun}-replication")
+}
+
+/// Key of the doveadm password in the replication Secret.
+pub const REPLICATION_SECRET_KEY: &str = "doveadm-password";
 
 /// ServiceAccount (and Role) the snapshot jobs of a LUN run as.
 pub fn snapshot_service_account(lun: &str) -> String {
@@ -263,7 +270,8 @@ fn snapshot_rbac(ctx: &Context) -> Vec<Child> {
                 rule("mailpod.io", &["storageluns"], &["get"]),
                 rule("mailpod.io", &["storageluns/status"], &["get", "patch"]),
                 rule("", &["pods"], &["get", "list"]),
-                rule("", &["events"], &["create"]),
+                // kube's event Recorder writes events.k8s.io/v1 and patches repeats into a series.
+                rule("events.k8s.io", &["events"], &["create", "patch"]),
             ]),
         }),
         Child::RoleBinding(RoleBinding {

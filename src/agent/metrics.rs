@@ -1,0 +1,259 @@
+//! Prometheus metrics of a mail pod: queue sizes, deliveries by outcome and delivery latency parsed from the
+//! Postfix maillog, the access-tables hash in use, child restarts and the store's pause state.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Postfix queues counted for `mailpod_queue_messages`.
+pub const QUEUES: [&str; 5] = ["maildrop", "incoming", "active", "deferred", "hold"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    pub queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HashLabel {
+    pub hash: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    queue: Family<QueueLabel, Gauge>,
+    deliveries: Family<StatusLabel, Counter>,
+    delivery_seconds: Histogram,
+    tables: Family<HashLabel, Gauge>,
+    current_hash: Mutex<String>,
+    pub config_applies: Counter,
+    pub restarts: Family<ServiceLabel, Counter>,
+    pub lmtp_paused: Gauge,
+    queue_dir: Option<PathBuf>,
+}
+
+impl Metrics {
+    /// `queue_dir`: the Postfix queue to count (roles that run Postfix).
+    pub fn new(queue_dir: Option<PathBuf>) -> Self {
+        let mut registry = Registry::with_prefix("mailpod");
+        let queue = Family::<QueueLabel, Gauge>::default();
+        let deliveries = Family::<StatusLabel, Counter>::default();
+        // 10 ms .. ~82 s: from loopback LMTP to a long retry.
+        let delivery_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 14),
+        );
+        let tables = Family::<HashLabel, Gauge>::default();
+        let config_applies = Counter::default();
+        let restarts = Family::<ServiceLabel, Counter>::default();
+        let lmtp_paused = Gauge::default();
+        registry.register(
+            "queue_messages",
+            "Messages in each Postfix queue",
+            queue.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Delivery attempts by outcome (sent, deferred, bounced), from the Postfix maillog",
+            deliveries.clone(),
+        );
+        registry.register(
+            "delivery_seconds",
+            "Time from Postfix accepting a message to its delivery (maillog delay=)",
+            delivery_seconds.clone(),
+        );
+        registry.register(
+            "access_tables_info",
+            "Hash of the access tables in use (value 1)",
+            tables.clone(),
+        );
+        registry.register(
+            "config_applies",
+            "Configuration changes applied without restart",
+            config_applies.clone(),
+        );
+        registry.register(
+            "child_restarts",
+            "Restarts of a supervised mail daemon",
+            restarts.clone(),
+        );
+        registry.register(
+            "lmtp_paused",
+            "1 while store delivery is paused for a snapshot",
+            lmtp_paused.clone(),
+        );
+        Self {
+            registry,
+            queue,
+            deliveries,
+            delivery_seconds,
+            tables,
+            current_hash: Mutex::new(String::new()),
+            config_applies,
+            restarts,
+            lmtp_paused,
+            queue_dir,
+        }
+    }
+
+    pub fn set_tables_hash(&self, hash: &str) {
+        let mut current = self.current_hash.lock().expect("metrics lock");
+        if *current != hash {
+            self.tables.remove(&HashLabel {
+                hash: current.clone(),
+            });
+            self.tables
+                .get_or_create(&HashLabel {
+                    hash: hash.to_string(),
+                })
+                .set(1);
+            *current = hash.to_string();
+        }
+    }
+
+    pub fn tables_hash(&self) -> String {
+        self.current_hash.lock().expect("metrics lock").clone()
+    }
+
+    /// Counts one maillog line if it reports a delivery outcome.
+    pub fn observe_maillog_line(&self, line: &str) {
+        if let Some(d) = parse_delivery(line) {
+            self.deliveries
+                .get_or_create(&StatusLabel {
+                    status: d.status.to_string(),
+                })
+                .inc();
+            if d.status == "sent" {
+                self.delivery_seconds.observe(d.delay);
+            }
+        }
+    }
+
+    /// Prometheus text exposition, with queue sizes counted now.
+    pub fn encode(&self) -> String {
+        if let Some(dir) = &self.queue_dir {
+            for q in QUEUES {
+                let n = count_files(&dir.join(q));
+                self.queue
+                    .get_or_create(&QueueLabel {
+                        queue: q.to_string(),
+                    })
+                    .set(n as i64);
+            }
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("encoding metrics into a String");
+        out
+    }
+}
+
+/// A delivery outcome from a Postfix delivery agent's log line.
+#[derive(Debug, PartialEq)]
+pub struct Delivery<'a> {
+    pub status: &'a str,
+    pub delay: f64,
+}
+
+/// Parses `... postfix/lmtp[9]: 4Q: to=<a@b>, relay=..., delay=0.05, delays=..., dsn=2.0.0, status=sent (...)`.
+pub fn parse_delivery(line: &str) -> Option<Delivery<'_>> {
+    if !line.contains(" to=<") {
+        return None;
+    }
+    let field = |name: &str| {
+        let start = line.find(name)? + name.len();
+        let rest = &line[start..];
+        Some(&rest[..rest.find([',', ' ']).unwrap_or(rest.len())])
+    };
+    let status = field(", status=")?;
+    if !matches!(status, "sent" | "deferred" | "bounced") {
+        return None;
+    }
+    let delay = field(", delay=")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0.0);
+    Some(Delivery { status, delay })
+}
+
+/// Regular files under `dir`, recursively (Postfix hashes queue files into subdirectories).
+pub fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count_files(&e.path()),
+            Ok(t) if t.is_file() => 1,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_delivery_lines() {
+        let sent = "Jan  1 00:00:00 h postfix/lmtp[9]: 4Q: to=<a@example.com>, relay=s[1.2.3.4]:24, delay=0.05, delays=0.01/0/0/0.04, dsn=2.0.0, status=sent (250 2.0.0 <a@example.com> Saved)";
+        assert_eq!(
+            parse_delivery(sent),
+            Some(Delivery {
+                status: "sent",
+                delay: 0.05
+            })
+        );
+        let deferred = "x postfix/lmtp[9]: 4Q: to=<a@example.com>, relay=none, delay=31, delays=31/0/0/0, dsn=4.4.1, status=deferred (connect refused)";
+        assert_eq!(parse_delivery(deferred).unwrap().status, "deferred");
+        assert_eq!(
+            parse_delivery("x postfix/qmgr[1]: 4Q: from=<a@b>, size=3, nrcpt=1 (queue active)"),
+            None
+        );
+    }
+
+    #[test]
+    fn exposition_has_queue_deliveries_and_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("deferred/A")).unwrap();
+        std::fs::write(dir.path().join("deferred/A/ABC"), "").unwrap();
+        std::fs::write(dir.path().join("deferred/A/ABD"), "").unwrap();
+        let m = Metrics::new(Some(dir.path().to_path_buf()));
+        m.set_tables_hash("aaaa");
+        m.set_tables_hash("bbbb");
+        m.observe_maillog_line("p postfix/lmtp[1]: Q: to=<a@b>, relay=r, delay=0.2, delays=0, dsn=2.0.0, status=sent (ok)");
+        let text = m.encode();
+        assert!(
+            text.contains("mailpod_queue_messages{queue=\"deferred\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailpod_queue_messages{queue=\"active\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailpod_deliveries_total{status=\"sent\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("mailpod_delivery_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("mailpod_access_tables_info{hash=\"bbbb\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("aaaa"), "{text}");
+    }
+}

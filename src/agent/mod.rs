@@ -1,0 +1,368 @@
+//! `mailpod-operator agent`: PID 1 of a mail pod.
+//!
+//! It renders the role's Postfix/Dovecot configuration from the mounted ConfigMaps ([`render`]), runs the
+//! daemons as supervised children ([`supervise`]), applies ConfigMap changes without restarting them,
+//! tails the mail logs into its own output and into [`metrics`], serves [`http`] health, readiness,
+//! metrics and (stores) pause/resume, and on stores owns the LMTP port through the pause gate
+//! ([`lmtp_gate`]).
+
+pub mod http;
+pub mod lmtp_gate;
+pub mod metrics;
+pub mod render;
+pub mod supervise;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tokio::sync::watch;
+
+use crate::mailconfig::layout::{Layout, Ports, Role};
+use crate::mailconfig::tables::data_hash;
+use http::AgentState;
+use supervise::Daemon;
+
+/// A mail log larger than this is truncated after it has been read (the agent has already forwarded it).
+const MAX_LOG_BYTES: u64 = 64 << 20;
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// mx, submission, imap, pop3 or store.
+    #[arg(long, env = "MAILPOD_ROLE")]
+    pub role: Role,
+    /// Mounted `<mailpod>-mail-settings` ConfigMap (holds settings.yaml).
+    #[arg(
+        long,
+        env = "MAILPOD_CONFIG_DIR",
+        default_value = "/etc/mailpod/settings"
+    )]
+    pub config_dir: PathBuf,
+    /// Mounted `<mailpod>-access-tables` ConfigMap.
+    #[arg(
+        long,
+        env = "MAILPOD_TABLES_DIR",
+        default_value = "/etc/mailpod/tables"
+    )]
+    pub tables_dir: PathBuf,
+    /// Put every generated file, queue, mail root and log under this directory instead of the image's
+    /// standard paths (/var/spool/postfix, /var/mail/store, ...). For tests and local runs.
+    #[arg(long, env = "MAILPOD_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Users passwd-file (Secret) for stores and submission.
+    #[arg(long, env = "MAILPOD_USERS_FILE")]
+    pub users_file: Option<PathBuf>,
+    /// Directory with tls.crt and tls.key, used when settings say `tls: true`.
+    #[arg(long, env = "MAILPOD_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "MAILPOD_LISTEN_METRICS", default_value = "0.0.0.0:8080")]
+    pub listen_metrics: SocketAddr,
+    /// Address of the store's control endpoint (`POST /pause?seconds=N`, `POST /resume`).
+    #[arg(long, env = "MAILPOD_LISTEN_CONTROL", default_value = "0.0.0.0:8081")]
+    pub listen_control: SocketAddr,
+    /// Address the mail services listen on.
+    #[arg(long, env = "MAILPOD_LISTEN", default_value = "0.0.0.0")]
+    pub listen: String,
+    #[arg(long, env = "MAILPOD_SMTP_PORT", default_value_t = 25)]
+    pub smtp_port: u16,
+    #[arg(long, env = "MAILPOD_SUBMISSION_PORT", default_value_t = 587)]
+    pub submission_port: u16,
+    #[arg(long, env = "MAILPOD_IMAP_PORT", default_value_t = 143)]
+    pub imap_port: u16,
+    #[arg(long, env = "MAILPOD_POP3_PORT", default_value_t = 110)]
+    pub pop3_port: u16,
+    #[arg(long, env = "MAILPOD_LMTP_PORT", default_value_t = 24)]
+    pub lmtp_port: u16,
+    /// Seconds the daemons get to stop after SIGTERM (keep below the pod's terminationGracePeriodSeconds).
+    #[arg(long, env = "MAILPOD_GRACE_SECONDS", default_value_t = 20)]
+    pub grace_seconds: u64,
+    /// How often the mounted ConfigMaps are checked for changes, in milliseconds.
+    #[arg(long, env = "MAILPOD_POLL_MS", default_value_t = 2000)]
+    pub poll_ms: u64,
+}
+
+impl AgentArgs {
+    pub fn layout(&self) -> Layout {
+        let mut layout = match &self.work_dir {
+            Some(dir) => Layout::under(dir),
+            None => Layout::default(),
+        };
+        if let Some(f) = &self.users_file {
+            layout.users_file = f.clone();
+        }
+        if let Some(d) = &self.tls_dir {
+            layout.tls_dir = d.clone();
+        }
+        layout
+    }
+
+    pub fn ports(&self) -> Ports {
+        Ports {
+            listen: self.listen.clone(),
+            smtp: self.smtp_port,
+            submission: self.submission_port,
+            imap: self.imap_port,
+            pop3: self.pop3_port,
+            lmtp: self.lmtp_port,
+        }
+    }
+}
+
+/// Entry point of `mailpod-operator agent`.
+pub fn main(args: AgentArgs) -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("agent failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: AgentArgs) -> Result<()> {
+    let role = args.role;
+    let layout = args.layout();
+    let ports = args.ports();
+    let inputs = render::read_inputs(&args.config_dir, &args.tables_dir)?;
+    render::apply(role, &inputs, &layout, &ports)?;
+    tracing::info!(%role, tables_hash = %inputs.tables_hash, "configuration rendered");
+
+    let daemons: Vec<Daemon> = [Daemon::Postfix, Daemon::Dovecot]
+        .into_iter()
+        .filter(|d| match d {
+            Daemon::Postfix => role.runs_postfix(),
+            Daemon::Dovecot => role.runs_dovecot(),
+        })
+        .collect();
+    let alive: Vec<(&'static str, Arc<AtomicBool>)> = daemons
+        .iter()
+        .map(|d| (d.name(), Arc::new(AtomicBool::new(false))))
+        .collect();
+    let gate = (role == Role::Store)
+        .then(|| lmtp_gate::Gate::new(layout.lmtp_socket(), inputs.settings.hostname.clone()));
+    let queue_dir = role.runs_postfix().then(|| layout.postfix_queue.clone());
+    let state = Arc::new(AgentState {
+        role,
+        layout: layout.clone(),
+        ports: ports.clone(),
+        metrics: metrics::Metrics::new(queue_dir),
+        gate: gate.clone(),
+        alive: alive.clone(),
+    });
+    state.metrics.set_tables_hash(&inputs.tables_hash);
+
+    let http_listener = tokio::net::TcpListener::bind(args.listen_metrics)
+        .await
+        .with_context(|| format!("binding the metrics address {}", args.listen_metrics))?;
+    let app = http::router(state.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    if gate.is_some() {
+        let control_listener = tokio::net::TcpListener::bind(args.listen_control)
+            .await
+            .with_context(|| format!("binding the control address {}", args.listen_control))?;
+        let control = http::control_router(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(control_listener, control).await {
+                tracing::error!(error = %e, "control endpoint stopped");
+            }
+        });
+    }
+    if let Some(gate) = &gate {
+        let addr = format!("{}:{}", ports.listen, ports.lmtp);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding the LMTP port {addr}"))?;
+        tokio::spawn(lmtp_gate::serve(gate.clone(), listener));
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let grace = Duration::from_secs(args.grace_seconds);
+    let mut supervisors = tokio::task::JoinSet::new();
+    for (daemon, (_, alive)) in daemons.iter().copied().zip(alive.iter()) {
+        let (layout, alive, rx, state) = (
+            layout.clone(),
+            alive.clone(),
+            shutdown_rx.clone(),
+            state.clone(),
+        );
+        supervisors.spawn(async move {
+            let restarts = state
+                .metrics
+                .restarts
+                .get_or_create(&metrics::ServiceLabel {
+                    service: daemon.name().into(),
+                })
+                .clone();
+            supervise::supervise(daemon, layout, alive, rx, grace, move || {
+                restarts.inc();
+            })
+            .await
+        });
+    }
+    tokio::spawn(tail_logs(layout.clone(), state.clone()));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut poll = tokio::time::interval(Duration::from_millis(args.poll_ms.max(100)));
+    let mut seen = mounted_hash(&args)?;
+    let outcome = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break Ok(()),
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            done = supervisors.join_next() => {
+                break match done {
+                    Some(Ok(Ok(()))) | None => Ok(()),
+                    Some(Ok(Err(e))) => Err(e),
+                    Some(Err(e)) => Err(e.into()),
+                };
+            }
+            _ = poll.tick() => {
+                // Kubernetes updates a mounted ConfigMap by swapping a symlink to a new directory, so files
+                // change all at once; comparing a hash of the content every tick sees each update exactly
+                // once without relying on inotify across the symlink swap.
+                match mounted_hash(&args) {
+                    Ok(h) if h != seen => {
+                        seen = h;
+                        if let Err(e) = reconfigure(&args, &layout, &ports, &daemons, &state).await {
+                            tracing::error!("keeping the previous configuration: {e:#}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("reading mounted ConfigMaps: {e:#}"),
+                }
+            }
+        }
+    };
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let drain = async {
+        while let Some(r) = supervisors.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::warn!("while stopping: {e:#}");
+            }
+        }
+    };
+    if tokio::time::timeout(grace + Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("daemons did not stop within the grace period");
+    }
+    outcome
+}
+
+/// Applies changed ConfigMaps: maps are recompiled (no reload); main.cf/master.cf and Dovecot changes reload.
+async fn reconfigure(
+    args: &AgentArgs,
+    layout: &Layout,
+    ports: &Ports,
+    daemons: &[Daemon],
+    state: &AgentState,
+) -> Result<()> {
+    let inputs = render::read_inputs(&args.config_dir, &args.tables_dir)?;
+    let changes = render::apply(args.role, &inputs, layout, ports)?;
+    for daemon in daemons {
+        let needed = match daemon {
+            Daemon::Postfix => changes.postfix_config,
+            Daemon::Dovecot => changes.dovecot,
+        };
+        if needed {
+            daemon.reload(layout).await?;
+        }
+    }
+    if changes.any() {
+        state.metrics.config_applies.inc();
+    }
+    state.metrics.set_tables_hash(&inputs.tables_hash);
+    tracing::info!(tables_hash = %inputs.tables_hash, ?changes, "configuration change applied");
+    Ok(())
+}
+
+fn mounted_hash(args: &AgentArgs) -> Result<String> {
+    let mut all = BTreeMap::new();
+    for (prefix, dir) in [
+        ("settings/", &args.config_dir),
+        ("tables/", &args.tables_dir),
+    ] {
+        for (k, v) in render::read_configmap_dir(dir)? {
+            all.insert(format!("{prefix}{k}"), v);
+        }
+    }
+    Ok(data_hash(&all))
+}
+
+/// Forwards the Postfix and Dovecot logs to stdout (what `kubectl logs` shows) and counts deliveries.
+async fn tail_logs(layout: Layout, state: Arc<AgentState>) {
+    let mut files = [
+        (layout.postfix_log(), 0u64, true),
+        (layout.dovecot_log(), 0u64, false),
+    ];
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        for (path, offset, is_postfix) in files.iter_mut() {
+            let text = match read_from(path, offset) {
+                Ok(t) => t,
+                Err(_) => continue,
+            };
+            let mut out = std::io::stdout().lock();
+            for line in text.lines() {
+                if *is_postfix {
+                    state.metrics.observe_maillog_line(line);
+                }
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+}
+
+/// New complete lines of `path` since `offset`; truncates a log that grew past [`MAX_LOG_BYTES`].
+fn read_from(path: &std::path::Path, offset: &mut u64) -> std::io::Result<String> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let len = f.metadata()?.len();
+    if len < *offset {
+        *offset = 0;
+    }
+    f.seek(SeekFrom::Start(*offset))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let complete = buf
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    buf.truncate(complete);
+    *offset += complete as u64;
+    if *offset > MAX_LOG_BYTES && *offset == len {
+        f.set_len(0)?;
+        *offset = 0;
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}

@@ -1,0 +1,235 @@
+//! Reads the mounted ConfigMaps and writes the role's Postfix/Dovecot files, compiling lmdb maps.
+//!
+//! Files are replaced atomically (write beside, then rename) and only when their content changes, so the
+//! caller knows exactly which reload, if any, a change needs.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::mailconfig::dovecot::{dovecot_conf, proxy_passdb, PROXY_PASSDB};
+use crate::mailconfig::layout::{Layout, Ports, Role};
+use crate::mailconfig::postfix::{main_cf, map_sources, master_cf};
+use crate::mailconfig::settings::{MailSettings, SETTINGS_KEY};
+use crate::mailconfig::tables::{data_hash, AccessTables};
+
+/// What the mounted ConfigMaps say.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    pub settings: MailSettings,
+    pub tables: AccessTables,
+    /// The tables' hash as the operator computes it (`data_hash` of the ConfigMap data).
+    pub tables_hash: String,
+}
+
+/// The files of a ConfigMap volume: every regular file whose name does not start with `.` (the kubelet's
+/// `..data` symlink and timestamped directories start with dots).
+pub fn read_configmap_dir(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut data = BTreeMap::new();
+    let entries = fs::read_dir(dir)
+        .with_context(|| format!("reading ConfigMap directory {}", dir.display()))?;
+    for entry in entries {
+        let entry =
+            entry.with_context(|| format!("reading ConfigMap directory {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        data.insert(name, text);
+    }
+    Ok(data)
+}
+
+/// Reads settings (`<config_dir>/settings.yaml`) and the access tables (`tables_dir`).
+pub fn read_inputs(config_dir: &Path, tables_dir: &Path) -> Result<Inputs> {
+    let settings_path = config_dir.join(SETTINGS_KEY);
+    let text = fs::read_to_string(&settings_path)
+        .with_context(|| format!("reading {}", settings_path.display()))?;
+    let settings = MailSettings::from_yaml(&text)
+        .with_context(|| format!("parsing {}", settings_path.display()))?;
+    if settings.hostname.trim().is_empty() || settings.hostname.contains(char::is_whitespace) {
+        bail!(
+            "{}: field `hostname` must be a host name, got {:?}",
+            settings_path.display(),
+            settings.hostname
+        );
+    }
+    if settings.max_message_bytes == 0 {
+        bail!(
+            "{}: field `maxMessageBytes` must be positive",
+            settings_path.display()
+        );
+    }
+    let data = read_configmap_dir(tables_dir)?;
+    let tables = AccessTables::from_data(&data)
+        .with_context(|| format!("parsing tables in {}", tables_dir.display()))?;
+    Ok(Inputs {
+        settings,
+        tables,
+        tables_hash: data_hash(&data),
+    })
+}
+
+/// Which rendered files changed in one [`apply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// main.cf or master.cf: needs `postfix reload` when Postfix runs.
+    pub postfix_config: bool,
+    /// lmdb maps recompiled (Postfix picks them up itself).
+    pub postfix_maps: Vec<String>,
+    /// dovecot.conf or the proxy passdb: needs `doveadm reload` when Dovecot runs.
+    pub dovecot: bool,
+}
+
+impl Changes {
+    pub fn any(&self) -> bool {
+        self.postfix_config || !self.postfix_maps.is_empty() || self.dovecot
+    }
+}
+
+/// Writes every file of `role` for `inputs`, compiling changed maps with `postmap`.
+pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Result<Changes> {
+    let mut changes = Changes::default();
+    if role.runs_postfix() {
+        let maps_dir = layout.postfix_maps();
+        fs::create_dir_all(&maps_dir)
+            .with_context(|| format!("creating {}", maps_dir.display()))?;
+        changes.postfix_config |= write_if_changed(
+            &layout.postfix_config.join("main.cf"),
+            &main_cf(role, &inputs.settings, layout, ports),
+        )?;
+        changes.postfix_config |= write_if_changed(
+            &layout.postfix_config.join("master.cf"),
+            &master_cf(role, ports),
+        )?;
+        for (name, text) in map_sources(&inputs.tables) {
+            let source = maps_dir.join(name);
+            let db = maps_dir.join(format!("{name}.lmdb"));
+            let current = fs::read_to_string(&source).ok();
+            if current.as_deref() == Some(text.as_str()) && db.exists() {
+                continue;
+            }
+            compile_map(&layout.postfix_config, &maps_dir, name, &text)?;
+            changes.postfix_maps.push(name.to_string());
+        }
+    }
+    if role.runs_dovecot() {
+        fs::create_dir_all(&layout.dovecot_config)
+            .with_context(|| format!("creating {}", layout.dovecot_config.display()))?;
+        let users = users_file(role, layout)?;
+        changes.dovecot |= write_if_changed(
+            &layout.dovecot_conf(),
+            &dovecot_conf(role, &inputs.settings, layout, ports, &users),
+        )?;
+        if matches!(role, Role::Imap | Role::Pop3) {
+            changes.dovecot |= write_if_changed(
+                &layout.dovecot_config.join(PROXY_PASSDB),
+                &proxy_passdb(role, &inputs.tables),
+            )?;
+        }
+    }
+    Ok(changes)
+}
+
+/// The users passwd-file: the mounted Secret, or (when none is mounted) an empty file of our own, so that
+/// Dovecot starts, delivers mail, and refuses every login until the Secret appears.
+fn users_file(role: Role, layout: &Layout) -> Result<PathBuf> {
+    if layout.users_file.is_file() || !matches!(role, Role::Store | Role::Submission) {
+        return Ok(layout.users_file.clone());
+    }
+    tracing::warn!(
+        path = %layout.users_file.display(),
+        "no users file mounted: every login and SMTP AUTH will be refused"
+    );
+    let empty = layout.dovecot_config.join("no-users");
+    write_if_changed(&empty, "")?;
+    Ok(empty)
+}
+
+/// `postmap` a map into `<name>.lmdb` beside its source. The database is built under a temporary name and
+/// renamed over the old one, so a Postfix process never opens a half-written map.
+fn compile_map(config_dir: &Path, maps_dir: &Path, name: &str, text: &str) -> Result<()> {
+    let tmp_source = maps_dir.join(format!(".{name}.new"));
+    fs::write(&tmp_source, text).with_context(|| format!("writing {}", tmp_source.display()))?;
+    let out = Command::new("postmap")
+        .arg("-c")
+        .arg(config_dir)
+        .arg(format!("lmdb:{}", tmp_source.display()))
+        .output()
+        .context("running postmap (is Postfix installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "postmap of map `{name}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let tmp_db = maps_dir.join(format!(".{name}.new.lmdb"));
+    fs::rename(&tmp_db, maps_dir.join(format!("{name}.lmdb")))
+        .with_context(|| format!("installing map `{name}`"))?;
+    fs::rename(&tmp_source, maps_dir.join(name))
+        .with_context(|| format!("installing map source `{name}`"))?;
+    Ok(())
+}
+
+/// Replaces `path` with `text` when it differs; true when it was written.
+pub fn write_if_changed(path: &Path, text: &str) -> Result<bool> {
+    match fs::read_to_string(path) {
+        Ok(current) if current == text => return Ok(false),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let tmp = path.with_extension("mailpod-new");
+    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configmap_dir_skips_kubelet_entries_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("..2024_01_01")).unwrap();
+        fs::write(dir.path().join("..data"), "x").unwrap();
+        fs::write(dir.path().join("domains"), "example.com\n").unwrap();
+        let data = read_configmap_dir(dir.path()).unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["domains"]);
+
+        fs::write(dir.path().join("luns"), "0 host 24\n").unwrap();
+        let cfg = tempfile::tempdir().unwrap();
+        fs::write(
+            cfg.path().join(SETTINGS_KEY),
+            "mailpod: corp\nhostname: mail.example.com\nmaxMessageBytes: 10\nconnectionRateLimit: 0\ndnsblThreshold: 1\ntls: false\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", read_inputs(cfg.path(), dir.path()).unwrap_err());
+        assert!(e.contains("key `luns` line 1"), "{e}");
+
+        fs::write(cfg.path().join(SETTINGS_KEY), "mailpod: corp\n").unwrap();
+        let e = format!("{:#}", read_inputs(cfg.path(), dir.path()).unwrap_err());
+        assert!(e.contains("settings.yaml") && e.contains("hostname"), "{e}");
+    }
+
+    #[test]
+    fn write_if_changed_reports_changes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("main.cf");
+        assert!(write_if_changed(&p, "a = 1\n").unwrap());
+        assert!(!write_if_changed(&p, "a = 1\n").unwrap());
+        assert!(write_if_changed(&p, "a = 2\n").unwrap());
+        assert_eq!(fs::read_to_string(&p).unwrap(), "a = 2\n");
+    }
+}

@@ -1,0 +1,486 @@
+//! The SiteFailover controller: thin I/O around the pure [`machine`]. Each tick reads this site's
+//! SiteFailover fresh, observes both sites ([`observe`]), probes the peer's front ends when a probe is due,
+//! decides, records the decision's status *before* acting (optimistic locking on the resourceVersion just
+//! read, so a peer's concurrent epoch write is never overwritten), carries out the actions ([`act`]) and
+//! records completion. A restart anywhere re-derives the same actions from the stored status.
+//!
+//! The mail path never waits on this: the data plane serves from its own ConfigMaps and LUNs; this only
+//! changes which site's stores are fenced and where the DNS names point.
+
+pub mod act;
+pub mod machine;
+pub mod observe;
+pub mod peer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use machine::{Action, Observation};
+use observe::{timed, SiteState};
+use peer::{FrontendProbe, PeerConnector, ProbeTarget};
+
+use crate::crd::{SiteFailover, SiteFailoverStatus};
+
+/// Field manager of this controller's applies: it owns `StorageLUN.spec.fenced`, mirrored MailPod specs
+/// and DNSEndpoints, apart from the MailPod controller's `mailpod-operator`.
+pub const FIELD_MANAGER: &str = "mailpod-operator-failover";
+/// Annotation asking for a failback: `mailpod.io/failback=requested` on either site's SiteFailover.
+pub const FAILBACK_ANNOTATION: &str = "mailpod.io/failback";
+pub const FAILBACK_REQUESTED: &str = "requested";
+
+/// What can stop a tick. Peer trouble is not here: an unreachable peer is an observation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Kube {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what}: no answer within {timeout:?}")]
+    Timeout { what: String, timeout: Duration },
+    /// The peer holds a higher epoch than the one this tick acted on; the next tick adopts it.
+    #[error("the peer holds epoch {epoch} (active site {active}); this site's decision is stale")]
+    Superseded { epoch: i64, active: String },
+    /// The SiteFailover was changed (by the peer telling us its epoch) between our read and our write.
+    #[error("SiteFailover {0} changed while deciding; deciding again")]
+    Conflict(String),
+    #[error("SiteFailover {0} has no namespace")]
+    MissingNamespace(String),
+}
+
+/// Current time, injectable so tests drive probes and RTO without sleeping.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// Per SiteFailover: when the peer was last probed, and its front-end addresses last read.
+type Memory = (Option<Timestamp>, Vec<ProbeTarget>);
+
+/// What every tick gets.
+pub struct Context {
+    pub client: Client,
+    /// This cluster's site name (`run --site`); a SiteFailover whose `spec.localSite` differs is refused.
+    pub site: String,
+    pub peers: Box<dyn PeerConnector>,
+    pub probe: Box<dyn FrontendProbe>,
+    pub clock: Box<dyn Clock>,
+    recorder: Recorder,
+    /// In memory only: the last probe per SiteFailover (status keeps it only while probes fail, so a healthy
+    /// steady state writes nothing), and the peer's front-end addresses last read through its API.
+    memory: Mutex<HashMap<String, Memory>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        site: impl Into<String>,
+        peers: Box<dyn PeerConnector>,
+        probe: Box<dyn FrontendProbe>,
+        clock: Box<dyn Clock>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            site: site.into(),
+            peers,
+            probe,
+            clock,
+            memory: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The production context: kubeconfig Secrets, greeting probes, the system clock.
+    pub fn production(client: Client, site: impl Into<String>) -> Self {
+        Self::new(
+            client,
+            site,
+            Box::<peer::KubeconfigPeers>::default(),
+            Box::<peer::GreetingProbe>::default(),
+            Box::new(SystemClock),
+        )
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, Memory>> {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn note(&self, sf: &SiteFailover, warning: bool, reason: &str, message: String) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(super::status::truncate(&message, 1024)),
+            action: "Failover".into(),
+            secondary: None,
+        };
+        // Events are for people; a lost one must not stop a failover.
+        if let Err(e) = self.recorder.publish(&event, &sf.object_ref(&())).await {
+            warn!(sitefailover = %sf.name_any(), error = %e, "cannot record event");
+        }
+    }
+}
+
+/// Writes `status` over the stored one if it differs, or when `confirm` (an unfence follows: the write's
+/// resourceVersion check proves no peer changed our epoch since we read it). Returns the new object.
+async fn record(
+    ctx: &Context,
+    sf: &SiteFailover,
+    status: &SiteFailoverStatus,
+    confirm: bool,
+    timeout: Duration,
+) -> Result<SiteFailover, Error> {
+    if sf.status.as_ref() == Some(status) && !confirm {
+        return Ok(sf.clone());
+    }
+    let ns = sf.namespace().unwrap_or_default();
+    let name = sf.name_any();
+    let api: Api<SiteFailover> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut next = sf.clone();
+    next.status = Some(status.clone());
+    match timed(
+        format!("SiteFailover {ns}/{name} status"),
+        timeout,
+        api.replace_status(&name, &PostParams::default(), &next),
+    )
+    .await
+    {
+        Err(Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 409 => Err(Error::Conflict(format!("{ns}/{name}"))),
+        other => other,
+    }
+}
+
+/// One tick for the SiteFailover `ns/name`; returns when to look again.
+pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Duration, Error> {
+    let api: Api<SiteFailover> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(sf) = timed(
+        format!("SiteFailover {ns}/{name}"),
+        Duration::from_secs(10),
+        api.get_opt(name),
+    )
+    .await?
+    else {
+        return Ok(Duration::from_secs(300));
+    };
+    let spec = &sf.spec;
+    let timeout = Duration::from_secs(u64::from(spec.detection.probe_timeout_seconds));
+    if let Err(errs) = spec.validate() {
+        ctx.note(&sf, true, "InvalidSpec", errs.to_string()).await;
+        return Ok(Duration::from_secs(300));
+    }
+    if spec.local_site != ctx.site {
+        ctx.note(
+            &sf,
+            true,
+            "WrongSite",
+            format!(
+                "spec.localSite is `{}` but this operator runs with --site {}",
+                spec.local_site, ctx.site
+            ),
+        )
+        .await;
+        return Ok(Duration::from_secs(300));
+    }
+    let key = format!("{ns}/{name}");
+    let peer_ns = spec
+        .peer
+        .namespace
+        .clone()
+        .unwrap_or_else(|| ns.to_string());
+    let now = ctx.clock.now();
+
+    // Observe: this site must be readable; the peer is whatever answers in time.
+    let local = SiteState::read(&ctx.client, ns, &sf, timeout, &ctx.site).await?;
+    let peer_client = match ctx.peers.connect(&ctx.client, &sf, timeout).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            info!(sitefailover = %key, error = %e, "peer API unreachable");
+            None
+        }
+    };
+    let peer = match &peer_client {
+        Some(c) => read_peer(c, &peer_ns, &sf, timeout).await,
+        None => None,
+    };
+    let status = sf.status.clone().unwrap_or_default();
+    let local_active = status.active_site.as_deref() == Some(ctx.site.as_str()) && status.epoch > 0;
+    let (last_probe, mut targets) = ctx.memory().get(&key).cloned().unwrap_or_default();
+    if let (Some(c), Some(_)) = (&peer_client, &peer) {
+        if let Ok(t) = observe::frontend_targets(c, &peer_ns, &sf, timeout).await {
+            if !t.is_empty() {
+                targets = t;
+            }
+        }
+    }
+    let last_probe = last_probe.max(
+        status
+            .last_probe_time
+            .as_deref()
+            .and_then(|t| t.parse().ok()),
+    );
+    let frontend_ok = if !local_active && machine::probe_due(spec, last_probe, now) {
+        let result = ctx.probe.check(&targets, timeout).await;
+        if let Err(e) = &result {
+            info!(sitefailover = %key, error = %e, "front-end probe of the peer failed");
+        }
+        ctx.memory()
+            .insert(key.clone(), (Some(now), targets.clone()));
+        Some(result.is_ok())
+    } else {
+        ctx.memory()
+            .insert(key.clone(), (last_probe, targets.clone()));
+        None
+    };
+    let peer_state = peer.as_ref().map(|(_, s)| s);
+    let lag = if local_active {
+        peer_state.and_then(SiteState::lag)
+    } else {
+        local.lag()
+    };
+    let obs = Observation {
+        now,
+        peer: peer.as_ref().map(|(p, _)| observe::peer_view(p.as_ref())),
+        frontend_ok,
+        tables: observe::table_hashes(&sf, &local, peer_state),
+        replication_lag_seconds: lag,
+        failback_requested: observe::failback_requested(&sf)
+            || peer
+                .as_ref()
+                .and_then(|(p, _)| p.as_ref())
+                .is_some_and(observe::failback_requested),
+        failover_requested: observe::failover_requested(&sf),
+        local_fencing: local.fencing(),
+    };
+
+    // Decide, record, act, record completion.
+    let mut status_in = status.clone();
+    status_in.observed_generation = sf.metadata.generation;
+    let decision = machine::decide(spec, &status_in, &obs);
+    let confirm = decision.actions.contains(&Action::FenceLocal(false));
+    let sf = record(ctx, &sf, &decision.status, confirm, timeout).await?;
+    for n in &decision.notes {
+        ctx.note(&sf, n.warning, n.reason, n.message.clone()).await;
+    }
+    let phase = decision.status.phase;
+    for action in &decision.actions {
+        match carry_out(
+            ctx,
+            &sf,
+            action,
+            &local,
+            peer_client.as_ref(),
+            peer_state,
+            ns,
+            &peer_ns,
+            timeout,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(e @ Error::Superseded { .. }) => return Err(e),
+            Err(e) if action.best_effort(phase) => {
+                info!(sitefailover = %key, action = ?action, error = %e, "peer step skipped (peer presumed lost)");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(after) = &decision.after {
+        record(ctx, &sf, after, false, timeout).await?;
+        if let Some(rec) = &after.last_failover {
+            let msg = format!(
+                "{} from {} to {} at epoch {} done: RTO {:.1} s, RPO {}",
+                rec.kind,
+                rec.from,
+                rec.to,
+                rec.epoch,
+                rec.rto_seconds.unwrap_or_default(),
+                rec.rpo_seconds
+                    .map_or("unknown".to_string(), |r| format!("{r:.1} s"))
+            );
+            ctx.note(&sf, false, "Completed", msg).await;
+        }
+    }
+    Ok(decision.requeue)
+}
+
+/// The peer's SiteFailover (same name) and state, or `None` when its API does not answer in time.
+async fn read_peer(
+    peer: &Client,
+    ns: &str,
+    sf: &SiteFailover,
+    timeout: Duration,
+) -> Option<(Option<SiteFailover>, SiteState)> {
+    let api: Api<SiteFailover> = Api::namespaced(peer.clone(), ns);
+    let site = &sf.spec.peer.name;
+    let peer_sf = timed(
+        format!("SiteFailover {ns}/{} at {site}", sf.name_any()),
+        timeout,
+        api.get_opt(&sf.name_any()),
+    )
+    .await
+    .ok()?;
+    let state = SiteState::read(peer, ns, sf, timeout, site).await.ok()?;
+    Some((peer_sf, state))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn carry_out(
+    ctx: &Context,
+    sf: &SiteFailover,
+    action: &Action,
+    local: &SiteState,
+    peer: Option<&Client>,
+    peer_state: Option<&SiteState>,
+    ns: &str,
+    peer_ns: &str,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let site = ctx.site.as_str();
+    let peer_site = sf.spec.peer.name.as_str();
+    let need_peer = || Error::Timeout {
+        what: format!("the API of site {peer_site}"),
+        timeout,
+    };
+    match action {
+        Action::FenceLocal(f) => {
+            let changed = act::fence(&ctx.client, ns, &local.luns, *f, timeout, site).await?;
+            if !changed.is_empty() {
+                let verb = if *f { "fenced" } else { "unfenced" };
+                ctx.note(
+                    sf,
+                    *f,
+                    if *f { "FencedStores" } else { "UnfencedStores" },
+                    format!("{verb} {}", changed.join(", ")),
+                )
+                .await;
+            }
+        }
+        Action::FencePeer(f) => {
+            let (c, s) = peer.zip(peer_state).ok_or_else(need_peer)?;
+            act::fence(c, peer_ns, &s.luns, *f, timeout, peer_site).await?;
+        }
+        Action::TellPeer { epoch, active_site } => {
+            let c = peer.ok_or_else(need_peer)?;
+            act::tell_peer(c, peer_ns, &sf.name_any(), *epoch, active_site, timeout).await?;
+        }
+        Action::MirrorFromPeer => {
+            let (c, s) = peer.zip(peer_state).ok_or_else(need_peer)?;
+            let changed =
+                act::mirror(&ctx.client, ns, c, peer_ns, s, local, peer_site, timeout).await?;
+            if !changed.is_empty() {
+                ctx.note(
+                    sf,
+                    false,
+                    "Mirrored",
+                    format!("from {peer_site}: {}", changed.join(", ")),
+                )
+                .await;
+            }
+        }
+        Action::PublishDns => {
+            let pending = act::publish_dns(&ctx.client, ns, sf, timeout).await?;
+            if !pending.is_empty() {
+                warn!(sitefailover = %sf.name_any(), names = ?pending, "DNS names wait for a load-balancer address");
+            }
+        }
+        Action::WithdrawDns => {
+            act::withdraw_dns(&ctx.client, ns, sf, timeout).await?;
+        }
+        Action::WithdrawPeerDns => {
+            let c = peer.ok_or_else(need_peer)?;
+            act::withdraw_dns(c, peer_ns, sf, timeout).await?;
+        }
+        Action::ClearFailbackRequest => {
+            act::clear_annotation(
+                &ctx.client,
+                ns,
+                &sf.name_any(),
+                FAILBACK_ANNOTATION,
+                timeout,
+            )
+            .await?;
+            if let Some(c) = peer {
+                act::clear_annotation(c, peer_ns, &sf.name_any(), FAILBACK_ANNOTATION, timeout)
+                    .await?;
+            }
+        }
+        Action::ClearFailoverRequest => {
+            act::clear_annotation(
+                &ctx.client,
+                ns,
+                &sf.name_any(),
+                crate::plugin::FAILOVER_ANNOTATION,
+                timeout,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn reconcile(sf: Arc<SiteFailover>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let ns = sf
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(sf.name_any()))?;
+    let next = reconcile_once(&ctx, &ns, &sf.name_any()).await?;
+    Ok(Requeue::requeue(next))
+}
+
+fn error_policy(sf: Arc<SiteFailover>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+    warn!(sitefailover = %sf.name_any(), error = %error, "site failover tick failed");
+    // Ticks are cheap and failover is time-critical: retry within a second.
+    Requeue::requeue(Duration::from_secs(1))
+}
+
+/// Runs the SiteFailover controller for this cluster's `site` until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    site: String,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let api: Api<SiteFailover> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let ctx = Arc::new(Context::production(client.clone(), site.clone()));
+    info!(site = %site, "SiteFailover controller starting");
+    // No watches beyond the SiteFailovers: each tick requeues itself at the probe interval, which is
+    // also how soon a changed access table at the active site is mirrored here.
+    Controller::new(api, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+    info!("SiteFailover controller stopped");
+    Ok(())
+}

@@ -1,0 +1,510 @@
+use super::*;
+use crate::crd::{Detection, FailoverPolicy, KeyRef, PeerSite, Targets};
+
+fn spec(local: &str) -> SiteFailoverSpec {
+    let peer = if local == "east" { "west" } else { "east" };
+    SiteFailoverSpec {
+        mail_pods: vec!["corp".into()],
+        local_site: local.into(),
+        peer: PeerSite {
+            name: peer.into(),
+            kubeconfig_secret: KeyRef {
+                name: "peer".into(),
+                key: "kubeconfig".into(),
+            },
+            namespace: None,
+        },
+        primary_site: "east".into(),
+        detection: Detection {
+            probe_interval_seconds: 5,
+            failure_threshold: 3,
+            probe_timeout_seconds: 2,
+        },
+        policy: FailoverPolicy::default(),
+        targets: Targets::default(),
+        dns: vec![],
+    }
+}
+
+fn t(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_700_000_000 + secs).unwrap()
+}
+
+fn peer(epoch: i64, active: &str) -> Option<PeerView> {
+    Some(PeerView {
+        epoch,
+        active_site: Some(active.into()),
+    })
+}
+
+fn obs(now: i64, peer: Option<PeerView>, frontend_ok: Option<bool>) -> Observation {
+    Observation {
+        now: t(now),
+        peer,
+        frontend_ok,
+        tables: vec![TableHashes {
+            mail_pod: "corp".into(),
+            local: Some("h1".into()),
+            peer: Some("h1".into()),
+        }],
+        replication_lag_seconds: Some(1.0),
+        failback_requested: false,
+        failover_requested: false,
+        local_fencing: LocalFencing::default(),
+    }
+}
+
+fn fenced() -> LocalFencing {
+    LocalFencing {
+        any_fenced: true,
+        any_unfenced: false,
+    }
+}
+fn unfenced() -> LocalFencing {
+    LocalFencing {
+        any_fenced: false,
+        any_unfenced: true,
+    }
+}
+
+/// The status the controller stores after a tick whose actions all succeeded.
+fn stored(d: &Decision) -> SiteFailoverStatus {
+    d.after.clone().unwrap_or_else(|| d.status.clone())
+}
+
+/// A west standby that has seen `failures` failed probes of east.
+fn standby_after_failures(failures: u32) -> SiteFailoverStatus {
+    let s = spec("west");
+    let mut st = stored(&decide(
+        &s,
+        &Default::default(),
+        &obs(0, peer(1, "east"), Some(true)),
+    ));
+    for i in 1..=failures {
+        let d = decide(&s, &st, &obs(5 * i64::from(i), None, Some(false)));
+        st = stored(&d);
+    }
+    st
+}
+
+#[test]
+fn new_pairing_starts_with_the_primary_active_at_epoch_1() {
+    let d = decide(&spec("east"), &Default::default(), &obs(0, None, None));
+    assert_eq!(d.status.epoch, 1);
+    assert_eq!(d.status.active_site.as_deref(), Some("east"));
+    assert_eq!(d.status.fenced, Some(false));
+    // Peer unreachable: the primary serves but is not protected.
+    assert_eq!(d.status.phase, FailoverPhase::Degraded);
+
+    let d = decide(
+        &spec("west"),
+        &Default::default(),
+        &obs(0, peer(1, "east"), Some(true)),
+    );
+    assert_eq!(d.status.active_site.as_deref(), Some("east"));
+    assert_eq!(d.status.phase, FailoverPhase::Healthy);
+    assert_eq!(d.status.fenced, Some(true));
+    assert!(d.actions.contains(&Action::MirrorFromPeer));
+    assert!(d.actions.contains(&Action::WithdrawDns));
+}
+
+#[test]
+fn a_new_site_adopts_the_peers_epoch() {
+    let d = decide(
+        &spec("east"),
+        &Default::default(),
+        &obs(0, peer(4, "west"), None),
+    );
+    assert_eq!(d.status.epoch, 4);
+    assert_eq!(d.status.active_site.as_deref(), Some("west"));
+    assert_eq!(d.status.phase, FailoverPhase::FailedOver);
+}
+
+#[test]
+fn standby_fences_its_stores_and_active_unfences_its_own() {
+    let mut o = obs(0, peer(1, "east"), Some(true));
+    o.local_fencing = unfenced();
+    let d = decide(&spec("west"), &Default::default(), &o);
+    assert!(d.actions.contains(&Action::FenceLocal(true)));
+
+    let mut o = obs(0, peer(1, "east"), None);
+    o.local_fencing = fenced();
+    let d = decide(&spec("east"), &Default::default(), &o);
+    assert!(d.actions.contains(&Action::FenceLocal(false)));
+    assert!(d.actions.contains(&Action::PublishDns));
+}
+
+#[test]
+fn steady_state_changes_nothing() {
+    let s = spec("west");
+    let first = stored(&decide(
+        &s,
+        &Default::default(),
+        &obs(0, peer(1, "east"), Some(true)),
+    ));
+    let mut o = obs(5, peer(1, "east"), Some(true));
+    o.local_fencing = fenced();
+    let d = decide(&s, &first, &o);
+    assert_eq!(d.status, first, "a healthy standby records nothing new");
+    assert!(d.after.is_none());
+    assert!(!d.actions.iter().any(|a| matches!(a, Action::FenceLocal(_))));
+}
+
+#[test]
+fn failover_happens_at_exactly_the_threshold() {
+    let s = spec("west");
+    let two = standby_after_failures(2);
+    assert_eq!(two.consecutive_probe_failures, 2);
+    assert_eq!(two.phase, FailoverPhase::Degraded);
+    assert_eq!(
+        two.active_site.as_deref(),
+        Some("east"),
+        "not before the threshold"
+    );
+    assert_eq!(two.probe_failing_since, Some(rfc3339(t(5))));
+
+    let d = decide(&s, &two, &obs(15, None, Some(false)));
+    assert_eq!(d.status.phase, FailoverPhase::FailingOver);
+    assert_eq!(d.status.epoch, 2);
+    assert_eq!(d.status.active_site.as_deref(), Some("west"));
+    let rec = d.status.last_failover.clone().unwrap();
+    assert_eq!(
+        (rec.from.as_str(), rec.to.as_str(), rec.epoch),
+        ("east", "west", 2)
+    );
+    assert_eq!(rec.rpo_seconds, Some(1.0), "RPO is the lag at promotion");
+    assert!(
+        rec.completed_at.is_none(),
+        "progress is recorded before acting"
+    );
+    // The peer is told and fenced before this site's stores go active.
+    let pos = |a: &Action| d.actions.iter().position(|x| x == a).unwrap();
+    assert!(pos(&Action::FencePeer(true)) < pos(&Action::FenceLocal(false)));
+    assert!(pos(&Action::FenceLocal(false)) < pos(&Action::PublishDns));
+
+    let done = d.after.unwrap();
+    assert_eq!(done.phase, FailoverPhase::FailedOver);
+    assert_eq!(done.fenced, Some(false));
+    // First failed probe at 5 s, promoted at 15 s.
+    assert_eq!(done.last_failover.unwrap().rto_seconds, Some(10.0));
+}
+
+#[test]
+fn a_successful_probe_resets_the_count() {
+    let s = spec("west");
+    let two = standby_after_failures(2);
+    let ok = stored(&decide(&s, &two, &obs(15, peer(1, "east"), Some(true))));
+    assert_eq!(ok.consecutive_probe_failures, 0);
+    assert_eq!(ok.probe_failing_since, None);
+    assert_eq!(ok.phase, FailoverPhase::Healthy);
+    let again = stored(&decide(&s, &ok, &obs(20, None, Some(false))));
+    assert_eq!(again.consecutive_probe_failures, 1);
+}
+
+#[test]
+fn ticks_without_a_probe_do_not_count() {
+    let s = spec("west");
+    let one = standby_after_failures(1);
+    let d = decide(&s, &one, &obs(6, None, None));
+    assert_eq!(d.status.consecutive_probe_failures, 1);
+    assert!(!probe_due(&s, parse(&one.last_probe_time), t(9)));
+    assert!(probe_due(&s, parse(&one.last_probe_time), t(10)));
+}
+
+#[test]
+fn api_loss_alone_never_fails_over() {
+    let s = spec("west");
+    let mut st = standby_after_failures(0);
+    for i in 1..10 {
+        st = stored(&decide(&s, &st, &obs(5 * i, None, Some(true))));
+    }
+    assert_eq!(st.active_site.as_deref(), Some("east"));
+    assert_eq!(st.phase, FailoverPhase::Degraded);
+    assert_eq!(st.peer_reachable, Some(false));
+}
+
+#[test]
+fn without_automatic_failover_the_standby_only_reports() {
+    let mut s = spec("west");
+    s.policy.automatic_failover = false;
+    let mut st = stored(&decide(
+        &s,
+        &Default::default(),
+        &obs(0, peer(1, "east"), Some(true)),
+    ));
+    let mut notes = vec![];
+    for i in 1..=5 {
+        let d = decide(&s, &st, &obs(5 * i, None, Some(false)));
+        notes.extend(d.notes.iter().map(|n| n.reason));
+        st = stored(&d);
+    }
+    assert_eq!(st.active_site.as_deref(), Some("east"));
+    assert_eq!(st.epoch, 1);
+    assert!(notes.contains(&"FailoverNeeded"));
+}
+
+#[test]
+fn a_failover_in_progress_is_resumed_from_the_stored_status() {
+    let s = spec("west");
+    let d = decide(&s, &standby_after_failures(2), &obs(15, None, Some(false)));
+    let recorded = d.status.clone();
+    // Restart: only the recorded status survives; the peer is still gone.
+    let again = decide(&s, &recorded, &obs(40, None, None));
+    assert_eq!(again.status.epoch, 2, "no second epoch bump");
+    assert!(again.actions.contains(&Action::FenceLocal(false)));
+    assert!(again.actions.contains(&Action::PublishDns));
+    let done = again.after.unwrap();
+    assert_eq!(done.phase, FailoverPhase::FailedOver);
+    assert_eq!(done.last_failover.unwrap().rto_seconds, Some(35.0));
+}
+
+#[test]
+fn best_effort_covers_only_peer_steps_of_a_failover() {
+    assert!(Action::FencePeer(true).best_effort(FailoverPhase::FailingOver));
+    assert!(!Action::FenceLocal(false).best_effort(FailoverPhase::FailingOver));
+    assert!(!Action::FencePeer(false).best_effort(FailoverPhase::FailingBack));
+}
+
+#[test]
+fn a_returning_primary_sees_the_higher_epoch_and_fences_itself() {
+    let s = spec("east");
+    let mut o = obs(0, peer(1, "east"), None);
+    o.local_fencing = fenced();
+    let east = stored(&decide(&s, &Default::default(), &o));
+    assert_eq!(east.active_site.as_deref(), Some("east"));
+
+    let mut back = obs(100, peer(2, "west"), None);
+    back.local_fencing = unfenced();
+    let d = decide(&s, &east, &back);
+    assert_eq!(d.status.epoch, 2);
+    assert_eq!(d.status.active_site.as_deref(), Some("west"));
+    assert_eq!(d.status.fenced, Some(true));
+    assert_eq!(d.status.phase, FailoverPhase::FailedOver);
+    assert!(d.actions.contains(&Action::FenceLocal(true)));
+    assert!(!d.actions.contains(&Action::PublishDns));
+    assert!(d.notes.iter().any(|n| n.reason == "Fenced"));
+}
+
+#[test]
+fn the_active_site_tells_and_fences_a_peer_with_an_older_epoch() {
+    let s = spec("west");
+    let mut st = standby_after_failures(2);
+    st = stored(&decide(&s, &st, &obs(15, None, Some(false))));
+    let d = decide(&s, &st, &obs(60, peer(1, "east"), None));
+    assert!(d.actions.contains(&Action::TellPeer {
+        epoch: 2,
+        active_site: "west".into()
+    }));
+    assert!(d.actions.contains(&Action::FencePeer(true)));
+    assert_eq!(d.status.active_site.as_deref(), Some("west"));
+}
+
+#[test]
+fn equal_epochs_with_two_claims_resolve_the_same_way_on_both_sites() {
+    let mut east = stored(&decide(
+        &spec("east"),
+        &Default::default(),
+        &obs(0, None, None),
+    ));
+    east.epoch = 2;
+    let mut west = east.clone();
+    west.active_site = Some("west".into());
+    let e = decide(&spec("east"), &east, &obs(1, peer(2, "west"), None));
+    let w = decide(&spec("west"), &west, &obs(1, peer(2, "east"), None));
+    assert_eq!(e.status.active_site, w.status.active_site);
+}
+
+/// West active at epoch 2 after a failover, east following and resynchronised.
+fn west_failed_over() -> (SiteFailoverSpec, SiteFailoverStatus) {
+    let s = spec("west");
+    let st = stored(&decide(
+        &s,
+        &standby_after_failures(2),
+        &obs(15, None, Some(false)),
+    ));
+    (s, st)
+}
+
+#[test]
+fn failback_is_manual_by_default_and_waits_for_resync() {
+    let (s, st) = west_failed_over();
+    let d = decide(&s, &st, &obs(100, peer(2, "west"), None));
+    assert_eq!(
+        d.status.phase,
+        FailoverPhase::FailedOver,
+        "no request: stays"
+    );
+
+    let mut o = obs(100, peer(2, "west"), None);
+    o.failback_requested = true;
+    o.replication_lag_seconds = Some(120.0);
+    let d = decide(&s, &st, &o);
+    assert_eq!(
+        d.status.phase,
+        FailoverPhase::FailedOver,
+        "lag above RPO: waits"
+    );
+    assert!(d.notes.iter().any(|n| n.reason == "FailbackWaiting"));
+
+    let mut o = obs(100, peer(2, "west"), None);
+    o.failback_requested = true;
+    o.tables[0].peer = Some("old".into());
+    assert_eq!(decide(&s, &st, &o).status.phase, FailoverPhase::FailedOver);
+}
+
+#[test]
+fn planned_failback_pauses_syncs_and_swaps_under_a_new_epoch() {
+    let (s, st) = west_failed_over();
+    let mut o = obs(100, peer(2, "west"), None);
+    o.failback_requested = true;
+    o.local_fencing = unfenced();
+    let d = decide(&s, &st, &o);
+    assert_eq!(d.status.phase, FailoverPhase::FailingBack);
+    assert_eq!(
+        d.status.active_site.as_deref(),
+        Some("west"),
+        "still serving until synced"
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::FenceLocal(true)],
+        "pause delivery first"
+    );
+    let paused = stored(&d);
+
+    // Final sync not done yet.
+    let mut o = obs(101, peer(2, "west"), None);
+    o.replication_lag_seconds = Some(0.5);
+    o.local_fencing = fenced();
+    let d = decide(&s, &paused, &o);
+    assert_eq!(d.status.phase, FailoverPhase::FailingBack);
+    assert!(d.after.is_none());
+
+    let mut o = obs(103, peer(2, "west"), None);
+    o.replication_lag_seconds = Some(0.0);
+    o.local_fencing = fenced();
+    let d = decide(&s, &paused, &o);
+    assert_eq!(d.status.epoch, 3);
+    assert_eq!(d.status.active_site.as_deref(), Some("east"));
+    assert!(d.actions.contains(&Action::TellPeer {
+        epoch: 3,
+        active_site: "east".into()
+    }));
+    assert!(d.actions.contains(&Action::FencePeer(false)));
+    assert!(d.actions.contains(&Action::ClearFailbackRequest));
+    let done = d.after.unwrap();
+    assert_eq!(done.phase, FailoverPhase::Healthy);
+    let rec = done.last_failover.unwrap();
+    assert_eq!(rec.kind, KIND_FAILBACK);
+    assert_eq!(
+        rec.rto_seconds,
+        Some(3.0),
+        "delivery paused from 100 s to 103 s"
+    );
+    assert_eq!(rec.rpo_seconds, Some(0.0));
+
+    // Restart between recording the swap and handing over: the hand-over is repeated.
+    let resumed = decide(&s, &d.status, &obs(104, peer(2, "west"), None));
+    assert!(resumed.actions.contains(&Action::FencePeer(false)));
+    assert_eq!(resumed.after.unwrap().phase, FailoverPhase::Healthy);
+}
+
+#[test]
+fn failback_gives_up_and_resumes_delivery_when_the_final_sync_stalls() {
+    let (s, st) = west_failed_over();
+    let mut o = obs(100, peer(2, "west"), None);
+    o.failback_requested = true;
+    let paused = stored(&decide(&s, &st, &o));
+    let mut o = obs(100 + 61, peer(2, "west"), None);
+    o.replication_lag_seconds = Some(3.0);
+    o.local_fencing = fenced();
+    let d = decide(&s, &paused, &o);
+    assert!(d.actions.contains(&Action::FenceLocal(false)));
+    assert_eq!(d.status.phase, FailoverPhase::FailedOver);
+    assert_eq!(d.status.active_site.as_deref(), Some("west"));
+    assert!(d.notes.iter().any(|n| n.reason == "FailbackAborted"));
+}
+
+#[test]
+fn automatic_failback_needs_no_request() {
+    let (mut s, st) = west_failed_over();
+    s.policy.automatic_failback = true;
+    let d = decide(&s, &st, &obs(100, peer(2, "west"), None));
+    assert_eq!(d.status.phase, FailoverPhase::FailingBack);
+}
+
+#[test]
+fn the_primary_adopts_a_handover() {
+    let s = spec("east");
+    let mut o = obs(0, peer(2, "west"), None);
+    o.local_fencing = fenced();
+    let east = stored(&decide(&s, &Default::default(), &o));
+    assert_eq!(east.fenced, Some(true));
+    let mut o = obs(10, peer(3, "east"), None);
+    o.local_fencing = fenced();
+    let d = decide(&s, &east, &o);
+    assert_eq!(d.status.active_site.as_deref(), Some("east"));
+    assert_eq!(d.status.phase, FailoverPhase::Healthy);
+    assert!(d.actions.contains(&Action::FenceLocal(false)));
+    assert!(d.notes.iter().any(|n| n.reason == "HandedOver"));
+}
+
+#[test]
+fn tables_in_sync_and_last_sync_time() {
+    let s = spec("west");
+    let mut o = obs(0, peer(1, "east"), Some(true));
+    o.tables[0].local = Some("old".into());
+    let st = stored(&decide(&s, &Default::default(), &o));
+    assert_eq!(st.access_tables_in_sync, Some(false));
+    assert_eq!(st.last_table_sync, None);
+    let st = stored(&decide(&s, &st, &obs(7, peer(1, "east"), None)));
+    assert_eq!(st.access_tables_in_sync, Some(true));
+    assert_eq!(st.last_table_sync, Some(rfc3339(t(7))));
+    assert_eq!(st.local_access_tables_hash.as_deref(), Some("h1"));
+    // Still equal later: the sync time stays (nothing to write).
+    let again = stored(&decide(&s, &st, &obs(20, peer(1, "east"), None)));
+    assert_eq!(again.last_table_sync, Some(rfc3339(t(7))));
+    // Several MailPods: one combined hash, in sync only when all are.
+    let mut o = obs(30, peer(1, "east"), None);
+    o.tables.push(TableHashes {
+        mail_pod: "ops".into(),
+        local: Some("a".into()),
+        peer: None,
+    });
+    let st = stored(&decide(&s, &again, &o));
+    assert_eq!(st.access_tables_in_sync, Some(false));
+    assert!(st.peer_access_tables_hash.is_none());
+}
+
+#[test]
+fn a_requested_promotion_needs_failing_front_ends_and_then_skips_the_threshold() {
+    let mut s = spec("west");
+    s.policy.automatic_failover = false;
+    // Healthy primary: the request is refused and cleared; nothing is promoted.
+    let st = standby_after_failures(0);
+    let mut o = obs(10, peer(1, "east"), Some(true));
+    o.failover_requested = true;
+    let d = decide(&s, &st, &o);
+    assert_eq!(stored(&d).active_site.as_deref(), Some("east"));
+    assert!(d.notes.iter().any(|n| n.reason == "PromoteRefused"));
+    assert!(d.actions.contains(&Action::ClearFailoverRequest));
+    assert!(!d.actions.contains(&Action::FenceLocal(false)));
+
+    // One failed probe of three, automatic failover off: only the request promotes.
+    let st = standby_after_failures(1);
+    let d = decide(&s, &st, &obs(10, None, Some(false)));
+    assert_eq!(
+        stored(&d).active_site.as_deref(),
+        Some("east"),
+        "no request, no promotion"
+    );
+    let mut o = obs(10, None, Some(false));
+    o.failover_requested = true;
+    let d = decide(&s, &st, &o);
+    let after = stored(&d);
+    assert_eq!(after.active_site.as_deref(), Some("west"));
+    assert_eq!(after.epoch, st.epoch + 1);
+    assert!(d.actions.contains(&Action::FenceLocal(false)));
+    assert!(d.actions.contains(&Action::ClearFailoverRequest));
+    assert!(d.notes.iter().any(|n| n.message.contains("on request")));
+}

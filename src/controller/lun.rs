@@ -1,0 +1,469 @@
+//! The StorageLUN controller: validate -> build the store objects (pure) -> Server-Side Apply (skipping
+//! what is already as desired) -> observe the store pods -> move the `mailpod.io/role` label as the
+//! failover decision says -> write status, only when it changed.
+//!
+//! Status is written by JSON merge patch of the fields this controller owns, with explicit nulls for
+//! cleared ones: the snapshot job owns `snapshots` and `lastSnapshot` and writes them with its own patch,
+//! so neither overwrites the other and no resourceVersion race arises.
+
+pub mod failover;
+pub mod replicas;
+pub mod replication;
+pub mod reports;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ApiResource, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use super::apply::{self, LiveChildren};
+use super::{Context, Error, Result};
+use crate::crd::{
+    condition, set_condition, ReplicaStatus, ReplicationMethod, StorageLUN, StorageLUNStatus,
+    ValidationErrors,
+};
+use crate::names::{annotations, labels as l};
+use crate::resources::store;
+use failover::{Decision, Role};
+
+/// Safety-net resync; pod and child changes arrive as watch events sooner.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// Kinds a StorageLUN owns and applies.
+pub fn lun_child_kinds() -> Vec<ApiResource> {
+    vec![
+        ApiResource::erase::<ServiceAccount>(&()),
+        ApiResource::erase::<RbacRole>(&()),
+        ApiResource::erase::<RoleBinding>(&()),
+        ApiResource::erase::<Service>(&()),
+        ApiResource::erase::<CronJob>(&()),
+        ApiResource::erase::<StatefulSet>(&()),
+    ]
+}
+
+/// Status fields this controller owns (everything but the snapshot job's).
+const OWNED_STATUS_FIELDS: &[&str] = &[
+    "conditions",
+    "observedGeneration",
+    "users",
+    "targetActive",
+    "currentActive",
+    "needsResync",
+    "replicas",
+    "replicationLagSeconds",
+    "lastPromotion",
+];
+
+/// Reconciles one StorageLUN.
+pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.stats
+        .reconciles
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if lun.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let name = lun.name_any();
+    let ns = lun
+        .namespace()
+        .ok_or_else(|| Error::MissingNamespace(format!("StorageLUN {name}")))?;
+    if let Err(errs) = lun.validate() {
+        return reject(&ctx, &lun, errs).await;
+    }
+
+    let desired = store::build(&lun, &ctx.config.default_image);
+    let selector = format!("{}={name}", l::LUN);
+    let live = LiveChildren::list(
+        &ctx.client,
+        &ns,
+        &lun_child_kinds(),
+        &selector,
+        &lun.uid().unwrap_or_default(),
+    )
+    .await?;
+    let report = apply::apply_children(&ctx.client, &ns, &desired, &live).await?;
+    if report.changed() {
+        let mut parts = vec![];
+        if !report.created.is_empty() {
+            parts.push(format!("created {}", report.created.join(", ")));
+        }
+        if !report.updated.is_empty() {
+            parts.push(format!("updated {}", report.updated.join(", ")));
+        }
+        publish(
+            &ctx,
+            &lun,
+            EventType::Normal,
+            "Applied",
+            "Apply",
+            parts.join("; "),
+        )
+        .await;
+    }
+    let replication_issue = if lun.spec.replication.method == ReplicationMethod::Volume {
+        replication::apply(&ctx.client, &lun).await?
+    } else {
+        None
+    };
+
+    // Observe the store pods and decide who serves.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod_list = pods
+        .list(&ListParams::default().labels(&format!(
+            "{selector},{}={}",
+            l::COMPONENT,
+            store::COMPONENT
+        )))
+        .await
+        .map_err(|source| Error::Read {
+            what: format!("store pods of StorageLUN {name}"),
+            source,
+        })?;
+    let reports = reports::collect(ctx.replication.as_ref(), &pod_list.items).await;
+    let now = Timestamp::now();
+    let observed = replicas::observe(
+        &name,
+        &pod_list.items,
+        &reports,
+        lun.spec.replication.sync_interval_seconds,
+        now,
+    );
+    let current = lun.status.clone().unwrap_or_default();
+    let decision = failover::decide(&lun.spec, &current, &observed, now);
+    actuate(&pods, &decision).await?;
+    for note in &decision.notes {
+        let type_ = if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(
+            &ctx,
+            &lun,
+            type_,
+            note.reason,
+            "Failover",
+            note.message.clone(),
+        )
+        .await;
+    }
+
+    let status = compute_status(&lun, &current, &decision, &observed, replication_issue, now);
+    write_status(&ctx, &lun, &current, &status).await?;
+    ctx.reset_failures(lun.as_ref());
+    Ok(match decision.requeue_after {
+        Some(d) => Action::requeue(d),
+        None if report.changed() => Action::requeue(Duration::from_secs(5)),
+        None => Action::requeue(RESYNC),
+    })
+}
+
+/// Moves role labels (and writes the promotion mark) as decided. The promoted pod is labelled before
+/// the old one is unlabelled only in the sense that both are in one pass; the Service never selects two
+/// ready replicas because the old active is unready by the time it is replaced.
+async fn actuate(pods: &Api<Pod>, d: &Decision) -> Result<()> {
+    for (pod, role) in &d.roles {
+        let mut patch = json!({ "metadata": { "labels": { l::ROLE: role.as_str() } } });
+        if let Some((target, mark)) = &d.mark {
+            if target == pod && *role == Role::Active {
+                patch["metadata"]["annotations"] = json!({
+                    annotations::PROMOTED_FROM: mark.from,
+                    annotations::LOST_AT: mark.lost_at.to_string(),
+                });
+            }
+        }
+        match pods
+            .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            // Deleted between list and patch: its successor is labelled on the next pass.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Apply {
+                    kind: "Pod",
+                    name: pod.clone(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+fn compute_status(
+    lun: &StorageLUN,
+    current: &StorageLUNStatus,
+    d: &Decision,
+    observed: &[failover::Replica],
+    replication_issue: Option<String>,
+    now: Timestamp,
+) -> StorageLUNStatus {
+    let generation = lun.metadata.generation;
+    let t = Time(now);
+    let mut s = current.clone();
+    s.observed_generation = generation;
+    s.users = lun.spec.mailboxes.len() as i32;
+    s.target_active = d.target_active.clone();
+    s.current_active = d.current_active.clone();
+    s.needs_resync = d.needs_resync.clone();
+    s.last_promotion = d.last_promotion.clone();
+    s.replicas = observed
+        .iter()
+        .map(|r| {
+            let active = d.current_active.as_deref() == Some(r.name.as_str());
+            ReplicaStatus {
+                name: r.name.clone(),
+                role: if active { Role::Active } else { Role::Standby }
+                    .as_str()
+                    .into(),
+                ready: r.ready,
+                lag_seconds: if active { None } else { r.lag_seconds },
+            }
+        })
+        .collect();
+    s.replication_lag_seconds = s
+        .replicas
+        .iter()
+        .filter_map(|r| r.lag_seconds)
+        .reduce(f64::max);
+    let c = &mut s.conditions;
+    match &d.degraded {
+        Some((reason, message)) => set_condition(
+            c,
+            condition::DEGRADED,
+            true,
+            reason,
+            message.clone(),
+            generation,
+            t.clone(),
+        ),
+        None => set_condition(
+            c,
+            condition::DEGRADED,
+            false,
+            "Serving",
+            "an active replica serves",
+            generation,
+            t.clone(),
+        ),
+    }
+    match (&replication_issue, &d.degraded) {
+        (Some(issue), _) => set_condition(
+            c,
+            condition::READY,
+            false,
+            "ReplicationUnavailable",
+            issue.clone(),
+            generation,
+            t.clone(),
+        ),
+        (None, Some((reason, message))) => set_condition(
+            c,
+            condition::READY,
+            false,
+            reason,
+            message.clone(),
+            generation,
+            t.clone(),
+        ),
+        (None, None) => set_condition(
+            c,
+            condition::READY,
+            true,
+            "Serving",
+            format!("{} serves", d.current_active.as_deref().unwrap_or_default()),
+            generation,
+            t.clone(),
+        ),
+    }
+    let progressing = d.target_active != d.current_active;
+    set_condition(
+        c,
+        condition::PROGRESSING,
+        progressing,
+        if progressing {
+            failover::REASON_PROMOTING
+        } else {
+            "Settled"
+        },
+        if progressing {
+            "promotion in progress"
+        } else {
+            "roles settled"
+        },
+        generation,
+        t,
+    );
+    s
+}
+
+/// Writes the owned part of `status` when it differs from what is stored.
+async fn write_status(
+    ctx: &Context,
+    lun: &StorageLUN,
+    current: &StorageLUNStatus,
+    status: &StorageLUNStatus,
+) -> Result<bool> {
+    if current == status {
+        return Ok(false);
+    }
+    let mut body = serde_json::to_value(status).map_err(|source| Error::Decode {
+        what: format!("status of StorageLUN {}", lun.name_any()),
+        source,
+    })?;
+    let obj = body.as_object_mut().expect("status is an object");
+    obj.retain(|k, _| OWNED_STATUS_FIELDS.contains(&k.as_str()));
+    for field in OWNED_STATUS_FIELDS {
+        obj.entry(field.to_string()).or_insert(Value::Null);
+    }
+    let api: Api<StorageLUN> =
+        Api::namespaced(ctx.client.clone(), &lun.namespace().unwrap_or_default());
+    api.patch_status(
+        &lun.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": body })),
+    )
+    .await
+    .map_err(|source| Error::Status { source })?;
+    Ok(true)
+}
+
+async fn publish(
+    ctx: &Context,
+    lun: &StorageLUN,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate_note(&note)),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &lun.object_ref(&())).await {
+        warn!(lun = %lun.name_any(), error = %e, "cannot record event");
+    }
+}
+
+/// An invalid spec: Ready=False naming the field, children and pods left as they are, no retry until the
+/// LUN changes.
+async fn reject(ctx: &Context, lun: &StorageLUN, errs: ValidationErrors) -> Result<Action> {
+    let current = lun.status.clone().unwrap_or_default();
+    let mut status = current.clone();
+    let generation = lun.metadata.generation;
+    status.observed_generation = generation;
+    let message = truncate_note(&errs.to_string());
+    let now = Time(Timestamp::now());
+    set_condition(
+        &mut status.conditions,
+        condition::READY,
+        false,
+        condition::REASON_INVALID_SPEC,
+        message,
+        generation,
+        now.clone(),
+    );
+    set_condition(
+        &mut status.conditions,
+        condition::PROGRESSING,
+        false,
+        condition::REASON_INVALID_SPEC,
+        "waiting for a valid spec; existing objects are left as they are",
+        generation,
+        now,
+    );
+    if write_status(ctx, lun, &current, &status).await? {
+        publish(
+            ctx,
+            lun,
+            EventType::Warning,
+            "InvalidSpec",
+            "Validate",
+            errs.to_string(),
+        )
+        .await;
+    }
+    info!(lun = %lun.name_any(), field = errs.first_path().unwrap_or("spec"), "invalid spec; objects left untouched");
+    ctx.stats
+        .invalid
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(Action::await_change())
+}
+
+/// Transient failures are retried with the shared per-object backoff; an invalid spec waits for a change.
+pub fn error_policy(lun: Arc<StorageLUN>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = super::mailpod::backoff(ctx.record_failure(lun.as_ref()));
+    warn!(lun = %lun.name_any(), error = %error, kind = error.metric_label(), "reconcile failed");
+    ctx.stats
+        .failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match error {
+        Error::InvalidSpec(_) => Action::await_change(),
+        _ => Action::requeue(delay),
+    }
+}
+
+/// Event notes are limited to 1 KiB by the API server.
+pub fn truncate_note(note: &str) -> String {
+    const MAX: usize = 1024;
+    if note.len() <= MAX {
+        return note.to_string();
+    }
+    let mut end = MAX - 3;
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &note[..end])
+}
+
+/// Runs the StorageLUN controller until `shutdown` resolves. Store pods are watched too: readiness and the
+/// agent's replication reports arrive as pod changes, mapped to their LUN by the `mailpod.io/lun` label.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures::StreamExt;
+    use kube::runtime::reflector::ObjectRef;
+    use kube::runtime::{watcher, Controller};
+    let client = ctx.client.clone();
+    let luns: Api<StorageLUN> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let pods: Api<Pod> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let statefulsets: Api<StatefulSet> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let store_pods = watcher::Config::default()
+        .labels(&format!("{}={}", l::COMPONENT, store::COMPONENT))
+        .any_semantic();
+    Controller::new(luns, watcher::Config::default().any_semantic())
+        .owns(statefulsets, watcher::Config::default().any_semantic())
+        .watches(pods, store_pods, |pod: Pod| {
+            let lun = pod.labels().get(l::LUN).cloned();
+            lun.map(|name| ObjectRef::new(&name).within(&pod.namespace().unwrap_or_default()))
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}

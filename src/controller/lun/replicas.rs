@@ -1,0 +1,178 @@
+//! Store pods as the failover decision sees them: readiness, role label, and the replication state their
+//! agents report.
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use std::collections::BTreeMap;
+
+use super::failover::{PromotionMark, Replica, Role};
+use super::reports::ReplicationReport;
+use crate::names::{annotations as a, labels as l};
+
+/// A sync report older than this many sync intervals no longer vouches for the lag it states.
+const STALE_INTERVALS: f64 = 3.0;
+
+/// The ordinal of `pod` in the LUN's StatefulSet (`corp-lun-0-2` -> 2).
+pub fn ordinal(lun: &str, pod: &str) -> Option<i32> {
+    pod.strip_prefix(lun)?.strip_prefix('-')?.parse().ok()
+}
+
+/// Replicas of `lun` observed from its pods, sorted by ordinal. Pods being deleted are left out: they no
+/// longer serve, and a successor with the same name will be observed instead.
+pub fn observe(
+    lun: &str,
+    pods: &[Pod],
+    reports: &BTreeMap<String, ReplicationReport>,
+    sync_interval_seconds: u32,
+    now: Timestamp,
+) -> Vec<Replica> {
+    let mut out: Vec<Replica> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            replica(
+                lun,
+                p,
+                reports.get(&p.name_any()),
+                sync_interval_seconds,
+                now,
+            )
+        })
+        .collect();
+    out.sort_by_key(|r| r.ordinal);
+    out
+}
+
+fn replica(
+    lun: &str,
+    pod: &Pod,
+    report: Option<&ReplicationReport>,
+    sync_interval_seconds: u32,
+    now: Timestamp,
+) -> Option<Replica> {
+    let name = pod.name_any();
+    let ordinal = ordinal(lun, &name)?;
+    let ready_condition = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    let ready = ready_condition.is_some_and(|c| c.status == "True");
+    let unready_since = (!ready).then(|| {
+        ready_condition
+            .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0))
+            .or(pod.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            .unwrap_or(now)
+    });
+    let ann = pod.annotations();
+    let time = |key: &str| ann.get(key).and_then(|v| v.parse::<Timestamp>().ok());
+    let synced_at = report
+        .and_then(|r| r.last_sync_unix_seconds)
+        .filter(|s| s.is_finite())
+        .and_then(|s| Timestamp::from_millisecond((s * 1000.0) as i64).ok());
+    let reported_lag = report
+        .and_then(|r| r.lag_seconds)
+        .filter(|l| l.is_finite() && *l >= 0.0);
+    // An agent that stopped reporting must not keep a small lag forever: past a few sync intervals the
+    // report's age is the better bound on how far behind it is.
+    let lag_seconds = match (reported_lag, synced_at) {
+        (Some(lag), Some(at)) => {
+            let age = (now.as_millisecond() - at.as_millisecond()).max(0) as f64 / 1000.0;
+            if age > STALE_INTERVALS * f64::from(sync_interval_seconds) {
+                Some(lag.max(age))
+            } else {
+                Some(lag)
+            }
+        }
+        (lag, _) => lag,
+    };
+    let promotion = match (ann.get(a::PROMOTED_FROM), time(a::LOST_AT)) {
+        (Some(from), Some(lost_at)) => Some(PromotionMark {
+            from: from.clone(),
+            lost_at,
+        }),
+        _ => None,
+    };
+    Some(Replica {
+        name,
+        ordinal,
+        ready,
+        role: pod.labels().get(l::ROLE).and_then(|r| Role::parse(r)),
+        unready_since,
+        lag_seconds,
+        in_sync: report.is_some_and(|r| r.in_sync),
+        synced_at,
+        promotion,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ready: bool) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"mailpod.io/role": "standby"}},
+            "status": {"conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"},
+                                        "lastTransitionTime": "2024-01-01T00:00:00Z"}]}
+        }))
+        .unwrap()
+    }
+
+    fn report(pod: &str, lag: f64, at: &str, in_sync: bool) -> BTreeMap<String, ReplicationReport> {
+        let at: Timestamp = at.parse().unwrap();
+        BTreeMap::from([(
+            pod.to_string(),
+            serde_json::from_value(serde_json::json!({
+                "role": "standby", "source": "corp-lun-0:12345", "lagSeconds": lag,
+                "lastSyncUnixSeconds": at.as_second() as f64, "inSync": in_sync
+            }))
+            .unwrap(),
+        )])
+    }
+
+    #[test]
+    fn reads_readiness_role_and_agent_reports() {
+        let now: Timestamp = "2024-01-01T00:00:10Z".parse().unwrap();
+        let pods = vec![
+            pod("corp-lun-0-1", true),
+            pod("corp-lun-0-0", false),
+            pod("other-0", true),
+        ];
+        let reports = report("corp-lun-0-1", 1.5, "2024-01-01T00:00:08Z", true);
+        let r = observe("corp-lun-0", &pods, &reports, 5, now);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].ordinal, r[0].ready), (0, false));
+        assert_eq!(
+            r[0].unready_since,
+            Some("2024-01-01T00:00:00Z".parse().unwrap())
+        );
+        assert_eq!(r[1].lag_seconds, Some(1.5));
+        assert_eq!(r[1].role, Some(Role::Standby));
+        assert!(r[1].in_sync);
+        assert_eq!(
+            r[1].synced_at,
+            Some("2024-01-01T00:00:08Z".parse().unwrap())
+        );
+        assert!(!r[0].in_sync, "no report: not in sync");
+    }
+
+    #[test]
+    fn a_stale_lag_report_is_bounded_by_its_age() {
+        let now: Timestamp = "2024-01-01T00:10:00Z".parse().unwrap();
+        let pods = vec![pod("corp-lun-0-1", true)];
+        let reports = report("corp-lun-0-1", 0.2, "2024-01-01T00:00:00Z", true);
+        assert_eq!(
+            observe("corp-lun-0", &pods, &reports, 5, now)[0].lag_seconds,
+            Some(600.0)
+        );
+    }
+
+    #[test]
+    fn ordinals_need_the_exact_lun_prefix() {
+        assert_eq!(ordinal("corp-lun-1", "corp-lun-1-3"), Some(3));
+        assert_eq!(ordinal("corp-lun-1", "corp-lun-10-3"), None);
+    }
+}

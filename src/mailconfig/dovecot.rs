@@ -1,0 +1,251 @@
+//! Dovecot configuration: the `store` (LMTP, IMAP, POP3 on Maildir), the `imap`/`pop3` proxies that route
+//! each user to their LUN's store, and the auth-only instance behind `submission`'s SASL.
+//!
+//! Passwords: stores and submission read the users Secret (Dovecot passwd-file lines
+//! `address:{SCHEME}hash`, e.g. from `doveadm pw -s SHA512-CRYPT`). The proxies hold no passwords: their
+//! passdb says `proxy=y host=... nopassword=y`, so the store behind verifies the password the client gave.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::layout::{Layout, Ports, Role};
+use super::settings::MailSettings;
+use super::tables::AccessTables;
+
+/// File name (under [`Layout::dovecot_config`]) of the proxy passdb the imap/pop3 roles render from the tables.
+pub const PROXY_PASSDB: &str = "proxy-passdb";
+
+/// The proxy passdb of the imap or pop3 role: one passwd-file line per mailbox whose LUN has an endpoint.
+/// Dovecot re-reads a passwd-file when its modification time changes, so an update needs no reload.
+pub fn proxy_passdb(role: Role, tables: &AccessTables) -> String {
+    let mut out = String::new();
+    for (mailbox, lun) in &tables.mailboxes {
+        let Some(e) = tables.luns.get(lun) else {
+            continue;
+        };
+        let port = match role {
+            Role::Pop3 => e.pop3_port,
+            _ => e.imap_port,
+        };
+        let _ = writeln!(
+            out,
+            "{mailbox}:::::::proxy=y host={} port={port} nopassword=y",
+            e.host
+        );
+    }
+    out
+}
+
+/// dovecot.conf for `role`; `users` is the passwd-file with the users' password hashes (store, submission).
+pub fn dovecot_conf(
+    role: Role,
+    settings: &MailSettings,
+    layout: &Layout,
+    ports: &Ports,
+    users: &Path,
+) -> String {
+    let listen = if ports.listen == "0.0.0.0" {
+        "*, ::".to_string()
+    } else {
+        ports.listen.clone()
+    };
+    let protocols = match role {
+        Role::Store => "imap pop3 lmtp",
+        Role::Imap => "imap",
+        Role::Pop3 => "pop3",
+        Role::Submission | Role::Mx => "none",
+    };
+    let mut out = format!(
+        "# Rendered by mailpod-operator agent for role {role} of MailPod {}; edits are overwritten.\n",
+        settings.mailpod
+    );
+    let mut set = |k: &str, v: &str| {
+        let _ = writeln!(out, "{k} = {v}");
+    };
+    set("base_dir", &layout.dovecot_base.display().to_string());
+    set("state_dir", &layout.dovecot_state.display().to_string());
+    set("log_path", &layout.dovecot_log().display().to_string());
+    set("protocols", protocols);
+    set("listen", &listen);
+    set("hostname", &settings.hostname);
+    set("default_internal_user", "dovecot");
+    set("default_login_user", "dovenull");
+    set("auth_mechanisms", "plain login");
+    // Front ends terminate TLS; stores sit behind the NetworkPolicy and take the proxies' plaintext logins.
+    let tls_front = settings.tls && matches!(role, Role::Imap | Role::Pop3);
+    if tls_front {
+        set("ssl", "required");
+        set(
+            "ssl_cert",
+            &format!("<{}", layout.tls_dir.join("tls.crt").display()),
+        );
+        set(
+            "ssl_key",
+            &format!("<{}", layout.tls_dir.join("tls.key").display()),
+        );
+        set("disable_plaintext_auth", "yes");
+    } else {
+        set("ssl", "no");
+        set("disable_plaintext_auth", "no");
+    }
+    let uid = layout.mail_uid.to_string();
+    let gid = layout.mail_gid.to_string();
+    set("mail_uid", &uid);
+    set("mail_gid", &gid);
+    set("first_valid_uid", &uid);
+    set("first_valid_gid", &gid);
+    let passdb = match role {
+        Role::Imap | Role::Pop3 => layout.dovecot_config.join(PROXY_PASSDB),
+        _ => users.to_path_buf(),
+    };
+    let _ = writeln!(
+        out,
+        "passdb {{\n  driver = passwd-file\n  args = {}\n}}",
+        passdb.display()
+    );
+    let home = layout.mail_root.join("%d").join("%n");
+    // The operator's mailbox table decides who exists; a mailbox routed here without a password entry
+    // still receives mail (allow_all_users), it just cannot log in yet.
+    let _ = writeln!(
+        out,
+        "userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={} allow_all_users=yes\n}}",
+        home.display()
+    );
+    match role {
+        Role::Store => {
+            out.push_str("mail_location = maildir:~/Maildir\n");
+            out.push_str("pop3_uidl_format = %08Xu%08Xv\n");
+            let _ = writeln!(
+                out,
+                "protocol lmtp {{\n  postmaster_address = postmaster@{}\n}}",
+                settings.hostname
+            );
+            // LMTP answers on a unix socket only; the agent's pause gate owns the TCP port (see agent::lmtp_gate).
+            out.push_str("service lmtp {\n  unix_listener lmtp {\n    mode = 0600\n  }\n}\n");
+            login_listener(&mut out, "imap", ports.imap);
+            login_listener(&mut out, "pop3", ports.pop3);
+        }
+        Role::Imap => login_listener(&mut out, "imap", ports.imap),
+        Role::Pop3 => login_listener(&mut out, "pop3", ports.pop3),
+        Role::Submission => {
+            let _ = writeln!(
+                out,
+                "service auth {{\n  unix_listener {} {{\n    mode = 0660\n    user = postfix\n    group = postfix\n  }}\n}}",
+                layout.sasl_socket().display()
+            );
+        }
+        Role::Mx => {}
+    }
+    out
+}
+
+fn login_listener(out: &mut String, protocol: &str, port: u16) {
+    let _ = writeln!(
+        out,
+        "service {protocol}-login {{\n  inet_listener {protocol} {{\n    port = {port}\n  }}\n  inet_listener {protocol}s {{\n    port = 0\n  }}\n}}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailconfig::tables::LunEndpoint;
+
+    fn settings(tls: bool) -> MailSettings {
+        MailSettings {
+            mailpod: "corp".into(),
+            hostname: "mail.example.com".into(),
+            max_message_bytes: 1000,
+            connection_rate_limit: 0,
+            dnsbl: vec![],
+            dnsbl_threshold: 1,
+            tls,
+        }
+    }
+
+    #[test]
+    fn proxy_passdb_routes_to_lun_ports() {
+        let mut t = AccessTables::default();
+        t.mailboxes.insert("a@example.com".into(), 0);
+        t.mailboxes.insert("b@example.com".into(), 1);
+        t.mailboxes.insert("orphan@example.com".into(), 9);
+        t.luns.insert(0, LunEndpoint::in_cluster("corp-lun-0"));
+        t.luns.insert(
+            1,
+            LunEndpoint {
+                host: "10.0.0.2".into(),
+                lmtp_port: 2024,
+                imap_port: 2143,
+                pop3_port: 2110,
+            },
+        );
+        assert_eq!(
+            proxy_passdb(Role::Imap, &t),
+            "a@example.com:::::::proxy=y host=corp-lun-0 port=143 nopassword=y\n\
+             b@example.com:::::::proxy=y host=10.0.0.2 port=2143 nopassword=y\n"
+        );
+        assert!(proxy_passdb(Role::Pop3, &t).contains("host=10.0.0.2 port=2110 nopassword=y"));
+    }
+
+    #[test]
+    fn store_serves_lmtp_on_socket_and_maildir() {
+        let layout = Layout::default();
+        let conf = dovecot_conf(
+            Role::Store,
+            &settings(true),
+            &layout,
+            &Ports::default(),
+            Path::new("/etc/mailpod/users/users"),
+        );
+        assert!(conf.contains("protocols = imap pop3 lmtp\n"));
+        assert!(conf.contains("ssl = no\n"), "stores never terminate TLS");
+        assert!(conf.contains("args = /etc/mailpod/users/users\n"));
+        assert!(conf.contains("home=/var/mail/store/%d/%n allow_all_users=yes"));
+        assert!(conf.contains("mail_location = maildir:~/Maildir\n"));
+        assert!(conf.contains("unix_listener lmtp {"));
+        assert!(conf.contains("inet_listener imap {\n    port = 143\n"));
+        assert!(conf.contains("inet_listener pop3 {\n    port = 110\n"));
+        assert!(!conf.contains("inet_listener lmtp"));
+    }
+
+    #[test]
+    fn proxies_terminate_tls_and_use_the_generated_passdb() {
+        let layout = Layout::under(Path::new("/t"));
+        let ports = Ports {
+            listen: "127.0.0.1".into(),
+            pop3: 30110,
+            ..Ports::default()
+        };
+        let conf = dovecot_conf(
+            Role::Pop3,
+            &settings(true),
+            &layout,
+            &ports,
+            Path::new("/unused"),
+        );
+        assert!(conf.contains("protocols = pop3\n"));
+        assert!(conf.contains("listen = 127.0.0.1\n"));
+        assert!(conf.contains("ssl = required\nssl_cert = </t/tls/tls.crt\n"));
+        assert!(conf.contains("disable_plaintext_auth = yes\n"));
+        assert!(conf.contains("args = /t/dovecot/proxy-passdb\n"));
+        assert!(conf.contains("port = 30110"));
+        assert!(!conf.contains("imap-login"));
+    }
+
+    #[test]
+    fn submission_auth_socket_for_postfix() {
+        let layout = Layout::under(Path::new("/t"));
+        let conf = dovecot_conf(
+            Role::Submission,
+            &settings(false),
+            &layout,
+            &Ports::default(),
+            Path::new("/u"),
+        );
+        assert!(conf.contains("protocols = none\n"));
+        assert!(conf.contains(
+            "unix_listener /t/dovecot-run/auth-postfix {\n    mode = 0660\n    user = postfix\n"
+        ));
+        assert!(conf.contains("args = /u\n"));
+    }
+}

@@ -1,0 +1,190 @@
+//! Where a mail pod keeps its files and on which ports it answers.
+//!
+//! In a cluster the defaults are the standard ports and `/var` paths of the mail image (see
+//! mail-image/Dockerfile, which creates them). Tests put everything under one temporary directory and on
+//! 127.0.0.1 high ports with [`Layout::under`] and [`Ports`] values of their own.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The roles of a mail pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Inbound SMTP (port 25): postscreen, access tables, transport to the mailbox's LUN over LMTP.
+    Mx,
+    /// Authenticated submission (587) for the users' clients.
+    Submission,
+    /// IMAP proxy routing each user to their LUN's store.
+    Imap,
+    /// POP3 proxy routing each user to their LUN's store.
+    Pop3,
+    /// A LUN's back-end store: LMTP, IMAP, POP3 on Maildir.
+    Store,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Mx,
+        Role::Submission,
+        Role::Imap,
+        Role::Pop3,
+        Role::Store,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Mx => "mx",
+            Role::Submission => "submission",
+            Role::Imap => "imap",
+            Role::Pop3 => "pop3",
+            Role::Store => "store",
+        }
+    }
+
+    /// Whether the role runs Postfix.
+    pub fn runs_postfix(self) -> bool {
+        matches!(self, Role::Mx | Role::Submission)
+    }
+
+    /// Whether the role runs Dovecot (submission runs it for SASL authentication only).
+    pub fn runs_dovecot(self) -> bool {
+        !matches!(self, Role::Mx)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown role `{s}` (expected mx, submission, imap, pop3 or store)")
+            })
+    }
+}
+
+/// Listening address and ports of a mail pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ports {
+    /// Address the services bind to (`0.0.0.0` in a cluster, `127.0.0.1` in tests).
+    pub listen: String,
+    pub smtp: u16,
+    pub submission: u16,
+    pub imap: u16,
+    pub pop3: u16,
+    /// Store role: the LMTP port Postfix delivers to (answered by the agent's pause gate).
+    pub lmtp: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0".into(),
+            smtp: 25,
+            submission: 587,
+            imap: 143,
+            pop3: 110,
+            lmtp: 24,
+        }
+    }
+}
+
+/// Files and directories of a mail pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Postfix `config_directory`: main.cf, master.cf and `maps/`.
+    pub postfix_config: PathBuf,
+    /// Postfix `queue_directory` (the mx queue lives on a PVC here).
+    pub postfix_queue: PathBuf,
+    /// Postfix `data_directory` (owned by the postfix user).
+    pub postfix_data: PathBuf,
+    /// Dovecot configuration file and the passwd-files rendered for it.
+    pub dovecot_config: PathBuf,
+    /// Dovecot `base_dir` (sockets, pid).
+    pub dovecot_base: PathBuf,
+    /// Dovecot `state_dir`.
+    pub dovecot_state: PathBuf,
+    /// Store role: Maildirs, one per mailbox, under `<domain>/<user>/Maildir`.
+    pub mail_root: PathBuf,
+    /// Postfix `maillog_file` and Dovecot `log_path` live here; the agent tails them.
+    pub log_dir: PathBuf,
+    /// `tls.crt` and `tls.key` (a kubernetes.io/tls Secret) when settings say TLS is on.
+    pub tls_dir: PathBuf,
+    /// Users and password hashes in Dovecot passwd-file format (`address:{SCHEME}hash`), from a Secret.
+    pub users_file: PathBuf,
+    /// Numeric owner of the Maildirs (the image's `vmail` user).
+    pub mail_uid: u32,
+    pub mail_gid: u32,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self {
+            postfix_config: "/var/lib/mailpod/postfix".into(),
+            postfix_queue: "/var/spool/postfix".into(),
+            postfix_data: "/var/lib/postfix".into(),
+            dovecot_config: "/var/lib/mailpod/dovecot".into(),
+            dovecot_base: "/run/dovecot".into(),
+            dovecot_state: "/var/lib/dovecot".into(),
+            mail_root: "/var/mail/store".into(),
+            log_dir: "/var/log/mailpod".into(),
+            tls_dir: "/etc/mailpod/tls".into(),
+            users_file: "/etc/mailpod/users/users".into(),
+            mail_uid: 5000,
+            mail_gid: 5000,
+        }
+    }
+}
+
+impl Layout {
+    /// Everything under `root` (the agent's `--work-dir` for generated files; tests use a temp dir).
+    pub fn under(root: &Path) -> Self {
+        Self {
+            postfix_config: root.join("postfix"),
+            postfix_queue: root.join("spool"),
+            postfix_data: root.join("postfix-data"),
+            dovecot_config: root.join("dovecot"),
+            dovecot_base: root.join("dovecot-run"),
+            dovecot_state: root.join("dovecot-state"),
+            mail_root: root.join("mail"),
+            log_dir: root.join("log"),
+            tls_dir: root.join("tls"),
+            users_file: root.join("users"),
+            ..Self::default()
+        }
+    }
+
+    pub fn postfix_maps(&self) -> PathBuf {
+        self.postfix_config.join("maps")
+    }
+
+    pub fn postfix_log(&self) -> PathBuf {
+        self.log_dir.join("postfix.log")
+    }
+
+    pub fn dovecot_log(&self) -> PathBuf {
+        self.log_dir.join("dovecot.log")
+    }
+
+    pub fn dovecot_conf(&self) -> PathBuf {
+        self.dovecot_config.join("dovecot.conf")
+    }
+
+    /// Unix socket of Dovecot's LMTP service; on the store the agent's pause gate forwards to it.
+    pub fn lmtp_socket(&self) -> PathBuf {
+        self.dovecot_base.join("lmtp")
+    }
+
+    /// Unix socket Postfix's smtpd uses for SASL through Dovecot's auth (submission role).
+    pub fn sasl_socket(&self) -> PathBuf {
+        self.dovecot_base.join("auth-postfix")
+    }
+}

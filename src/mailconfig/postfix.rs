@@ -1,0 +1,457 @@
+//! Postfix configuration of the `mx` and `submission` roles: main.cf, master.cf and the lookup-table
+//! sources (compiled with `postmap lmdb:` by the agent).
+//!
+//! All lookup tables are lmdb maps: Postfix daemons notice a changed map file and restart themselves after
+//! the current session, so an access-table change needs no `postfix reload`. Only main.cf/master.cf
+//! changes (mail settings) need one.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::layout::{Layout, Ports, Role};
+use super::settings::MailSettings;
+use super::tables::AccessTables;
+
+/// Map sources, by file name under [`Layout::postfix_maps`].
+pub mod maps {
+    pub const VIRTUAL_MAILBOX_DOMAINS: &str = "virtual_mailbox_domains";
+    pub const VIRTUAL_MAILBOX_MAPS: &str = "virtual_mailbox_maps";
+    pub const VIRTUAL_ALIAS_MAPS: &str = "virtual_alias_maps";
+    pub const TRANSPORT: &str = "transport";
+    pub const RELAY_DOMAINS: &str = "relay_domains";
+    pub const RECIPIENT_ACCESS: &str = "recipient_access";
+    pub const SENDER_ACCESS: &str = "sender_access";
+    pub const RECIPIENT_BCC: &str = "recipient_bcc";
+    pub const SENDER_BCC: &str = "sender_bcc";
+    pub const ALL: [&str; 9] = [
+        VIRTUAL_MAILBOX_DOMAINS,
+        VIRTUAL_MAILBOX_MAPS,
+        VIRTUAL_ALIAS_MAPS,
+        TRANSPORT,
+        RELAY_DOMAINS,
+        RECIPIENT_ACCESS,
+        SENDER_ACCESS,
+        RECIPIENT_BCC,
+        SENDER_BCC,
+    ];
+}
+
+/// The source text of every lookup table, keyed by file name (each is `key value` lines for `postmap`).
+///
+/// A mailbox whose LUN has no endpoint in the tables goes to Postfix's `retry` transport, so its mail waits
+/// in the queue instead of bouncing until the LUN's store is known.
+pub fn map_sources(tables: &AccessTables) -> BTreeMap<&'static str, String> {
+    let mut out = BTreeMap::new();
+    let mut put = |name: &'static str, lines: Vec<String>| {
+        let mut text = String::new();
+        for l in lines {
+            let _ = writeln!(text, "{l}");
+        }
+        out.insert(name, text);
+    };
+    put(
+        maps::VIRTUAL_MAILBOX_DOMAINS,
+        tables.domains.iter().map(|d| format!("{d} OK")).collect(),
+    );
+    put(
+        maps::VIRTUAL_MAILBOX_MAPS,
+        tables
+            .mailboxes
+            .iter()
+            .map(|(m, lun)| format!("{m} lun-{lun}"))
+            .collect(),
+    );
+    let mut transport: Vec<String> = tables
+        .mailboxes
+        .iter()
+        .map(|(m, lun)| match tables.luns.get(lun) {
+            Some(e) => format!("{m} lmtp:inet:{}:{}", e.host, e.lmtp_port),
+            None => format!("{m} retry:4.3.0 LUN {lun} has no store endpoint yet"),
+        })
+        .collect();
+    transport.extend(
+        tables
+            .relay_domains
+            .iter()
+            .filter(|(_, hop)| !hop.is_empty())
+            .map(|(d, hop)| format!("{d} smtp:{hop}")),
+    );
+    put(maps::TRANSPORT, transport);
+    put(
+        maps::RELAY_DOMAINS,
+        tables
+            .relay_domains
+            .keys()
+            .map(|d| format!("{d} OK"))
+            .collect(),
+    );
+    put(
+        maps::VIRTUAL_ALIAS_MAPS,
+        tables
+            .aliases
+            .iter()
+            .map(|(a, t)| format!("{a} {}", t.join(", ")))
+            .collect(),
+    );
+    put(
+        maps::RECIPIENT_ACCESS,
+        tables
+            .recipient_access
+            .iter()
+            .map(|e| format!("{} {}", e.pattern, e.action))
+            .collect(),
+    );
+    put(
+        maps::SENDER_ACCESS,
+        tables
+            .sender_access
+            .iter()
+            .map(|e| format!("{} {}", e.pattern, e.action))
+            .collect(),
+    );
+    put(
+        maps::RECIPIENT_BCC,
+        tables
+            .recipient_bcc
+            .iter()
+            .map(|(p, b)| format!("{p} {b}"))
+            .collect(),
+    );
+    put(
+        maps::SENDER_BCC,
+        tables
+            .sender_bcc
+            .iter()
+            .map(|(p, b)| format!("{p} {b}"))
+            .collect(),
+    );
+    out
+}
+
+/// main.cf for `role` (mx or submission).
+pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Ports) -> String {
+    let map = |name: &str| format!("lmdb:{}/{name}", layout.postfix_maps().display());
+    let all_interfaces = ports.listen == "0.0.0.0";
+    let mut p: Vec<(&str, String)> = vec![
+        ("compatibility_level", "3.6".into()),
+        (
+            "queue_directory",
+            layout.postfix_queue.display().to_string(),
+        ),
+        ("data_directory", layout.postfix_data.display().to_string()),
+        ("mail_owner", "postfix".into()),
+        ("setgid_group", "postdrop".into()),
+        // Postfix logs fatal errors to syslog only when stderr is not a terminal; pods have no syslog.
+        ("maillog_file", layout.postfix_log().display().to_string()),
+        (
+            "maillog_file_prefixes",
+            layout.log_dir.display().to_string(),
+        ),
+        ("myhostname", settings.hostname.clone()),
+        ("myorigin", "$myhostname".into()),
+        // Every domain is virtual: nothing is delivered locally in a mail pod.
+        ("mydestination", String::new()),
+        ("local_recipient_maps", String::new()),
+        (
+            "local_transport",
+            "error:5.1.1 local delivery is disabled".into(),
+        ),
+        ("alias_maps", String::new()),
+        ("alias_database", String::new()),
+        (
+            "inet_interfaces",
+            if all_interfaces {
+                "all".into()
+            } else {
+                ports.listen.clone()
+            },
+        ),
+        (
+            "inet_protocols",
+            if all_interfaces { "all" } else { "ipv4" }.into(),
+        ),
+        ("mynetworks", "127.0.0.0/8".into()),
+        ("smtpd_banner", "$myhostname ESMTP".into()),
+        ("biff", "no".into()),
+        ("append_dot_mydomain", "no".into()),
+        ("readme_directory", "no".into()),
+        ("message_size_limit", settings.max_message_bytes.to_string()),
+        ("mailbox_size_limit", "0".into()),
+        ("virtual_mailbox_limit", "0".into()),
+        // Stores pause for seconds during snapshots: retry deferred mail soon rather than after the default 5 min.
+        ("queue_run_delay", "30s".into()),
+        ("minimal_backoff_time", "30s".into()),
+        ("maximal_backoff_time", "300s".into()),
+        (
+            "virtual_mailbox_domains",
+            map(maps::VIRTUAL_MAILBOX_DOMAINS),
+        ),
+        ("virtual_mailbox_maps", map(maps::VIRTUAL_MAILBOX_MAPS)),
+        ("virtual_alias_maps", map(maps::VIRTUAL_ALIAS_MAPS)),
+        (
+            "virtual_transport",
+            "retry:4.3.0 mailbox has no store yet".into(),
+        ),
+        ("transport_maps", map(maps::TRANSPORT)),
+        ("relay_domains", map(maps::RELAY_DOMAINS)),
+        ("relay_recipient_maps", String::new()),
+        ("recipient_bcc_maps", map(maps::RECIPIENT_BCC)),
+        ("sender_bcc_maps", map(maps::SENDER_BCC)),
+        (
+            "smtpd_sender_restrictions",
+            format!("check_sender_access {}", map(maps::SENDER_ACCESS)),
+        ),
+        (
+            "smtpd_recipient_restrictions",
+            format!("check_recipient_access {}", map(maps::RECIPIENT_ACCESS)),
+        ),
+        ("smtp_tls_security_level", "may".into()),
+        ("lmtp_tls_security_level", "none".into()),
+    ];
+    if settings.tls {
+        let tls = |f: &str| layout.tls_dir.join(f).display().to_string();
+        p.push(("smtpd_tls_cert_file", tls("tls.crt")));
+        p.push(("smtpd_tls_key_file", tls("tls.key")));
+        p.push(("smtpd_tls_auth_only", "yes".into()));
+    }
+    match role {
+        Role::Mx => {
+            p.push((
+                "smtpd_relay_restrictions",
+                "permit_mynetworks, reject_unauth_destination".into(),
+            ));
+            p.push((
+                "smtpd_tls_security_level",
+                if settings.tls { "may" } else { "none" }.into(),
+            ));
+            // anvil: new connections per client per minute; postscreen throttles before smtpd sees them.
+            p.push(("anvil_rate_time_unit", "60s".into()));
+            p.push((
+                "smtpd_client_connection_rate_limit",
+                settings.connection_rate_limit.to_string(),
+            ));
+            p.push(("postscreen_greet_action", "enforce".into()));
+            if !settings.dnsbl.is_empty() {
+                p.push(("postscreen_dnsbl_sites", settings.dnsbl.join(", ")));
+                p.push((
+                    "postscreen_dnsbl_threshold",
+                    settings.dnsbl_threshold.max(1).to_string(),
+                ));
+                p.push(("postscreen_dnsbl_action", "enforce".into()));
+            }
+        }
+        Role::Submission => {
+            p.push(("smtpd_sasl_auth_enable", "yes".into()));
+            p.push(("smtpd_sasl_type", "dovecot".into()));
+            p.push((
+                "smtpd_sasl_path",
+                layout.sasl_socket().display().to_string(),
+            ));
+            p.push(("smtpd_sasl_security_options", "noanonymous".into()));
+            p.push((
+                "smtpd_client_restrictions",
+                "permit_sasl_authenticated, reject".into(),
+            ));
+            p.push((
+                "smtpd_relay_restrictions",
+                "permit_sasl_authenticated, reject".into(),
+            ));
+            p.push((
+                "smtpd_tls_security_level",
+                if settings.tls { "encrypt" } else { "none" }.into(),
+            ));
+        }
+        Role::Imap | Role::Pop3 | Role::Store => {}
+    }
+    let mut out = format!(
+        "# Rendered by mailpod-operator agent for role {role} of MailPod {}; edits are overwritten.\n",
+        settings.mailpod
+    );
+    for (k, v) in p {
+        if v.is_empty() {
+            let _ = writeln!(out, "{k} =");
+        } else {
+            let _ = writeln!(out, "{k} = {v}");
+        }
+    }
+    out
+}
+
+/// master.cf for `role`: the internal services (no chroot: the pod is the sandbox) plus the role's listener.
+pub fn master_cf(role: Role, ports: &Ports) -> String {
+    let endpoint = |port: u16| {
+        if ports.listen == "0.0.0.0" {
+            port.to_string()
+        } else {
+            format!("{}:{port}", ports.listen)
+        }
+    };
+    let mut out = String::from("# service type  private unpriv  chroot  wakeup  maxproc command\n");
+    match role {
+        Role::Mx => {
+            let _ = writeln!(out, "{} inet n - n - 1 postscreen", endpoint(ports.smtp));
+            out.push_str("smtpd pass - - n - - smtpd\n");
+            out.push_str("dnsblog unix - - n - 0 dnsblog\n");
+            out.push_str("tlsproxy unix - - n - 0 tlsproxy\n");
+        }
+        Role::Submission => {
+            let _ = writeln!(out, "{} inet n - n - - smtpd", endpoint(ports.submission));
+            out.push_str("  -o syslog_name=postfix/submission\n");
+        }
+        Role::Imap | Role::Pop3 | Role::Store => {}
+    }
+    out.push_str(
+        "pickup unix n - n 60 1 pickup
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+tlsmgr unix - - n 1000? 1 tlsmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+proxywrite unix - - n - 1 proxymap
+smtp unix - - n - - smtp
+relay unix - - n - - smtp
+  -o syslog_name=postfix/$service_name
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+lmtp unix - - n - - lmtp
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+",
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailconfig::tables::{AccessEntry, LunEndpoint};
+
+    fn settings() -> MailSettings {
+        MailSettings {
+            mailpod: "corp".into(),
+            hostname: "mail.example.com".into(),
+            max_message_bytes: 1000,
+            connection_rate_limit: 30,
+            dnsbl: vec!["zen.spamhaus.org*2".into(), "bl.spamcop.net".into()],
+            dnsbl_threshold: 2,
+            tls: true,
+        }
+    }
+
+    fn tables() -> AccessTables {
+        let mut t = AccessTables {
+            domains: vec!["example.com".into()],
+            ..Default::default()
+        };
+        t.mailboxes.insert("a@example.com".into(), 0);
+        t.mailboxes.insert("b@example.com".into(), 1);
+        t.mailboxes.insert("c@example.com".into(), 7);
+        t.luns.insert(0, LunEndpoint::in_cluster("corp-lun-0"));
+        t.luns.insert(1, LunEndpoint::in_cluster("corp-lun-1"));
+        t.relay_domains
+            .insert("partner.net".into(), "[mx.partner.net]:25".into());
+        t.relay_domains
+            .insert("mx-lookup.net".into(), String::new());
+        t.aliases.insert(
+            "sales@example.com".into(),
+            vec!["a@example.com".into(), "b@example.com".into()],
+        );
+        t.recipient_access.push(AccessEntry {
+            pattern: "spam@example.com".into(),
+            action: "REJECT no thanks".into(),
+        });
+        t.recipient_bcc
+            .insert("@example.com".into(), "archive@example.com".into());
+        t
+    }
+
+    #[test]
+    fn transport_routes_each_mailbox_to_its_lun() {
+        let m = map_sources(&tables());
+        assert_eq!(
+            m[maps::TRANSPORT],
+            "a@example.com lmtp:inet:corp-lun-0:24\n\
+             b@example.com lmtp:inet:corp-lun-1:24\n\
+             c@example.com retry:4.3.0 LUN 7 has no store endpoint yet\n\
+             partner.net smtp:[mx.partner.net]:25\n"
+        );
+        assert_eq!(m[maps::RELAY_DOMAINS], "mx-lookup.net OK\npartner.net OK\n");
+        assert_eq!(
+            m[maps::VIRTUAL_ALIAS_MAPS],
+            "sales@example.com a@example.com, b@example.com\n"
+        );
+        assert_eq!(
+            m[maps::RECIPIENT_ACCESS],
+            "spam@example.com REJECT no thanks\n"
+        );
+        assert_eq!(m[maps::RECIPIENT_BCC], "@example.com archive@example.com\n");
+        assert_eq!(m[maps::SENDER_BCC], "");
+        assert_eq!(m.len(), maps::ALL.len());
+    }
+
+    #[test]
+    fn mx_limits_and_dnsbl() {
+        let cf = main_cf(Role::Mx, &settings(), &Layout::default(), &Ports::default());
+        for line in [
+            "message_size_limit = 1000",
+            "smtpd_client_connection_rate_limit = 30",
+            "postscreen_dnsbl_sites = zen.spamhaus.org*2, bl.spamcop.net",
+            "postscreen_dnsbl_threshold = 2",
+            "transport_maps = lmdb:/var/lib/mailpod/postfix/maps/transport",
+            "smtpd_recipient_restrictions = check_recipient_access lmdb:/var/lib/mailpod/postfix/maps/recipient_access",
+            "maillog_file = /var/log/mailpod/postfix.log",
+            "inet_interfaces = all",
+            "smtpd_tls_security_level = may",
+        ] {
+            assert!(cf.lines().any(|l| l == line), "missing `{line}` in\n{cf}");
+        }
+        assert!(!cf.contains("smtpd_sasl_auth_enable"));
+        let master = master_cf(Role::Mx, &Ports::default());
+        assert!(master.starts_with("# service"));
+        assert!(master.contains("\n25 inet n - n - 1 postscreen\nsmtpd pass"));
+    }
+
+    #[test]
+    fn submission_requires_tls_and_auth() {
+        let layout = Layout::under(std::path::Path::new("/t"));
+        let ports = Ports {
+            listen: "127.0.0.1".into(),
+            submission: 30587,
+            ..Ports::default()
+        };
+        let cf = main_cf(Role::Submission, &settings(), &layout, &ports);
+        for line in [
+            "smtpd_sasl_auth_enable = yes",
+            "smtpd_sasl_type = dovecot",
+            "smtpd_sasl_path = /t/dovecot-run/auth-postfix",
+            "smtpd_tls_security_level = encrypt",
+            "smtpd_tls_auth_only = yes",
+            "smtpd_relay_restrictions = permit_sasl_authenticated, reject",
+            "inet_interfaces = 127.0.0.1",
+        ] {
+            assert!(cf.lines().any(|l| l == line), "missing `{line}` in\n{cf}");
+        }
+        assert!(!cf.contains("postscreen"));
+        let master = master_cf(Role::Submission, &ports);
+        assert!(master.contains("127.0.0.1:30587 inet n - n - - smtpd\n"));
+        let plain = main_cf(
+            Role::Submission,
+            &MailSettings {
+                tls: false,
+                ..settings()
+            },
+            &layout,
+            &ports,
+        );
+        assert!(plain.contains("smtpd_tls_security_level = none\n"));
+        assert!(!plain.contains("smtpd_tls_cert_file"));
+    }
+}

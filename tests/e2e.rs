@@ -1,0 +1,653 @@
+//! End to end against a real cluster: the one KUBECONFIG names, with the chart installed (e2e/kind-up.sh sets
+//! one up). Each scenario runs in its own namespace, deleted afterwards, one scenario at a time.
+//!
+//! Without KUBECONFIG every test prints why it is skipped and passes; with `MAILPOD_E2E_REQUIRED=1` it fails
+//! instead. Settings (env): `MAILPOD_E2E_STORAGE_CLASS` (default `csi-hostpath-sc`),
+//! `MAILPOD_E2E_SNAPSHOT_CLASS` (default `csi-hostpath-snapclass`), `MAILPOD_E2E_TIMEOUT_SECONDS` (per wait,
+//! default 600), `MAILPOD_E2E_KEEP=1` keeps the namespaces for inspection. See e2e/README.md.
+//!
+//! The cluster is driven through `kubectl` (as a person would, and so port-forwarding needs no extra code).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const EXAMPLE: &str = "examples/mailpod-small.yaml";
+const MAILPOD: &str = "small";
+const LUN: &str = "small-lun-0";
+const PASSWORD: &str = "e2e-password";
+
+/// One scenario at a time: each runs a whole MailPod, and a kind node has room for one comfortably.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Whether to run; panics when a cluster is required and none is given.
+fn cluster_given(test: &str) -> bool {
+    if std::env::var_os("KUBECONFIG").is_some_and(|k| !k.is_empty()) {
+        return true;
+    }
+    assert!(
+        std::env::var("MAILPOD_E2E_REQUIRED").as_deref() != Ok("1"),
+        "{test}: MAILPOD_E2E_REQUIRED=1 but KUBECONFIG is not set; run e2e/kind-up.sh and export KUBECONFIG"
+    );
+    eprintln!(
+        "SKIPPED {test}: KUBECONFIG is not set (e2e tests need a cluster with the chart installed; see e2e/README.md)"
+    );
+    false
+}
+
+fn timeout() -> Duration {
+    Duration::from_secs(
+        std::env::var("MAILPOD_E2E_TIMEOUT_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(600),
+    )
+}
+
+fn setting(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run kubectl: {e}"))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn must(args: &[&str]) -> String {
+    kubectl(args, None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn get_json(ns: &str, what: &[&str]) -> Option<Value> {
+    let mut args = vec!["get", "-n", ns, "-o", "json"];
+    args.extend(what);
+    kubectl(&args, None)
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("kubectl prints JSON"))
+}
+
+/// Polls `check` until it returns Some, or panics with `what` and the last observation.
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout();
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => {
+                panic!(
+                    "timed out after {:?} waiting for {what}; last: {last}",
+                    timeout()
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_secs(3)),
+        }
+    }
+}
+
+/// A namespace for one scenario, deleted (with everything in it) when the scenario ends.
+struct Scenario {
+    ns: String,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Scenario {
+    fn new(name: &str) -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let suffix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 100_000;
+        let ns = format!("mailpod-e2e-{name}-{suffix}");
+        must(&["get", "crd", "mailpods.mailpod.io"]);
+        must(&["create", "namespace", &ns]);
+        Self {
+            ns,
+            _serial: serial,
+        }
+    }
+
+    /// Applies the small example, adapted to the test cluster: a passwd Secret so IMAP can log in, no TLS
+    /// (certificates are not what these tests are about, and without TLS plain login is allowed), the e2e
+    /// storage and snapshot classes, and `retain` snapshots.
+    fn apply_small(&self, retain: u32) {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/",
+            "examples/mailpod-small.yaml"
+        ))
+        .unwrap_or_else(|e| panic!("{EXAMPLE}: {e}"));
+        let mut mp: Value = serde_yaml::from_str(&text).unwrap();
+        mp["metadata"]["namespace"] = json!(self.ns);
+        let spec = mp["spec"].as_object_mut().unwrap();
+        spec.remove("tls");
+        let mailboxes: Vec<String> = spec["mailboxes"]["inline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_string())
+            .collect();
+        spec["mailboxes"]["passwdFileSecret"] = json!({"name": "small-passwd", "key": "passwd"});
+        spec.insert(
+            "snapshots".into(),
+            json!({
+                "schedule": "0 */8 * * *",
+                "retain": retain,
+                "volumeSnapshotClassName": setting("MAILPOD_E2E_SNAPSHOT_CLASS", "csi-hostpath-snapclass"),
+            }),
+        );
+        let backend = spec.entry("backend").or_insert_with(|| json!({}));
+        backend["lunTemplate"] = json!({
+            "capacity": "1Gi",
+            "storageClassName": setting("MAILPOD_E2E_STORAGE_CLASS", "csi-hostpath-sc"),
+        });
+        let passwd: String = mailboxes
+            .iter()
+            .map(|m| format!("{m}:{{PLAIN}}{PASSWORD}\n"))
+            .collect();
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "small-passwd", "namespace": self.ns},
+            "stringData": {"passwd": passwd},
+        });
+        for doc in [secret, mp] {
+            kubectl(&["apply", "-f", "-"], Some(&doc.to_string()))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    fn wait_ready(&self) {
+        wait_for("MailPod small Ready=True", || {
+            let mp = get_json(&self.ns, &["mailpod", MAILPOD]).ok_or("no MailPod")?;
+            condition(&mp, "Ready")
+                .filter(|s| s == "True")
+                .ok_or_else(|| format!("conditions: {}", mp["status"]["conditions"]))
+        });
+        wait_for("StorageLUN small-lun-0 with an active replica", || {
+            self.active()
+                .ok_or_else(|| "no status.currentActive".to_string())
+        });
+    }
+
+    fn active(&self) -> Option<String> {
+        let lun = get_json(&self.ns, &["storagelun", LUN])?;
+        lun["status"]["currentActive"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+    }
+
+    /// Names of objects of `kind` labelled as this MailPod's.
+    fn names(&self, kind: &str) -> Vec<String> {
+        let list = get_json(
+            &self.ns,
+            &[kind, "-l", &format!("mailpod.io/mailpod={MAILPOD}")],
+        )
+        .unwrap_or_else(|| json!({"items": []}));
+        let mut names: Vec<String> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if std::env::var("MAILPOD_E2E_KEEP").as_deref() == Ok("1") {
+            eprintln!("keeping namespace {} (MAILPOD_E2E_KEEP=1)", self.ns);
+            return;
+        }
+        // PVCs are kept by the operator on purpose; the namespace takes them with it.
+        let _ = kubectl(&["delete", "namespace", &self.ns, "--wait=false"], None);
+    }
+}
+
+fn condition(obj: &Value, kind: &str) -> Option<String> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .and_then(|c| c["status"].as_str().map(String::from))
+}
+
+/// `kubectl port-forward` to a Service port; stopped on drop.
+struct PortForward {
+    child: Child,
+    port: u16,
+}
+
+impl PortForward {
+    fn new(ns: &str, service: &str, port: u16) -> Self {
+        let mut child = Command::new("kubectl")
+            .args([
+                "port-forward",
+                "-n",
+                ns,
+                &format!("service/{service}"),
+                &format!(":{port}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl port-forward");
+        // "Forwarding from 127.0.0.1:41234 -> 25"
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next().and_then(Result::ok).unwrap_or_else(|| {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            panic!("port-forward to {service}:{port} failed: {err}")
+        });
+        let local = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("127.0.0.1:"))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected port-forward output: {line}"));
+        // Keep draining stdout so kubectl never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, port: local }
+    }
+
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect through port-forward");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A line-oriented text protocol session (SMTP, IMAP).
+struct Session {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Session {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.reader.read_line(&mut l).expect("read from server");
+        assert!(!l.is_empty(), "server closed the connection");
+        l
+    }
+
+    fn send(&mut self, s: &str) {
+        self.writer
+            .write_all(format!("{s}\r\n").as_bytes())
+            .unwrap();
+    }
+
+    /// Reads an SMTP reply (multi-line aware) and checks its code.
+    fn smtp(&mut self, expect: &str) -> String {
+        loop {
+            let l = self.line();
+            assert!(l.starts_with(expect), "SMTP: expected {expect}, got {l:?}");
+            if l.as_bytes().get(3) != Some(&b'-') {
+                return l;
+            }
+        }
+    }
+
+    /// Sends an IMAP command with `tag` and returns every line up to the tagged reply, which must be OK.
+    fn imap(&mut self, tag: &str, cmd: &str) -> String {
+        self.send(&format!("{tag} {cmd}"));
+        let mut all = String::new();
+        loop {
+            let l = self.line();
+            all.push_str(&l);
+            if l.starts_with(&format!("{tag} ")) {
+                assert!(l.starts_with(&format!("{tag} OK")), "IMAP {cmd}: {all}");
+                return all;
+            }
+        }
+    }
+}
+
+fn send_mail(ns: &str, to: &str, subject: &str) {
+    let pf = PortForward::new(ns, "small-mx", 25);
+    let mut s = Session::new(pf.connect());
+    s.smtp("220");
+    s.send("EHLO e2e.test");
+    s.smtp("250");
+    s.send("MAIL FROM:<e2e@sender.test>");
+    s.smtp("250");
+    s.send(&format!("RCPT TO:<{to}>"));
+    s.smtp("250");
+    s.send("DATA");
+    s.smtp("354");
+    s.send(&format!(
+        "From: <e2e@sender.test>\r\nTo: <{to}>\r\nSubject: {subject}\r\n\r\nSent by tests/e2e.rs.\r\n."
+    ));
+    s.smtp("250");
+    s.send("QUIT");
+    s.smtp("221");
+}
+
+/// Whether `user`'s INBOX holds a message with `subject`, read over IMAP through the imap Service.
+fn imap_has(ns: &str, user: &str, subject: &str) -> Result<(), String> {
+    let pf = PortForward::new(ns, "small-imap", 143);
+    let mut s = Session::new(pf.connect());
+    let greeting = s.line();
+    if !greeting.starts_with("* OK") {
+        return Err(format!("greeting {greeting:?}"));
+    }
+    s.imap("a", &format!("LOGIN {user} {PASSWORD}"));
+    s.imap("b", "SELECT INBOX");
+    let found = s.imap("c", &format!("SEARCH SUBJECT \"{subject}\""));
+    let ids: Vec<&str> = found
+        .lines()
+        .find_map(|l| l.strip_prefix("* SEARCH"))
+        .map(|r| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let Some(id) = ids.first() else {
+        s.imap("z", "LOGOUT");
+        return Err(format!("no message with subject {subject} yet"));
+    };
+    let body = s.imap("d", &format!("FETCH {id} BODY[HEADER.FIELDS (SUBJECT)]"));
+    s.imap("z", "LOGOUT");
+    if body.contains(subject) {
+        Ok(())
+    } else {
+        Err(format!("FETCH returned {body}"))
+    }
+}
+
+#[test]
+fn mailpod_becomes_ready_with_its_children_and_delivers_mail() {
+    if !cluster_given("mailpod_becomes_ready_with_its_children_and_delivers_mail") {
+        return;
+    }
+    let sc = Scenario::new("flow");
+    sc.apply_small(5);
+    sc.wait_ready();
+
+    // mailpod-small: mx, submission and imap with 2 replicas each, one LUN of 1 active + 1 standby.
+    assert_eq!(
+        sc.names("statefulsets"),
+        ["small-imap", "small-lun-0", "small-mx", "small-submission"]
+    );
+    for sts in sc.names("statefulsets") {
+        let s = get_json(&sc.ns, &["statefulset", &sts]).unwrap();
+        assert_eq!(
+            s["status"]["readyReplicas"], s["spec"]["replicas"],
+            "StatefulSet {sts} is fully ready"
+        );
+    }
+    assert_eq!(sc.names("storageluns"), [LUN]);
+    assert_eq!(sc.names("cronjobs"), ["small-lun-0-snapshot"]);
+    assert_eq!(
+        sc.names("configmaps"),
+        ["small-access-tables", "small-mail-settings"]
+    );
+    for svc in [
+        "small-mx",
+        "small-submission",
+        "small-imap",
+        "small-lun-0",
+        "small-lun-0-hl",
+    ] {
+        assert!(
+            sc.names("services").contains(&svc.to_string()),
+            "Service {svc}"
+        );
+    }
+    assert!(sc
+        .names("networkpolicies")
+        .contains(&"small-store".to_string()));
+    let lun = get_json(&sc.ns, &["storagelun", LUN]).unwrap();
+    assert_eq!(condition(&lun, "Ready").as_deref(), Some("True"));
+
+    // The access-tables hash in status is the one on the ConfigMap the pods mount.
+    let mp = get_json(&sc.ns, &["mailpod", MAILPOD]).unwrap();
+    let cm = get_json(&sc.ns, &["configmap", "small-access-tables"]).unwrap();
+    assert_eq!(
+        mp["status"]["accessTablesHash"],
+        cm["metadata"]["annotations"]["mailpod.io/content-hash"]
+    );
+
+    let subject = format!("e2e-{}", sc.ns);
+    send_mail(&sc.ns, "alice@example.com", &subject);
+    wait_for("the message in alice's INBOX over IMAP", || {
+        imap_has(&sc.ns, "alice@example.com", &subject)
+    });
+    // The alias postmaster -> alice from the example's access tables.
+    let aliased = format!("{subject}-postmaster");
+    send_mail(&sc.ns, "postmaster@example.com", &aliased);
+    wait_for("the aliased message in alice's INBOX", || {
+        imap_has(&sc.ns, "alice@example.com", &aliased)
+    });
+}
+
+#[test]
+fn killed_active_store_is_replaced_by_its_standby() {
+    if !cluster_given("killed_active_store_is_replaced_by_its_standby") {
+        return;
+    }
+    let sc = Scenario::new("failover");
+    sc.apply_small(5);
+    sc.wait_ready();
+    let subject = format!("e2e-before-failover-{}", sc.ns);
+    send_mail(&sc.ns, "bob@example.com", &subject);
+    wait_for("mail delivered before the failover", || {
+        imap_has(&sc.ns, "bob@example.com", &subject)
+    });
+
+    let old = sc.active().unwrap();
+    // Delete without grace so the pod is really gone, as when a node dies.
+    must(&[
+        "delete",
+        "pod",
+        "-n",
+        &sc.ns,
+        &old,
+        "--grace-period=0",
+        "--force",
+        "--wait=false",
+    ]);
+    let new = wait_for("status.currentActive to move to the standby", || {
+        match sc.active() {
+            Some(a) if a != old => Ok(a),
+            other => Err(format!("currentActive {other:?}")),
+        }
+    });
+    let pod = get_json(&sc.ns, &["pod", &new]).unwrap();
+    assert_eq!(pod["metadata"]["labels"]["mailpod.io/role"], "active");
+    wait_for(
+        "the LUN Service to point at the new active replica only",
+        || {
+            let ep = get_json(&sc.ns, &["endpoints", LUN]).ok_or("no Endpoints")?;
+            let targets: Vec<String> = ep["subsets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s["addresses"].as_array().cloned().unwrap_or_default())
+                .filter_map(|a| a["targetRef"]["name"].as_str().map(String::from))
+                .collect();
+            if targets == [new.clone()] {
+                Ok(())
+            } else {
+                Err(format!("endpoints {targets:?}"))
+            }
+        },
+    );
+    // The standby had the mail: it is readable after the promotion.
+    wait_for("mail delivered before the failover still readable", || {
+        imap_has(&sc.ns, "bob@example.com", &subject)
+    });
+}
+
+#[test]
+fn snapshots_are_taken_and_pruned_to_retain() {
+    if !cluster_given("snapshots_are_taken_and_pruned_to_retain") {
+        return;
+    }
+    let sc = Scenario::new("snapshot");
+    sc.apply_small(1);
+    sc.wait_ready();
+    let mut taken = vec![];
+    for i in 1..=2 {
+        let job = format!("e2e-snapshot-{i}");
+        must(&[
+            "create",
+            "job",
+            "-n",
+            &sc.ns,
+            &job,
+            "--from=cronjob/small-lun-0-snapshot",
+        ]);
+        wait_for(&format!("Job {job} to complete"), || {
+            let j = get_json(&sc.ns, &["job", &job]).ok_or("no Job")?;
+            if j["status"]["failed"].as_i64().unwrap_or(0) > 2 {
+                panic!(
+                    "snapshot Job {job} failed: {}",
+                    kubectl(&["logs", "-n", &sc.ns, &format!("job/{job}")], None)
+                        .unwrap_or_default()
+                );
+            }
+            (condition(&j, "Complete").as_deref() == Some("True"))
+                .then_some(())
+                .ok_or_else(|| format!("status {}", j["status"]))
+        });
+        let last = wait_for("status.lastSnapshot on the StorageLUN", || {
+            let lun = get_json(&sc.ns, &["storagelun", LUN]).ok_or("no LUN")?;
+            lun["status"]["lastSnapshot"]["name"]
+                .as_str()
+                .filter(|n| !taken.contains(&n.to_string()))
+                .map(String::from)
+                .ok_or_else(|| format!("lastSnapshot {}", lun["status"]["lastSnapshot"]))
+        });
+        taken.push(last);
+    }
+    // retain 1: only the newest snapshot is left, and it is ready to restore from.
+    let snapshots = wait_for("pruning to one VolumeSnapshot", || {
+        let list = get_json(&sc.ns, &["volumesnapshots"]).ok_or("cannot list VolumeSnapshots")?;
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        if items.len() == 1 {
+            Ok(items)
+        } else {
+            Err(format!("{} VolumeSnapshots", items.len()))
+        }
+    });
+    assert_eq!(
+        snapshots[0]["metadata"]["name"].as_str(),
+        Some(taken[1].as_str())
+    );
+    wait_for("the kept snapshot to be ready to use", || {
+        let s = get_json(&sc.ns, &["volumesnapshot", &taken[1]]).ok_or("gone")?;
+        (s["status"]["readyToUse"] == true)
+            .then_some(())
+            .ok_or_else(|| format!("status {}", s["status"]))
+    });
+}
+
+#[test]
+fn deleted_mailpod_takes_its_children_and_keeps_the_mail() {
+    if !cluster_given("deleted_mailpod_takes_its_children_and_keeps_the_mail") {
+        return;
+    }
+    let sc = Scenario::new("delete");
+    sc.apply_small(5);
+    sc.wait_ready();
+    let pvcs_before: Vec<String> = {
+        let list = get_json(&sc.ns, &["pvc"]).unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for want in ["mail-small-lun-0-0", "mail-small-lun-0-1"] {
+        assert!(
+            pvcs_before.contains(&want.to_string()),
+            "store PVC {want} in {pvcs_before:?}"
+        );
+    }
+
+    must(&[
+        "delete",
+        "mailpod",
+        "-n",
+        &sc.ns,
+        MAILPOD,
+        "--wait=true",
+        "--timeout=300s",
+    ]);
+    wait_for("every child of the MailPod to be gone", || {
+        let left: Vec<String> = [
+            "statefulsets",
+            "services",
+            "configmaps",
+            "storageluns",
+            "cronjobs",
+            "networkpolicies",
+            "poddisruptionbudgets",
+            "roles",
+            "rolebindings",
+            "serviceaccounts",
+        ]
+        .iter()
+        .flat_map(|k| sc.names(k).into_iter().map(move |n| format!("{k}/{n}")))
+        .collect();
+        left.is_empty()
+            .then_some(())
+            .ok_or_else(|| format!("left: {left:?}"))
+    });
+    let after = get_json(&sc.ns, &["pvc"]).unwrap();
+    let names: Vec<&str> = after["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap())
+        .collect();
+    for pvc in &pvcs_before {
+        assert!(
+            names.contains(&pvc.as_str()),
+            "PVC {pvc} kept after the MailPod is deleted"
+        );
+    }
+}

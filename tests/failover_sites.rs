@@ -1,0 +1,334 @@
+//! Site failover between two in-memory clusters: table mirroring, loss and promotion at the threshold,
+//! partition and return with fencing, planned failback, and an operator restart mid-failover.
+
+mod failover_support;
+
+use std::sync::atomic::Ordering;
+
+use failover_support::{Sites, INTERVAL, NS, SF, THRESHOLD};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use mailpod_operator::crd::{FailoverPhase, MailPod};
+use serde_json::json;
+
+/// Where the DNSEndpoint of a site points, if it publishes one.
+async fn dns_target(server: &mailpod_operator::testkit::ApiServer) -> Option<String> {
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("externaldns.k8s.io", "v1alpha1", "DNSEndpoint"),
+        "dnsendpoints",
+    );
+    let list = Api::<DynamicObject>::namespaced_with(server.client(), NS, &ar)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    list.items.first().and_then(|o| {
+        o.data["spec"]["endpoints"][0]["targets"][0]
+            .as_str()
+            .map(String::from)
+    })
+}
+
+/// Both sites converged: west mirrors east, tables equal, east serves, west fenced.
+async fn converged() -> Sites {
+    let sites = Sites::new().await;
+    for _ in 0..3 {
+        sites.round().await;
+    }
+    sites
+}
+
+#[tokio::test]
+async fn standby_mirrors_the_primary_and_table_changes_follow() {
+    let sites = converged().await;
+    let (e, w) = (sites.east.status(), sites.west.status());
+    assert_eq!(sites.serving(), vec!["east"]);
+    assert_eq!(e.epoch, 1);
+    assert_eq!(w.active_site.as_deref(), Some("east"));
+    assert_eq!(w.fenced, Some(true));
+    let east_hash = sites
+        .east
+        .mailpod()
+        .unwrap()
+        .status
+        .unwrap()
+        .access_tables_hash;
+    let west_hash = sites
+        .west
+        .mailpod()
+        .unwrap()
+        .status
+        .unwrap()
+        .access_tables_hash;
+    assert!(east_hash.is_some());
+    assert_eq!(east_hash, west_hash, "the standby renders the same tables");
+    assert_eq!(w.access_tables_in_sync, Some(true));
+    assert_eq!(w.phase, FailoverPhase::Healthy);
+    // Only the active site publishes the DNS name, pointing at its own load balancer.
+    assert_eq!(
+        dns_target(&sites.east.server).await.as_deref(),
+        Some("192.0.2.10")
+    );
+    assert_eq!(dns_target(&sites.west.server).await, None);
+
+    // A table change at the primary reaches the standby within one probe interval.
+    let synced_before = w.last_table_sync.clone();
+    let api: Api<MailPod> = Api::namespaced(sites.east.server.client(), NS);
+    let patch = json!({"spec": {"accessTables": {"recipientAccess": [
+        {"pattern": "noreply@corp.example", "action": "REJECT"},
+        {"pattern": "@spam.example", "action": "REJECT"}]}}});
+    api.patch("corp", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    sites.east.settle_mailpod().await;
+    let new_hash = sites
+        .east
+        .mailpod()
+        .unwrap()
+        .status
+        .unwrap()
+        .access_tables_hash;
+    assert_ne!(new_hash, east_hash);
+    sites.west.tick().await; // mirrors the spec
+    sites.west.settle_mailpod().await; // the standby renders it
+    sites.advance(INTERVAL);
+    sites.west.tick().await; // compares the hashes
+    let w = sites.west.status();
+    assert_eq!(
+        sites
+            .west
+            .mailpod()
+            .unwrap()
+            .status
+            .unwrap()
+            .access_tables_hash,
+        new_hash
+    );
+    assert_eq!(w.access_tables_in_sync, Some(true));
+    assert_eq!(w.local_access_tables_hash, new_hash);
+    assert_ne!(
+        w.last_table_sync, synced_before,
+        "the sync time moves with the new tables"
+    );
+
+    // A steady state writes nothing on either site.
+    sites.round().await;
+    sites.east.server.clear_requests();
+    sites.west.server.clear_requests();
+    sites.advance(INTERVAL);
+    sites.west.tick().await;
+    sites.east.tick().await;
+    for s in [&sites.east.server, &sites.west.server] {
+        let m: Vec<_> = s
+            .mutating_requests()
+            .into_iter()
+            .filter(|r| !r.path.contains("/events"))
+            .collect();
+        assert!(m.is_empty(), "steady state wrote {m:?}");
+    }
+}
+
+/// East's site goes dark: its API and its front ends stop answering.
+async fn lose_east(sites: &Sites) {
+    sites.partition(true);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+}
+
+#[tokio::test]
+async fn primary_loss_promotes_the_standby_at_exactly_the_threshold() {
+    let sites = converged().await;
+    sites.west.set_lag(2.0).await;
+    lose_east(&sites).await;
+    for probe in 1..THRESHOLD {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+        let w = sites.west.status();
+        assert_eq!(w.consecutive_probe_failures, probe);
+        assert_eq!(
+            w.active_site.as_deref(),
+            Some("east"),
+            "promoted before the threshold"
+        );
+        assert_eq!(w.phase, FailoverPhase::Degraded);
+        // Extra reconciles within the interval do not count as probes.
+        sites.west.tick().await;
+        assert_eq!(sites.west.status().consecutive_probe_failures, probe);
+    }
+    sites.advance(INTERVAL);
+    sites.west.tick().await;
+    let w = sites.west.status();
+    assert_eq!(w.active_site.as_deref(), Some("west"));
+    assert_eq!(w.epoch, 2);
+    assert_eq!(w.phase, FailoverPhase::FailedOver);
+    assert!(
+        sites.west.luns().iter().all(|l| !l.spec.fenced),
+        "standby stores active"
+    );
+    let rec = w.last_failover.unwrap();
+    assert_eq!(rec.kind, "failover");
+    // First failed probe to promotion: (threshold - 1) intervals on the injected clock.
+    assert_eq!(
+        rec.rto_seconds,
+        Some(f64::from(THRESHOLD - 1) * INTERVAL as f64)
+    );
+    assert_eq!(rec.rpo_seconds, Some(2.0));
+    assert_eq!(
+        dns_target(&sites.west.server).await.as_deref(),
+        Some("198.51.100.10")
+    );
+}
+
+#[tokio::test]
+async fn a_returning_primary_fences_itself_and_two_sites_never_serve() {
+    let sites = converged().await;
+    lose_east(&sites).await;
+    for _ in 0..THRESHOLD {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+        // East, cut off, keeps serving its island: its mail path never waits on the other site.
+        sites.east.tick().await;
+    }
+    assert_eq!(sites.west.status().epoch, 2);
+    assert_eq!(sites.east.status().active_site.as_deref(), Some("east"));
+    assert!(sites.east.status().epoch < sites.west.status().epoch);
+
+    // The link returns. Whichever site ticks first, the old primary is fenced by the end of that tick.
+    sites.partition(false);
+    sites.east.frontends_up.store(true, Ordering::SeqCst);
+    sites.east.tick().await;
+    sites.assert_single_writer();
+    let e = sites.east.status();
+    assert_eq!(e.epoch, 2);
+    assert_eq!(e.active_site.as_deref(), Some("west"));
+    assert_eq!(e.fenced, Some(true));
+    assert!(sites.east.luns().iter().all(|l| l.spec.fenced));
+    assert_eq!(e.phase, FailoverPhase::FailedOver);
+    for _ in 0..3 {
+        sites.round().await;
+    }
+    assert_eq!(sites.serving(), vec!["west"]);
+    assert_eq!(
+        dns_target(&sites.east.server).await,
+        None,
+        "the old primary withdrew its DNS name"
+    );
+}
+
+#[tokio::test]
+async fn the_new_active_site_fences_a_returning_primary_that_has_not_looked_yet() {
+    let sites = converged().await;
+    lose_east(&sites).await;
+    for _ in 0..THRESHOLD {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+    }
+    sites.partition(false);
+    sites.west.tick().await;
+    sites.assert_single_writer();
+    assert!(sites.east.luns().iter().all(|l| l.spec.fenced));
+    assert_eq!(sites.east.status().epoch, 2);
+}
+
+#[tokio::test]
+async fn planned_failback_resyncs_then_swaps_roles() {
+    let sites = converged().await;
+    lose_east(&sites).await;
+    for _ in 0..THRESHOLD {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+    }
+    sites.partition(false);
+    sites.east.frontends_up.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        sites.round().await;
+    }
+    // Manual by default: nothing happens without a request.
+    assert_eq!(sites.serving(), vec!["west"]);
+
+    // Requested while east is still far behind: waits for resync.
+    sites.east.set_lag(300.0).await;
+    sites.east.annotate_failback().await;
+    sites.round().await;
+    assert_eq!(sites.west.status().phase, FailoverPhase::FailedOver);
+    assert_eq!(sites.serving(), vec!["west"]);
+
+    // Resynchronised within the RPO: west pauses delivery (fences its stores) for the final sync.
+    sites.east.set_lag(3.0).await;
+    sites.round().await;
+    assert_eq!(sites.west.status().phase, FailoverPhase::FailingBack);
+    assert!(
+        sites.serving().is_empty(),
+        "delivery paused: mail waits in the mx queues"
+    );
+    sites.east.set_lag(0.0).await;
+    sites.round().await;
+    let (e, w) = (sites.east.status(), sites.west.status());
+    assert_eq!(sites.serving(), vec!["east"]);
+    assert_eq!((e.epoch, w.epoch), (3, 3));
+    assert_eq!(w.active_site.as_deref(), Some("east"));
+    assert_eq!(w.phase, FailoverPhase::Healthy);
+    let rec = w.last_failover.unwrap();
+    assert_eq!(rec.kind, "failback");
+    assert_eq!(rec.rpo_seconds, Some(0.0));
+    // One probe interval of paused delivery on the injected clock.
+    assert_eq!(rec.rto_seconds, Some(INTERVAL as f64));
+    let east_sf = sites
+        .east
+        .server
+        .get::<mailpod_operator::crd::SiteFailover>(NS, SF)
+        .unwrap();
+    assert!(!east_sf
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key("mailpod.io/failback"));
+    assert_eq!(
+        dns_target(&sites.east.server).await.as_deref(),
+        Some("192.0.2.10")
+    );
+    assert_eq!(dns_target(&sites.west.server).await, None);
+}
+
+#[tokio::test]
+async fn a_restart_in_the_middle_of_a_failover_finishes_it() {
+    let mut sites = converged().await;
+    lose_east(&sites).await;
+    for _ in 1..THRESHOLD {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+    }
+    // The promoting tick records its decision, then dies before acting: fail every LUN write once.
+    sites.advance(INTERVAL);
+    sites
+        .west
+        .server
+        .inject(mailpod_operator::testkit::Fault::new(
+            Some(http::Method::PATCH),
+            "/storageluns/",
+            mailpod_operator::testkit::FaultKind::Timeout,
+            1,
+        ));
+    assert!(sites.west.try_tick().await.is_err());
+    let w = sites.west.status();
+    assert_eq!(w.phase, FailoverPhase::FailingOver);
+    assert_eq!(w.epoch, 2);
+    assert!(
+        sites.west.luns().iter().any(|l| l.spec.fenced),
+        "not yet promoted"
+    );
+
+    // A new operator process: no memory, only the stored status.
+    let peer = sites.east.server.clone();
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clock = sites.clock.clone();
+    sites.west.restart(&peer, up, clock);
+    sites.advance(1);
+    sites.west.tick().await;
+    let w = sites.west.status();
+    assert_eq!(w.phase, FailoverPhase::FailedOver);
+    assert_eq!(w.epoch, 2, "resumed, not promoted twice");
+    assert!(sites.west.luns().iter().all(|l| !l.spec.fenced));
+    let rec = w.last_failover.unwrap();
+    assert_eq!(
+        rec.rto_seconds,
+        Some(f64::from(THRESHOLD - 1) * INTERVAL as f64 + 1.0)
+    );
+}

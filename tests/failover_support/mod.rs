@@ -1,0 +1,330 @@
+//! Two in-memory clusters standing for two sites (`east`, the primary, and `west`), each with the real
+//! MailPod reconciler and a SiteFailover controller whose peer link, front-end probe and clock the tests
+//! control: cut the link, fail the probe, move time, with no sleeping.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use mailpod_operator::controller::failover::peer::{FrontendProbe, PeerConnector, ProbeTarget};
+use mailpod_operator::controller::failover::{self, Clock};
+use mailpod_operator::controller::{mailpod, Context as MailPodContext, RunConfig};
+use mailpod_operator::crd::{MailPod, SiteFailover, SiteFailoverStatus, StorageLUN};
+use mailpod_operator::testkit::ApiServer;
+use serde_json::json;
+
+pub const NS: &str = "mail";
+pub const SF: &str = "corp-geo";
+pub const INTERVAL: i64 = 5;
+pub const THRESHOLD: u32 = 3;
+
+/// A clock the test moves by hand, shared by both sites.
+#[derive(Clone)]
+pub struct TestClock(Arc<Mutex<Timestamp>>);
+
+impl Clock for TestClock {
+    fn now(&self) -> Timestamp {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// The link to the peer's API: up unless cut.
+struct TestPeers {
+    peer: ApiServer,
+    cut: Arc<AtomicBool>,
+}
+
+impl PeerConnector for TestPeers {
+    fn connect<'a>(
+        &'a self,
+        _local: &'a Client,
+        _sf: &'a SiteFailover,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<Client, String>> {
+        Box::pin(async move {
+            if self.cut.load(Ordering::SeqCst) {
+                Err("partitioned".to_string())
+            } else {
+                Ok(self.peer.client())
+            }
+        })
+    }
+}
+
+/// The peer's front ends as seen from this site: answering or not.
+struct TestProbe {
+    up: Arc<AtomicBool>,
+}
+
+impl FrontendProbe for TestProbe {
+    fn check<'a>(
+        &'a self,
+        _targets: &'a [ProbeTarget],
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if self.up.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("no greeting".to_string())
+            }
+        })
+    }
+}
+
+pub struct Site {
+    pub name: &'static str,
+    pub server: ApiServer,
+    pub failover: failover::Context,
+    mailpods: Arc<MailPodContext>,
+    /// This site's view of the peer's API.
+    pub link_cut: Arc<AtomicBool>,
+    /// Whether this site's front ends answer the peer's probe.
+    pub frontends_up: Arc<AtomicBool>,
+}
+
+pub struct Sites {
+    pub east: Site,
+    pub west: Site,
+    pub clock: TestClock,
+}
+
+fn mailpod_manifest() -> serde_json::Value {
+    json!({
+        "apiVersion": "mailpod.io/v1alpha1", "kind": "MailPod",
+        "metadata": {"name": "corp", "namespace": NS},
+        "spec": {
+            "domains": ["corp.example"],
+            "frontend": {"mx": {"replicas": 2, "serviceType": "LoadBalancer"}},
+            "mailboxes": {"inline": ["alice@corp.example", "bob@corp.example", "carol@corp.example"]},
+            "accessTables": {"recipientAccess": [{"pattern": "noreply@corp.example", "action": "REJECT"}]}
+        }
+    })
+}
+
+fn sitefailover(local: &str, peer: &str) -> SiteFailover {
+    serde_json::from_value(json!({
+        "apiVersion": "mailpod.io/v1alpha1", "kind": "SiteFailover",
+        "metadata": {"name": SF, "namespace": NS},
+        "spec": {
+            "mailPods": ["corp"], "localSite": local, "primarySite": "east",
+            "peer": {"name": peer, "kubeconfigSecret": {"name": "peer-kubeconfig", "key": "kubeconfig"}},
+            "detection": {"probeIntervalSeconds": INTERVAL, "failureThreshold": THRESHOLD, "probeTimeoutSeconds": 2},
+            "targets": {"rtoSeconds": 60, "rpoSeconds": 30},
+            "dns": [{"name": "mx.corp.example", "mailPod": "corp", "service": "mx"}]
+        }
+    }))
+    .unwrap()
+}
+
+impl Sites {
+    /// Both clusters with their SiteFailover; the MailPod exists only at the primary (east); the standby's is
+    /// created by mirroring.
+    pub async fn new() -> Self {
+        let clock = TestClock(Arc::new(Mutex::new(
+            Timestamp::from_second(1_700_000_000).unwrap(),
+        )));
+        let (es, ws) = (ApiServer::new(), ApiServer::new());
+        let east_up = Arc::new(AtomicBool::new(true));
+        let west_up = Arc::new(AtomicBool::new(true));
+        let east_cut = Arc::new(AtomicBool::new(false));
+        let west_cut = Arc::new(AtomicBool::new(false));
+        let site = |name,
+                    server: &ApiServer,
+                    peer: &ApiServer,
+                    cut: &Arc<AtomicBool>,
+                    peer_up: &Arc<AtomicBool>,
+                    up: &Arc<AtomicBool>| Site {
+            name,
+            server: server.clone(),
+            failover: failover::Context::new(
+                server.client(),
+                name,
+                Box::new(TestPeers {
+                    peer: peer.clone(),
+                    cut: cut.clone(),
+                }),
+                Box::new(TestProbe {
+                    up: peer_up.clone(),
+                }),
+                Box::new(clock.clone()),
+            ),
+            mailpods: Arc::new(MailPodContext::new(server.client(), RunConfig::default())),
+            link_cut: cut.clone(),
+            frontends_up: up.clone(),
+        };
+        let sites = Sites {
+            east: site("east", &es, &ws, &east_cut, &west_up, &east_up),
+            west: site("west", &ws, &es, &west_cut, &east_up, &west_up),
+            clock: clock.clone(),
+        };
+        let mp: Api<MailPod> = Api::namespaced(es.client(), NS);
+        mp.create(
+            &PostParams::default(),
+            &serde_json::from_value(mailpod_manifest()).unwrap(),
+        )
+        .await
+        .unwrap();
+        for (s, local, peer) in [(&es, "east", "west"), (&ws, "west", "east")] {
+            let api: Api<SiteFailover> = Api::namespaced(s.client(), NS);
+            api.create(&PostParams::default(), &sitefailover(local, peer))
+                .await
+                .unwrap();
+        }
+        sites.east.settle_mailpod().await;
+        sites
+    }
+
+    pub fn advance(&self, secs: i64) {
+        let mut t = self.clock.0.lock().unwrap();
+        *t = t
+            .checked_add(jiff::SignedDuration::from_secs(secs))
+            .unwrap();
+    }
+
+    /// Cuts (or restores) the link between the sites in both directions.
+    pub fn partition(&self, cut: bool) {
+        self.east.link_cut.store(cut, Ordering::SeqCst);
+        self.west.link_cut.store(cut, Ordering::SeqCst);
+    }
+
+    /// Sites whose stores serve: the SiteFailover says it is active and no LUN of it is fenced.
+    pub fn serving(&self) -> Vec<&'static str> {
+        [&self.east, &self.west]
+            .into_iter()
+            .filter(|s| s.serving())
+            .map(|s| s.name)
+            .collect()
+    }
+
+    /// One probe interval: both controllers tick, both MailPod controllers reconcile, and no moment (after
+    /// any single step) has two serving sites while they can see each other.
+    pub async fn round(&self) {
+        self.advance(INTERVAL);
+        for step in 0..4 {
+            match step {
+                0 => self.west.tick().await,
+                1 => self.east.tick().await,
+                2 => self.west.settle_mailpod().await,
+                _ => self.east.settle_mailpod().await,
+            }
+            self.assert_single_writer();
+        }
+    }
+
+    pub fn assert_single_writer(&self) {
+        let serving = self.serving();
+        let connected = !self.east.link_cut.load(Ordering::SeqCst);
+        if connected {
+            assert!(serving.len() <= 1, "two sites serve at once: {serving:?}");
+        }
+    }
+}
+
+impl Site {
+    pub async fn tick(&self) {
+        failover::reconcile_once(&self.failover, NS, SF)
+            .await
+            .unwrap_or_else(|e| panic!("tick at {}: {e}", self.name));
+    }
+
+    /// A tick that may fail (a stale decision, a conflict); returns the error text.
+    pub async fn try_tick(&self) -> Result<Duration, String> {
+        failover::reconcile_once(&self.failover, NS, SF)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs the MailPod reconciler until the MailPod's status settles (twice: children, then status).
+    pub async fn settle_mailpod(&self) {
+        let api: Api<MailPod> = Api::namespaced(self.server.client(), NS);
+        for _ in 0..3 {
+            let Some(mp) = api.get_opt("corp").await.unwrap() else {
+                return;
+            };
+            mailpod::reconcile(Arc::new(mp), self.mailpods.clone())
+                .await
+                .unwrap_or_else(|e| panic!("MailPod reconcile at {}: {e}", self.name));
+        }
+        // Load balancers of this cluster hand out an address per site.
+        let svc: Api<Service> = Api::namespaced(self.server.client(), NS);
+        if let Some(s) = svc.get_opt("corp-mx").await.unwrap() {
+            if s.status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .is_none()
+            {
+                let ip = if self.name == "east" {
+                    "192.0.2.10"
+                } else {
+                    "198.51.100.10"
+                };
+                let body = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}});
+                svc.patch_status("corp-mx", &PatchParams::default(), &Patch::Merge(&body))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    pub fn status(&self) -> SiteFailoverStatus {
+        self.server
+            .get::<SiteFailover>(NS, SF)
+            .and_then(|s| s.status)
+            .unwrap_or_default()
+    }
+
+    pub fn luns(&self) -> Vec<StorageLUN> {
+        self.server.list::<StorageLUN>(Some(NS))
+    }
+
+    pub fn serving(&self) -> bool {
+        let luns = self.luns();
+        self.status().active_site.as_deref() == Some(self.name)
+            && !luns.is_empty()
+            && luns.iter().all(|l| !l.spec.fenced)
+    }
+
+    pub fn mailpod(&self) -> Option<MailPod> {
+        self.server.get::<MailPod>(NS, "corp")
+    }
+
+    /// Sets the replication lag every LUN of this site reports.
+    pub async fn set_lag(&self, lag: f64) {
+        let api: Api<StorageLUN> = Api::namespaced(self.server.client(), NS);
+        for l in self.luns() {
+            let body = json!({"status": {"replicationLagSeconds": lag}});
+            api.patch_status(&l.name_any(), &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .unwrap();
+        }
+    }
+
+    pub async fn annotate_failback(&self) {
+        let api: Api<SiteFailover> = Api::namespaced(self.server.client(), NS);
+        let body = json!({"metadata": {"annotations": {"mailpod.io/failback": "requested"}}});
+        api.patch(SF, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+            .unwrap();
+    }
+
+    /// A fresh controller for this site (the old one's memory is gone), as after an operator restart.
+    pub fn restart(&mut self, peer: &ApiServer, peer_up: Arc<AtomicBool>, clock: TestClock) {
+        self.failover = failover::Context::new(
+            self.server.client(),
+            self.name,
+            Box::new(TestPeers {
+                peer: peer.clone(),
+                cut: self.link_cut.clone(),
+            }),
+            Box::new(TestProbe { up: peer_up }),
+            Box::new(clock),
+        );
+    }
+}

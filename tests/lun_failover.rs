@@ -1,0 +1,257 @@
+//! The StorageLUN controller against the in-memory API: children, election, promotion after the
+//! threshold in two steps, no re-promotion without resync, fencing, invalid specs, quiet steady state.
+
+mod lun_common;
+
+use std::sync::Arc;
+
+use jiff::{Timestamp, ToSpan};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use lun_common::*;
+use mailpod_operator::controller::lun::reports::{ReplicationReport, StaticReports};
+use mailpod_operator::controller::{lun, Context, RunConfig};
+use mailpod_operator::crd::{StorageLUN, StorageLUNStatus};
+use mailpod_operator::testkit::ApiServer;
+use serde_json::json;
+
+const LUN: &str = "corp-lun-0";
+
+async fn reconcile(server: &ApiServer, ctx: &Arc<Context>) -> StorageLUNStatus {
+    let l = Api::<StorageLUN>::namespaced(server.client(), NS)
+        .get(LUN)
+        .await
+        .unwrap();
+    lun::reconcile(Arc::new(l), ctx.clone()).await.unwrap();
+    Api::<StorageLUN>::namespaced(server.client(), NS)
+        .get(LUN)
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+}
+
+async fn role(server: &ApiServer, pod: &str) -> Option<String> {
+    Api::<Pod>::namespaced(server.client(), NS)
+        .get(pod)
+        .await
+        .unwrap()
+        .labels()
+        .get("mailpod.io/role")
+        .cloned()
+}
+
+fn ago(seconds: i64) -> String {
+    (Timestamp::now() - seconds.seconds()).to_string()
+}
+
+/// A LUN serving from replica 0 with replica 1 standing by, elected through the controller.
+async fn serving() -> (ApiServer, Arc<Context>, Arc<StaticReports>) {
+    let server = ApiServer::new();
+    create_lun(&server, &lun(LUN, &["a@corp.example"], 10)).await;
+    let reports = Arc::new(StaticReports::default());
+    let ctx = Arc::new(
+        Context::new(server.client(), RunConfig::default())
+            .with_replication_source(reports.clone()),
+    );
+    let st = reconcile(&server, &ctx).await;
+    assert!(st.current_active.is_none(), "no pods yet: nobody serves");
+    create_pod(&server, LUN, 0, true, None).await;
+    create_pod(&server, LUN, 1, true, None).await;
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(
+        (st.target_active.as_deref(), st.current_active.as_deref()),
+        (Some("corp-lun-0-0"), None)
+    );
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-0"));
+    assert_eq!(
+        role(&server, "corp-lun-0-0").await.as_deref(),
+        Some("active")
+    );
+    assert_eq!(
+        role(&server, "corp-lun-0-1").await.as_deref(),
+        Some("standby")
+    );
+    (server, ctx, reports)
+}
+
+/// What a standby's agent says after a complete pass `seconds_ago`.
+fn standby_report(lag: f64, seconds_ago: i64, in_sync: bool) -> ReplicationReport {
+    ReplicationReport {
+        role: Some("standby".into()),
+        source: Some(format!("{LUN}:12345")),
+        last_sync_unix_seconds: Some(
+            (Timestamp::now() - seconds_ago.seconds()).as_millisecond() as f64 / 1000.0,
+        ),
+        lag_seconds: Some(lag),
+        in_sync,
+        last_error: None,
+    }
+}
+
+#[tokio::test]
+async fn builds_the_store_and_is_quiet_in_steady_state() {
+    let (server, ctx, _) = serving().await;
+    let sts: StatefulSet = server.get(NS, LUN).unwrap();
+    assert_eq!(sts.spec.unwrap().replicas, Some(2));
+    server.clear_requests();
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(
+        server.mutating_requests(),
+        vec![],
+        "steady state writes nothing"
+    );
+    assert!(st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True"));
+}
+
+#[tokio::test]
+async fn promotes_only_after_the_threshold_in_two_steps_and_never_back_without_resync() {
+    let (server, ctx, reports) = serving().await;
+    reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
+
+    set_pod_ready(&server, "corp-lun-0-0", false, &ago(10)).await;
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(
+        st.target_active.as_deref(),
+        Some("corp-lun-0-0"),
+        "10s < 30s threshold"
+    );
+    assert_eq!(
+        role(&server, "corp-lun-0-1").await.as_deref(),
+        Some("standby")
+    );
+    assert!(st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Degraded" && c.reason == "ActiveUnready"));
+
+    set_pod_ready(&server, "corp-lun-0-0", false, &ago(45)).await;
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.target_active.as_deref(), Some("corp-lun-0-1"));
+    assert_eq!(
+        st.current_active.as_deref(),
+        Some("corp-lun-0-0"),
+        "second step waits for the label"
+    );
+    assert_eq!(st.needs_resync, ["corp-lun-0-0"]);
+    assert_eq!(
+        role(&server, "corp-lun-0-1").await.as_deref(),
+        Some("active")
+    );
+    assert_eq!(
+        role(&server, "corp-lun-0-0").await.as_deref(),
+        Some("standby")
+    );
+
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-1"));
+    let p = st.last_promotion.unwrap();
+    assert_eq!(
+        (p.from.as_str(), p.to.as_str()),
+        ("corp-lun-0-0", "corp-lun-0-1")
+    );
+    assert!(
+        (45.0..60.0).contains(&p.seconds),
+        "loss to promoted: {}",
+        p.seconds
+    );
+
+    // The old active comes back; then the new one is lost. The old one has not resynchronised.
+    set_pod_ready(&server, "corp-lun-0-0", true, &ago(1)).await;
+    set_pod_ready(&server, "corp-lun-0-1", false, &ago(120)).await;
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-1"));
+    assert_eq!(
+        role(&server, "corp-lun-0-0").await.as_deref(),
+        Some("standby")
+    );
+    assert!(st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Degraded" && c.reason == "NoStandbyAvailable"));
+
+    // Its agent reports a complete pass as standby after the promotion: it is cleared and takes over.
+    reports.set("corp-lun-0-0", standby_report(0.2, 0, true));
+    let st = reconcile(&server, &ctx).await;
+    assert!(
+        st.needs_resync.iter().all(|n| n != "corp-lun-0-0"),
+        "{:?}",
+        st.needs_resync
+    );
+    assert_eq!(st.target_active.as_deref(), Some("corp-lun-0-0"));
+}
+
+#[tokio::test]
+async fn fenced_lun_serves_from_no_replica() {
+    let (server, ctx, _) = serving().await;
+    Api::<StorageLUN>::namespaced(server.client(), NS)
+        .patch(
+            LUN,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"fenced": true}})),
+        )
+        .await
+        .unwrap();
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!((st.current_active, st.target_active), (None, None));
+    assert_eq!(
+        role(&server, "corp-lun-0-0").await.as_deref(),
+        Some("standby")
+    );
+    assert!(st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "Fenced"));
+}
+
+#[tokio::test]
+async fn more_mailboxes_than_max_users_is_reported_and_deletes_nothing() {
+    let (server, ctx, _) = serving().await;
+    Api::<StorageLUN>::namespaced(server.client(), NS)
+        .patch(
+            LUN,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"maxUsers": 1,
+            "mailboxes": ["a@corp.example", "b@corp.example"]}})),
+        )
+        .await
+        .unwrap();
+    server.clear_requests();
+    let st = reconcile(&server, &ctx).await;
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    assert!(
+        ready.message.contains("spec.mailboxes"),
+        "{}",
+        ready.message
+    );
+    assert!(server
+        .mutating_requests()
+        .iter()
+        .all(|r| r.method != http::Method::DELETE));
+    assert!(
+        server
+            .mutating_requests()
+            .iter()
+            .all(|r| !r.path.contains("/pods/")),
+        "roles untouched"
+    );
+    assert!(server.get::<StatefulSet>(NS, LUN).is_some());
+    assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-0"));
+    // No hot loop: a second pass writes nothing.
+    server.clear_requests();
+    reconcile(&server, &ctx).await;
+    assert!(server
+        .mutating_requests()
+        .iter()
+        .all(|r| r.path.contains("/events")));
+}

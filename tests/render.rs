@@ -1,0 +1,325 @@
+//! `mailpod-operator render`: the examples render, golden output shows reviewers what reaches the cluster,
+//! placement read back from StorageLUNs stays stable, and bad input exits 2 naming file, object and field.
+//!
+//! Regenerate golden files with `MAILPOD_UPDATE_GOLDEN=1 cargo test --test render`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_yaml::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn render(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailpod-operator"))
+        .arg("render")
+        .args(args)
+        .current_dir(root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = root().join("tests/golden").join(name);
+    if std::env::var_os("MAILPOD_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_default();
+    if want != actual {
+        let first = want
+            .lines()
+            .zip(actual.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(want.lines().count().min(actual.lines().count()));
+        panic!(
+            "{} differs from render output at line {}: run MAILPOD_UPDATE_GOLDEN=1 cargo test --test render and review the diff",
+            path.display(),
+            first + 1
+        );
+    }
+}
+
+#[test]
+fn small_example_matches_golden() {
+    let out = render(&["-f", "examples/mailpod-small.yaml"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    golden("render-small.yaml", &yaml);
+    let d = docs(&yaml);
+    // mx, submission, imap at 2 replicas by default; pop3 and webmail off.
+    let sts: Vec<&str> = of_kind(&d, "StatefulSet")
+        .iter()
+        .map(|s| s["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sts,
+        ["small-lun-0", "small-mx", "small-submission", "small-imap"]
+    );
+    for o in &d {
+        let owners = o["metadata"]["ownerReferences"].as_sequence().unwrap();
+        assert_eq!(
+            owners.len(),
+            1,
+            "{}",
+            o["metadata"]["name"].as_str().unwrap()
+        );
+        assert_eq!(owners[0]["controller"], true);
+    }
+}
+
+fn mailbox_luns(docs: &[Value]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for lun in of_kind(docs, "StorageLUN") {
+        for m in lun["spec"]["mailboxes"].as_sequence().unwrap() {
+            out.insert(
+                m.as_str().unwrap().to_string(),
+                lun["metadata"]["name"].as_str().unwrap().to_string(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn corp_example_places_2501_mailboxes_on_three_luns() {
+    let out = render(
+        &[
+            "-f",
+            "examples/mailpod-corp.yaml",
+            "-f",
+            "examples/sitefailover.yaml",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = docs(&String::from_utf8(out.stdout).unwrap());
+    let luns = of_kind(&d, "StorageLUN");
+    let sizes: Vec<usize> = luns
+        .iter()
+        .map(|l| l["spec"]["mailboxes"].as_sequence().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [1000, 1000, 501]);
+    // Every LUN's chain is rendered: store StatefulSet with 1 + 1 replicas, active Service, snapshot CronJob.
+    for i in 0..3 {
+        let name = format!("corp-lun-{i}");
+        let sts = d
+            .iter()
+            .find(|o| o["kind"] == "StatefulSet" && o["metadata"]["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("no StatefulSet {name}"));
+        assert_eq!(sts["spec"]["replicas"], 2);
+        assert_eq!(
+            sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+            "200Gi"
+        );
+        assert!(d.iter().any(|o| o["kind"] == "CronJob"
+            && o["metadata"]["name"] == format!("{name}-snapshot").as_str()));
+        let svc = d
+            .iter()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == name.as_str())
+            .unwrap();
+        assert_eq!(svc["spec"]["selector"]["mailpod.io/role"], "active");
+    }
+    let tables = d
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "corp-access-tables")
+        .unwrap();
+    assert_eq!(
+        tables["data"]["mailboxes"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .count(),
+        2501
+    );
+    assert!(tables["data"]["relay_domains"]
+        .as_str()
+        .unwrap()
+        .contains("legacy.corp.example [mail.legacy.corp.example]:25"));
+    // Every mail service is exposed with the client's address kept.
+    for svc in ["corp-mx", "corp-submission", "corp-imap", "corp-pop3"] {
+        let s = d
+            .iter()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == svc)
+            .unwrap();
+        assert_eq!(s["spec"]["type"], "LoadBalancer");
+        assert_eq!(s["spec"]["externalTrafficPolicy"], "Local");
+    }
+}
+
+/// Render the corp example, then render again with its StorageLUNs as the current placement and a changed
+/// mailbox list: nobody moves, freed slots are reused, and no LUN exceeds 1,000.
+#[test]
+fn placement_read_back_from_storageluns_is_stable() {
+    let first = render(&["-f", "examples/mailpod-corp.yaml"], None);
+    let d1 = docs(&String::from_utf8(first.stdout).unwrap());
+    let before = mailbox_luns(&d1);
+    let mut luns_yaml = String::new();
+    for l in of_kind(&d1, "StorageLUN") {
+        luns_yaml.push_str("---\n");
+        luns_yaml.push_str(&serde_yaml::to_string(l).unwrap());
+    }
+    let example = std::fs::read_to_string(root().join("examples/mailpod-corp.yaml")).unwrap();
+    // Remove every 10th mailbox and add 300 new ones.
+    let mut changed = String::new();
+    let mut n = 0;
+    for line in example.lines() {
+        if line.starts_with("    ") && line.contains('@') && !line.contains(':') {
+            n += 1;
+            if n % 10 == 0 {
+                continue;
+            }
+        }
+        changed.push_str(line);
+        changed.push('\n');
+    }
+    for i in 0..300 {
+        changed.push_str(&format!("    new{i:03}@labs.corp.example\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("corp.yaml");
+    std::fs::write(&mp, changed).unwrap();
+    let luns = dir.path().join("luns.yaml");
+    std::fs::write(&luns, luns_yaml).unwrap();
+    let second = render(&["-f", p(&mp), "-f", p(&luns)], None);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let d2 = docs(&String::from_utf8(second.stdout).unwrap());
+    let after = mailbox_luns(&d2);
+    let mut kept = 0;
+    for (m, lun) in &after {
+        if let Some(old) = before.get(m) {
+            assert_eq!(old, lun, "{m} moved");
+            kept += 1;
+        }
+    }
+    assert_eq!(kept, 2501 - 250);
+    assert_eq!(after.len(), 2501 - 250 + 300);
+    let sizes: Vec<usize> = of_kind(&d2, "StorageLUN")
+        .iter()
+        .map(|l| l["spec"]["mailboxes"].as_sequence().unwrap().len())
+        .collect();
+    assert_eq!(
+        sizes.len(),
+        3,
+        "freed slots are reused before a new LUN is made: {sizes:?}"
+    );
+    assert!(sizes.iter().all(|s| *s <= 1000));
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn assert_rejected(out: &Output, needles: &[&str]) {
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "nothing on stdout on error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+}
+
+const MP: &str = "apiVersion: mailpod.io/v1alpha1\nkind: MailPod\nmetadata:\n  name: bad\n";
+
+#[test]
+fn invalid_input_names_file_object_and_field() {
+    let out = render(
+        &["-f", "-"],
+        Some(&format!(
+            "{MP}spec:\n  domains: [example.com]\n  mailboxes:\n    inline: [a@example.com, b@other.org, a@example.com]\n  backend:\n    standbys: 9\n"
+        )),
+    );
+    assert_rejected(
+        &out,
+        &[
+            "-: MailPod bad: spec.mailboxes.inline[1]: `b@other.org`: domain `other.org` is not in spec.domains",
+            "spec.mailboxes.inline[2]: duplicate mailbox `a@example.com`",
+            "spec.backend.standbys: must be at most 4",
+        ],
+    );
+}
+
+#[test]
+fn unknown_fields_and_kinds_are_rejected() {
+    let typo = render(
+        &["-f", "-"],
+        Some(&format!(
+            "{MP}spec:\n  domains: [example.com]\n  backend:\n    standby: 2\n"
+        )),
+    );
+    assert_rejected(&typo, &["MailPod bad: spec.backend.standby: unknown field"]);
+    let kind = render(
+        &["-f", "-"],
+        Some("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: x\n"),
+    );
+    assert_rejected(&kind, &["Deployment x: unsupported kind"]);
+    let missing = render(&["-f", "no/such/file.yaml"], None);
+    assert_rejected(&missing, &["no/such/file.yaml: cannot read"]);
+    let cm = render(
+        &["-f", "-"],
+        Some(&format!(
+            "{MP}spec:\n  domains: [example.com]\n  mailboxes:\n    from:\n      - configMap: {{name: users, key: list}}\n"
+        )),
+    );
+    assert_rejected(
+        &cm,
+        &["spec.mailboxes.from[0]: ConfigMap users key list not found"],
+    );
+}
+
+#[test]
+fn one_bad_document_prints_nothing_for_the_good_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: mailpod.io/v1alpha1\nkind: SiteFailover\nmetadata:\n  name: geo\nspec:\n  mailPods: [corp]\n  localSite: fra\n  primarySite: lon\n  peer:\n    name: ams\n    kubeconfigSecret: {name: k, key: kubeconfig}\n",
+    )
+    .unwrap();
+    let out = render(&["-f", "examples/mailpod-small.yaml", "-f", p(&bad)], None);
+    assert_rejected(&out, &["bad.yaml: SiteFailover geo: spec.primarySite: `lon` must be spec.localSite (`fra`) or spec.peer.name (`ams`)"]);
+}

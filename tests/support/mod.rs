@@ -1,0 +1,475 @@
+//! Helpers for the data-plane tests: a MailPod's mounted ConfigMaps in a temp dir, agent processes on
+//! 127.0.0.1 high ports (killed on drop), and tiny SMTP/IMAP/POP3 clients over plain TcpStreams.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mailpod_operator::mailconfig::settings::MailSettings;
+use mailpod_operator::mailconfig::tables::{AccessTables, LunEndpoint};
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// True when Debian's Postfix and Dovecot are installed; otherwise prints why the test is skipped.
+pub fn mail_software_present(test: &str) -> bool {
+    let missing: Vec<&str> = [
+        "/usr/sbin/postfix",
+        "/usr/sbin/postmap",
+        "/usr/sbin/dovecot",
+        "/usr/bin/doveadm",
+    ]
+    .into_iter()
+    .filter(|p| !Path::new(p).exists())
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED {test}: mail software not installed ({}); install mail-image/packages.txt to run it",
+        missing.join(", ")
+    );
+    false
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The mounted ConfigMaps of one MailPod and the users Secret, as the kubelet would present them.
+pub struct Site {
+    pub root: tempfile::TempDir,
+    pub settings: MailSettings,
+    pub tables: AccessTables,
+}
+
+impl Site {
+    pub fn new(max_message_bytes: u64) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        // Postfix and Dovecot drop privileges; they must be able to reach their files below the temp dir.
+        Command::new("chmod")
+            .arg("755")
+            .arg(root.path())
+            .status()
+            .unwrap();
+        let settings = MailSettings {
+            mailpod: "corp".into(),
+            hostname: "mail.example.com".into(),
+            max_message_bytes,
+            connection_rate_limit: 0,
+            dnsbl: vec![],
+            dnsbl_threshold: 1,
+            tls: false,
+        };
+        let site = Self {
+            root,
+            settings,
+            tables: AccessTables::default(),
+        };
+        std::fs::create_dir_all(site.config_dir()).unwrap();
+        std::fs::create_dir_all(site.tables_dir()).unwrap();
+        std::fs::write(
+            site.config_dir().join("settings.yaml"),
+            site.settings.to_yaml(),
+        )
+        .unwrap();
+        site
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.root.path().join("settings")
+    }
+    pub fn tables_dir(&self) -> PathBuf {
+        self.root.path().join("tables")
+    }
+    pub fn users_file(&self) -> PathBuf {
+        self.root.path().join("users")
+    }
+
+    /// Adds a LUN answering on the given store ports.
+    pub fn lun(&mut self, index: u32, store: &Ports) {
+        self.tables.luns.insert(
+            index,
+            LunEndpoint {
+                host: "127.0.0.1".into(),
+                lmtp_port: store.lmtp,
+                imap_port: store.imap,
+                pop3_port: store.pop3,
+            },
+        );
+    }
+
+    /// Adds a mailbox on a LUN with a plain-text password in the users Secret.
+    pub fn mailbox(&mut self, address: &str, lun: u32, password: &str) {
+        if !self
+            .tables
+            .domains
+            .iter()
+            .any(|d| address.ends_with(&format!("@{d}")))
+        {
+            self.tables
+                .domains
+                .push(address.split('@').nth(1).unwrap().to_string());
+            self.tables.domains.sort();
+        }
+        self.tables.mailboxes.insert(address.into(), lun);
+        let mut users = std::fs::read_to_string(self.users_file()).unwrap_or_default();
+        users.push_str(&format!("{address}:{{PLAIN}}{password}\n"));
+        std::fs::write(self.users_file(), users).unwrap();
+    }
+
+    /// Publishes the tables like the kubelet: a new timestamped directory, then an atomic symlink swap.
+    pub fn publish(&self) {
+        let dir = self.tables_dir();
+        let stamp = format!("..{}", Instant::now().elapsed().as_nanos() + rand_suffix());
+        let new = dir.join(&stamp);
+        std::fs::create_dir(&new).unwrap();
+        for (k, v) in self.tables.to_data() {
+            std::fs::write(new.join(&k), v).unwrap();
+            let link = dir.join(&k);
+            if !link.exists() {
+                std::os::unix::fs::symlink(Path::new("..data").join(&k), &link).unwrap();
+            }
+        }
+        let tmp = dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&stamp, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+#[derive(Clone, Debug)]
+pub struct Ports {
+    pub smtp: u16,
+    pub submission: u16,
+    pub imap: u16,
+    pub pop3: u16,
+    pub lmtp: u16,
+    pub http: u16,
+    pub control: u16,
+}
+
+impl Ports {
+    pub fn free() -> Self {
+        Self {
+            smtp: free_port(),
+            submission: free_port(),
+            imap: free_port(),
+            pop3: free_port(),
+            lmtp: free_port(),
+            http: free_port(),
+            control: free_port(),
+        }
+    }
+}
+
+/// One `mailpod-operator agent` process; SIGTERM then SIGKILL on drop.
+pub struct Agent {
+    pub role: &'static str,
+    pub ports: Ports,
+    pub work: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn start(site: &Site, role: &'static str, name: &str, ports: &Ports) -> Self {
+        let work = site.root.path().join(name);
+        let log =
+            std::fs::File::create(site.root.path().join(format!("{name}.agent.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mailpod-operator"))
+            .args(["agent", "--role", role, "--listen", "127.0.0.1"])
+            .arg("--config-dir")
+            .arg(site.config_dir())
+            .arg("--tables-dir")
+            .arg(site.tables_dir())
+            .arg("--work-dir")
+            .arg(&work)
+            .arg("--users-file")
+            .arg(site.users_file())
+            .args(["--listen-metrics", &format!("127.0.0.1:{}", ports.http)])
+            .args(["--listen-control", &format!("127.0.0.1:{}", ports.control)])
+            .args(["--smtp-port", &ports.smtp.to_string()])
+            .args(["--submission-port", &ports.submission.to_string()])
+            .args(["--imap-port", &ports.imap.to_string()])
+            .args(["--pop3-port", &ports.pop3.to_string()])
+            .args(["--lmtp-port", &ports.lmtp.to_string()])
+            .args(["--poll-ms", "200", "--grace-seconds", "5"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning the agent");
+        let mut agent = Self {
+            role,
+            ports: ports.clone(),
+            work,
+            child: Some(child),
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn wait_ready(&mut self) {
+        let port = self.ports.http;
+        let role = self.role;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "{role} agent exited during start-up with {status}; see its log in {}",
+                    self.work.display()
+                );
+            }
+            if let Ok((200, _)) = http(port, "GET", "/readyz") {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                panic!(
+                    "{role} agent not ready within 30 s: {:?}",
+                    http(port, "GET", "/readyz")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(self.ports.http, "GET", path).unwrap()
+    }
+
+    pub fn post(&self, path: &str) -> (u16, String) {
+        http(self.ports.control, "POST", path).unwrap()
+    }
+
+    /// Value of a metric line `name{labels} value` from /metrics.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+
+    /// SIGTERM, wait for an orderly exit (bounded), return whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Postfix's queue directory (mx, submission).
+    pub fn queue(&self) -> PathBuf {
+        self.work.join("spool")
+    }
+
+    /// `postqueue -f`: retry deferred mail now.
+    pub fn flush_queue(&self) {
+        let st = Command::new("postqueue")
+            .arg("-c")
+            .arg(self.work.join("postfix"))
+            .arg("-f")
+            .status()
+            .unwrap();
+        assert!(st.success(), "postqueue -f failed");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Minimal HTTP/1.1 request; returns status and body.
+pub fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A line-oriented client session (SMTP, IMAP, POP3 all fit).
+pub struct Session {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Session {
+    pub fn connect(port: u16) -> Self {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        Self {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        }
+    }
+
+    pub fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.r.read_line(&mut l).expect("reading a reply");
+        l
+    }
+
+    pub fn send(&mut self, text: &str) {
+        self.w.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Reads an SMTP reply (all continuation lines); returns code and full text.
+    pub fn smtp_reply(&mut self) -> (u16, String) {
+        let mut all = String::new();
+        loop {
+            let l = self.line();
+            assert!(l.len() >= 4, "short SMTP reply {l:?} after {all:?}");
+            all.push_str(&l);
+            if l.as_bytes()[3] == b' ' {
+                return (l[..3].parse().unwrap(), all);
+            }
+        }
+    }
+
+    pub fn smtp(&mut self, command: &str) -> (u16, String) {
+        self.send(&format!("{command}\r\n"));
+        self.smtp_reply()
+    }
+
+    /// Sends an IMAP command with tag `t`, returns the untagged lines and the tagged status line.
+    pub fn imap(&mut self, command: &str) -> (Vec<String>, String) {
+        self.send(&format!("t {command}\r\n"));
+        let mut lines = Vec::new();
+        loop {
+            let l = self.line();
+            assert!(!l.is_empty(), "IMAP connection closed after {lines:?}");
+            if l.starts_with("t ") {
+                return (lines, l);
+            }
+            lines.push(l);
+        }
+    }
+}
+
+/// Sends one message over SMTP; returns the first non-2xx/3xx reply or the final 250.
+pub fn send_mail(
+    port: u16,
+    from: &str,
+    to: &[&str],
+    subject: &str,
+    body_bytes: usize,
+) -> (u16, String) {
+    let mut s = Session::connect(port);
+    let (code, text) = s.smtp_reply();
+    assert_eq!(code, 220, "banner: {text}");
+    let (code, text) = s.smtp("EHLO client.test");
+    assert_eq!(code, 250, "{text}");
+    for (command, want) in std::iter::once((format!("MAIL FROM:<{from}>"), 250))
+        .chain(to.iter().map(|r| (format!("RCPT TO:<{r}>"), 250)))
+        .chain(std::iter::once(("DATA".to_string(), 354)))
+    {
+        let (code, text) = s.smtp(&command);
+        if code != want {
+            return (code, text);
+        }
+    }
+    s.send(&message(from, to, subject, body_bytes));
+    let reply = s.smtp(".");
+    let _ = s.smtp("QUIT");
+    reply
+}
+
+pub fn message(from: &str, to: &[&str], subject: &str, body_bytes: usize) -> String {
+    let mut m = format!(
+        "From: <{from}>\r\nTo: {}\r\nSubject: {subject}\r\n\r\n",
+        to.join(", ")
+    );
+    let line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    let mut n = 0;
+    while n < body_bytes {
+        m.push_str(line);
+        n += line.len();
+    }
+    m.push_str("end\r\n");
+    m
+}
+
+/// Subjects of every message in a mailbox's Maildir on a store (new and cur), with repetitions.
+pub fn maildir_subjects(store: &Agent, address: &str) -> Vec<String> {
+    let (user, domain) = address.split_once('@').unwrap();
+    let maildir = store
+        .work
+        .join("mail")
+        .join(domain)
+        .join(user)
+        .join("Maildir");
+    let mut subjects = Vec::new();
+    for sub in ["new", "cur"] {
+        let Ok(entries) = std::fs::read_dir(maildir.join(sub)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
+                subjects.push(s.trim().to_string());
+            }
+        }
+    }
+    subjects.sort();
+    subjects
+}
+
+pub fn unique(v: &[String]) -> BTreeSet<String> {
+    v.iter().cloned().collect()
+}
