@@ -551,9 +551,9 @@ async fn the_controller_runs_against_the_in_memory_api_and_follows_mailbox_sourc
         namespace: Some(NS.into()),
         ..RunConfig::default()
     };
+    let ctx = Arc::new(Context::new(client.clone(), config));
     let run = tokio::spawn(mailpod_operator::controller::run_mailpods(
-        client.clone(),
-        config,
+        ctx.clone(),
         async {
             let _ = stopped.await;
         },
@@ -615,7 +615,7 @@ async fn the_controller_runs_against_the_in_memory_api_and_follows_mailbox_sourc
     assert_eq!(server.mutating_requests().len(), writes);
 
     stop.send(()).unwrap();
-    let ctx = tokio::time::timeout(Duration::from_secs(10), run)
+    tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .unwrap()
         .unwrap()

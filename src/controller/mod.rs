@@ -203,23 +203,26 @@ where
             }
         }
     };
-    let mailpods = run_mailpods(client.clone(), config, shutdown.clone());
+    let mailpods = run_mailpods(
+        Arc::new(Context::new(client.clone(), config)),
+        shutdown.clone(),
+    );
     let (m, (), f) = tokio::join!(mailpods, luns, failover);
     f?;
-    m.map(|_| ())
+    m
 }
 
-/// Runs the MailPod controller until `shutdown` resolves; in-flight reconciles finish first.
-/// Returns the shared context so callers (tests, the benchmark) can read its counters.
+/// Runs the MailPod controller with `ctx` (its client and [`RunConfig`]) until `shutdown` resolves;
+/// in-flight reconciles finish first. Callers keep `ctx` to read its counters.
 pub async fn run_mailpods(
-    client: Client,
-    config: RunConfig,
+    ctx: Arc<Context>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) -> anyhow::Result<Arc<Context>> {
+) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
+    let config = ctx.config.clone();
     check_crds(&client).await?;
     let ns = config.namespace.clone();
     let ns = ns.as_deref();
-    let ctx = Arc::new(Context::new(client.clone(), config.clone()));
     let wc = watcher::Config::default().any_semantic();
     let children = watcher::Config::default()
         .labels(&format!(
@@ -266,7 +269,7 @@ pub async fn run_mailpods(
         })
         .await;
     info!("MailPod controller stopped");
-    Ok(ctx)
+    Ok(())
 }
 
 /// MailPods in `obj`'s namespace whose mailbox sources name `obj`.

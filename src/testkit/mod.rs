@@ -265,6 +265,20 @@ impl ApiServer {
             .unwrap_or_default()
             .to_string();
 
+        // Bodies are parsed before taking the store lock, so concurrent requests only serialize on the store.
+        let parsed: Result<Value, String> = if body.is_empty() {
+            Ok(Value::Null)
+        } else {
+            serde_json::from_slice(&body).or_else(|e| {
+                if content_type.starts_with("application/apply-patch+yaml") {
+                    serde_yaml::from_slice(&body)
+                        .map_err(|e| format!("body is not YAML or JSON: {e}"))
+                } else {
+                    Err(format!("body is not JSON: {e}"))
+                }
+            })
+        };
+
         let mut state = self.lock();
         let fault = state
             .faults
@@ -311,7 +325,7 @@ impl ApiServer {
         let query = Query::parse(&query_str);
         let result = match Route::parse(&path) {
             None => Err(ApiError::not_found("path", &path)),
-            Some(route) => self.route(&mut state, &method, &route, &query, &content_type, &body),
+            Some(route) => self.route(&mut state, &method, &route, &query, &content_type, parsed),
         };
         let response = match result {
             Ok(Answer::Json {
@@ -352,7 +366,7 @@ impl ApiServer {
         route: &Route,
         query: &Query,
         content_type: &str,
-        body: &[u8],
+        body: Result<Value, String>,
     ) -> Result<Answer, ApiError> {
         let store = &mut state.store;
         let ns = route.namespace.as_deref().unwrap_or_default();
@@ -472,8 +486,7 @@ impl ApiServer {
                 Ok(json(200, &obj, changes, false))
             }
             (Method::POST, None) => {
-                let value: Value = serde_json::from_slice(body)
-                    .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
+                let value = body.map_err(ApiError::bad_request)?;
                 if query.get("dryRun").is_some() {
                     return Err(ApiError::bad_request(
                         "dryRun is not supported by the in-memory API",
@@ -483,8 +496,7 @@ impl ApiServer {
                 Ok(json(201, &w.obj, changes, true))
             }
             (Method::PUT, Some(name)) => {
-                let value: Value = serde_json::from_slice(body)
-                    .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
+                let value = body.map_err(ApiError::bad_request)?;
                 let w = store.update(&key, ns, name, sub, value, &mut changes)?;
                 Ok(json(200, &w.obj, changes, w.changed))
             }
@@ -515,7 +527,7 @@ impl ApiServer {
                     sub,
                     kind,
                     query.get("fieldManager"),
-                    body,
+                    body.map_err(ApiError::bad_request)?,
                     &mut changes,
                 )?;
                 Ok(json(
@@ -526,12 +538,7 @@ impl ApiServer {
                 ))
             }
             (Method::DELETE, Some(name)) => {
-                let opts: Value = if body.is_empty() {
-                    Value::Null
-                } else {
-                    serde_json::from_slice(body)
-                        .map_err(|e| ApiError::bad_request(e.to_string()))?
-                };
+                let opts = body.map_err(ApiError::bad_request)?;
                 let policy = query
                     .get("propagationPolicy")
                     .map(str::to_string)

@@ -44,6 +44,14 @@ impl Selector {
         Ok(Self { labels, fields })
     }
 
+    /// The first `label=value` requirement, which an index can answer.
+    pub fn equality(&self) -> Option<(&str, &str)> {
+        self.labels.iter().find_map(|r| match r {
+            Requirement::Equals(k, v) => Some((k.as_str(), v.as_str())),
+            _ => None,
+        })
+    }
+
     pub fn matches(&self, obj: &Obj) -> bool {
         let label = |k: &str| obj.labels.get(k).map(String::as_str);
         let field = |k: &str| match k {

@@ -59,6 +59,9 @@ pub struct Change {
     pub new: Option<Arc<Obj>>,
 }
 
+/// `(label, value)` -> `(namespace, name)` of the objects carrying it.
+type LabelIndex = HashMap<(String, String), BTreeSet<(String, String)>>;
+
 /// A leaf field path of an applied configuration (maps are walked; lists and scalars are leaves).
 type FieldPath = Vec<String>;
 
@@ -156,6 +159,9 @@ pub struct Store {
     uid_seq: u64,
     collections: HashMap<ResourceKey, BTreeMap<(String, String), Entry>>,
     kinds: HashMap<ResourceKey, (String, String)>,
+    /// Per resource, `label=value` -> objects carrying it, so equality selectors do not scan every object
+    /// (the API server's watch cache indexes the same way for the labels operators select by).
+    label_index: HashMap<ResourceKey, LabelIndex>,
     history: VecDeque<Change>,
     history_cap: usize,
     /// Changes with a resourceVersion above this are all still in `history`.
@@ -169,6 +175,7 @@ impl Store {
             uid_seq: 0,
             collections: HashMap::new(),
             kinds: HashMap::new(),
+            label_index: HashMap::new(),
             history: VecDeque::new(),
             history_cap,
             history_floor: 0,
@@ -217,11 +224,54 @@ impl Store {
         let Some(coll) = self.collections.get(resource) else {
             return vec![];
         };
-        coll.iter()
-            .filter(|((o_ns, _), _)| ns.is_none_or(|n| n == o_ns))
+        let in_ns = |o_ns: &str| ns.is_none_or(|n| n == o_ns);
+        if let Some((k, v)) = selector.equality() {
+            let Some(keys) = self
+                .label_index
+                .get(resource)
+                .and_then(|idx| idx.get(&(k.to_string(), v.to_string())))
+            else {
+                return vec![];
+            };
+            return keys
+                .iter()
+                .filter(|(o_ns, _)| in_ns(o_ns))
+                .filter_map(|key| coll.get(key)?.obj.clone())
+                .filter(|o| selector.matches(o))
+                .collect();
+        }
+        let entries: Box<dyn Iterator<Item = (&(String, String), &Entry)>> = match ns {
+            Some(n) => Box::new(
+                coll.range((n.to_string(), String::new())..)
+                    .take_while(move |((o_ns, _), _)| o_ns == n),
+            ),
+            None => Box::new(coll.iter()),
+        };
+        entries
             .filter_map(|(_, e)| e.obj.clone())
             .filter(|o| selector.matches(o))
             .collect()
+    }
+
+    fn index(&mut self, resource: &ResourceKey, old: Option<&Obj>, new: Option<&Obj>) {
+        let idx = self.label_index.entry(resource.clone()).or_default();
+        if let Some(o) = old {
+            for (k, v) in &o.labels {
+                if let Some(set) = idx.get_mut(&(k.clone(), v.clone())) {
+                    set.remove(&(o.namespace.clone(), o.name.clone()));
+                    if set.is_empty() {
+                        idx.remove(&(k.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+        if let Some(o) = new {
+            for (k, v) in &o.labels {
+                idx.entry((k.clone(), v.clone()))
+                    .or_default()
+                    .insert((o.namespace.clone(), o.name.clone()));
+            }
+        }
     }
 
     fn record(
@@ -331,6 +381,7 @@ impl Store {
             .entry((ns.to_string(), name))
             .or_default()
             .obj = Some(obj.clone());
+        self.index(resource, None, Some(&obj));
         changes.push(self.record(resource, None, Some(obj.clone())));
         obj
     }
@@ -404,6 +455,7 @@ impl Store {
             .and_then(|c| c.get_mut(&(ns.to_string(), name.to_string())))
             .expect("stored")
             .obj = Some(obj.clone());
+        self.index(resource, Some(&entry_obj), Some(&obj));
         changes.push(self.record(resource, Some(entry_obj), Some(obj.clone())));
         Written { obj, changed: true }
     }
@@ -447,19 +499,10 @@ impl Store {
         sub: Subresource,
         kind: PatchKind,
         field_manager: Option<&str>,
-        body: &[u8],
+        patch: Value,
         changes: &mut Vec<Change>,
     ) -> Result<Written, ApiError> {
         let current = self.get(resource, ns, name);
-        let patch: Value = match kind {
-            PatchKind::Apply { .. } => serde_json::from_slice(body)
-                .or_else(|_| serde_yaml::from_slice(body))
-                .map_err(|e| {
-                    ApiError::bad_request(format!("apply patch is not YAML or JSON: {e}"))
-                })?,
-            _ => serde_json::from_slice(body)
-                .map_err(|e| ApiError::bad_request(format!("patch is not JSON: {e}")))?,
-        };
         let Some(current) = current else {
             let PatchKind::Apply { .. } = kind else {
                 return Err(ApiError::not_found(resource, name));
@@ -656,6 +699,7 @@ impl Store {
             return;
         };
         let Some(old) = entry.obj else { return };
+        self.index(resource, Some(&old), None);
         self.next_rv();
         let uid = old.uid.clone();
         let final_state = last.unwrap_or(old);

@@ -453,3 +453,35 @@ fn routes() {
     assert_eq!(r.name.as_deref(), Some("mailpods.mailpod.io"));
     assert!(Route::parse("/version").is_none());
 }
+
+#[tokio::test]
+async fn label_index_follows_relabels_and_deletes() {
+    let server = ApiServer::new();
+    let api: Api<ConfigMap> = Api::namespaced(server.client(), "ns");
+    let count = |sel: &'static str| {
+        let api = api.clone();
+        async move {
+            api.list(&ListParams::default().labels(sel))
+                .await
+                .unwrap()
+                .items
+                .len()
+        }
+    };
+    api.create(&PostParams::default(), &cm("a", &[]))
+        .await
+        .unwrap();
+    assert_eq!(count("app=a").await, 1);
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "b"}}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(count("app=a").await, 0);
+    assert_eq!(count("app=b").await, 1);
+    assert_eq!(count("app=b,app!=b").await, 0);
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+    assert_eq!(count("app=b").await, 0);
+}
