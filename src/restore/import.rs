@@ -1,0 +1,527 @@
+//! `mailpod-operator restore-import`: what the restore Job runs. It reads the snapshot (a read-only clone
+//! of the LUN's volume) through a local, auth-only Dovecot and copies into the live store, over the store's
+//! doveadm TCP service, every selected message the live store does not hold.
+//!
+//! Why not dsync: `doveadm sync -1` from the snapshot to the live store keeps the destination's
+//! expunges and folder deletions (its manual says so, and it restores nothing in a test with a deleted
+//! message and a deleted folder), and `doveadm backup` would delete mail that arrived after the snapshot.
+//! Restore wants the opposite of both: bring back what is gone, touch nothing else. So each message is
+//! compared by [`MessageKey`] (header block and size, kept byte for byte by `save`), per folder, as a
+//! multiset: a message is copied only as many times as the snapshot holds it more often than the live
+//! folder. Running the same restore twice copies nothing the second time. Copies keep their flags
+//! (`\Seen`, `\Answered`, keywords).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::doveadm::{Doveadm, Listed, MessageKey, Side};
+use crate::mailconfig::dovecot::doveadm_password_conf;
+
+/// What to restore.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every mailbox found in the snapshot.
+    All,
+    /// One mailbox, optionally one folder of it, optionally one message (by Message-ID).
+    Mailbox {
+        address: String,
+        folder: Option<String>,
+        message_id: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    /// The store layout's mail root on the mounted snapshot clone (`<domain>/<user>/Maildir`).
+    pub mail_root: PathBuf,
+    /// Writable scratch directory for the local Dovecot.
+    pub work_dir: PathBuf,
+    /// The live store's doveadm service, `host:port` (the LUN's active Service).
+    pub target: String,
+    /// The LUN's doveadm password (its replication Secret).
+    pub password_file: PathBuf,
+    pub scope: Scope,
+    /// Owner of the Maildirs (the image's vmail user).
+    pub mail_uid: u32,
+    pub mail_gid: u32,
+}
+
+/// What happened in one folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FolderReport {
+    pub mailbox: String,
+    pub folder: String,
+    /// Selected messages in the snapshot.
+    pub in_snapshot: usize,
+    /// Of those, already in the live folder.
+    pub present: usize,
+    pub restored: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub folders: Vec<FolderReport>,
+}
+
+impl Report {
+    pub fn restored(&self) -> usize {
+        self.folders.iter().map(|f| f.restored).sum()
+    }
+    pub fn present(&self) -> usize {
+        self.folders.iter().map(|f| f.present).sum()
+    }
+    pub fn in_snapshot(&self) -> usize {
+        self.folders.iter().map(|f| f.in_snapshot).sum()
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for r in &self.folders {
+            writeln!(
+                f,
+                "{}/{}: {} in snapshot, {} already present, {} restored",
+                r.mailbox, r.folder, r.in_snapshot, r.present, r.restored
+            )?;
+        }
+        writeln!(
+            f,
+            "restored {} messages ({} selected in the snapshot, {} already present)",
+            self.restored(),
+            self.in_snapshot(),
+            self.present()
+        )
+    }
+}
+
+/// Runs the import. Every error names the mailbox, folder or message it concerns.
+pub fn run(opts: &ImportOptions) -> Result<Report> {
+    let password = std::fs::read_to_string(&opts.password_file)
+        .with_context(|| {
+            format!(
+                "reading the doveadm password from {} (the LUN's replication Secret)",
+                opts.password_file.display()
+            )
+        })?
+        .trim_end_matches(['\r', '\n'])
+        .to_string();
+    let mailboxes = match &opts.scope {
+        Scope::All => mailboxes_in(&opts.mail_root)?,
+        Scope::Mailbox { address, .. } => {
+            let dir = maildir(&opts.mail_root, address)?;
+            if !dir.is_dir() {
+                bail!(
+                    "mailbox {address} has no mail in the snapshot (no {})",
+                    dir.display()
+                );
+            }
+            vec![address.clone()]
+        }
+    };
+    let local = LocalDovecot::start(opts, &password)?;
+    let live = Side::Live(opts.target.clone());
+    let mut report = Report::default();
+    for mailbox in &mailboxes {
+        let (folder, message_id) = match &opts.scope {
+            Scope::All => (None, None),
+            Scope::Mailbox {
+                folder, message_id, ..
+            } => (folder.as_deref(), message_id.as_deref()),
+        };
+        let done = restore_mailbox(&local.doveadm, &live, mailbox, folder, message_id)
+            .with_context(|| format!("restoring mailbox {mailbox}"))?;
+        report.folders.extend(done);
+    }
+    drop(local);
+    Ok(report)
+}
+
+fn maildir(root: &Path, address: &str) -> Result<PathBuf> {
+    match address.split_once('@') {
+        Some((user, domain))
+            if !user.is_empty()
+                && !domain.is_empty()
+                && !address.contains('/')
+                && !user.starts_with('.')
+                && !domain.starts_with('.') =>
+        {
+            Ok(root.join(domain).join(user).join("Maildir"))
+        }
+        _ => bail!("--mailbox {address:?} is not an address (user@domain)"),
+    }
+}
+
+/// Mailboxes with a Maildir under `root` (`<domain>/<user>/Maildir`), sorted.
+fn mailboxes_in(root: &Path) -> Result<Vec<String>> {
+    let dirs = |p: &Path| -> Result<Vec<String>> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(p).with_context(|| format!("reading {}", p.display()))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type()?.is_dir() && !name.starts_with('.') {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    };
+    let mut out = vec![];
+    for domain in dirs(root)? {
+        for user in dirs(&root.join(&domain))? {
+            if root.join(&domain).join(&user).join("Maildir").is_dir() {
+                out.push(format!("{user}@{domain}"));
+            }
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        bail!(
+            "the snapshot holds no mailboxes (no <domain>/<user>/Maildir under {})",
+            root.display()
+        );
+    }
+    Ok(out)
+}
+
+/// Message-IDs compare without their angle brackets and surrounding space.
+fn bare_id(id: &str) -> &str {
+    id.trim().trim_start_matches('<').trim_end_matches('>')
+}
+
+fn restore_mailbox(
+    d: &Doveadm,
+    live: &Side,
+    mailbox: &str,
+    folder: Option<&str>,
+    message_id: Option<&str>,
+) -> Result<Vec<FolderReport>> {
+    let snap = Side::Snapshot;
+    let snapshot_folders = d.folders(&snap, mailbox)?;
+    let folders: Vec<String> = match folder {
+        Some(f) if snapshot_folders.iter().any(|x| x == f) => vec![f.to_string()],
+        Some(f) => bail!(
+            "folder {f:?} is not in the snapshot (its folders: {})",
+            snapshot_folders.join(", ")
+        ),
+        None => snapshot_folders,
+    };
+    // Listed folder by folder, so one doveadm answer never holds a whole mailbox's headers.
+    let mut selected: Vec<(String, Vec<Listed>)> = vec![];
+    for name in folders {
+        let mut query = vec!["mailbox", name.as_str()];
+        if let Some(id) = message_id {
+            query.extend(["header", "Message-ID", bare_id(id)]);
+        }
+        let mut messages = d
+            .list(&snap, mailbox, &query)
+            .with_context(|| format!("folder {name:?} of the snapshot"))?;
+        if let Some(id) = message_id {
+            // The header search matches substrings; keep exact matches only.
+            messages.retain(|m| bare_id(&m.key.message_id) == bare_id(id));
+            if messages.is_empty() {
+                continue;
+            }
+        }
+        selected.push((name, messages));
+    }
+    if let (Some(id), true) = (message_id, selected.is_empty()) {
+        bail!(
+            "no message with Message-ID <{}> in the snapshot{}",
+            bare_id(id),
+            folder.map(|f| format!(" (folder {f})")).unwrap_or_default()
+        );
+    }
+    let live_folders = d.folders(live, mailbox)?;
+    let mut out = vec![];
+    for (name, messages) in selected {
+        let exists = live_folders.contains(&name);
+        let report = restore_folder(d, live, mailbox, &name, messages, exists)
+            .with_context(|| format!("folder {name:?}"))?;
+        out.push(report);
+    }
+    Ok(out)
+}
+
+/// Copies into the live `folder` the messages of `messages` it lacks, then their flags.
+fn restore_folder(
+    d: &Doveadm,
+    live: &Side,
+    mailbox: &str,
+    folder: &str,
+    messages: Vec<Listed>,
+    exists: bool,
+) -> Result<FolderReport> {
+    let present_live = if exists {
+        d.list(live, mailbox, &["mailbox", folder])?
+    } else {
+        vec![]
+    };
+    let missing = missing(&messages, &present_live);
+    let mut report = FolderReport {
+        mailbox: mailbox.to_string(),
+        folder: folder.to_string(),
+        in_snapshot: messages.len(),
+        present: messages.len() - missing.len(),
+        restored: 0,
+    };
+    // A folder deleted since the snapshot comes back even when it was empty.
+    if !exists {
+        if let Err(e) = d.create_folder(live, mailbox, folder) {
+            // Created meanwhile (a client, or INBOX created on first access) is fine.
+            if !d.folders(live, mailbox)?.iter().any(|f| f == folder) {
+                return Err(e);
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(report);
+    }
+    let uid_next = d.uid_next(live, mailbox, folder)?;
+    for m in &missing {
+        let raw = d
+            .message(&Side::Snapshot, mailbox, folder, m.uid)
+            .with_context(|| format!("reading message uid {} from the snapshot", m.uid))?;
+        d.save(live, mailbox, folder, &raw).with_context(|| {
+            format!(
+                "saving message {} (snapshot uid {})",
+                m.key.message_id, m.uid
+            )
+        })?;
+        report.restored += 1;
+    }
+    restore_flags(d, live, mailbox, folder, &missing, uid_next)?;
+    Ok(report)
+}
+
+/// The snapshot's messages the live folder does not hold, counting repeated copies.
+fn missing(snapshot: &[Listed], live: &[Listed]) -> Vec<Listed> {
+    let mut have: HashMap<&MessageKey, usize> = HashMap::new();
+    for m in live {
+        *have.entry(&m.key).or_default() += 1;
+    }
+    snapshot
+        .iter()
+        .filter(|m| match have.get_mut(&m.key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
+/// `save` cannot set flags: find the copies among the UIDs assigned since `uid_next` and set each
+/// snapshot message's flags on its copy, grouped by flag set.
+fn restore_flags(
+    d: &Doveadm,
+    live: &Side,
+    mailbox: &str,
+    folder: &str,
+    restored: &[Listed],
+    uid_next: u32,
+) -> Result<()> {
+    if restored.iter().all(|m| m.flags.is_empty()) {
+        return Ok(());
+    }
+    let range = format!("{uid_next}:*");
+    let mut copies = d.list(live, mailbox, &["mailbox", folder, "uid", &range])?;
+    copies.retain(|c| c.uid >= uid_next);
+    let mut by_flags: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
+    for m in restored.iter().filter(|m| !m.flags.is_empty()) {
+        if let Some(i) = copies.iter().position(|c| c.key == m.key) {
+            let copy = copies.remove(i);
+            by_flags.entry(m.flags.clone()).or_default().push(copy.uid);
+        }
+    }
+    for (flags, uids) in by_flags {
+        d.add_flags(live, mailbox, folder, &flags, &uids)?;
+    }
+    Ok(())
+}
+
+/// A Dovecot with no listeners, only the auth process doveadm needs for user lookups, over the snapshot.
+/// Indexes stay in memory: the snapshot is mounted read-only. Stopped on drop.
+struct LocalDovecot {
+    doveadm: Doveadm,
+    base_dir: PathBuf,
+}
+
+impl LocalDovecot {
+    fn start(opts: &ImportOptions, password: &str) -> Result<Self> {
+        let work = &opts.work_dir;
+        let base_dir = work.join("run");
+        std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+        let secret = work.join("doveadm.conf");
+        write_private(&secret, &doveadm_password_conf(Some(password)))?;
+        let config = work.join("dovecot.conf");
+        std::fs::write(&config, local_conf(opts, &base_dir, &secret))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let status = Command::new("dovecot")
+            .arg("-c")
+            .arg(&config)
+            .status()
+            .context("starting dovecot (is Dovecot installed?)")?;
+        if !status.success() {
+            bail!(
+                "dovecot -c {} exited with {status}; see {}",
+                config.display(),
+                work.join("dovecot.log").display()
+            );
+        }
+        let started = Self {
+            doveadm: Doveadm { config },
+            base_dir,
+        };
+        let socket = started.base_dir.join("auth-userdb");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                bail!("the local Dovecot did not open {}", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(started)
+    }
+}
+
+impl Drop for LocalDovecot {
+    fn drop(&mut self) {
+        let _ = Command::new("doveadm")
+            .arg("-c")
+            .arg(&self.doveadm.config)
+            .arg("stop")
+            .status();
+        // `doveadm stop` returns before the master has exited; wait for its pid file to go.
+        let pid = self.base_dir.join("master.pid");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pid.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// dovecot.conf of the restore's local Dovecot.
+pub fn local_conf(opts: &ImportOptions, base_dir: &Path, secret: &Path) -> String {
+    let home = opts.mail_root.join("%d").join("%n");
+    let (uid, gid) = (opts.mail_uid, opts.mail_gid);
+    format!(
+        "# Rendered by mailpod-operator restore-import: reads a snapshot, serves no one.\n\
+         base_dir = {base}\n\
+         state_dir = {work}/state\n\
+         log_path = {work}/dovecot.log\n\
+         protocols = none\n\
+         default_internal_user = dovecot\n\
+         default_login_user = dovenull\n\
+         ssl = no\n\
+         mail_uid = {uid}\nmail_gid = {gid}\nfirst_valid_uid = {uid}\nfirst_valid_gid = {gid}\n\
+         # No login service listens: the passdb only satisfies the auth process.\n\
+         passdb {{\n  driver = static\n  args = nopassword=y\n}}\n\
+         userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={home} allow_all_users=yes\n}}\n\
+         mail_location = maildir:~/Maildir:INDEX=MEMORY\n\
+         !include {secret}\n",
+        base = base_dir.display(),
+        work = opts.work_dir.display(),
+        home = home.display(),
+        secret = secret.display(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(folder: &str, uid: u32, id: &str) -> Listed {
+        Listed {
+            folder: folder.into(),
+            uid,
+            flags: vec![],
+            key: MessageKey {
+                message_id: id.into(),
+                size: 10,
+                header_hash: id.len() as u64 + id.bytes().map(u64::from).sum::<u64>(),
+            },
+        }
+    }
+
+    #[test]
+    fn missing_counts_repeated_copies() {
+        let snap = [
+            listed("INBOX", 1, "<a>"),
+            listed("INBOX", 2, "<a>"),
+            listed("INBOX", 3, "<b>"),
+            listed("INBOX", 4, "<c>"),
+        ];
+        let live = [listed("INBOX", 9, "<a>"), listed("INBOX", 10, "<c>")];
+        let uids: Vec<u32> = missing(&snap, &live).iter().map(|m| m.uid).collect();
+        assert_eq!(uids, [2, 3]);
+        assert!(missing(&snap, &snap).is_empty());
+    }
+
+    #[test]
+    fn mailboxes_are_found_by_their_maildir() {
+        let root = tempfile::tempdir().unwrap();
+        for p in [
+            "b.example/zed/Maildir/cur",
+            "a.example/ann/Maildir",
+            "a.example/nomail",
+            "lost+found",
+        ] {
+            std::fs::create_dir_all(root.path().join(p)).unwrap();
+        }
+        std::fs::write(root.path().join(".mailpod-replica-role"), "active\n").unwrap();
+        assert_eq!(
+            mailboxes_in(root.path()).unwrap(),
+            ["ann@a.example", "zed@b.example"]
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert!(mailboxes_in(empty.path())
+            .unwrap_err()
+            .to_string()
+            .contains("no mailboxes"));
+        assert!(maildir(root.path(), "../etc@x").is_err());
+        assert!(maildir(root.path(), "nobody").is_err());
+    }
+
+    #[test]
+    fn message_ids_compare_without_brackets() {
+        assert_eq!(bare_id(" <a@b> "), "a@b");
+        assert_eq!(bare_id("a@b"), "a@b");
+    }
+
+    #[test]
+    fn local_conf_reads_the_snapshot_with_memory_indexes() {
+        let opts = ImportOptions {
+            mail_root: "/var/mail/store".into(),
+            work_dir: "/w".into(),
+            target: "corp-lun-0:12345".into(),
+            password_file: "/p".into(),
+            scope: Scope::All,
+            mail_uid: 5000,
+            mail_gid: 5000,
+        };
+        let conf = local_conf(&opts, Path::new("/w/run"), Path::new("/w/doveadm.conf"));
+        assert!(conf.contains("protocols = none\n"));
+        assert!(conf.contains("home=/var/mail/store/%d/%n allow_all_users=yes"));
+        assert!(conf.contains("mail_location = maildir:~/Maildir:INDEX=MEMORY\n"));
+        assert!(conf.ends_with("!include /w/doveadm.conf\n"));
+    }
+}
