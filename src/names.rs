@@ -27,10 +27,7 @@ pub const FIELD_MANAGER: &str = "mailpod-operator";
 
 /// Default image of mail pods and of the operator's Jobs (the `mail` target of mail-image/Dockerfile; the
 /// chart passes its own with `--mail-image`).
-pub const DEFAULT_IMAGE: &str = concat!(
-    "ghcr.io/mailpod-io/mailpod:",
-    env!("CARGO_PKG_VERSION")
-);
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/mailpod-io/mailpod:", env!("CARGO_PKG_VERSION"));
 
 /// StatefulSet and client-facing Service of a front-end service: `corp-mx`.
 pub fn frontend(mailpod: &str, kind: ServiceKind) -> String {
