@@ -215,6 +215,8 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
 
 fn run_restore_import(args: RestoreImportArgs) -> ExitCode {
     use mailpod_operator::restore::import::{self, ImportOptions, Scope};
+    // Logs go to stderr; stdout carries the report.
+    mailpod_operator::telemetry::init();
     let scope = match args.mailbox {
         Some(address) => Scope::Mailbox {
             address,

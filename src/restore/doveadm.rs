@@ -154,6 +154,43 @@ impl Doveadm {
         }
     }
 
+    /// Several messages of `folder` in one doveadm run, by UID; those gone meanwhile are left out.
+    /// The pager format prints `uid: N`, `size.physical: S`, `text:` and then exactly S bytes (what
+    /// Maildir stores), records separated by a form feed line; the size, not the form feed, delimits the
+    /// message, so a form feed inside a message cannot cut it. An answer that does not parse this way
+    /// is an error (the caller falls back to [`Doveadm::message`]).
+    pub fn messages(
+        &self,
+        side: &Side,
+        user: &str,
+        folder: &str,
+        uids: &[u32],
+    ) -> Result<BTreeMap<u32, Vec<u8>>> {
+        let set = uids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = self.run(
+            side,
+            &[
+                "-f",
+                "pager",
+                "fetch",
+                "-u",
+                user,
+                "uid size.physical text",
+                "mailbox",
+                folder,
+                "uid",
+                &set,
+            ],
+            None,
+        )?;
+        parse_pager_messages(&out)
+            .with_context(|| format!("messages of {user} in {folder} on {side}"))
+    }
+
     /// Appends a message to `folder` (which must exist).
     pub fn save(&self, side: &Side, user: &str, folder: &str, message: &[u8]) -> Result<()> {
         self.run(side, &["save", "-u", user, "-m", folder], Some(message))
@@ -208,6 +245,41 @@ fn parse_json(out: &[u8]) -> Result<Vec<BTreeMap<String, String>>> {
         return Ok(vec![]);
     }
     serde_json::from_slice(out).context("parsing doveadm's JSON output")
+}
+
+fn parse_pager_messages(mut out: &[u8]) -> Result<BTreeMap<u32, Vec<u8>>> {
+    fn field<'a>(out: &mut &'a [u8], name: &str) -> Result<&'a str> {
+        let prefix = format!("{name}:");
+        let end = out
+            .iter()
+            .position(|b| *b == b'\n')
+            .with_context(|| format!("no line `{name}:`"))?;
+        let line = std::str::from_utf8(&out[..end]).context("not text")?;
+        let value = line
+            .strip_prefix(&prefix)
+            .with_context(|| format!("expected `{name}:`, found {line:?}"))?;
+        *out = &out[end + 1..];
+        Ok(value.trim())
+    }
+    let mut messages = BTreeMap::new();
+    while !out.is_empty() {
+        let uid: u32 = field(&mut out, "uid")?.parse().context("uid")?;
+        let size: usize = field(&mut out, "size.physical")?
+            .parse()
+            .context("size.physical")?;
+        field(&mut out, "text")?;
+        if out.len() < size {
+            bail!("message uid {uid} is shorter than its size {size}");
+        }
+        let (text, rest) = out.split_at(size);
+        out = match rest {
+            [] => rest,
+            [b'\x0c', b'\n', more @ ..] => more,
+            _ => bail!("message uid {uid} does not end at its size {size}"),
+        };
+        messages.insert(uid, text.to_vec());
+    }
+    Ok(messages)
 }
 
 fn listed(row: &BTreeMap<String, String>) -> Result<Listed> {
@@ -296,6 +368,21 @@ mod tests {
                 "uid"
             ]
         );
+    }
+
+    #[test]
+    fn pager_messages_are_cut_by_their_size() {
+        let out = b"uid: 1\nsize.physical: 13\ntext:\nA: b\n\nx\x0c\nuid:\x0c\nuid: 3\nsize.physical: 5\ntext:\nno nl";
+        let m = parse_pager_messages(out).unwrap();
+        assert_eq!(m[&1], b"A: b\n\nx\x0c\nuid:");
+        assert_eq!(m[&3], b"no nl");
+        assert!(parse_pager_messages(b"").unwrap().is_empty());
+        let err = parse_pager_messages(b"uid: 1\nsize.physical: 3\ntext:\nabcd").unwrap_err();
+        assert!(
+            err.to_string().contains("does not end at its size"),
+            "{err}"
+        );
+        assert!(parse_pager_messages(b"uid: 1\nsize.physical: 9\ntext:\nab").is_err());
     }
 
     #[test]

@@ -280,20 +280,98 @@ fn restore_folder(
         return Ok(report);
     }
     let uid_next = d.uid_next(live, mailbox, folder)?;
-    for m in &missing {
-        let raw = d
-            .message(&Side::Snapshot, mailbox, folder, m.uid)
-            .with_context(|| format!("reading message uid {} from the snapshot", m.uid))?;
-        d.save(live, mailbox, folder, &raw).with_context(|| {
-            format!(
-                "saving message {} (snapshot uid {})",
-                m.key.message_id, m.uid
-            )
-        })?;
-        report.restored += 1;
+    for batch in missing.chunks(READ_BATCH) {
+        let raw = read_batch(d, mailbox, folder, batch)?;
+        report.restored += save_parallel(d, live, mailbox, folder, &raw)?;
     }
     restore_flags(d, live, mailbox, folder, &missing, uid_next)?;
     Ok(report)
+}
+
+/// Messages read from the snapshot per doveadm run.
+const READ_BATCH: usize = 100;
+/// Concurrent `doveadm save` runs: each is a process and a TCP session, and the store takes saves to
+/// one folder concurrently (Maildir needs no lock to add a file). The cost: restored copies get UIDs in
+/// an order that may differ from the snapshot's.
+const SAVERS: usize = 4;
+
+/// The batch's messages from the snapshot, in one doveadm run; one by one if that answer cannot be
+/// parsed. A message the snapshot lists but cannot give back is an error naming it.
+fn read_batch(
+    d: &Doveadm,
+    mailbox: &str,
+    folder: &str,
+    batch: &[Listed],
+) -> Result<Vec<(Listed, Vec<u8>)>> {
+    let snap = Side::Snapshot;
+    let uids: Vec<u32> = batch.iter().map(|m| m.uid).collect();
+    let mut read = d
+        .messages(&snap, mailbox, folder, &uids)
+        .unwrap_or_else(|e| {
+            tracing::warn!(
+                "reading {} messages at once: {e:#}; reading one by one",
+                uids.len()
+            );
+            Default::default()
+        });
+    batch
+        .iter()
+        .map(|m| {
+            let raw = match read.remove(&m.uid) {
+                Some(raw) => raw,
+                None => d
+                    .message(&snap, mailbox, folder, m.uid)
+                    .with_context(|| format!("reading message uid {} from the snapshot", m.uid))?,
+            };
+            Ok((m.clone(), raw))
+        })
+        .collect()
+}
+
+/// Saves `messages` into the live `folder` with [`SAVERS`] workers; returns how many were saved, or
+/// the first failure.
+fn save_parallel(
+    d: &Doveadm,
+    live: &Side,
+    mailbox: &str,
+    folder: &str,
+    messages: &[(Listed, Vec<u8>)],
+) -> Result<usize> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Result<usize>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..SAVERS.min(messages.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut saved = 0;
+                    while !failed.load(std::sync::atomic::Ordering::SeqCst) {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some((m, raw)) = messages.get(i) else {
+                            break;
+                        };
+                        if let Err(e) = d.save(live, mailbox, folder, raw) {
+                            failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                            return Err(e.context(format!(
+                                "saving message {} (snapshot uid {})",
+                                m.key.message_id, m.uid
+                            )));
+                        }
+                        saved += 1;
+                    }
+                    Ok(saved)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a save worker panicked"))
+            .collect()
+    });
+    let mut saved = 0;
+    for r in results {
+        saved += r?;
+    }
+    Ok(saved)
 }
 
 /// The snapshot's messages the live folder does not hold, counting repeated copies.
@@ -315,8 +393,8 @@ fn missing(snapshot: &[Listed], live: &[Listed]) -> Vec<Listed> {
         .collect()
 }
 
-/// `save` cannot set flags: find the copies among the UIDs assigned since `uid_next` and set each
-/// snapshot message's flags on its copy, grouped by flag set.
+/// `save` cannot set flags: find the copies among the UIDs assigned since `uid_next` (mail delivered
+/// meanwhile has other keys) and set each snapshot message's flags on its copy, grouped by flag set.
 fn restore_flags(
     d: &Doveadm,
     live: &Side,
@@ -331,11 +409,14 @@ fn restore_flags(
     let range = format!("{uid_next}:*");
     let mut copies = d.list(live, mailbox, &["mailbox", folder, "uid", &range])?;
     copies.retain(|c| c.uid >= uid_next);
+    let mut copy_uids: HashMap<&MessageKey, Vec<u32>> = HashMap::new();
+    for c in &copies {
+        copy_uids.entry(&c.key).or_default().push(c.uid);
+    }
     let mut by_flags: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
     for m in restored.iter().filter(|m| !m.flags.is_empty()) {
-        if let Some(i) = copies.iter().position(|c| c.key == m.key) {
-            let copy = copies.remove(i);
-            by_flags.entry(m.flags.clone()).or_default().push(copy.uid);
+        if let Some(uid) = copy_uids.get_mut(&m.key).and_then(Vec::pop) {
+            by_flags.entry(m.flags.clone()).or_default().push(uid);
         }
     }
     for (flags, uids) in by_flags {
