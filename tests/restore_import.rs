@@ -81,8 +81,17 @@ fn folders(store: &Agent, user: &str) -> BTreeMap<String, Vec<String>> {
             .or_default()
             .push(r["hdr.subject"].trim().to_string());
     }
-    for list in store_doveadm(store, &["mailbox", "list", "-u", user], None).lines() {
-        by_folder.entry(list.trim().to_string()).or_default();
+    // Every real folder, empty ones included (not hierarchy names: `mailbox status`, not `list`).
+    let status = store_doveadm(
+        store,
+        &[
+            "-f", "json", "mailbox", "status", "-u", user, "messages", "*",
+        ],
+        None,
+    );
+    let status: Vec<BTreeMap<String, String>> = serde_json::from_str(&status).unwrap();
+    for folder in status {
+        by_folder.entry(folder["mailbox"].clone()).or_default();
     }
     by_folder.values_mut().for_each(|v| v.sort());
     by_folder
@@ -220,6 +229,14 @@ fn restores_a_message_a_folder_a_mailbox_and_the_lun_exactly_once() {
         Some(b"From: <x@remote.test>\nSubject: odd\n\ncaf\xe9\n\x0c\nuid: 99\nsize.physical: 1\ntext:\nend"),
     );
     store_doveadm(&store, &["mailbox", "create", "-u", ALICE, "Empty"], None);
+    // A folder whose parent is only a name in the hierarchy (Maildir++ `.Archive.2023`, no `.Archive`):
+    // the restore must not make the parent a real folder.
+    store_doveadm(
+        &store,
+        &["mailbox", "create", "-u", ALICE, "Archive.2023"],
+        None,
+    );
+    save(&store, ALICE, "Archive.2023", "old-news", None);
     let before = folders(&store, ALICE);
     let bob_before = folders(&store, BOB);
 
@@ -273,6 +290,11 @@ fn restores_a_message_a_folder_a_mailbox_and_the_lun_exactly_once() {
         None,
     );
     store_doveadm(&store, &["mailbox", "delete", "-u", ALICE, "Empty"], None);
+    store_doveadm(
+        &store,
+        &["mailbox", "delete", "-u", ALICE, "-r", "Archive.2023"],
+        None,
+    );
     store_doveadm(
         &store,
         &["expunge", "-u", BOB, "mailbox", "INBOX", "all"],
@@ -342,10 +364,17 @@ fn restores_a_message_a_folder_a_mailbox_and_the_lun_exactly_once() {
         );
     }
 
-    // 3. The whole mailbox: what is still missing (in-001, the empty folder), nothing twice, the
-    //    new mail kept.
+    // 3. The whole mailbox: what is still missing (in-001, Archive.2023, the empty folder), nothing
+    //    twice, the new mail kept.
     let out = restore.ok(&["--mailbox", ALICE]);
-    assert_eq!(restored_line(&out), "restored 1 messages", "{out}");
+    assert_eq!(restored_line(&out), "restored 2 messages", "{out}");
+    assert!(
+        !store
+            .work
+            .join("mail/example.com/alice/Maildir/.Archive")
+            .exists(),
+        "no folder made of a hierarchy name"
+    );
     let mut want = before.clone();
     want.get_mut("INBOX").unwrap().push("in-004-new".into());
     want.get_mut("INBOX").unwrap().sort();

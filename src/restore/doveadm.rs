@@ -112,9 +112,17 @@ impl Doveadm {
         Ok(out.stdout)
     }
 
-    /// The folders of `user`.
+    /// The folders of `user` that hold mail. `mailbox status` rather than `mailbox list`: the list also
+    /// names hierarchy parents that are not mailboxes (`Archive` of `Archive.2023`), which a restore must
+    /// not turn into real folders.
     pub fn folders(&self, side: &Side, user: &str) -> Result<Vec<String>> {
-        let out = self.run(side, &["-f", "json", "mailbox", "list", "-u", user], None)?;
+        let out = self.run(
+            side,
+            &[
+                "-f", "json", "mailbox", "status", "-u", user, "messages", "*",
+            ],
+            None,
+        )?;
         let rows = parse_json(&out).with_context(|| format!("folders of {user} on {side}"))?;
         Ok(rows
             .into_iter()
@@ -327,18 +335,23 @@ mod tests {
     fn remote_socket_goes_after_the_command_name() {
         let live = || Side::Live("corp-lun-0:12345".into());
         assert_eq!(
-            argv(live(), &["-f", "json", "mailbox", "list", "-u", "a@b"]),
+            argv(
+                live(),
+                &["-f", "json", "mailbox", "status", "-u", "a@b", "messages", "*"]
+            ),
             [
                 "-c",
                 "/w/dovecot.conf",
                 "-f",
                 "json",
                 "mailbox",
-                "list",
+                "status",
                 "-S",
                 "corp-lun-0:12345",
                 "-u",
-                "a@b"
+                "a@b",
+                "messages",
+                "*"
             ]
         );
         assert_eq!(
