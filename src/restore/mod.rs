@@ -10,6 +10,7 @@
 pub mod doveadm;
 pub mod import;
 pub mod job;
+pub mod local;
 
 use std::time::Duration;
 
