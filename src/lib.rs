@@ -15,6 +15,7 @@ pub mod placement;
 pub mod plugin;
 pub mod render;
 pub mod resources;
+pub mod restore;
 pub mod snapshot;
 pub mod telemetry;
 

@@ -43,6 +43,16 @@ enum Command {
     /// of the active replica's PVC, resumes delivery whatever happens, waits for readyToUse, prunes to the
     /// LUN's `retain`, and records the result in the LUN's status. Exit status 1 on failure.
     Snapshot(SnapshotArgs),
+    /// Restore one message, one folder, one mailbox or a whole LUN from a VolumeSnapshot into the live store.
+    ///
+    /// Checks the StorageLUN, that the snapshot is this LUN's (label mailpod.io/lun) and readyToUse, and that
+    /// the mailbox is on the LUN; then creates a PVC cloned from the snapshot and a Job that copies into the
+    /// live store what the snapshot holds and the store lacks (nothing is deleted or duplicated; running it
+    /// twice restores nothing the second time). Nothing is created when a check fails.
+    Restore(RestoreArgs),
+    /// Inside a restore Job: copy mail from the mounted snapshot clone into the live store (internal).
+    #[command(hide = true)]
+    RestoreImport(RestoreImportArgs),
     /// Run the controllers against the cluster of the current kubeconfig, or the in-cluster config.
     ///
     /// Checks first that the CRDs are installed. Stops on SIGTERM or Ctrl-C after in-flight reconciles finish.
@@ -63,6 +73,76 @@ struct SnapshotArgs {
     /// Seconds to wait for the snapshot to become readyToUse (delivery runs meanwhile).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// StorageLUN holding the mailbox.
+    #[arg(long)]
+    lun: String,
+    /// VolumeSnapshot of that LUN to restore from (`kubectl get volumesnapshots -l mailpod.io/lun=LUN`).
+    #[arg(long)]
+    snapshot: String,
+    /// Mailbox (address) to restore.
+    #[arg(long)]
+    mailbox: Option<String>,
+    /// Every mailbox of the LUN instead of one.
+    #[arg(long)]
+    all: bool,
+    /// Only this folder of the mailbox (as `doveadm mailbox list` names it, e.g. `Projects` or `INBOX`).
+    #[arg(long)]
+    folder: Option<String>,
+    /// Only the message with this Message-ID (with or without <>).
+    #[arg(long)]
+    message_id: Option<String>,
+    /// Namespace of the StorageLUN.
+    #[arg(short = 'n', long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Print the PVC and Job as YAML instead of creating them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Wait for the Job and print its report.
+    #[arg(long)]
+    wait: bool,
+    /// Deadline of the Job (and of --wait), in seconds.
+    #[arg(long, default_value_t = 3600)]
+    timeout: u64,
+    /// Mail image for the Job when the LUN names none.
+    #[arg(long, env = "MAILPOD_IMAGE", default_value = names::DEFAULT_IMAGE)]
+    image: String,
+}
+
+#[derive(Args)]
+struct RestoreImportArgs {
+    /// The live store's doveadm service, `host:port` (the LUN's active Service).
+    #[arg(long)]
+    target: String,
+    /// Mailbox to restore; without it, `--all`.
+    #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+    mailbox: Option<String>,
+    /// Every mailbox in the snapshot.
+    #[arg(long)]
+    all: bool,
+    /// Only this folder of the mailbox.
+    #[arg(long, requires = "mailbox")]
+    folder: Option<String>,
+    /// Only the message with this Message-ID.
+    #[arg(long, requires = "mailbox")]
+    message_id: Option<String>,
+    /// Mail root of the snapshot clone (the store layout's).
+    #[arg(long, default_value = mailpod_operator::resources::pod::paths::MAIL)]
+    mail_root: PathBuf,
+    /// Scratch directory for the local Dovecot.
+    #[arg(long, default_value = "/var/lib/mailpod/restore")]
+    work_dir: PathBuf,
+    /// File holding the LUN's doveadm password.
+    #[arg(long, env = "MAILPOD_DOVEADM_PASSWORD_FILE")]
+    doveadm_password_file: PathBuf,
+    /// Numeric owner of the Maildirs.
+    #[arg(long, default_value_t = 5000)]
+    mail_uid: u32,
+    #[arg(long, default_value_t = 5000)]
+    mail_gid: u32,
 }
 
 #[derive(Args)]
@@ -106,6 +186,67 @@ fn main() -> ExitCode {
         Command::Agent(args) => mailpod_operator::agent::main(*args),
         Command::Snapshot(args) => run_snapshot(args),
         Command::Run(args) => run_operator(args),
+        Command::RestoreImport(args) => run_restore_import(args),
+        Command::Restore(args) => run_restore(args),
+    }
+}
+
+fn run_restore(args: RestoreArgs) -> ExitCode {
+    let mut req = mailpod_operator::restore::Request::new(args.namespace, args.lun, args.snapshot);
+    req.mailbox = args.mailbox;
+    req.all = args.all;
+    req.folder = args.folder;
+    req.message_id = args.message_id;
+    req.dry_run = args.dry_run;
+    req.wait = args.wait;
+    req.timeout = std::time::Duration::from_secs(args.timeout);
+    req.image = args.image;
+    let result = job_runtime().block_on(async {
+        let client = kube::Client::try_default().await?;
+        Ok::<_, anyhow::Error>(mailpod_operator::restore::run(&client, &req).await?)
+    });
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("restore from {}: {e:#}", req.snapshot);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_restore_import(args: RestoreImportArgs) -> ExitCode {
+    use mailpod_operator::restore::import::{self, ImportOptions, Scope};
+    // Logs go to stderr; stdout carries the report.
+    mailpod_operator::telemetry::init();
+    let scope = match args.mailbox {
+        Some(address) => Scope::Mailbox {
+            address,
+            folder: args.folder,
+            message_id: args.message_id,
+        },
+        None => Scope::All,
+    };
+    let opts = ImportOptions {
+        mail_root: args.mail_root,
+        work_dir: args.work_dir,
+        target: args.target,
+        password_file: args.doveadm_password_file,
+        scope,
+        mail_uid: args.mail_uid,
+        mail_gid: args.mail_gid,
+    };
+    match import::run(&opts) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("restore into {}: {e:#}", opts.target);
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -218,3 +218,69 @@ async fn promote_and_failback_are_requests_checked_against_the_active_site() {
         Some("requested")
     );
 }
+
+#[tokio::test]
+async fn restore_validates_and_creates_the_clone_and_job() {
+    use mailpod_operator::restore::Request;
+    use mailpod_operator::snapshot::volume;
+    let (server, client) = setup().await;
+    let luns: Api<StorageLUN> = Api::namespaced(client.clone(), NS);
+    let lun = luns.get("corp-lun-0").await.unwrap();
+    let snapshots: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &volume::snapshot_resource());
+    snapshots
+        .create(
+            &PostParams::default(),
+            &volume::build(&lun, "corp-lun-0-snap", "mail-corp-lun-0-0", None),
+        )
+        .await
+        .unwrap();
+    snapshots
+        .patch_status(
+            "corp-lun-0-snap",
+            &Default::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {"readyToUse": true}})),
+        )
+        .await
+        .unwrap();
+    let mailbox = lun.spec.mailboxes[0].clone();
+    let other = ["a@example.com", "b@example.com", "c@example.com"]
+        .into_iter()
+        .find(|m| !lun.spec.mailboxes.iter().any(|x| x == m))
+        .unwrap();
+
+    let mut req = Request::new(NS, "corp-lun-0", "corp-lun-0-snap");
+    req.mailbox = Some(other.into());
+    server.clear_requests();
+    let err = plugin::restore(&client, &req).await.unwrap_err();
+    assert!(matches!(err, PluginError::Restore(_)), "{err}");
+    assert!(
+        err.to_string().contains("is not on StorageLUN corp-lun-0"),
+        "{err}"
+    );
+    assert!(server.mutating_requests().is_empty());
+
+    req.mailbox = Some(mailbox);
+    req.message_id = Some("<m1@example.com>".into());
+    let out = plugin::restore(&client, &req).await.unwrap();
+    assert!(out.starts_with("job/corp-lun-0-restore-"), "{out}");
+    assert!(
+        out.contains("persistentvolumeclaim/corp-lun-0-restore-"),
+        "{out}"
+    );
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    let restore_jobs: Vec<_> = jobs
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|j| {
+            j.labels()
+                .get("app.kubernetes.io/component")
+                .map(String::as_str)
+                == Some("restore")
+        })
+        .collect();
+    assert_eq!(restore_jobs.len(), 1);
+}

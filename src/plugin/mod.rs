@@ -39,6 +39,8 @@ pub enum PluginError {
     Refused(String),
     #[error("Kubernetes API: {0}")]
     Api(#[from] kube::Error),
+    #[error(transparent)]
+    Restore(#[from] crate::restore::Error),
 }
 
 fn not_found(
@@ -99,6 +101,15 @@ pub async fn snapshot_now(
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
     let created = jobs.create(&PostParams::default(), &job).await?;
     Ok(format!("job/{} created", created.name_any()))
+}
+
+/// Restores from a VolumeSnapshot into the live store: the same validation and objects as
+/// `mailpod-operator restore` (see [`crate::restore`]).
+pub async fn restore(
+    client: &Client,
+    request: &crate::restore::Request,
+) -> Result<String, PluginError> {
+    Ok(crate::restore::run(client, request).await?.to_string())
 }
 
 /// Fences or unfences a LUN: while fenced no replica serves as active.

@@ -1,0 +1,424 @@
+//! `mailpod-operator restore-import` with the real Dovecot: a live store (the agent's store role, with
+//! its doveadm TCP service) and a "snapshot" made by copying the store's mail root, read-only to the mail
+//! user as a mounted clone would be. After a folder, some messages and a whole mailbox's mail are deleted
+//! from the live store and new mail arrives, one message, one folder, one mailbox and the whole LUN are
+//! restored; every folder is counted exactly afterwards, and running a restore again changes nothing.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::*;
+
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "bob@example.com";
+const PASSWORD: &str = "restore-secret";
+
+/// doveadm against the live store's own configuration (what a person would run on the store pod).
+fn store_doveadm(store: &Agent, args: &[&str], input: Option<&str>) -> String {
+    store_doveadm_bytes(store, args, input.map(str::as_bytes))
+}
+
+fn store_doveadm_bytes(store: &Agent, args: &[&str], input: Option<&[u8]>) -> String {
+    use std::io::Write;
+    let mut child = Command::new("doveadm")
+        .arg("-c")
+        .arg(store.work.join("dovecot/dovecot.conf"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(text) = input {
+        child.stdin.take().unwrap().write_all(text).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "doveadm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn save(store: &Agent, user: &str, folder: &str, subject: &str, message_id: Option<&str>) {
+    let id = message_id
+        .map(|i| format!("Message-ID: {i}\n"))
+        .unwrap_or_default();
+    let text = format!(
+        "From: <x@remote.test>\nTo: <{user}>\nSubject: {subject}\n{id}\n\tbody of {subject}\n"
+    );
+    store_doveadm(store, &["save", "-u", user, "-m", folder], Some(&text));
+}
+
+/// Every folder of `user` on the live store, with its subjects (sorted, repetitions kept).
+fn folders(store: &Agent, user: &str) -> BTreeMap<String, Vec<String>> {
+    let out = store_doveadm(
+        store,
+        &[
+            "-f",
+            "json",
+            "fetch",
+            "-u",
+            user,
+            "mailbox hdr.subject",
+            "all",
+        ],
+        None,
+    );
+    let rows: Vec<BTreeMap<String, String>> = if out.trim().is_empty() {
+        vec![]
+    } else {
+        serde_json::from_str(&out).unwrap()
+    };
+    let mut by_folder: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in rows {
+        by_folder
+            .entry(r["mailbox"].clone())
+            .or_default()
+            .push(r["hdr.subject"].trim().to_string());
+    }
+    // Every real folder, empty ones included (not hierarchy names: `mailbox status`, not `list`).
+    let status = store_doveadm(
+        store,
+        &[
+            "-f", "json", "mailbox", "status", "-u", user, "messages", "*",
+        ],
+        None,
+    );
+    let status: Vec<BTreeMap<String, String>> = serde_json::from_str(&status).unwrap();
+    for folder in status {
+        by_folder.entry(folder["mailbox"].clone()).or_default();
+    }
+    by_folder.values_mut().for_each(|v| v.sort());
+    by_folder
+}
+
+fn owned(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+struct Restore<'a> {
+    site: &'a Site,
+    store: &'a Agent,
+    snapshot: PathBuf,
+    runs: std::cell::Cell<u32>,
+}
+
+impl Restore<'_> {
+    /// Runs restore-import as the Job would; returns (success, stdout, stderr).
+    fn run(&self, scope: &[&str], password_file: &Path) -> (bool, String, String) {
+        let n = self.runs.get() + 1;
+        self.runs.set(n);
+        let out = Command::new(env!("CARGO_BIN_EXE_mailpod-operator"))
+            .arg("restore-import")
+            .args([
+                "--target",
+                &format!("127.0.0.1:{}", self.store.ports.doveadm),
+            ])
+            .arg("--mail-root")
+            .arg(&self.snapshot)
+            .arg("--work-dir")
+            .arg(self.site.root.path().join(format!("restore-{n}")))
+            .arg("--doveadm-password-file")
+            .arg(password_file)
+            .args(scope)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, scope: &[&str]) -> String {
+        let (ok, stdout, stderr) = self.run(scope, &self.site.root.path().join("doveadm-password"));
+        assert!(ok, "restore-import {scope:?} failed: {stderr}\n{stdout}");
+        stdout
+    }
+
+    fn fails(&self, scope: &[&str]) -> String {
+        let (ok, stdout, stderr) = self.run(scope, &self.site.root.path().join("doveadm-password"));
+        assert!(!ok, "restore-import {scope:?} should fail: {stdout}");
+        stderr
+    }
+}
+
+fn restored_line(stdout: &str) -> &str {
+    stdout
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split(" (")
+        .next()
+        .unwrap()
+}
+
+#[test]
+fn restores_a_message_a_folder_a_mailbox_and_the_lun_exactly_once() {
+    if !mail_software_present("restores_a_message_a_folder_a_mailbox_and_the_lun_exactly_once") {
+        return;
+    }
+    let mut site = Site::new(1_000_000);
+    let ports = Ports::free();
+    site.lun(0, &ports);
+    site.mailbox(ALICE, 0, "alice-pw");
+    site.mailbox(BOB, 0, "bob-pw");
+    site.publish();
+    let password = site.root.path().join("doveadm-password");
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let extra = owned(&["--doveadm-password-file", password.to_str().unwrap()]);
+    let store = Agent::start_with(&site, "store", "store", &ports, &extra);
+
+    // Mail as the snapshot will see it. Over LMTP (no Message-ID, same size: told apart by headers).
+    deliver_lmtp(
+        ports.lmtp,
+        ALICE,
+        &owned(&["in-000", "in-001", "in-002", "in-003"]),
+    );
+    deliver_lmtp(ports.lmtp, BOB, &owned(&["bob-0", "bob-1", "bob-2"]));
+    save(
+        &store,
+        ALICE,
+        "INBOX",
+        "keep-me",
+        Some("<keep-me@example.com>"),
+    );
+    // The same message twice: both copies come back, and only those.
+    save(&store, ALICE, "INBOX", "twice", Some("<twice@example.com>"));
+    save(&store, ALICE, "INBOX", "twice", Some("<twice@example.com>"));
+    store_doveadm(
+        &store,
+        &["mailbox", "create", "-u", ALICE, "Projects"],
+        None,
+    );
+    for (i, s) in ["plan", "budget", "minutes"].iter().enumerate() {
+        save(
+            &store,
+            ALICE,
+            "Projects",
+            s,
+            Some(&format!("<p{i}@example.com>")),
+        );
+    }
+    store_doveadm(
+        &store,
+        &[
+            "flags",
+            "add",
+            "-u",
+            ALICE,
+            "\\Seen $Important",
+            "mailbox",
+            "Projects",
+            "header",
+            "Subject",
+            "plan",
+        ],
+        None,
+    );
+    // 8-bit body, a form feed followed by what looks like the next record of doveadm's pager output,
+    // no final newline: must come back byte for byte.
+    store_doveadm_bytes(
+        &store,
+        &["save", "-u", ALICE, "-m", "Projects"],
+        Some(b"From: <x@remote.test>\nSubject: odd\n\ncaf\xe9\n\x0c\nuid: 99\nsize.physical: 1\ntext:\nend"),
+    );
+    store_doveadm(&store, &["mailbox", "create", "-u", ALICE, "Empty"], None);
+    // A folder whose parent is only a name in the hierarchy (Maildir++ `.Archive.2023`, no `.Archive`):
+    // the restore must not make the parent a real folder.
+    store_doveadm(
+        &store,
+        &["mailbox", "create", "-u", ALICE, "Archive.2023"],
+        None,
+    );
+    save(&store, ALICE, "Archive.2023", "old-news", None);
+    let before = folders(&store, ALICE);
+    let bob_before = folders(&store, BOB);
+
+    // The snapshot: the store's mail root copied, then read-only for the mail user like a read-only mount.
+    let snapshot = site.root.path().join("snapshot");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(store.work.join("mail"))
+        .arg(&snapshot)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("chown")
+        .args(["-R", "root:root"])
+        .arg(&snapshot)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("chmod")
+        .args(["-R", "a+rX,go-w"])
+        .arg(&snapshot)
+        .status()
+        .unwrap()
+        .success());
+
+    // After the snapshot: deletions, and new mail that a restore must never remove.
+    store_doveadm(
+        &store,
+        &[
+            "expunge",
+            "-u",
+            ALICE,
+            "mailbox",
+            "INBOX",
+            "header",
+            "Message-ID",
+            "keep-me",
+        ],
+        None,
+    );
+    store_doveadm(
+        &store,
+        &[
+            "expunge", "-u", ALICE, "mailbox", "INBOX", "header", "Subject", "in-001",
+        ],
+        None,
+    );
+    store_doveadm(
+        &store,
+        &["mailbox", "delete", "-u", ALICE, "-r", "Projects"],
+        None,
+    );
+    store_doveadm(&store, &["mailbox", "delete", "-u", ALICE, "Empty"], None);
+    store_doveadm(
+        &store,
+        &["mailbox", "delete", "-u", ALICE, "-r", "Archive.2023"],
+        None,
+    );
+    store_doveadm(
+        &store,
+        &["expunge", "-u", BOB, "mailbox", "INBOX", "all"],
+        None,
+    );
+    deliver_lmtp(ports.lmtp, ALICE, &owned(&["in-004-new"]));
+    let mut inbox_now = owned(&["in-000", "in-002", "in-003", "twice", "twice", "in-004-new"]);
+    inbox_now.sort();
+    assert_eq!(folders(&store, ALICE)["INBOX"], inbox_now);
+    assert!(!folders(&store, ALICE).contains_key("Projects"));
+
+    let restore = Restore {
+        site: &site,
+        store: &store,
+        snapshot: snapshot.clone(),
+        runs: Default::default(),
+    };
+
+    // 1. One message by Message-ID (with or without brackets), into the folder it was in.
+    let out = restore.ok(&["--mailbox", ALICE, "--message-id", "<keep-me@example.com>"]);
+    assert_eq!(restored_line(&out), "restored 1 messages", "{out}");
+    let out = restore.ok(&["--mailbox", ALICE, "--message-id", "keep-me@example.com"]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+    let mut want_inbox = inbox_now.clone();
+    want_inbox.push("keep-me".into());
+    want_inbox.sort();
+    assert_eq!(folders(&store, ALICE)["INBOX"], want_inbox);
+
+    // 2. One folder, deleted since: back with its four messages and their flags.
+    let out = restore.ok(&["--mailbox", ALICE, "--folder", "Projects"]);
+    assert_eq!(restored_line(&out), "restored 4 messages", "{out}");
+    assert!(
+        out.contains("alice@example.com/Projects: 4 in snapshot, 0 already present, 4 restored")
+    );
+    assert_eq!(folders(&store, ALICE)["Projects"], before["Projects"]);
+    let flags = store_doveadm(
+        &store,
+        &[
+            "fetch", "-u", ALICE, "flags", "mailbox", "Projects", "header", "Subject", "plan",
+        ],
+        None,
+    );
+    assert!(
+        flags.contains("\\Seen") && flags.contains("$Important"),
+        "{flags}"
+    );
+    let out = restore.ok(&["--mailbox", ALICE, "--folder", "Projects"]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+
+    // The restored copies are the snapshot's messages byte for byte.
+    let body = |root: &Path, subject: &str| -> Vec<u8> {
+        let dir = root.join("example.com/alice/Maildir/.Projects");
+        let needle = format!("Subject: {subject}\n");
+        ["cur", "new"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(dir.join(d)).into_iter().flatten())
+            .flatten()
+            .map(|e| std::fs::read(e.path()).unwrap())
+            .find(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            .unwrap_or_else(|| panic!("{subject} in {}", dir.display()))
+    };
+    for subject in ["budget", "odd"] {
+        assert_eq!(
+            body(&store.work.join("mail"), subject),
+            body(&snapshot, subject),
+            "{subject}"
+        );
+    }
+
+    // 3. The whole mailbox: what is still missing (in-001, Archive.2023, the empty folder), nothing
+    //    twice, the new mail kept.
+    let out = restore.ok(&["--mailbox", ALICE]);
+    assert_eq!(restored_line(&out), "restored 2 messages", "{out}");
+    assert!(
+        !store
+            .work
+            .join("mail/example.com/alice/Maildir/.Archive")
+            .exists(),
+        "no folder made of a hierarchy name"
+    );
+    let mut want = before.clone();
+    want.get_mut("INBOX").unwrap().push("in-004-new".into());
+    want.get_mut("INBOX").unwrap().sort();
+    assert_eq!(folders(&store, ALICE), want);
+    let out = restore.ok(&["--mailbox", ALICE]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+
+    // 4. The whole LUN: bob's mail comes back, alice's stays as it is.
+    let out = restore.ok(&["--all"]);
+    assert_eq!(restored_line(&out), "restored 3 messages", "{out}");
+    assert_eq!(folders(&store, BOB), bob_before);
+    assert_eq!(folders(&store, ALICE), want);
+    let out = restore.ok(&["--all"]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+    assert_eq!(folders(&store, ALICE), want);
+    assert_eq!(folders(&store, BOB), bob_before);
+
+    // Errors name what is wrong, and change nothing.
+    let err = restore.fails(&["--mailbox", ALICE, "--folder", "Nope"]);
+    assert!(
+        err.contains("folder \"Nope\" is not in the snapshot"),
+        "{err}"
+    );
+    let err = restore.fails(&["--mailbox", ALICE, "--message-id", "<absent@example.com>"]);
+    assert!(
+        err.contains("no message with Message-ID <absent@example.com>"),
+        "{err}"
+    );
+    let err = restore.fails(&["--mailbox", "carol@example.com"]);
+    assert!(
+        err.contains("mailbox carol@example.com has no mail in the snapshot"),
+        "{err}"
+    );
+    let wrong = site.root.path().join("wrong-password");
+    std::fs::write(&wrong, "not-it\n").unwrap();
+    let (ok, _, err) = restore.run(&["--mailbox", BOB], &wrong);
+    assert!(!ok, "a wrong doveadm password is refused");
+    assert!(err.contains("restoring mailbox bob@example.com"), "{err}");
+    assert_eq!(folders(&store, ALICE), want);
+    assert_eq!(folders(&store, BOB), bob_before);
+
+    // Each run stopped its local Dovecot.
+    for n in 1..=restore.runs.get() {
+        let pid = site.root.path().join(format!("restore-{n}/run/master.pid"));
+        assert!(!pid.exists(), "{} left running", pid.display());
+    }
+}
