@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 
 use super::lmtp_gate::Gate;
 use super::metrics::Metrics;
+use super::replication::Replication;
 use crate::mailconfig::layout::{Layout, Ports, Role};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -33,6 +34,8 @@ pub struct AgentState {
     pub gate: Option<Arc<Gate>>,
     /// (daemon name, running) for each supervised daemon.
     pub alive: Vec<(&'static str, Arc<AtomicBool>)>,
+    /// Stores with a LUN: replication from the LUN's active.
+    pub replication: Option<Arc<Replication>>,
 }
 
 /// Health and metrics: open to the kubelet and to Prometheus.
@@ -41,6 +44,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/replication", get(replication))
         .with_state(state)
 }
 
@@ -84,6 +88,10 @@ async fn metrics(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
     if let Some(gate) = &s.gate {
         s.metrics.lmtp_paused.set(i64::from(gate.is_paused()));
     }
+    if let Some(r) = &s.replication {
+        // Refreshes the lag and in-sync gauges as of now.
+        r.report();
+    }
     (
         [(
             "content-type",
@@ -91,6 +99,22 @@ async fn metrics(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
         )],
         s.metrics.encode(),
     )
+}
+
+/// This replica's replication state as JSON (see [`super::replication::ReplicationReport`]); the operator polls it.
+async fn replication(State(s): State<Arc<AgentState>>) -> axum::response::Response {
+    match &s.replication {
+        Some(r) => (
+            [("content-type", "application/json")],
+            serde_json::to_string(&r.report()).expect("report serializes") + "\n",
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "replication runs on store pods of a LUN only\n",
+        )
+            .into_response(),
+    }
 }
 
 /// `seconds=N` from a query string: after N seconds delivery resumes by itself.

@@ -2,6 +2,7 @@
 //! Postfix maillog, the access-tables hash in use, child restarts and the store's pause state.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
 use prometheus_client::encoding::text::encode;
@@ -45,12 +46,29 @@ pub struct Metrics {
     pub config_applies: Counter,
     pub restarts: Family<ServiceLabel, Counter>,
     pub lmtp_paused: Gauge,
+    /// Stores only.
+    pub replication: Option<ReplicationMetrics>,
     queue_dir: Option<PathBuf>,
 }
 
+/// A store replica's replication from its LUN's active (see agent::replication).
+#[derive(Clone, Default)]
+pub struct ReplicationMetrics {
+    /// Seconds the standby may be behind: now minus the start of the last successful pass.
+    pub lag_seconds: Gauge<f64, AtomicU64>,
+    /// Start time (Unix seconds) of the last pass that completed for every mailbox.
+    pub last_success: Gauge<f64, AtomicU64>,
+    pub failures: Counter,
+    pub passes: Counter,
+    /// 1 when a standby holds the active's mail within the allowed lag (always 1 on the active).
+    pub in_sync: Gauge,
+    /// 1 while this replica is the LUN's active.
+    pub active: Gauge,
+}
+
 impl Metrics {
-    /// `queue_dir`: the Postfix queue to count (roles that run Postfix).
-    pub fn new(queue_dir: Option<PathBuf>) -> Self {
+    /// `queue_dir`: the Postfix queue to count (roles that run Postfix); `replication`: stores.
+    pub fn new(queue_dir: Option<PathBuf>, replication: bool) -> Self {
         let mut registry = Registry::with_prefix("mailpod");
         let queue = Family::<QueueLabel, Gauge>::default();
         let deliveries = Family::<StatusLabel, Counter>::default();
@@ -97,7 +115,42 @@ impl Metrics {
             "1 while store delivery is paused for a snapshot",
             lmtp_paused.clone(),
         );
+        let replication = replication.then(|| {
+            let r = ReplicationMetrics::default();
+            registry.register(
+                "replication_lag_seconds",
+                "How far this standby may be behind its LUN's active: now minus the start of the last successful pass",
+                r.lag_seconds.clone(),
+            );
+            registry.register(
+                "replication_last_success_timestamp_seconds",
+                "Start (Unix time) of the last replication pass that completed for every mailbox",
+                r.last_success.clone(),
+            );
+            registry.register(
+                "replication_failures",
+                "Replication passes that failed",
+                r.failures.clone(),
+            );
+            registry.register(
+                "replication_passes",
+                "Replication passes that completed",
+                r.passes.clone(),
+            );
+            registry.register(
+                "replication_in_sync",
+                "1 when this replica holds its LUN's mail within the allowed lag (always 1 on the active)",
+                r.in_sync.clone(),
+            );
+            registry.register(
+                "replication_active",
+                "1 while this replica is its LUN's active",
+                r.active.clone(),
+            );
+            r
+        });
         Self {
+            replication,
             registry,
             queue,
             deliveries,
@@ -232,7 +285,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("deferred/A")).unwrap();
         std::fs::write(dir.path().join("deferred/A/ABC"), "").unwrap();
         std::fs::write(dir.path().join("deferred/A/ABD"), "").unwrap();
-        let m = Metrics::new(Some(dir.path().to_path_buf()));
+        let m = Metrics::new(Some(dir.path().to_path_buf()), false);
         m.set_tables_hash("aaaa");
         m.set_tables_hash("bbbb");
         m.observe_maillog_line("p postfix/lmtp[1]: Q: to=<a@b>, relay=r, delay=0.2, delays=0, dsn=2.0.0, status=sent (ok)");

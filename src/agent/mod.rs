@@ -10,6 +10,7 @@ pub mod http;
 pub mod lmtp_gate;
 pub mod metrics;
 pub mod render;
+pub mod replication;
 pub mod supervise;
 
 use std::collections::BTreeMap;
@@ -87,6 +88,32 @@ pub struct AgentArgs {
     /// How often the mounted ConfigMaps are checked for changes, in milliseconds.
     #[arg(long, env = "MAILPOD_POLL_MS", default_value_t = 2000)]
     pub poll_ms: u64,
+    /// Store: this replica's StorageLUN (`corp-lun-0`). Without it the store does not replicate.
+    #[arg(long, env = "MAILPOD_LUN")]
+    pub lun: Option<String>,
+    /// Store: host of the LUN's active replica (default: the LUN's Service, named like the LUN).
+    #[arg(long, env = "MAILPOD_LUN_HOST")]
+    pub lun_host: Option<String>,
+    /// Store: doveadm port of the LUN's active replica.
+    #[arg(long, env = "MAILPOD_LUN_DOVEADM_PORT", default_value_t = 12345)]
+    pub lun_doveadm_port: u16,
+    /// Store: this replica's own doveadm TCP port (standbys pull from the active's).
+    #[arg(long, env = "MAILPOD_DOVEADM_PORT", default_value_t = 12345)]
+    pub doveadm_port: u16,
+    /// Store: password the LUN's replicas share for doveadm (a Secret that may appear after start-up).
+    #[arg(long, env = "MAILPOD_DOVEADM_PASSWORD_FILE")]
+    pub doveadm_password_file: Option<PathBuf>,
+    /// Store: downward-API labels file whose `mailpod.io/role` says active or standby.
+    #[arg(
+        long,
+        env = "MAILPOD_LABELS_FILE",
+        default_value = "/etc/podinfo/labels"
+    )]
+    pub labels_file: PathBuf,
+    /// Store: seconds between a standby's replication passes (StorageLUN `syncIntervalSeconds`).
+    #[arg(long, env = "MAILPOD_SYNC_INTERVAL_SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub sync_interval_seconds: u64,
 }
 
 impl AgentArgs {
@@ -101,6 +128,9 @@ impl AgentArgs {
         if let Some(d) = &self.tls_dir {
             layout.tls_dir = d.clone();
         }
+        if let Some(f) = &self.doveadm_password_file {
+            layout.doveadm_password_file = f.clone();
+        }
         layout
     }
 
@@ -112,6 +142,7 @@ impl AgentArgs {
             imap: self.imap_port,
             pop3: self.pop3_port,
             lmtp: self.lmtp_port,
+            doveadm: self.doveadm_port,
         }
     }
 }
@@ -162,13 +193,37 @@ async fn run(args: AgentArgs) -> Result<()> {
     let gate = (role == Role::Store)
         .then(|| lmtp_gate::Gate::new(layout.lmtp_socket(), inputs.settings.hostname.clone()));
     let queue_dir = role.runs_postfix().then(|| layout.postfix_queue.clone());
+    let metrics = metrics::Metrics::new(queue_dir, role == Role::Store);
+    let replication = match (&args.lun, &metrics.replication) {
+        (Some(lun), Some(m)) => Some(Arc::new(replication::Replication::new(
+            replication::ReplicationConfig {
+                labels_file: args.labels_file.clone(),
+                lun: lun.clone(),
+                mailpod: inputs.settings.mailpod.clone(),
+                source_host: args.lun_host.clone().unwrap_or_else(|| lun.clone()),
+                source_port: args.lun_doveadm_port,
+                interval: Duration::from_secs(args.sync_interval_seconds),
+                tables_dir: args.tables_dir.clone(),
+                dovecot_conf: layout.dovecot_conf(),
+                users_list: layout.dovecot_config.join("replication-users"),
+                role_file: layout.replica_role_file(),
+            },
+            m.clone(),
+        ))),
+        (None, Some(_)) => {
+            tracing::warn!("no LUN named (--lun / MAILPOD_LUN): this store does not replicate");
+            None
+        }
+        _ => None,
+    };
     let state = Arc::new(AgentState {
         role,
         layout: layout.clone(),
         ports: ports.clone(),
-        metrics: metrics::Metrics::new(queue_dir),
+        metrics,
         gate: gate.clone(),
         alive: alive.clone(),
+        replication: replication.clone(),
     });
     state.metrics.set_tables_hash(&inputs.tables_hash);
 
@@ -225,10 +280,13 @@ async fn run(args: AgentArgs) -> Result<()> {
         });
     }
     tokio::spawn(tail_logs(layout.clone(), state.clone()));
+    if let Some(r) = replication {
+        tokio::spawn(async move { r.run().await });
+    }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut poll = tokio::time::interval(Duration::from_millis(args.poll_ms.max(100)));
-    let mut seen = mounted_hash(&args)?;
+    let mut seen = mounted_hash(&args, &layout)?;
     let outcome = loop {
         tokio::select! {
             _ = sigterm.recv() => break Ok(()),
@@ -244,7 +302,7 @@ async fn run(args: AgentArgs) -> Result<()> {
                 // Kubernetes updates a mounted ConfigMap by swapping a symlink to a new directory, so files
                 // change all at once; comparing a hash of the content every tick sees each update exactly
                 // once without relying on inotify across the symlink swap.
-                match mounted_hash(&args) {
+                match mounted_hash(&args, &layout) {
                     Ok(h) if h != seen => {
                         seen = h;
                         if let Err(e) = reconfigure(&args, &layout, &ports, &daemons, &state).await {
@@ -302,8 +360,14 @@ async fn reconfigure(
     Ok(())
 }
 
-fn mounted_hash(args: &AgentArgs) -> Result<String> {
+fn mounted_hash(args: &AgentArgs, layout: &Layout) -> Result<String> {
     let mut all = BTreeMap::new();
+    // The replication Secret may be mounted after start-up, or rotated.
+    if args.role == Role::Store {
+        if let Ok(p) = std::fs::read_to_string(&layout.doveadm_password_file) {
+            all.insert("replication/doveadm-password".to_string(), p);
+        }
+    }
     for (prefix, dir) in [
         ("settings/", &args.config_dir),
         ("tables/", &args.tables_dir),

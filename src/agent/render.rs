@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::mailconfig::dovecot::{dovecot_conf, proxy_passdb, PROXY_PASSDB};
+use crate::mailconfig::dovecot::{doveadm_password_conf, dovecot_conf, proxy_passdb, PROXY_PASSDB};
 use crate::mailconfig::layout::{Layout, Ports, Role};
 use crate::mailconfig::postfix::{main_cf, map_sources, master_cf};
 use crate::mailconfig::settings::{MailSettings, SETTINGS_KEY};
@@ -137,8 +137,52 @@ pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Res
                 &proxy_passdb(role, &inputs.tables),
             )?;
         }
+        if role == Role::Store {
+            let password = read_doveadm_password(&layout.doveadm_password_file)?;
+            changes.dovecot |= write_private_if_changed(
+                &layout.doveadm_conf(),
+                &doveadm_password_conf(password.as_deref()),
+            )?;
+        }
     }
     Ok(changes)
+}
+
+/// The replicas' doveadm password: `None` until the replication Secret is mounted.
+fn read_doveadm_password(path: &Path) -> Result<Option<String>> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let password = text.trim_end_matches(['\r', '\n']);
+    if password.is_empty() || password.contains(['\r', '\n']) {
+        bail!(
+            "{}: the doveadm password must be one non-empty line",
+            path.display()
+        );
+    }
+    Ok(Some(password.to_string()))
+}
+
+/// [`write_if_changed`] for a file holding a secret: readable by root (Dovecot's master and doveadm) only.
+fn write_private_if_changed(path: &Path, text: &str) -> Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if fs::read_to_string(path).ok().as_deref() == Some(text) {
+        return Ok(false);
+    }
+    let tmp = path.with_extension("mailpod-new");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    io::Write::write_all(&mut f, text.as_bytes())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(true)
 }
 
 /// The users passwd-file: the mounted Secret, or (when none is mounted) an empty file of our own, so that

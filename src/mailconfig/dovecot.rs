@@ -124,6 +124,15 @@ pub fn dovecot_conf(
             out.push_str("service lmtp {\n  unix_listener lmtp {\n    mode = 0600\n  }\n}\n");
             login_listener(&mut out, "imap", ports.imap);
             login_listener(&mut out, "pop3", ports.pop3);
+            // The LUN's standbys pull from the active over doveadm's TCP service (dsync). The password
+            // lives in its own 0600 file from the replication Secret; until that exists the service
+            // refuses every remote command (Dovecot requires doveadm_password for TCP clients).
+            let _ = writeln!(
+                out,
+                "service doveadm {{\n  inet_listener {{\n    port = {}\n  }}\n}}\n!include_try {}",
+                ports.doveadm,
+                layout.doveadm_conf().display()
+            );
         }
         Role::Imap => login_listener(&mut out, "imap", ports.imap),
         Role::Pop3 => login_listener(&mut out, "pop3", ports.pop3),
@@ -137,6 +146,18 @@ pub fn dovecot_conf(
         Role::Mx => {}
     }
     out
+}
+
+/// The doveadm.conf a store includes: the replicas' shared `doveadm_password`, quoted for Dovecot's
+/// config parser. `None` (no Secret yet) renders an empty file.
+pub fn doveadm_password_conf(password: Option<&str>) -> String {
+    match password {
+        Some(p) => format!(
+            "doveadm_password = \"{}\"\n",
+            p.replace('\\', "\\\\").replace('"', "\\\"")
+        ),
+        None => String::new(),
+    }
 }
 
 fn login_listener(out: &mut String, protocol: &str, port: u16) {
@@ -206,6 +227,19 @@ mod tests {
         assert!(conf.contains("inet_listener imap {\n    port = 143\n"));
         assert!(conf.contains("inet_listener pop3 {\n    port = 110\n"));
         assert!(!conf.contains("inet_listener lmtp"));
+        assert!(conf.contains(
+            "service doveadm {\n  inet_listener {\n    port = 12345\n  }\n}\n\
+             !include_try /var/lib/mailpod/dovecot/doveadm.conf\n"
+        ));
+    }
+
+    #[test]
+    fn doveadm_password_is_quoted() {
+        assert_eq!(doveadm_password_conf(None), "");
+        assert_eq!(
+            doveadm_password_conf(Some(r#"s3"c\t"#)),
+            "doveadm_password = \"s3\\\"c\\\\t\"\n"
+        );
     }
 
     #[test]

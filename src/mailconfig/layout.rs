@@ -82,6 +82,8 @@ pub struct Ports {
     pub pop3: u16,
     /// Store role: the LMTP port Postfix delivers to (answered by the agent's pause gate).
     pub lmtp: u16,
+    /// Store role: Dovecot's doveadm TCP service, which the LUN's standbys replicate from.
+    pub doveadm: u16,
 }
 
 impl Default for Ports {
@@ -93,6 +95,7 @@ impl Default for Ports {
             imap: 143,
             pop3: 110,
             lmtp: 24,
+            doveadm: 12345,
         }
     }
 }
@@ -120,6 +123,9 @@ pub struct Layout {
     pub tls_dir: PathBuf,
     /// Users and password hashes in Dovecot passwd-file format (`address:{SCHEME}hash`), from a Secret.
     pub users_file: PathBuf,
+    /// Store role: the password the LUN's replicas share for doveadm over TCP, from a Secret that may
+    /// appear after the pod starts.
+    pub doveadm_password_file: PathBuf,
     /// Numeric owner of the Maildirs (the image's `vmail` user).
     pub mail_uid: u32,
     pub mail_gid: u32,
@@ -138,6 +144,7 @@ impl Default for Layout {
             log_dir: "/var/log/mailpod".into(),
             tls_dir: "/etc/mailpod/tls".into(),
             users_file: "/etc/mailpod/users/users".into(),
+            doveadm_password_file: "/etc/mailpod/replication/doveadm-password".into(),
             mail_uid: 5000,
             mail_gid: 5000,
         }
@@ -158,6 +165,7 @@ impl Layout {
             log_dir: root.join("log"),
             tls_dir: root.join("tls"),
             users_file: root.join("users"),
+            doveadm_password_file: root.join("doveadm-password"),
             ..Self::default()
         }
     }
@@ -176,6 +184,18 @@ impl Layout {
 
     pub fn dovecot_conf(&self) -> PathBuf {
         self.dovecot_config.join("dovecot.conf")
+    }
+
+    /// Store role: `doveadm_password` for the doveadm TCP service, rendered from the replication Secret
+    /// (mode 0600) and included by dovecot.conf when present.
+    pub fn doveadm_conf(&self) -> PathBuf {
+        self.dovecot_config.join("doveadm.conf")
+    }
+
+    /// Store role: where the agent records this replica's last role, on the mail volume so it outlives
+    /// restarts (a demoted active must merge before it mirrors; see agent::replication).
+    pub fn replica_role_file(&self) -> PathBuf {
+        self.mail_root.join(".mailpod-replica-role")
     }
 
     /// Unix socket of Dovecot's LMTP service; on the store the agent's pause gate forwards to it.

@@ -168,6 +168,10 @@ fn statefulset(ctx: &Context) -> StatefulSet {
     let mut env = vec![
         pod::value_env("MAILPOD_LUN", ctx.name()),
         pod::value_env(
+            "MAILPOD_SYNC_INTERVAL_SECONDS",
+            &spec.replication.sync_interval_seconds.to_string(),
+        ),
+        pod::value_env(
             "MAILPOD_DOVEADM_PASSWORD_FILE",
             &format!("{}/{}", paths::REPLICATION, REPLICATION_SECRET_KEY),
         ),

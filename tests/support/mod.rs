@@ -175,6 +175,7 @@ pub struct Ports {
     pub lmtp: u16,
     pub http: u16,
     pub control: u16,
+    pub doveadm: u16,
 }
 
 impl Ports {
@@ -187,6 +188,7 @@ impl Ports {
             lmtp: free_port(),
             http: free_port(),
             control: free_port(),
+            doveadm: free_port(),
         }
     }
 }
@@ -201,6 +203,17 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(site: &Site, role: &'static str, name: &str, ports: &Ports) -> Self {
+        Self::start_with(site, role, name, ports, &[])
+    }
+
+    /// [`Agent::start`] with extra command-line arguments.
+    pub fn start_with(
+        site: &Site,
+        role: &'static str,
+        name: &str,
+        ports: &Ports,
+        extra: &[String],
+    ) -> Self {
         let work = site.root.path().join(name);
         let log =
             std::fs::File::create(site.root.path().join(format!("{name}.agent.log"))).unwrap();
@@ -221,7 +234,9 @@ impl Agent {
             .args(["--imap-port", &ports.imap.to_string()])
             .args(["--pop3-port", &ports.pop3.to_string()])
             .args(["--lmtp-port", &ports.lmtp.to_string()])
+            .args(["--doveadm-port", &ports.doveadm.to_string()])
             .args(["--poll-ms", "200", "--grace-seconds", "5"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -351,12 +366,22 @@ pub struct Session {
 
 impl Session {
     pub fn connect(port: u16) -> Self {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        Self::from_stream(TcpStream::connect(("127.0.0.1", port)).unwrap())
+    }
+
+    pub fn from_stream(s: TcpStream) -> Self {
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         Self {
             w: s.try_clone().unwrap(),
             r: BufReader::new(s),
         }
+    }
+
+    /// The connection, for a TLS upgrade after STARTTLS (nothing is buffered: the server waits for the
+    /// client's handshake).
+    pub fn into_stream(self) -> TcpStream {
+        assert!(self.r.buffer().is_empty(), "bytes pending before TLS");
+        self.w
     }
 
     pub fn line(&mut self) -> String {
@@ -468,6 +493,31 @@ pub fn maildir_subjects(store: &Agent, address: &str) -> Vec<String> {
     }
     subjects.sort();
     subjects
+}
+
+/// Delivers one message per subject over LMTP in one session (to a store's LMTP port); panics unless
+/// every one is accepted.
+pub fn deliver_lmtp(port: u16, to: &str, subjects: &[String]) {
+    let mut s = Session::connect(port);
+    let (code, text) = s.smtp_reply();
+    assert_eq!(code, 220, "LMTP banner: {text}");
+    let (code, text) = s.smtp("LHLO client.test");
+    assert_eq!(code, 250, "{text}");
+    for subject in subjects {
+        for command in [
+            "MAIL FROM:<x@remote.test>".to_string(),
+            format!("RCPT TO:<{to}>"),
+        ] {
+            let (code, text) = s.smtp(&command);
+            assert_eq!(code, 250, "{command}: {text}");
+        }
+        let (code, text) = s.smtp("DATA");
+        assert_eq!(code, 354, "{text}");
+        s.send(&message("x@remote.test", &[to], subject, 200));
+        let (code, text) = s.smtp(".");
+        assert_eq!(code, 250, "delivering {subject}: {text}");
+    }
+    let _ = s.smtp("QUIT");
 }
 
 pub fn unique(v: &[String]) -> BTreeSet<String> {

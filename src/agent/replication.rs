@@ -1,0 +1,454 @@
+//! Continuous replication between the replicas of a LUN (the `Dovecot` method).
+//!
+//! Dovecot 2.4 removed the replicator service, so the agent drives dsync itself. Each store replica reads
+//! its role from the downward-API labels file (`mailpod.io/role`, moved by the operator on promotion):
+//!
+//! - **active**: serves, pulls nothing. Its doveadm TCP service answers the standbys.
+//! - **standby**: every interval, for every mailbox the access tables place on this LUN, runs
+//!   `doveadm backup -R -F <users> tcp:<LUN Service>:<doveadm port>`: a one-way pull that makes the
+//!   standby an exact copy of the active, expunges and flag changes included. `doveadm sync -1` is not
+//!   used: it keeps destination-only changes, so a standby would slowly diverge (its manual says it
+//!   "doesn't currently work perfectly"), and a standby never legitimately has changes of its own.
+//! - **demoted** (was active, now standby: fenced or switched over): mail delivered to it that never
+//!   reached the new active would be deleted by a one-way backup. So its first pass pushes those
+//!   messages to the new active with `doveadm sync -1` (local -> remote, one-way: the new active gains
+//!   what it lacks and loses nothing, the old active is not modified) — the hand-over its manual gives
+//!   `sync -1` after mail delivery has moved; only then does it mirror with `backup -R`. A two-way
+//!   `sync` is not used here: it renumbers conflicting UIDs on both sides while the new active is taking
+//!   deliveries, and duplicated messages in tests. Its last role is kept on the mail volume so a restart
+//!   in between does not forget it.
+//! - no role yet (before the operator elects one): nothing.
+//!
+//! A role change away from standby stops a pass in flight at once (the doveadm child is killed).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::metrics::ReplicationMetrics;
+use super::render::read_configmap_dir;
+use crate::mailconfig::tables::AccessTables;
+use crate::names::labels as l;
+
+/// How often the labels file is read: a promotion stops pulling within this time.
+const ROLE_POLL: Duration = Duration::from_millis(250);
+/// A standby more than this many intervals behind is not in sync.
+const IN_SYNC_INTERVALS: u32 = 3;
+/// Longest a single pass may take before it is abandoned and counted as a failure.
+const MAX_PASS: Duration = Duration::from_secs(600);
+
+/// This replica's role, from the labels file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ReplicaRole {
+    Active,
+    Standby,
+    /// No role label yet.
+    Unassigned,
+}
+
+impl ReplicaRole {
+    /// Reads `mailpod.io/role` from a downward-API labels file (`key="value"` lines). A missing file or
+    /// label means the operator has not chosen yet.
+    pub fn from_labels(text: &str) -> Self {
+        let value = text.lines().find_map(|line| {
+            let (k, v) = line.split_once('=')?;
+            (k.trim() == l::ROLE).then(|| v.trim().trim_matches('"').to_string())
+        });
+        match value.as_deref() {
+            Some(l::ROLE_ACTIVE) => ReplicaRole::Active,
+            Some(l::ROLE_STANDBY) => ReplicaRole::Standby,
+            _ => ReplicaRole::Unassigned,
+        }
+    }
+
+    fn read(path: &Path) -> Self {
+        std::fs::read_to_string(path)
+            .map(|t| Self::from_labels(&t))
+            .unwrap_or(ReplicaRole::Unassigned)
+    }
+}
+
+/// Where to replicate from and how often.
+#[derive(Clone, Debug)]
+pub struct ReplicationConfig {
+    pub labels_file: PathBuf,
+    /// Name of this replica's StorageLUN (`corp-lun-0`).
+    pub lun: String,
+    /// The MailPod, to find this LUN's index in the access tables.
+    pub mailpod: String,
+    /// The LUN's active replica (its Service), and its doveadm port.
+    pub source_host: String,
+    pub source_port: u16,
+    pub interval: Duration,
+    pub tables_dir: PathBuf,
+    /// dovecot.conf: doveadm reads the mail location and `doveadm_password` from it.
+    pub dovecot_conf: PathBuf,
+    /// Scratch file with the pass's user list.
+    pub users_list: PathBuf,
+    /// Last role of this replica, on the mail volume.
+    pub role_file: PathBuf,
+}
+
+impl ReplicationConfig {
+    pub fn source(&self) -> String {
+        format!("{}:{}", self.source_host, self.source_port)
+    }
+
+    /// Index of this LUN in the access tables (`<mailpod>-lun-<index>`, see `names::lun`).
+    fn lun_index(&self) -> Result<u32> {
+        self.lun
+            .strip_prefix(&format!("{}-lun-", self.mailpod))
+            .and_then(|i| i.parse().ok())
+            .filter(|i| crate::names::lun(&self.mailpod, *i) == self.lun)
+            .with_context(|| {
+                format!(
+                    "LUN name {:?} is not a LUN of MailPod {:?} (<mailpod>-lun-<index>)",
+                    self.lun, self.mailpod
+                )
+            })
+    }
+
+    /// The mailboxes the access tables place on this LUN.
+    fn mailboxes(&self) -> Result<Vec<String>> {
+        let index = self.lun_index()?;
+        let tables = AccessTables::from_data(&read_configmap_dir(&self.tables_dir)?)?;
+        Ok(tables
+            .mailboxes
+            .into_iter()
+            .filter(|(_, lun)| *lun == index)
+            .map(|(m, _)| m)
+            .collect())
+    }
+}
+
+/// What `GET /replication` answers; the operator reads it to pick the most current standby for promotion
+/// and to clear `needsResync`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationReport {
+    pub role: ReplicaRole,
+    /// `host:port` pulled from (standby only).
+    pub source: Option<String>,
+    /// Start of the last pass that completed for every mailbox: the standby holds all mail the active
+    /// had at that moment.
+    pub last_sync_unix_seconds: Option<f64>,
+    pub lag_seconds: Option<f64>,
+    /// Standby: a full pass completed since it became standby, the last pass succeeded and the lag is
+    /// within a few intervals. Active: always true.
+    pub in_sync: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct State {
+    role: ReplicaRole,
+    last_success: Option<SystemTime>,
+    /// A full pass has completed since this replica last became standby.
+    caught_up: bool,
+    last_error: Option<String>,
+}
+
+pub struct Replication {
+    pub config: ReplicationConfig,
+    state: Mutex<State>,
+    metrics: ReplicationMetrics,
+}
+
+impl Replication {
+    pub fn new(config: ReplicationConfig, metrics: ReplicationMetrics) -> Self {
+        Self {
+            config,
+            state: Mutex::new(State {
+                role: ReplicaRole::Unassigned,
+                last_success: None,
+                caught_up: false,
+                last_error: None,
+            }),
+            metrics,
+        }
+    }
+
+    pub fn report(&self) -> ReplicationReport {
+        let s = self.state.lock().expect("replication state");
+        let now = SystemTime::now();
+        let last = s
+            .last_success
+            .map(|t| t.duration_since(UNIX_EPOCH).unwrap_or_default());
+        let lag = s
+            .last_success
+            .map(|t| now.duration_since(t).unwrap_or_default());
+        let in_sync = match s.role {
+            ReplicaRole::Active => true,
+            ReplicaRole::Standby => {
+                s.caught_up
+                    && s.last_error.is_none()
+                    && lag.is_some_and(|l| l <= self.config.interval * IN_SYNC_INTERVALS)
+            }
+            ReplicaRole::Unassigned => false,
+        };
+        let report = ReplicationReport {
+            role: s.role,
+            source: (s.role == ReplicaRole::Standby).then(|| self.config.source()),
+            last_sync_unix_seconds: last.map(|d| d.as_secs_f64()),
+            lag_seconds: match s.role {
+                ReplicaRole::Active => Some(0.0),
+                _ => lag.map(|d| d.as_secs_f64()),
+            },
+            in_sync,
+            last_error: s.last_error.clone(),
+        };
+        self.metrics.in_sync.set(i64::from(in_sync));
+        self.metrics
+            .active
+            .set(i64::from(s.role == ReplicaRole::Active));
+        if let Some(lag) = report.lag_seconds {
+            self.metrics.lag_seconds.set(lag);
+        }
+        report
+    }
+
+    /// Runs for the life of the agent.
+    pub async fn run(&self) {
+        let mut next_pass = tokio::time::Instant::now();
+        loop {
+            let role = self.observe_role();
+            if role == ReplicaRole::Standby && tokio::time::Instant::now() >= next_pass {
+                let started = SystemTime::now();
+                let hand_over = self.last_role_on_disk() == Some(ReplicaRole::Active);
+                let outcome = tokio::select! {
+                    r = tokio::time::timeout(MAX_PASS, self.pass(hand_over)) => {
+                        r.unwrap_or_else(|_| Err(anyhow::anyhow!("pass took longer than {MAX_PASS:?}")))
+                    }
+                    () = self.role_leaves(ReplicaRole::Standby) => {
+                        tracing::info!("role changed during a replication pass; pass abandoned");
+                        continue;
+                    }
+                };
+                self.record(started, hand_over, outcome);
+                next_pass = tokio::time::Instant::now() + self.config.interval;
+            }
+            tokio::time::sleep(ROLE_POLL).await;
+        }
+    }
+
+    /// Reads the labels file and records a role change.
+    fn observe_role(&self) -> ReplicaRole {
+        let role = ReplicaRole::read(&self.config.labels_file);
+        let mut s = self.state.lock().expect("replication state");
+        if s.role != role {
+            tracing::info!(from = ?s.role, to = ?role, source = %self.config.source(), "replica role changed");
+            if role == ReplicaRole::Standby {
+                s.caught_up = false;
+            }
+            s.last_error = None;
+            s.role = role;
+        }
+        drop(s);
+        if role == ReplicaRole::Active {
+            self.remember_role(ReplicaRole::Active);
+        }
+        role
+    }
+
+    async fn role_leaves(&self, role: ReplicaRole) {
+        loop {
+            tokio::time::sleep(ROLE_POLL).await;
+            if ReplicaRole::read(&self.config.labels_file) != role {
+                return;
+            }
+        }
+    }
+
+    fn record(&self, started: SystemTime, handed_over: bool, outcome: Result<usize>) {
+        let mut s = self.state.lock().expect("replication state");
+        match outcome {
+            Ok(users) => {
+                tracing::debug!(users, handed_over, "replication pass done");
+                if handed_over {
+                    drop(s);
+                    self.remember_role(ReplicaRole::Standby);
+                    s = self.state.lock().expect("replication state");
+                }
+                s.last_success = Some(started);
+                s.caught_up = true;
+                s.last_error = None;
+                self.metrics.passes.inc();
+                self.metrics.last_success.set(
+                    started
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(source = %self.config.source(), "replication pass failed: {e:#}");
+                s.last_error = Some(format!("{e:#}"));
+                self.metrics.failures.inc();
+            }
+        }
+    }
+
+    fn last_role_on_disk(&self) -> Option<ReplicaRole> {
+        match std::fs::read_to_string(&self.config.role_file).ok()?.trim() {
+            l::ROLE_ACTIVE => Some(ReplicaRole::Active),
+            l::ROLE_STANDBY => Some(ReplicaRole::Standby),
+            _ => None,
+        }
+    }
+
+    fn remember_role(&self, role: ReplicaRole) {
+        if self.last_role_on_disk() == Some(role) {
+            return;
+        }
+        let text = match role {
+            ReplicaRole::Active => l::ROLE_ACTIVE,
+            _ => l::ROLE_STANDBY,
+        };
+        let path = &self.config.role_file;
+        let result = path
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| std::fs::write(path, format!("{text}\n")));
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), "recording the replica role: {e}");
+        }
+    }
+
+    /// One pass over every mailbox of the LUN; returns how many there were.
+    async fn pass(&self, hand_over: bool) -> Result<usize> {
+        let c = &self.config;
+        let users = c.mailboxes()?;
+        if users.is_empty() {
+            return Ok(0);
+        }
+        std::fs::write(&c.users_list, users.join("\n") + "\n")
+            .with_context(|| format!("writing {}", c.users_list.display()))?;
+        let mut cmd = tokio::process::Command::new("doveadm");
+        cmd.arg("-c").arg(&c.dovecot_conf);
+        if hand_over {
+            tracing::info!(
+                users = users.len(),
+                "first pass after demotion: handing mail only this replica has to the new active"
+            );
+            cmd.args(["sync", "-1"]);
+        } else {
+            cmd.args(["backup", "-R"]);
+        }
+        cmd.arg("-F")
+            .arg(&c.users_list)
+            .arg(format!("tcp:{}", c.source()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let out = cmd
+            .spawn()
+            .context("starting doveadm")?
+            .wait_with_output()
+            .await
+            .context("waiting for doveadm")?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+            bail!(
+                "doveadm {} from {} exited with {}: {}",
+                if hand_over { "sync -1" } else { "backup -R" },
+                c.source(),
+                out.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            );
+        }
+        Ok(users.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_from_downward_api_labels() {
+        let text = "app.kubernetes.io/name=\"mailpod\"\nmailpod.io/lun=\"corp-lun-0\"\nmailpod.io/role=\"standby\"\n";
+        assert_eq!(ReplicaRole::from_labels(text), ReplicaRole::Standby);
+        assert_eq!(
+            ReplicaRole::from_labels("mailpod.io/role=\"active\""),
+            ReplicaRole::Active
+        );
+        assert_eq!(
+            ReplicaRole::from_labels("mailpod.io/lun=\"corp-lun-0\"\n"),
+            ReplicaRole::Unassigned
+        );
+        assert_eq!(
+            ReplicaRole::from_labels("mailpod.io/role=\"leader\"\n"),
+            ReplicaRole::Unassigned
+        );
+    }
+
+    fn config(dir: &Path, lun: &str) -> ReplicationConfig {
+        ReplicationConfig {
+            labels_file: dir.join("labels"),
+            lun: lun.into(),
+            mailpod: "corp".into(),
+            source_host: "corp-lun-0".into(),
+            source_port: 12345,
+            interval: Duration::from_secs(5),
+            tables_dir: dir.join("tables"),
+            dovecot_conf: dir.join("dovecot.conf"),
+            users_list: dir.join("users"),
+            role_file: dir.join("role"),
+        }
+    }
+
+    #[test]
+    fn mailboxes_of_this_lun_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tables")).unwrap();
+        std::fs::write(
+            dir.path().join("tables/mailboxes"),
+            "a@example.com 0\nb@example.com 1\nc@example.com 1\n",
+        )
+        .unwrap();
+        let c = config(dir.path(), "corp-lun-1");
+        assert_eq!(c.mailboxes().unwrap(), ["b@example.com", "c@example.com"]);
+        let bad = config(dir.path(), "other-lun-1");
+        assert!(format!("{:#}", bad.mailboxes().unwrap_err()).contains("not a LUN of MailPod"));
+        assert!(config(dir.path(), "corp-lun-01").lun_index().is_err());
+    }
+
+    #[test]
+    fn report_before_any_pass_and_on_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replication::new(config(dir.path(), "corp-lun-0"), Default::default());
+        std::fs::write(dir.path().join("labels"), "mailpod.io/role=\"standby\"\n").unwrap();
+        assert_eq!(r.observe_role(), ReplicaRole::Standby);
+        let rep = r.report();
+        assert_eq!(rep.source.as_deref(), Some("corp-lun-0:12345"));
+        assert!(!rep.in_sync);
+        assert_eq!(rep.lag_seconds, None);
+        r.record(SystemTime::now(), false, Ok(3));
+        assert!(r.report().in_sync);
+        r.record(SystemTime::now(), false, Err(anyhow::anyhow!("refused")));
+        let rep = r.report();
+        assert!(!rep.in_sync);
+        assert_eq!(rep.last_error.as_deref(), Some("refused"));
+
+        std::fs::write(dir.path().join("labels"), "mailpod.io/role=\"active\"\n").unwrap();
+        assert_eq!(r.observe_role(), ReplicaRole::Active);
+        let rep = r.report();
+        assert!(rep.in_sync && rep.source.is_none() && rep.last_error.is_none());
+        assert_eq!(r.last_role_on_disk(), Some(ReplicaRole::Active));
+        // Demoted: not in sync until a full pass completes; the hand-over pass clears the demotion mark.
+        std::fs::write(dir.path().join("labels"), "mailpod.io/role=\"standby\"\n").unwrap();
+        r.observe_role();
+        assert!(!r.report().in_sync);
+        r.record(SystemTime::now(), true, Ok(1));
+        assert!(r.report().in_sync);
+        assert_eq!(r.last_role_on_disk(), Some(ReplicaRole::Standby));
+    }
+}
