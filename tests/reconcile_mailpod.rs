@@ -1,6 +1,8 @@
 //! The MailPod reconciler against the in-memory Kubernetes API: run to a fixed point and check what the
 //! cluster holds, what was written, and what was not.
 
+#![cfg(feature = "testkit")]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
