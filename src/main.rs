@@ -160,6 +160,18 @@ struct RunArgs {
     /// `spec.localSite` is this name. Without it SiteFailovers are left alone.
     #[arg(long, env = "MAILPOD_SITE")]
     site: Option<String>,
+    /// Elect one leader among replicas through a Lease; only the leader reconciles.
+    #[arg(long, env = "MAILPOD_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (the operator's own; the client's default namespace when unset).
+    #[arg(long = "leader-election-namespace", env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "mailpod-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (the pod name; the host name when unset).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 #[derive(Args)]
@@ -250,6 +262,13 @@ fn run_restore_import(args: RestoreImportArgs) -> ExitCode {
     }
 }
 
+struct Election {
+    enabled: bool,
+    namespace: Option<String>,
+    name: String,
+    identity: String,
+}
+
 fn run_operator(args: RunArgs) -> ExitCode {
     mailpod_operator::telemetry::init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -260,6 +279,15 @@ fn run_operator(args: RunArgs) -> ExitCode {
         }
     };
     let site = args.site;
+    let election = Election {
+        enabled: args.leader_elect,
+        namespace: args.lease_namespace,
+        name: args.lease_name,
+        identity: args.identity.unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .unwrap_or_else(|_| format!("mailpod-operator-{}", std::process::id()))
+        }),
+    };
     let config = controller::RunConfig {
         namespace: args.namespace,
         default_image: args.image,
@@ -271,7 +299,36 @@ fn run_operator(args: RunArgs) -> ExitCode {
         })?;
         // One shutdown signal for every controller, each finishing its in-flight work.
         let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
-        controller::run_all(client, config, site, shutdown).await
+        if !election.enabled {
+            return controller::run_all(client, config, site, shutdown).await;
+        }
+        let lease = controller::leader::LeaseConfig::new(
+            election
+                .namespace
+                .unwrap_or_else(|| client.default_namespace().to_string()),
+            election.name,
+            election.identity,
+        );
+        let elector = std::sync::Arc::new(controller::leader::LeaderElector::new(
+            client.clone(),
+            lease,
+        ));
+        if !elector.acquire(shutdown.clone()).await {
+            return Ok(());
+        }
+        let holder = elector.clone();
+        let lost = futures::FutureExt::shared(Box::pin(async move { holder.hold().await }));
+        let stop = futures::FutureExt::shared(Box::pin(futures::FutureExt::map(
+            futures::future::select(shutdown, lost.clone()),
+            |_| (),
+        )));
+        controller::run_all(client, config, site, stop).await?;
+        if lost.peek().is_some() {
+            // Exit so the restarted process rejoins as a follower with fresh caches.
+            anyhow::bail!("lost the leader lease; stopped reconciling");
+        }
+        elector.release().await;
+        Ok(())
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,

@@ -1,6 +1,8 @@
 //! The MailPod reconciler against the in-memory Kubernetes API: run to a fixed point and check what the
 //! cluster holds, what was written, and what was not.
 
+#![cfg(feature = "testkit")]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -213,6 +215,36 @@ async fn converges_with_owned_children_and_status_then_writes_nothing() {
         condition(&mp, condition::READY).last_transition_time,
         transition
     );
+
+    // An mx pod is lost after the rollout: not ready, degraded, not progressing. (The whole status is
+    // applied: with Server-Side Apply, fields the manager leaves out are removed.)
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let generation = sts.get("corp-mx").await.unwrap().metadata.generation;
+    let status = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "status": {
+        "replicas": 2, "readyReplicas": 1, "updatedReplicas": 2, "availableReplicas": 1,
+        "observedGeneration": generation, "currentRevision": "r1", "updateRevision": "r1"}});
+    sts.patch_status(
+        "corp-mx",
+        &PatchParams::apply("kube-controller-manager").force(),
+        &Patch::Apply(status),
+    )
+    .await
+    .unwrap();
+    reconcile_once(&client, &ctx, NS, "corp").await.unwrap();
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let ready = condition(&mp, condition::READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "ServicesNotReady")
+    );
+    assert!(ready.message.contains("mx 1/2"), "{}", ready.message);
+    assert!(ready.last_transition_time.0 >= transition.0);
+    let degraded = condition(&mp, condition::DEGRADED);
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "ReplicasUnavailable")
+    );
+    assert_eq!(condition(&mp, condition::PROGRESSING).status, "False");
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod error;
 pub mod failover;
+pub mod leader;
 pub mod lun;
 pub mod mailpod;
 pub mod status;
