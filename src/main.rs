@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use mailpod_operator::{controller, names, render, snapshot};
+use mailpod_operator::{names, render, snapshot};
 
 #[derive(Parser)]
 #[command(
@@ -56,7 +56,7 @@ enum Command {
     /// Run the controllers against the cluster of the current kubeconfig, or the in-cluster config.
     ///
     /// Checks first that the CRDs are installed. Stops on SIGTERM or Ctrl-C after in-flight reconciles finish.
-    Run(RunArgs),
+    Run(mailpod_operator::operator::RunArgs),
 }
 
 #[derive(Args)]
@@ -146,35 +146,6 @@ struct RestoreImportArgs {
 }
 
 #[derive(Args)]
-struct RunArgs {
-    /// Watch only this namespace (all namespaces when unset).
-    #[arg(short = 'n', long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
-    /// Mail image for MailPods that name none.
-    #[arg(long, env = "MAILPOD_IMAGE", default_value = names::DEFAULT_IMAGE)]
-    image: String,
-    /// MailPods reconciled at once.
-    #[arg(long, default_value_t = 8)]
-    concurrency: u16,
-    /// This cluster's site name: starts the SiteFailover controller for SiteFailovers whose
-    /// `spec.localSite` is this name. Without it SiteFailovers are left alone.
-    #[arg(long, env = "MAILPOD_SITE")]
-    site: Option<String>,
-    /// Elect one leader among replicas through a Lease; only the leader reconciles.
-    #[arg(long, env = "MAILPOD_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
-    leader_elect: bool,
-    /// Namespace of the leader Lease (the operator's own; the client's default namespace when unset).
-    #[arg(long = "leader-election-namespace", env = "POD_NAMESPACE")]
-    lease_namespace: Option<String>,
-    /// Name of the leader Lease.
-    #[arg(long, default_value = "mailpod-operator")]
-    lease_name: String,
-    /// This replica's identity in the Lease (the pod name; the host name when unset).
-    #[arg(long, env = "POD_NAME")]
-    identity: Option<String>,
-}
-
-#[derive(Args)]
 struct RenderArgs {
     /// Input file; `-` reads standard input. May be given several times.
     #[arg(short = 'f', long = "filename", required = true, value_name = "FILE")]
@@ -197,7 +168,7 @@ fn main() -> ExitCode {
         Command::Render(args) => run_render(args),
         Command::Agent(args) => mailpod_operator::agent::main(*args),
         Command::Snapshot(args) => run_snapshot(args),
-        Command::Run(args) => run_operator(args),
+        Command::Run(args) => mailpod_operator::operator::main(args),
         Command::RestoreImport(args) => run_restore_import(args),
         Command::Restore(args) => run_restore(args),
     }
@@ -259,105 +230,6 @@ fn run_restore_import(args: RestoreImportArgs) -> ExitCode {
             eprintln!("restore into {}: {e:#}", opts.target);
             ExitCode::FAILURE
         }
-    }
-}
-
-struct Election {
-    enabled: bool,
-    namespace: Option<String>,
-    name: String,
-    identity: String,
-}
-
-fn run_operator(args: RunArgs) -> ExitCode {
-    mailpod_operator::telemetry::init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let site = args.site;
-    let election = Election {
-        enabled: args.leader_elect,
-        namespace: args.lease_namespace,
-        name: args.lease_name,
-        identity: args.identity.unwrap_or_else(|| {
-            std::env::var("HOSTNAME")
-                .unwrap_or_else(|_| format!("mailpod-operator-{}", std::process::id()))
-        }),
-    };
-    let config = controller::RunConfig {
-        namespace: args.namespace,
-        default_image: args.image,
-        concurrency: args.concurrency,
-    };
-    let result = runtime.block_on(async move {
-        let client = kube::Client::try_default().await.map_err(|e| {
-            anyhow::anyhow!("cannot configure a Kubernetes client (kubeconfig or in-cluster): {e}")
-        })?;
-        // One shutdown signal for every controller, each finishing its in-flight work.
-        let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
-        if !election.enabled {
-            return controller::run_all(client, config, site, shutdown).await;
-        }
-        let lease = controller::leader::LeaseConfig::new(
-            election
-                .namespace
-                .unwrap_or_else(|| client.default_namespace().to_string()),
-            election.name,
-            election.identity,
-        );
-        let elector = std::sync::Arc::new(controller::leader::LeaderElector::new(
-            client.clone(),
-            lease,
-        ));
-        if !elector.acquire(shutdown.clone()).await {
-            return Ok(());
-        }
-        let holder = elector.clone();
-        let lost = futures::FutureExt::shared(Box::pin(async move { holder.hold().await }));
-        let stop = futures::FutureExt::shared(Box::pin(futures::FutureExt::map(
-            futures::future::select(shutdown, lost.clone()),
-            |_| (),
-        )));
-        controller::run_all(client, config, site, stop).await?;
-        if lost.peek().is_some() {
-            // Exit so the restarted process rejoins as a follower with fresh caches.
-            anyhow::bail!("lost the leader lease; stopped reconciling");
-        }
-        elector.release().await;
-        Ok(())
-    });
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mailpod-operator: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// SIGTERM (what Kubernetes sends) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }
 

@@ -359,6 +359,20 @@ fn args(deploy: &Value) -> Vec<String> {
     strings(&container(deploy)["args"])
 }
 
+/// The Deployment's arguments parse as `mailpod-operator run` flags (a flag the binary lacks would crash-loop
+/// the operator).
+fn assert_operator_accepts(args: &[String]) -> mailpod_operator::operator::RunArgs {
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        args: mailpod_operator::operator::RunArgs,
+    }
+    assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
+    <Run as clap::Parser>::try_parse_from(args)
+        .unwrap_or_else(|e| panic!("the chart passes flags `run` does not accept: {e}"))
+        .args
+}
+
 fn arg<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     let prefix = format!("--{flag}=");
     args.iter().find_map(|a| a.strip_prefix(&prefix))
@@ -451,6 +465,12 @@ fn deployment_runs_two_leader_elected_restricted_replicas() {
     let c = container(deploy);
     let a = args(deploy);
     assert_eq!(a[0], "run");
+    let parsed = assert_operator_accepts(&a);
+    assert!(parsed.leader_elect);
+    assert_eq!(
+        parsed.log_format,
+        mailpod_operator::telemetry::LogFormat::Json
+    );
     assert_eq!(arg(&a, "lease-name"), Some("mailpod-operator"));
     assert_eq!(arg(&a, "leader-election-namespace"), Some(NAMESPACE));
     assert_eq!(arg(&a, "metrics-addr"), Some("0.0.0.0:8080"));
@@ -546,6 +566,11 @@ fn values_reach_the_operator_flags() {
     assert_eq!(arg(&a, "mail-image"), Some("registry.local/mail:7"));
     assert_eq!(arg(&a, "lease-name"), Some("mp-lock"));
     assert_eq!(arg(&a, "metrics-addr"), Some("0.0.0.0:9090"));
+    let parsed = assert_operator_accepts(&a);
+    assert_eq!(parsed.watch_namespaces, ["mail", "mail-eu"]);
+    assert_eq!(parsed.site.as_deref(), Some("east"));
+    assert_eq!(parsed.mail_image, "registry.local/mail:7");
+    assert_eq!(parsed.metrics_addr.port(), 9090);
     assert_eq!(
         container(deploy)["image"],
         "ghcr.io/mailpod-io/mailpod-operator:dev"

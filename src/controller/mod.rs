@@ -43,6 +43,8 @@ pub struct RunConfig {
     pub default_image: String,
     /// MailPods reconciled at once.
     pub concurrency: u16,
+    /// Where the controllers' counters are reported (`run` sets it; tests and the benchmark need not).
+    pub metrics: Option<Arc<crate::metrics::OperatorMetrics>>,
 }
 
 impl Default for RunConfig {
@@ -51,6 +53,7 @@ impl Default for RunConfig {
             namespace: None,
             default_image: names::DEFAULT_IMAGE.to_string(),
             concurrency: 8,
+            metrics: None,
         }
     }
 }
@@ -132,12 +135,16 @@ impl Context {
 }
 
 /// Checks that the CRDs are installed, with the fix in the message when they are not.
-pub async fn check_crds(client: &Client) -> anyhow::Result<()> {
-    async fn one<K>(client: &Client) -> anyhow::Result<()>
+/// In `namespace` when the operator watches only some namespaces (its Roles are namespaced there).
+pub async fn check_crds(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    async fn one<K>(client: &Client, namespace: Option<&str>) -> anyhow::Result<()>
     where
-        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
     {
-        let api: Api<K> = Api::all(client.clone());
+        let api: Api<K> = api(client, namespace);
         match api.list(&ListParams::default().limit(1)).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
@@ -158,9 +165,9 @@ pub async fn check_crds(client: &Client) -> anyhow::Result<()> {
             ))),
         }
     }
-    one::<MailPod>(client).await?;
-    one::<StorageLUN>(client).await?;
-    one::<SiteFailover>(client).await?;
+    one::<MailPod>(client, namespace).await?;
+    one::<StorageLUN>(client, namespace).await?;
+    one::<SiteFailover>(client, namespace).await?;
     Ok(())
 }
 
@@ -187,9 +194,14 @@ where
 {
     // Before anything starts, so a missing CRD stops the operator with its hint instead of leaving the
     // other controllers running.
-    check_crds(&client).await?;
+    check_crds(&client, config.namespace.as_deref()).await?;
     let namespace = config.namespace.clone();
     let lun_ctx = Arc::new(Context::new(client.clone(), config.clone()));
+    let mailpod_ctx = Arc::new(Context::new(client.clone(), config.clone()));
+    if let Some(m) = &config.metrics {
+        m.register("storagelun", lun_ctx.clone());
+        m.register("mailpod", mailpod_ctx.clone());
+    }
     let luns = lun::run(lun_ctx, namespace.clone(), shutdown.clone());
     let failover = async {
         match site {
@@ -204,10 +216,7 @@ where
             }
         }
     };
-    let mailpods = run_mailpods(
-        Arc::new(Context::new(client.clone(), config)),
-        shutdown.clone(),
-    );
+    let mailpods = run_mailpods(mailpod_ctx, shutdown.clone());
     let (m, (), f) = tokio::join!(mailpods, luns, failover);
     f?;
     m
@@ -221,7 +230,7 @@ pub async fn run_mailpods(
 ) -> anyhow::Result<()> {
     let client = ctx.client.clone();
     let config = ctx.config.clone();
-    check_crds(&client).await?;
+    check_crds(&client, config.namespace.as_deref()).await?;
     let ns = config.namespace.clone();
     let ns = ns.as_deref();
     let wc = watcher::Config::default().any_semantic();

@@ -1,0 +1,83 @@
+//! The operator's own endpoints: /metrics reports each controller's counters and the leader flag,
+//! /readyz follows readiness, /healthz answers.
+#![cfg(feature = "testkit")]
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailpod_operator::controller::{Context, RunConfig};
+use mailpod_operator::metrics::{self, OperatorMetrics};
+use mailpod_operator::testkit::ApiServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(port: u16, path: &str) -> (u16, String) {
+    for _ in 0..50 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+            let body = out
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            return (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("metrics server did not start");
+}
+
+#[tokio::test]
+async fn metrics_health_and_readiness() {
+    let server = ApiServer::new();
+    let metrics = Arc::new(OperatorMetrics::default());
+    let mailpods = Arc::new(Context::new(server.client(), RunConfig::default()));
+    let luns = Arc::new(Context::new(server.client(), RunConfig::default()));
+    metrics.register("mailpod", mailpods.clone());
+    metrics.register("storagelun", luns.clone());
+    mailpods.stats.reconciles.fetch_add(3, Ordering::Relaxed);
+    mailpods.stats.invalid.fetch_add(1, Ordering::Relaxed);
+    luns.stats.failures.fetch_add(2, Ordering::Relaxed);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let task = tokio::spawn(metrics::serve(
+        ([127, 0, 0, 1], port).into(),
+        metrics.clone(),
+    ));
+
+    assert_eq!(get(port, "/healthz").await.0, 200);
+    assert_eq!(
+        get(port, "/readyz").await.0,
+        503,
+        "not ready before the CRD check"
+    );
+    metrics.set_ready(true);
+    assert_eq!(get(port, "/readyz").await.0, 200);
+
+    metrics.set_leader(true);
+    let (code, body) = get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    for line in [
+        "mailpod_operator_reconciles_total{controller=\"mailpod\"} 3",
+        "mailpod_operator_reconciles_total{controller=\"storagelun\"} 0",
+        "mailpod_operator_reconcile_failures_total{controller=\"storagelun\"} 2",
+        "mailpod_operator_invalid_specs_total{controller=\"mailpod\"} 1",
+        "mailpod_operator_leader 1",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing `{line}` in:\n{body}"
+        );
+    }
+    task.abort();
+}
