@@ -109,6 +109,28 @@ impl Collector for OperatorMetrics {
                 ConstCounter::new(read(ctx)).encode(family.encode_family(&labels)?)?;
             }
         }
+        let mut family = encoder.encode_descriptor(
+            "reconcile_duration_seconds",
+            "Time per reconcile, by controller.",
+            None,
+            prometheus_client::metrics::MetricType::Histogram,
+        )?;
+        for (controller, ctx) in controllers.iter() {
+            let labels = [("controller", *controller)];
+            ctx.stats.durations.encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "managed_objects",
+            "Objects each controller manages (MailPods, StorageLUNs), from its cache.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (controller, ctx) in controllers.iter() {
+            if let Some(n) = ctx.stats.managed() {
+                let labels = [("controller", *controller)];
+                ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
         let gauge = ConstGauge::new(i64::from(self.leader.load(Ordering::Relaxed)));
         gauge.encode(encoder.encode_descriptor(
             "leader",

@@ -41,7 +41,10 @@ async fn metrics_health_and_readiness() {
     let luns = Arc::new(Context::new(server.client(), RunConfig::default()));
     metrics.register("mailpod", mailpods.clone());
     metrics.register("storagelun", luns.clone());
-    mailpods.stats.reconciles.fetch_add(3, Ordering::Relaxed);
+    for _ in 0..3 {
+        let _timer = mailpods.stats.start_reconcile();
+    }
+    mailpods.stats.set_managed(|| 7);
     mailpods.stats.invalid.fetch_add(1, Ordering::Relaxed);
     luns.stats.failures.fetch_add(2, Ordering::Relaxed);
 
@@ -73,6 +76,9 @@ async fn metrics_health_and_readiness() {
         "mailpod_operator_reconcile_failures_total{controller=\"storagelun\"} 2",
         "mailpod_operator_invalid_specs_total{controller=\"mailpod\"} 1",
         "mailpod_operator_leader 1",
+        "mailpod_operator_reconcile_duration_seconds_count{controller=\"mailpod\"} 3",
+        "mailpod_operator_reconcile_duration_seconds_count{controller=\"storagelun\"} 0",
+        "mailpod_operator_managed_objects{controller=\"mailpod\"} 7",
     ] {
         assert!(
             body.lines().any(|l| l == line),

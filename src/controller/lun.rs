@@ -67,9 +67,7 @@ const OWNED_STATUS_FIELDS: &[&str] = &[
 
 /// Reconciles one StorageLUN.
 pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.stats
-        .reconciles
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _timer = ctx.stats.start_reconcile();
     if lun.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
@@ -456,7 +454,10 @@ pub async fn run(
     let store_pods = watcher::Config::default()
         .labels(&format!("{}={}", l::COMPONENT, store::COMPONENT))
         .any_semantic();
-    Controller::new(luns, watcher::Config::default().any_semantic())
+    let controller = Controller::new(luns, watcher::Config::default().any_semantic());
+    let cache = controller.store();
+    ctx.stats.set_managed(move || cache.state().len());
+    controller
         .owns(statefulsets, watcher::Config::default().any_semantic())
         .watches(pods, store_pods, |pod: Pod| {
             let lun = pod.labels().get(l::LUN).cloned();

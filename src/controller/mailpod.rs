@@ -165,9 +165,7 @@ async fn reject(ctx: &Context, mp: &MailPod, errs: ValidationErrors) -> Result<A
 
 /// Reconciles one MailPod to its spec.
 pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.stats
-        .reconciles
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _timer = ctx.stats.start_reconcile();
     let name = mp.name_any();
     if mp.meta().deletion_timestamp.is_some() {
         // Children go with it through their owner references; nothing to do.

@@ -59,14 +59,75 @@ impl Default for RunConfig {
 }
 
 /// Counters of what the controllers did (exported as metrics by the metrics server, read by the benchmark).
-#[derive(Debug, Default)]
 pub struct Stats {
     pub reconciles: AtomicU64,
     pub failures: AtomicU64,
     pub invalid: AtomicU64,
+    /// Seconds per reconcile.
+    pub durations: prometheus_client::metrics::histogram::Histogram,
+    /// How many objects of its kind the controller manages (its reflector's size), once it runs.
+    managed: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            reconciles: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            invalid: AtomicU64::new(0),
+            // 5 ms .. ~20 s: a steady-state reconcile takes milliseconds, a first apply of a large MailPod seconds.
+            durations: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
+            ),
+            managed: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats")
+            .field("reconciles", &self.reconciles)
+            .field("failures", &self.failures)
+            .field("invalid", &self.invalid)
+            .finish()
+    }
+}
+
+/// Records a reconcile's duration when dropped, whichever way the reconcile returns.
+pub struct ReconcileTimer<'a> {
+    stats: &'a Stats,
+    start: std::time::Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.stats
+            .durations
+            .observe(self.start.elapsed().as_secs_f64());
+    }
 }
 
 impl Stats {
+    /// Counts a reconcile and times it until the returned guard drops.
+    pub fn start_reconcile(&self) -> ReconcileTimer<'_> {
+        self.reconciles.fetch_add(1, Ordering::Relaxed);
+        ReconcileTimer {
+            stats: self,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Reports the size of the controller's object cache as its managed objects.
+    pub fn set_managed(&self, count: impl Fn() -> usize + Send + Sync + 'static) {
+        let _ = self.managed.set(Box::new(count));
+    }
+
+    /// Objects managed, when the controller runs.
+    pub fn managed(&self) -> Option<usize> {
+        self.managed.get().map(|f| f())
+    }
+
     pub fn reconciles(&self) -> u64 {
         self.reconciles.load(Ordering::Relaxed)
     }
@@ -243,6 +304,8 @@ pub async fn run_mailpods(
         .any_semantic();
     let controller = Controller::new(api::<MailPod>(&client, ns), wc.clone());
     let mailpods = controller.store();
+    let cache = mailpods.clone();
+    ctx.stats.set_managed(move || cache.state().len());
     let for_sources = mailpods.clone();
     let for_secrets = mailpods.clone();
     let controller = controller
