@@ -11,6 +11,7 @@ pub mod replicas;
 pub mod replication;
 pub mod reports;
 
+use crate::controller::publish;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ApiResource, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 use tracing::{info, warn};
@@ -100,7 +101,7 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         }
         publish(
             &ctx,
-            &lun,
+            lun.as_ref(),
             EventType::Normal,
             "Applied",
             "Apply",
@@ -147,7 +148,7 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         };
         publish(
             &ctx,
-            &lun,
+            lun.as_ref(),
             type_,
             note.reason,
             "Failover",
@@ -335,26 +336,6 @@ async fn write_status(
     .await
     .map_err(|source| Error::Status { source })?;
     Ok(true)
-}
-
-async fn publish(
-    ctx: &Context,
-    lun: &StorageLUN,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(truncate_note(&note)),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &lun.object_ref(&())).await {
-        warn!(lun = %lun.name_any(), error = %e, "cannot record event");
-    }
 }
 
 /// An invalid spec: Ready=False naming the field, children and pods left as they are, no retry until the

@@ -1,6 +1,7 @@
 //! The MailPod reconciler: dereference → validate → read placement → build → apply → remove orphans → status.
 //! Only the ends talk to the API server; `build` is the pure builder that `render` runs too.
 
+use crate::controller::publish;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -119,27 +120,6 @@ async fn write_status(ctx: &Context, mp: &MailPod, status: MailPodStatus) -> Res
     Ok(true)
 }
 
-async fn publish(
-    ctx: &Context,
-    mp: &MailPod,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(status::truncate(&note, 1024)),
-        action: action.into(),
-        secondary: None,
-    };
-    // Events are for people; failing to record one must not fail the reconcile.
-    if let Err(e) = ctx.recorder.publish(&event, &mp.object_ref(&())).await {
-        warn!(mailpod = %mp.name_any(), error = %e, "cannot record event");
-    }
-}
-
 /// An invalid spec: report it and leave every child as it is. No error, so no retry: the MailPod (or a
 /// watched mailbox source) changing is what brings the next reconcile.
 async fn reject(ctx: &Context, mp: &MailPod, errs: ValidationErrors) -> Result<Action> {
@@ -244,7 +224,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         }
         publish(
             &ctx,
-            &mp,
+            mp.as_ref(),
             EventType::Normal,
             "Applied",
             "Apply",
@@ -265,7 +245,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         }
         publish(
             &ctx,
-            &mp,
+            mp.as_ref(),
             EventType::Normal,
             "Deleted",
             "Delete",

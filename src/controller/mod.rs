@@ -196,6 +196,29 @@ impl Context {
 }
 
 /// Checks that the CRDs are installed, with the fix in the message when they are not.
+/// Records an Event about `obj`. Events are for people: failing to record one never fails a reconcile.
+pub async fn publish<K>(
+    ctx: &Context,
+    obj: &K,
+    type_: kube::runtime::events::EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let event = kube::runtime::events::Event {
+        type_,
+        reason: reason.into(),
+        note: Some(status::truncate(&note, 1024)),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        warn!(kind = %K::kind(&()), name = %obj.name_any(), error = %e, "cannot record event");
+    }
+}
+
 /// In `namespace` when the operator watches only some namespaces (its Roles are namespaced there).
 pub async fn check_crds(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
     async fn one<K>(client: &Client, namespace: Option<&str>) -> anyhow::Result<()>
