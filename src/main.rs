@@ -77,39 +77,11 @@ struct SnapshotArgs {
 
 #[derive(Args)]
 struct RestoreArgs {
-    /// StorageLUN holding the mailbox.
-    #[arg(long)]
-    lun: String,
-    /// VolumeSnapshot of that LUN to restore from (`kubectl get volumesnapshots -l mailpod.io/lun=LUN`).
-    #[arg(long)]
-    snapshot: String,
-    /// Mailbox (address) to restore.
-    #[arg(long)]
-    mailbox: Option<String>,
-    /// Every mailbox of the LUN instead of one.
-    #[arg(long)]
-    all: bool,
-    /// Only this folder of the mailbox (as `doveadm mailbox list` names it, e.g. `Projects` or `INBOX`).
-    #[arg(long)]
-    folder: Option<String>,
-    /// Only the message with this Message-ID (with or without <>).
-    #[arg(long)]
-    message_id: Option<String>,
+    #[command(flatten)]
+    flags: mailpod_operator::restore::RestoreFlags,
     /// Namespace of the StorageLUN.
     #[arg(short = 'n', long, env = "POD_NAMESPACE", default_value = "default")]
     namespace: String,
-    /// Print the PVC and Job as YAML instead of creating them.
-    #[arg(long)]
-    dry_run: bool,
-    /// Wait for the Job and print its report.
-    #[arg(long)]
-    wait: bool,
-    /// Deadline of the Job (and of --wait), in seconds.
-    #[arg(long, default_value_t = 3600)]
-    timeout: u64,
-    /// Mail image for the Job when the LUN names none.
-    #[arg(long, env = "MAILPOD_IMAGE", default_value = names::DEFAULT_IMAGE)]
-    image: String,
 }
 
 #[derive(Args)]
@@ -175,15 +147,7 @@ fn main() -> ExitCode {
 }
 
 fn run_restore(args: RestoreArgs) -> ExitCode {
-    let mut req = mailpod_operator::restore::Request::new(args.namespace, args.lun, args.snapshot);
-    req.mailbox = args.mailbox;
-    req.all = args.all;
-    req.folder = args.folder;
-    req.message_id = args.message_id;
-    req.dry_run = args.dry_run;
-    req.wait = args.wait;
-    req.timeout = std::time::Duration::from_secs(args.timeout);
-    req.image = args.image;
+    let req = args.flags.request(&args.namespace);
     let result = job_runtime().block_on(async {
         let client = kube::Client::try_default().await?;
         Ok::<_, anyhow::Error>(mailpod_operator::restore::run(&client, &req).await?)

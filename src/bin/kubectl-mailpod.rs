@@ -27,7 +27,7 @@ enum Command {
     /// Take a snapshot of a StorageLUN now (a Job from its snapshot CronJob).
     Snapshot { lun: String },
     /// Restore a message, folder, mailbox or whole LUN from a VolumeSnapshot into the live store.
-    Restore(Box<RestoreArgs>),
+    Restore(Box<mailpod_operator::restore::RestoreFlags>),
     /// Fence a StorageLUN: no replica serves as active until unfenced.
     Fence { lun: String },
     /// Unfence a StorageLUN: the operator elects an active replica again.
@@ -37,53 +37,6 @@ enum Command {
     Promote { site_failover: String },
     /// Ask a SiteFailover to switch back to its primary site once resynchronised.
     Failback { site_failover: String },
-}
-
-#[derive(clap::Args)]
-struct RestoreArgs {
-    /// StorageLUN holding the mailbox.
-    #[arg(long)]
-    lun: String,
-    /// VolumeSnapshot of that LUN (`kubectl get volumesnapshots -l mailpod.io/lun=LUN`).
-    #[arg(long)]
-    snapshot: String,
-    /// Mailbox (address) to restore.
-    #[arg(long)]
-    mailbox: Option<String>,
-    /// Every mailbox of the LUN.
-    #[arg(long)]
-    all: bool,
-    /// Only this folder of the mailbox.
-    #[arg(long)]
-    folder: Option<String>,
-    /// Only the message with this Message-ID.
-    #[arg(long)]
-    message_id: Option<String>,
-    /// Print the PVC and Job as YAML instead of creating them.
-    #[arg(long)]
-    dry_run: bool,
-    /// Wait for the Job and print its report.
-    #[arg(long)]
-    wait: bool,
-    /// Deadline of the Job (and of --wait), in seconds.
-    #[arg(long, default_value_t = 3600)]
-    timeout: u64,
-    /// Mail image for the Job when the LUN names none.
-    #[arg(long, default_value = mailpod_operator::names::DEFAULT_IMAGE)]
-    image: String,
-}
-
-fn restore_request(ns: &str, a: &RestoreArgs) -> mailpod_operator::restore::Request {
-    let mut req = mailpod_operator::restore::Request::new(ns, &a.lun, &a.snapshot);
-    req.mailbox = a.mailbox.clone();
-    req.all = a.all;
-    req.folder = a.folder.clone();
-    req.message_id = a.message_id.clone();
-    req.dry_run = a.dry_run;
-    req.wait = a.wait;
-    req.timeout = std::time::Duration::from_secs(a.timeout);
-    req.image = a.image.clone();
-    req
 }
 
 fn main() -> ExitCode {
@@ -98,7 +51,7 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Status { mailpod } => plugin::status(&client, &ns, mailpod).await,
             Command::Snapshot { lun } => plugin::snapshot_now(&client, &ns, lun).await,
-            Command::Restore(args) => plugin::restore(&client, &restore_request(&ns, args)).await,
+            Command::Restore(args) => plugin::restore(&client, &args.request(&ns)).await,
             Command::Fence { lun } => plugin::set_fenced(&client, &ns, lun, true).await,
             Command::Unfence { lun } => plugin::set_fenced(&client, &ns, lun, false).await,
             Command::Promote { site_failover } => {

@@ -68,6 +68,57 @@ fn api(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Api { context, source }
 }
 
+/// The flags of `mailpod-operator restore` and `kubectl mailpod restore` (each adds its own namespace flag).
+#[derive(clap::Args, Clone, Debug)]
+pub struct RestoreFlags {
+    /// StorageLUN holding the mailbox.
+    #[arg(long)]
+    pub lun: String,
+    /// VolumeSnapshot of that LUN to restore from (`kubectl get volumesnapshots -l mailpod.io/lun=LUN`).
+    #[arg(long)]
+    pub snapshot: String,
+    /// Mailbox (address) to restore.
+    #[arg(long)]
+    pub mailbox: Option<String>,
+    /// Every mailbox of the LUN instead of one.
+    #[arg(long)]
+    pub all: bool,
+    /// Only this folder of the mailbox (as `doveadm mailbox list` names it, e.g. `Projects` or `INBOX`).
+    #[arg(long)]
+    pub folder: Option<String>,
+    /// Only the message with this Message-ID (with or without <>).
+    #[arg(long)]
+    pub message_id: Option<String>,
+    /// Print the PVC and Job as YAML instead of creating them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Wait for the Job and print its report.
+    #[arg(long)]
+    pub wait: bool,
+    /// Deadline of the Job (and of --wait), in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    /// Mail image for the Job when the LUN names none.
+    #[arg(long, env = "MAILPOD_MAIL_IMAGE", default_value = crate::names::DEFAULT_IMAGE)]
+    pub image: String,
+}
+
+impl RestoreFlags {
+    /// The request these flags make in `namespace`.
+    pub fn request(&self, namespace: &str) -> Request {
+        let mut req = Request::new(namespace, &self.lun, &self.snapshot);
+        req.mailbox = self.mailbox.clone();
+        req.all = self.all;
+        req.folder = self.folder.clone();
+        req.message_id = self.message_id.clone();
+        req.dry_run = self.dry_run;
+        req.wait = self.wait;
+        req.timeout = Duration::from_secs(self.timeout);
+        req.image = self.image.clone();
+        req
+    }
+}
+
 /// What a person asked for, as flags.
 #[derive(Clone, Debug, Default)]
 pub struct Request {
