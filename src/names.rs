@@ -74,9 +74,13 @@ pub fn lun_pvc(lun: &str, ordinal: i32) -> String {
     format!("mail-{lun}-{ordinal}")
 }
 
-/// Annotations the operator writes on a promoted store pod, so the second step of a promotion can compute
-/// loss-to-promoted even when the old pod is gone.
+/// Annotations the operator writes on store pods: on a promoted one, so the second step of a promotion can
+/// compute loss-to-promoted even when the old pod is gone; on the replicas of a fenced LUN with a
+/// `spec.replicationSource`, where their agents pull from.
 pub mod annotations {
+    /// `host:port` of the other site's doveadm endpoint a standby pulls from (read by the agent from its
+    /// downward-API annotations file).
+    pub const REPLICATION_SOURCE: &str = "mailpod.io/replication-source";
     /// On a promoted pod: the replica it replaced.
     pub const PROMOTED_FROM: &str = "mailpod.io/promoted-from";
     /// On a promoted pod: when the replica it replaced was first seen unready (RFC 3339).

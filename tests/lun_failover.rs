@@ -210,6 +210,79 @@ async fn fenced_lun_serves_from_no_replica() {
         .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "Fenced"));
 }
 
+async fn source_of(server: &ApiServer, pod: &str) -> Option<String> {
+    Api::<Pod>::namespaced(server.client(), NS)
+        .get(pod)
+        .await
+        .unwrap()
+        .annotations()
+        .get("mailpod.io/replication-source")
+        .cloned()
+}
+
+/// A live standby site: its LUN is fenced and names the other site's doveadm endpoint; every replica is told
+/// to pull from there, and told no longer once the LUN serves again.
+#[tokio::test]
+async fn replicas_of_a_fenced_lun_pull_from_the_replication_source() {
+    let (server, ctx, _) = serving().await;
+    let luns = Api::<StorageLUN>::namespaced(server.client(), NS);
+    // A source alone does nothing while the LUN serves here.
+    luns.patch(
+        LUN,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicationSource": "203.0.113.7:12345"}})),
+    )
+    .await
+    .unwrap();
+    reconcile(&server, &ctx).await;
+    assert_eq!(source_of(&server, "corp-lun-0-1").await, None);
+
+    luns.patch(
+        LUN,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"fenced": true}})),
+    )
+    .await
+    .unwrap();
+    reconcile(&server, &ctx).await;
+    for pod in ["corp-lun-0-0", "corp-lun-0-1"] {
+        assert_eq!(
+            source_of(&server, pod).await.as_deref(),
+            Some("203.0.113.7:12345"),
+            "{pod}"
+        );
+    }
+    server.clear_requests();
+    reconcile(&server, &ctx).await;
+    assert_eq!(
+        server.mutating_requests(),
+        vec![],
+        "pointing replicas is quiet once done"
+    );
+
+    // Promoted (unfenced): replicas go back to their own LUN's active.
+    luns.patch(
+        LUN,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"fenced": false}})),
+    )
+    .await
+    .unwrap();
+    reconcile(&server, &ctx).await;
+    for pod in ["corp-lun-0-0", "corp-lun-0-1"] {
+        assert_eq!(source_of(&server, pod).await, None, "{pod}");
+    }
+
+    // A malformed source is refused naming the field.
+    let mut bad = luns.get(LUN).await.unwrap();
+    bad.spec.replication_source = Some("no-port".into());
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("spec.replicationSource: `no-port` must be host:port"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn more_mailboxes_than_max_users_is_reported_and_deletes_nothing() {
     let (server, ctx, _) = serving().await;

@@ -140,6 +140,7 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     let current = lun.status.clone().unwrap_or_default();
     let decision = failover::decide(&lun.spec, &current, &observed, now);
     actuate(&pods, &decision).await?;
+    point_replicas(&pods, &lun, &pod_list.items).await?;
     for note in &decision.notes {
         let type_ = if note.warning {
             EventType::Warning
@@ -165,6 +166,47 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         None if report.changed() => Action::requeue(Duration::from_secs(5)),
         None => Action::requeue(RESYNC),
     })
+}
+
+/// Tells every replica where to pull from: the other site's endpoint while the LUN is fenced and has a
+/// `spec.replicationSource` (a live standby site), otherwise nothing (the agent pulls from its own LUN's
+/// active). Only pods whose annotation differs are patched, so a steady state writes nothing.
+async fn point_replicas(pods: &Api<Pod>, lun: &StorageLUN, current: &[Pod]) -> Result<()> {
+    let want = lun
+        .spec
+        .replication_source
+        .as_deref()
+        .filter(|_| lun.spec.fenced);
+    for pod in current
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let have = pod
+            .annotations()
+            .get(annotations::REPLICATION_SOURCE)
+            .map(String::as_str);
+        if have == want {
+            continue;
+        }
+        let name = pod.name_any();
+        let patch =
+            json!({ "metadata": { "annotations": { annotations::REPLICATION_SOURCE: want } } });
+        match pods
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Apply {
+                    kind: "Pod",
+                    name,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Moves role labels (and writes the promotion mark) as decided. The promoted pod is labelled before

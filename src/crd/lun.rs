@@ -76,6 +76,11 @@ pub struct StorageLUNSpec {
     /// Dovecot passwd-file Secret key the store authenticates users against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passwd_file_secret: Option<KeyRef>,
+    /// `host:port` of a doveadm endpoint in another site that this LUN's replicas pull from while the LUN is
+    /// fenced: the live standby of a SiteFailover, which sets it on the standby site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9.:\\[\\]-]+:[0-9]{1,5}$')").message("must be host:port"))]
+    pub replication_source: Option<String>,
     /// Fenced: no replica of this LUN serves as active (set during site failover, or by hand).
     /// Left out of the MailPod's apply so the site-failover controller and `kubectl mailpod fence` own it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -235,6 +240,14 @@ impl StorageLUNSpec {
         }
         self.replication.validate("spec.replication", &mut errs);
         self.snapshots.validate("spec.snapshots", &mut errs);
+        if let Some(src) = &self.replication_source {
+            if parse_host_port(src).is_none() {
+                errs.push(
+                    "spec.replicationSource",
+                    format!("`{src}` must be host:port (a doveadm endpoint of the other site)"),
+                );
+            }
+        }
         errs.into_result()
     }
 
@@ -242,6 +255,17 @@ impl StorageLUNSpec {
     pub fn replicas(&self) -> i32 {
         1 + self.standbys as i32
     }
+}
+
+/// `host:port` with a non-empty host and a port from 1 to 65535 (`[v6]:port` allowed).
+pub fn parse_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    let ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    ok.then_some((host, port))
 }
 
 impl StorageLUN {

@@ -303,19 +303,21 @@ pub fn optional_secret_volume(name: &str, secret: &str) -> Volume {
     v
 }
 
-/// The pod's own labels as the file `labels`, updated by the kubelet when they change.
-pub fn labels_volume(name: &str) -> Volume {
+/// The pod's own labels and annotations as the files `labels` and `annotations`, updated by the kubelet
+/// when they change: how the operator tells a store agent its role and its replication source.
+pub fn podinfo_volume(name: &str) -> Volume {
+    let item = |path: &str| DownwardAPIVolumeFile {
+        path: path.into(),
+        field_ref: Some(ObjectFieldSelector {
+            field_path: format!("metadata.{path}"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     Volume {
         name: name.into(),
         downward_api: Some(DownwardAPIVolumeSource {
-            items: Some(vec![DownwardAPIVolumeFile {
-                path: "labels".into(),
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.labels".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }]),
+            items: Some(vec![item("labels"), item("annotations")]),
             ..Default::default()
         }),
         ..Default::default()

@@ -155,10 +155,11 @@ fn statefulset(ctx: &Context) -> StatefulSet {
         pod::config_map_volume(volumes::SETTINGS, &names::mail_settings(&spec.mail_pod)),
         pod::config_map_volume(volumes::TABLES, &names::access_tables(&spec.mail_pod)),
     ];
-    // The pod's labels as a file the kubelet keeps current: the agent learns from `mailpod.io/role`
-    // whether it is the active replica or a standby, with no API access of its own.
+    // The pod's labels and annotations as files the kubelet keeps current: the agent learns from
+    // `mailpod.io/role` whether it is the active replica or a standby, and from
+    // `mailpod.io/replication-source` where a standby site pulls from, with no API access of its own.
     mounts.push(pod::mount(volumes::PODINFO, paths::PODINFO, true));
-    volumes_.push(pod::labels_volume(volumes::PODINFO));
+    volumes_.push(pod::podinfo_volume(volumes::PODINFO));
     // Replicas authenticate to each other's doveadm service with the LUN's replication secret.
     mounts.push(pod::mount(volumes::REPLICATION, paths::REPLICATION, true));
     volumes_.push(pod::optional_secret_volume(
