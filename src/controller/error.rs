@@ -44,6 +44,9 @@ pub enum Error {
     /// The object has no namespace (the custom resources are namespaced; only a broken client sends this).
     #[error("{0} has no namespace")]
     MissingNamespace(String),
+    /// The operating system gave no random bytes (for a generated password).
+    #[error("no random bytes from the operating system: {0}")]
+    Random(String),
     /// The spec cannot be applied; reported in status, never retried until the spec changes.
     #[error("invalid spec: {0}")]
     InvalidSpec(ValidationErrors),
@@ -59,6 +62,7 @@ impl Error {
             Error::Status { .. } => "status",
             Error::Decode { .. } => "decode",
             Error::MissingNamespace(_) => "missing_namespace",
+            Error::Random(_) => "random",
             Error::InvalidSpec(_) => "invalid_spec",
         }
     }

@@ -91,6 +91,7 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     )
     .await?;
     let report = apply::apply_children(&ctx.client, &ns, &desired, &live).await?;
+    ensure_replication_secret(&ctx.client, &ns, &lun).await?;
     if report.changed() {
         let mut parts = vec![];
         if !report.created.is_empty() {
@@ -166,6 +167,60 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         None if report.changed() => Action::requeue(Duration::from_secs(5)),
         None => Action::requeue(RESYNC),
     })
+}
+
+/// Creates the Secret whose doveadm password the LUN's replicas (and its restore jobs) share, once, with a
+/// random value. Never updated: a changed password would cut replication until every pod saw it. A
+/// SiteFailover's standby replaces it with the primary's, so both sites' replicas can reach each other.
+async fn ensure_replication_secret(
+    client: &kube::Client,
+    ns: &str,
+    lun: &StorageLUN,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    let name = store::replication_secret(&lun.name_any());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let read = |source| Error::Read {
+        what: format!("Secret {name}"),
+        source,
+    };
+    if secrets.get_opt(&name).await.map_err(read)?.is_some() {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Random(e.to_string()))?;
+    let mut labels = std::collections::BTreeMap::new();
+    labels.insert(l::LUN.to_string(), lun.name_any());
+    labels.insert(l::MAILPOD.to_string(), lun.spec.mail_pod.clone());
+    labels.insert(l::MANAGED_BY.to_string(), l::MANAGER.to_string());
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns.to_string()),
+            labels: Some(labels),
+            owner_references: Some(vec![crate::resources::owner_reference(lun)]),
+            ..Default::default()
+        },
+        string_data: Some(
+            [(
+                store::REPLICATION_SECRET_KEY.to_string(),
+                hex::encode(bytes),
+            )]
+            .into(),
+        ),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    match secrets.create(&Default::default(), &secret).await {
+        Ok(_) => Ok(()),
+        // Created meanwhile (another reconcile, or the SiteFailover mirror): keep that one.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(source) => Err(Error::Apply {
+            kind: "Secret",
+            name,
+            source,
+        }),
+    }
 }
 
 /// Tells every replica where to pull from: the other site's endpoint while the LUN is fenced and has a
