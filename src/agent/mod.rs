@@ -110,6 +110,14 @@ pub struct AgentArgs {
         default_value = "/etc/podinfo/labels"
     )]
     pub labels_file: PathBuf,
+    /// Store: downward-API annotations file; `mailpod.io/replication-source` (`host:port`) makes a standby
+    /// pull from there instead of the LUN host (cross-site replication). A missing file means no override.
+    #[arg(
+        long,
+        env = "MAILPOD_ANNOTATIONS_FILE",
+        default_value = "/etc/podinfo/annotations"
+    )]
+    pub annotations_file: PathBuf,
     /// Store: seconds between a standby's replication passes (StorageLUN `syncIntervalSeconds`).
     #[arg(long, env = "MAILPOD_SYNC_INTERVAL_SECONDS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -198,6 +206,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         (Some(lun), Some(m)) => Some(Arc::new(replication::Replication::new(
             replication::ReplicationConfig {
                 labels_file: args.labels_file.clone(),
+                annotations_file: args.annotations_file.clone(),
                 lun: lun.clone(),
                 mailpod: inputs.settings.mailpod.clone(),
                 source_host: args.lun_host.clone().unwrap_or_else(|| lun.clone()),

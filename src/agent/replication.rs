@@ -20,6 +20,12 @@
 //! - no role yet (before the operator elects one): nothing.
 //!
 //! A role change away from standby stops a pass in flight at once (the doveadm child is killed).
+//!
+//! Cross-site replication: on a standby site every replica is a standby and must pull from the other
+//! site's LUN. The operator names it in the pod annotation `mailpod.io/replication-source` (`host:port`),
+//! read from the downward-API annotations file like the role; while it is set, a standby pulls from there
+//! instead of `<lun host>:<lun doveadm port>`. A changed source needs a complete pass before `inSync`; a
+//! malformed value is refused (logged, `lastError`) and the previous source is kept.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -32,6 +38,7 @@ use serde::Serialize;
 use super::metrics::ReplicationMetrics;
 use super::render::read_configmap_dir;
 use crate::mailconfig::tables::AccessTables;
+use crate::names::annotations;
 use crate::names::labels as l;
 
 /// How often the labels file is read: a promotion stops pulling within this time.
@@ -73,10 +80,79 @@ impl ReplicaRole {
     }
 }
 
+/// Reads the value of `key` from a downward-API file (`key="value"` lines, values quoted and escaped
+/// like Go's `%q`). `None` when the key is absent.
+pub fn downward_api_value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once('=')?;
+        (k.trim() == key).then(|| unquote(v.trim()))
+    })
+}
+
+fn unquote(v: &str) -> String {
+    let Some(inner) = v
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .filter(|_| v.len() >= 2)
+    else {
+        return v.to_string();
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// Checks a `mailpod.io/replication-source` value: `host:port`, the port numeric (1-65535), the host
+/// non-empty without spaces (an IPv6 address in brackets). Returns it trimmed.
+pub fn parse_source(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    let refuse = |why: &str| {
+        Err(format!(
+            "annotation {} = {value:?} refused: {why} (want host:port with a numeric port)",
+            annotations::REPLICATION_SOURCE
+        ))
+    };
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return refuse("no port");
+    };
+    if host.is_empty() {
+        return refuse("no host");
+    }
+    if host
+        .chars()
+        .any(|c| c.is_whitespace() || c == '/' || c == '@')
+    {
+        return refuse("invalid host");
+    }
+    let bracketed = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
+    if host.contains(':') && !bracketed {
+        return refuse("an IPv6 host must be in brackets");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(format!("{host}:{p}")),
+        _ => refuse("the port is not a number between 1 and 65535"),
+    }
+}
+
 /// Where to replicate from and how often.
 #[derive(Clone, Debug)]
 pub struct ReplicationConfig {
     pub labels_file: PathBuf,
+    /// Downward-API annotations file; `mailpod.io/replication-source` overrides the LUN host.
+    pub annotations_file: PathBuf,
     /// Name of this replica's StorageLUN (`corp-lun-0`).
     pub lun: String,
     /// The MailPod, to find this LUN's index in the access tables.
@@ -95,8 +171,19 @@ pub struct ReplicationConfig {
 }
 
 impl ReplicationConfig {
-    pub fn source(&self) -> String {
+    /// The LUN's own active (its Service): the source without an override.
+    pub fn lun_source(&self) -> String {
         format!("{}:{}", self.source_host, self.source_port)
+    }
+
+    /// The source the annotations file asks for: the override when set, else the LUN host; `Err` when the
+    /// override is malformed. A missing file, or an empty value, is no override.
+    fn wanted_source(&self) -> Result<String, String> {
+        let text = std::fs::read_to_string(&self.annotations_file).unwrap_or_default();
+        match downward_api_value(&text, annotations::REPLICATION_SOURCE) {
+            Some(v) if !v.trim().is_empty() => parse_source(&v),
+            _ => Ok(self.lun_source()),
+        }
     }
 
     /// Index of this LUN in the access tables (`<mailpod>-lun-<index>`, see `names::lun`).
@@ -151,6 +238,10 @@ struct State {
     /// A full pass has completed since this replica last became standby.
     caught_up: bool,
     last_error: Option<String>,
+    /// `host:port` passes pull from (or hand over to).
+    source: String,
+    /// The replication-source annotation is malformed (the previous source is kept).
+    source_error: Option<String>,
 }
 
 pub struct Replication {
@@ -162,13 +253,15 @@ pub struct Replication {
 impl Replication {
     pub fn new(config: ReplicationConfig, metrics: ReplicationMetrics) -> Self {
         Self {
-            config,
             state: Mutex::new(State {
                 role: ReplicaRole::Unassigned,
                 last_success: None,
                 caught_up: false,
                 last_error: None,
+                source: config.lun_source(),
+                source_error: None,
             }),
+            config,
             metrics,
         }
     }
@@ -193,14 +286,17 @@ impl Replication {
         };
         let report = ReplicationReport {
             role: s.role,
-            source: (s.role == ReplicaRole::Standby).then(|| self.config.source()),
+            source: (s.role == ReplicaRole::Standby).then(|| s.source.clone()),
             last_sync_unix_seconds: last.map(|d| d.as_secs_f64()),
             lag_seconds: match s.role {
                 ReplicaRole::Active => Some(0.0),
                 _ => lag.map(|d| d.as_secs_f64()),
             },
             in_sync,
-            last_error: s.last_error.clone(),
+            last_error: match (&s.source_error, &s.last_error) {
+                (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                (a, b) => a.clone().or_else(|| b.clone()),
+            },
         };
         self.metrics.in_sync.set(i64::from(in_sync));
         self.metrics
@@ -217,15 +313,23 @@ impl Replication {
         let mut next_pass = tokio::time::Instant::now();
         loop {
             let role = self.observe_role();
+            if self.observe_source() {
+                next_pass = tokio::time::Instant::now();
+            }
             if role == ReplicaRole::Standby && tokio::time::Instant::now() >= next_pass {
                 let started = SystemTime::now();
                 let hand_over = self.last_role_on_disk() == Some(ReplicaRole::Active);
+                let source = self.current_source();
                 let outcome = tokio::select! {
-                    r = tokio::time::timeout(MAX_PASS, self.pass(hand_over)) => {
+                    r = tokio::time::timeout(MAX_PASS, self.pass(hand_over, &source)) => {
                         r.unwrap_or_else(|_| Err(anyhow::anyhow!("pass took longer than {MAX_PASS:?}")))
                     }
                     () = self.role_leaves(ReplicaRole::Standby) => {
                         tracing::info!("role changed during a replication pass; pass abandoned");
+                        continue;
+                    }
+                    () = self.source_leaves(&source) => {
+                        tracing::info!(from = %source, "replication source changed during a pass; pass abandoned");
                         continue;
                     }
                 };
@@ -241,7 +345,7 @@ impl Replication {
         let role = ReplicaRole::read(&self.config.labels_file);
         let mut s = self.state.lock().expect("replication state");
         if s.role != role {
-            tracing::info!(from = ?s.role, to = ?role, source = %self.config.source(), "replica role changed");
+            tracing::info!(from = ?s.role, to = ?role, source = %s.source, "replica role changed");
             if role == ReplicaRole::Standby {
                 s.caught_up = false;
             }
@@ -253,6 +357,48 @@ impl Replication {
             self.remember_role(ReplicaRole::Active);
         }
         role
+    }
+
+    fn current_source(&self) -> String {
+        self.state.lock().expect("replication state").source.clone()
+    }
+
+    /// Reads the annotations file and records a change of source; true when the source changed. A
+    /// malformed override is refused and the previous source kept.
+    fn observe_source(&self) -> bool {
+        let wanted = self.config.wanted_source();
+        let mut s = self.state.lock().expect("replication state");
+        match wanted {
+            Ok(source) => {
+                s.source_error = None;
+                if source == s.source {
+                    return false;
+                }
+                tracing::info!(from = %s.source, to = %source, lun = %self.config.lun_source(), "replication source changed");
+                s.source = source;
+                // A new source needs a complete pass before this replica is in sync with it.
+                s.caught_up = false;
+                s.last_error = None;
+                true
+            }
+            Err(e) => {
+                if s.source_error.as_ref() != Some(&e) {
+                    tracing::error!(keeping = %s.source, "{e}");
+                    s.source_error = Some(e);
+                }
+                false
+            }
+        }
+    }
+
+    /// Returns once the wanted source is valid and differs from `source`.
+    async fn source_leaves(&self, source: &str) {
+        loop {
+            tokio::time::sleep(ROLE_POLL).await;
+            if self.config.wanted_source().is_ok_and(|w| w != source) {
+                return;
+            }
+        }
     }
 
     async fn role_leaves(&self, role: ReplicaRole) {
@@ -286,7 +432,7 @@ impl Replication {
                 );
             }
             Err(e) => {
-                tracing::warn!(source = %self.config.source(), "replication pass failed: {e:#}");
+                tracing::warn!(source = %s.source, "replication pass failed: {e:#}");
                 s.last_error = Some(format!("{e:#}"));
                 self.metrics.failures.inc();
             }
@@ -321,7 +467,7 @@ impl Replication {
     }
 
     /// One pass over every mailbox of the LUN; returns how many there were.
-    async fn pass(&self, hand_over: bool) -> Result<usize> {
+    async fn pass(&self, hand_over: bool, source: &str) -> Result<usize> {
         let c = &self.config;
         let users = c.mailboxes()?;
         if users.is_empty() {
@@ -342,7 +488,7 @@ impl Replication {
         }
         cmd.arg("-F")
             .arg(&c.users_list)
-            .arg(format!("tcp:{}", c.source()))
+            .arg(format!("tcp:{source}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -359,7 +505,7 @@ impl Replication {
             bail!(
                 "doveadm {} from {} exited with {}: {}",
                 if hand_over { "sync -1" } else { "backup -R" },
-                c.source(),
+                source,
                 out.status,
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
             );
@@ -393,6 +539,7 @@ mod tests {
     fn config(dir: &Path, lun: &str) -> ReplicationConfig {
         ReplicationConfig {
             labels_file: dir.join("labels"),
+            annotations_file: dir.join("annotations"),
             lun: lun.into(),
             mailpod: "corp".into(),
             source_host: "corp-lun-0".into(),
@@ -450,5 +597,79 @@ mod tests {
         r.record(SystemTime::now(), true, Ok(1));
         assert!(r.report().in_sync);
         assert_eq!(r.last_role_on_disk(), Some(ReplicaRole::Standby));
+    }
+
+    #[test]
+    fn replication_source_annotation() {
+        let text = "kubectl.kubernetes.io/restartedAt=\"2026-01-01T00:00:00Z\"\nmailpod.io/replication-source=\"mail.site-b.example:12345\"\n";
+        assert_eq!(
+            downward_api_value(text, annotations::REPLICATION_SOURCE).as_deref(),
+            Some("mail.site-b.example:12345")
+        );
+        assert_eq!(
+            downward_api_value("a=\"x \\\"y\\\" \\\\ z\\n\"\n", "a").as_deref(),
+            Some("x \"y\" \\ z\n")
+        );
+        assert_eq!(downward_api_value("a=\"x\"\n", "b"), None);
+        assert_eq!(parse_source(" 10.0.0.7:12345 ").unwrap(), "10.0.0.7:12345");
+        assert_eq!(parse_source("[fd00::7]:12345").unwrap(), "[fd00::7]:12345");
+        for bad in [
+            "host",
+            "host:",
+            ":12345",
+            "host:port",
+            "host:0",
+            "host:70000",
+            "host:+12",
+            "fd00::7:12345",
+            "a b:1",
+        ] {
+            let e = parse_source(bad).unwrap_err();
+            assert!(e.contains("mailpod.io/replication-source"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn source_override_switches_and_resets_in_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let annotations = dir.path().join("annotations");
+        let r = Replication::new(config(dir.path(), "corp-lun-0"), Default::default());
+        std::fs::write(dir.path().join("labels"), "mailpod.io/role=\"standby\"\n").unwrap();
+        r.observe_role();
+        // No annotations file: the LUN host.
+        assert!(!r.observe_source());
+        r.record(SystemTime::now(), false, Ok(1));
+        assert!(r.report().in_sync);
+
+        std::fs::write(
+            &annotations,
+            "mailpod.io/replication-source=\"site-a.example:2000\"\n",
+        )
+        .unwrap();
+        assert!(r.observe_source());
+        let rep = r.report();
+        assert_eq!(rep.source.as_deref(), Some("site-a.example:2000"));
+        assert!(!rep.in_sync, "a new source needs a complete pass");
+        r.record(SystemTime::now(), false, Ok(1));
+        assert!(r.report().in_sync);
+        assert!(!r.observe_source(), "unchanged");
+
+        // Malformed: refused, the previous source kept, the error reported.
+        std::fs::write(
+            &annotations,
+            "mailpod.io/replication-source=\"site-b.example\"\n",
+        )
+        .unwrap();
+        assert!(!r.observe_source());
+        let rep = r.report();
+        assert_eq!(rep.source.as_deref(), Some("site-a.example:2000"));
+        assert!(rep.last_error.unwrap().contains("refused"));
+
+        // Removed: back to the LUN host, not in sync until a pass completes.
+        std::fs::write(&annotations, "other=\"x\"\n").unwrap();
+        assert!(r.observe_source());
+        let rep = r.report();
+        assert_eq!(rep.source.as_deref(), Some("corp-lun-0:12345"));
+        assert!(!rep.in_sync && rep.last_error.is_none());
     }
 }
