@@ -85,7 +85,4 @@ pub mod annotations {
     pub const PROMOTED_FROM: &str = "mailpod.io/promoted-from";
     /// On a promoted pod: when the replica it replaced was first seen unready (RFC 3339).
     pub const LOST_AT: &str = "mailpod.io/lost-at";
-    /// On a store pod (cross-site replication): `host:port` of the doveadm service a standby pulls from
-    /// instead of its own LUN's Service.
-    pub const REPLICATION_SOURCE: &str = "mailpod.io/replication-source";
 }
