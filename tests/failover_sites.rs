@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use failover_support::{Sites, INTERVAL, NS, SF, THRESHOLD};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
-use mailpod_operator::crd::{FailoverPhase, MailPod};
+use mailpod_operator::crd::{FailoverPhase, MailPod, StorageLUN};
 use serde_json::json;
 
 /// Where the DNSEndpoint of a site points, if it publishes one.
@@ -124,6 +124,82 @@ async fn standby_mirrors_the_primary_and_table_changes_follow() {
             .collect();
         assert!(m.is_empty(), "steady state wrote {m:?}");
     }
+}
+
+/// The primary exposes LUN 0's replication Service; the standby's LUN learns its address and shares the
+/// primary's doveadm password, so its fenced replicas can pull across sites.
+#[tokio::test]
+async fn standby_luns_pull_from_the_primarys_replication_service() {
+    use k8s_openapi::api::core::v1::{Secret, Service};
+    let sites = converged().await;
+    let east = sites.east.server.client();
+    let lun = "corp-lun-0";
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": format!("{lun}-replication"), "namespace": NS},
+        "data": {"doveadm-password": "c2VjcmV0LW9mLWVhc3Q="}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(east.clone(), NS)
+        .create(&Default::default(), &secret)
+        .await
+        .unwrap();
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": format!("{lun}-replication"), "namespace": NS},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "doveadm", "port": 12345}]}
+    }))
+    .unwrap();
+    let services = Api::<Service>::namespaced(east.clone(), NS);
+    services.create(&Default::default(), &svc).await.unwrap();
+
+    // No load-balancer address yet: nothing to point at.
+    sites.advance(INTERVAL);
+    sites.west.tick().await;
+    let luns = Api::<StorageLUN>::namespaced(sites.west.server.client(), NS);
+    assert_eq!(luns.get(lun).await.unwrap().spec.replication_source, None);
+    let west_secret = Api::<Secret>::namespaced(sites.west.server.client(), NS)
+        .get(&format!("{lun}-replication"))
+        .await
+        .unwrap();
+    assert_eq!(
+        west_secret.data.unwrap()["doveadm-password"].0,
+        b"secret-of-east".to_vec(),
+        "both sites' replicas share the primary's password"
+    );
+
+    services
+        .patch_status(
+            &format!("{lun}-replication"),
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    sites.advance(INTERVAL);
+    sites.west.tick().await;
+    let standby_lun = luns.get(lun).await.unwrap();
+    assert_eq!(
+        standby_lun.spec.replication_source.as_deref(),
+        Some("198.51.100.9:12345")
+    );
+    assert!(
+        standby_lun.spec.fenced,
+        "the standby's replicas pull; none serves"
+    );
+
+    // Nothing more to write while the address holds.
+    sites.west.server.clear_requests();
+    sites.advance(INTERVAL);
+    sites.west.tick().await;
+    let m: Vec<_> = sites
+        .west
+        .server
+        .mutating_requests()
+        .into_iter()
+        .filter(|r| !r.path.contains("/events"))
+        .collect();
+    assert!(m.is_empty(), "steady state wrote {m:?}");
 }
 
 /// East's site goes dark: its API and its front ends stop answering.

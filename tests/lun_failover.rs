@@ -98,14 +98,20 @@ async fn builds_the_store_and_is_quiet_in_steady_state() {
     let sts: StatefulSet = server.get(NS, LUN).unwrap();
     assert_eq!(sts.spec.unwrap().replicas, Some(2));
     // The replicas' shared doveadm password: created once, random, owned by the LUN.
-    let secret: k8s_openapi::api::core::v1::Secret = server.get(NS, "corp-lun-0-replication").unwrap();
+    let secret: k8s_openapi::api::core::v1::Secret =
+        server.get(NS, "corp-lun-0-replication").unwrap();
     assert_eq!(secret.owner_references()[0].name, LUN);
     let password = secret
         .data
         .as_ref()
         .and_then(|d| d.get("doveadm-password"))
         .map(|b| String::from_utf8(b.0.clone()).unwrap())
-        .or_else(|| secret.string_data.as_ref().and_then(|d| d.get("doveadm-password").cloned()))
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get("doveadm-password").cloned())
+        })
         .unwrap();
     assert_eq!(password.len(), 48);
     assert!(password.bytes().all(|b| b.is_ascii_hexdigit()));

@@ -323,3 +323,51 @@ fn one_bad_document_prints_nothing_for_the_good_ones() {
     let out = render(&["-f", "examples/mailpod-small.yaml", "-f", p(&bad)], None);
     assert_rejected(&out, &["bad.yaml: SiteFailover geo: spec.primarySite: `lon` must be spec.localSite (`fra`) or spec.peer.name (`ams`)"]);
 }
+
+#[test]
+fn site_replication_exposes_each_luns_active_replica_to_the_other_site() {
+    let mp = format!(
+        "{MP}spec:\n  domains: [example.com]\n  mailboxes:\n    inline: [a@example.com]\n  backend:\n    siteReplication:\n      sourceRanges: [198.51.100.0/24]\n"
+    );
+    let out = render(&["-f", "-"], Some(&mp));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = docs(&String::from_utf8(out.stdout).unwrap());
+    let svc = d
+        .iter()
+        .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "bad-lun-0-replication")
+        .expect("the LUN's replication Service");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(svc["spec"]["selector"]["mailpod.io/role"], "active");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 12345);
+    assert_eq!(
+        svc["spec"]["loadBalancerSourceRanges"][0],
+        "198.51.100.0/24"
+    );
+    let np = d
+        .iter()
+        .find(|o| o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == "bad-store")
+        .unwrap();
+    let rules = np["spec"]["ingress"].as_sequence().unwrap();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["from"][0]["ipBlock"]["cidr"] == "198.51.100.0/24"
+                && r["ports"][0]["port"] == 12345),
+        "{np:?}"
+    );
+
+    let bad = render(
+        &["-f", "-"],
+        Some(&format!(
+            "{MP}spec:\n  domains: [example.com]\n  backend:\n    siteReplication:\n      sourceRanges: [anywhere]\n"
+        )),
+    );
+    assert_rejected(
+        &bad,
+        &["spec.backend.siteReplication.sourceRanges[0]: `anywhere` is not a CIDR range"],
+    );
+}

@@ -9,7 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{KeyRef, PvcRetention, ReplicationSpec, SnapshotPolicy};
-use super::mailpod::{MAX_STANDBYS, MAX_USERS_PER_LUN};
+use super::mailpod::{SiteReplication, MAX_STANDBYS, MAX_USERS_PER_LUN};
 use super::validation::{is_dns_label, parse_bytes, split_address, ValidationErrors};
 
 /// A storage unit of bounded size. Normally created and owned by its MailPod, which places mailboxes on it.
@@ -76,6 +76,9 @@ pub struct StorageLUNSpec {
     /// Dovecot passwd-file Secret key the store authenticates users against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passwd_file_secret: Option<KeyRef>,
+    /// Expose the active replica to the other site of a SiteFailover (from the MailPod's backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_replication: Option<SiteReplication>,
     /// `host:port` of a doveadm endpoint in another site that this LUN's replicas pull from while the LUN is
     /// fenced: the live standby of a SiteFailover, which sets it on the standby site.
     #[serde(default, skip_serializing_if = "Option::is_none")]

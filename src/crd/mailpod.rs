@@ -236,6 +236,30 @@ pub struct Backend {
     /// Keep (default) or delete store PVCs when the MailPod or a LUN is deleted.
     #[serde(default)]
     pub pvc_retention: PvcRetention,
+    /// Expose each LUN's active replica to the other site of a SiteFailover, whose standby stores pull
+    /// from it (doveadm, password-protected; restrict the sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_replication: Option<SiteReplication>,
+}
+
+/// How a LUN's doveadm service is reached from the other site.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteReplication {
+    /// Service type of `<lun>-replication` (default LoadBalancer).
+    #[serde(default = "default_replication_expose")]
+    pub service_type: ExposeType,
+    /// Annotations of the Service (an internal load balancer, for example).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// Client ranges allowed in (the other site's egress addresses): the Service's
+    /// loadBalancerSourceRanges and the store NetworkPolicy's ipBlocks. Any address when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
+}
+
+fn default_replication_expose() -> ExposeType {
+    ExposeType::LoadBalancer
 }
 
 fn default_standbys() -> u32 {
@@ -258,6 +282,7 @@ impl Default for Backend {
             resources: None,
             failover_threshold_seconds: default_failover_threshold(),
             pvc_retention: PvcRetention::default(),
+            site_replication: None,
         }
     }
 }
@@ -580,6 +605,16 @@ impl MailPodSpec {
         }
         b.replication
             .validate("spec.backend.replication", &mut errs);
+        if let Some(sr) = &b.site_replication {
+            for (i, r) in sr.source_ranges.iter().enumerate() {
+                if !is_cidr(r) {
+                    errs.push(
+                        format!("spec.backend.siteReplication.sourceRanges[{i}]"),
+                        format!("`{r}` is not a CIDR range such as 198.51.100.0/24"),
+                    );
+                }
+            }
+        }
 
         // Mailbox addresses (inline and referenced) are checked where they are all known:
         // `resources::mailboxes::resolve`.
@@ -736,6 +771,18 @@ impl MailPodSpec {
 
 fn is_dns_subdomain_name(s: &str) -> bool {
     super::validation::is_dns_subdomain(s)
+}
+
+/// An IPv4 or IPv6 CIDR range.
+fn is_cidr(s: &str) -> bool {
+    let Some((addr, len)) = s.split_once('/') else {
+        return false;
+    };
+    match (addr.parse::<std::net::IpAddr>(), len.parse::<u8>()) {
+        (Ok(std::net::IpAddr::V4(_)), Ok(l)) => l <= 32,
+        (Ok(std::net::IpAddr::V6(_)), Ok(l)) => l <= 128,
+        _ => false,
+    }
 }
 
 /// `user@domain`, `@domain` or `domain`.

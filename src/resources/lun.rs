@@ -35,6 +35,7 @@ pub fn build(ctx: &Context, a: &LunAssignment) -> StorageLUN {
             resources: b.resources.clone(),
             pvc_retention: b.pvc_retention,
             passwd_file_secret: ctx.spec().mailboxes.passwd_file_secret.clone(),
+            site_replication: b.site_replication.clone(),
             replication_source: None,
             fenced: false,
         },

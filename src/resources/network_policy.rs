@@ -2,7 +2,7 @@
 //! service ports; the agents' control port only this MailPod's jobs and the operator.
 
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    IPBlock, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
@@ -99,6 +99,24 @@ pub fn build(ctx: &Context) -> Vec<Child> {
             from: Some(vec![pods_of(ctx.name(), &[STORE, "restore"])]),
         },
     ];
+    // The other site's standby stores pull over the exposed doveadm service.
+    if let Some(sr) = &ctx.spec().backend.site_replication {
+        store_rules.push(NetworkPolicyIngressRule {
+            ports: Some(vec![tcp(ports::DOVEADM)]),
+            from: (!sr.source_ranges.is_empty()).then(|| {
+                sr.source_ranges
+                    .iter()
+                    .map(|cidr| NetworkPolicyPeer {
+                        ip_block: Some(IPBlock {
+                            cidr: cidr.clone(),
+                            except: None,
+                        }),
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+        });
+    }
     store_rules.extend(agent_rules(ctx));
     out.push(policy(ctx, STORE, store_rules));
     for (kind, _) in ctx.spec().frontend.enabled() {

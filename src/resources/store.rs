@@ -79,6 +79,9 @@ pub fn build(lun: &StorageLUN, default_image: &str) -> Vec<Child> {
     }
     out.push(Child::Service(headless_service(&ctx)));
     out.push(Child::Service(active_service(&ctx)));
+    if let Some(sr) = &lun.spec.site_replication {
+        out.push(Child::Service(site_replication_service(&ctx, sr)));
+    }
     if lun.spec.snapshots.enabled {
         out.push(Child::CronJob(snapshot_cronjob(&ctx)));
     }
@@ -133,6 +136,35 @@ fn active_service(ctx: &Context) -> Service {
             selector: Some(selector),
             // doveadm included: standbys replicate from whichever replica is active.
             ports: Some(service_ports(&store_ports())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Name of the Service through which the other site's standby stores pull this LUN's mail.
+pub fn site_replication_service_name(lun: &str) -> String {
+    format!("{lun}-replication")
+}
+
+/// The active replica's doveadm service for the other site: its address is what the peer's SiteFailover
+/// controller sets as its LUN's `spec.replicationSource`.
+fn site_replication_service(ctx: &Context, sr: &crate::crd::SiteReplication) -> Service {
+    let mut selector = ctx.replica_selector();
+    selector.insert(l::ROLE.to_string(), l::ROLE_ACTIVE.to_string());
+    let mut metadata = ctx.meta(site_replication_service_name(ctx.name()), COMPONENT);
+    if !sr.annotations.is_empty() {
+        metadata.annotations = Some(sr.annotations.clone());
+    }
+    let lb = sr.service_type == crate::crd::ExposeType::LoadBalancer;
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(sr.service_type.as_str().into()),
+            selector: Some(selector),
+            ports: Some(service_ports(&[("doveadm", ports::DOVEADM)])),
+            load_balancer_source_ranges: (lb && !sr.source_ranges.is_empty())
+                .then(|| sr.source_ranges.clone()),
             ..Default::default()
         }),
         ..Default::default()

@@ -26,6 +26,14 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
+/// A field manager of its own for each group of StorageLUN fields this controller sets (`fenced`, the
+/// mirrored placement, the replication source): with Server-Side Apply, a manager's apply that leaves out
+/// a field it owned removes that field, so one shared manager would unfence a LUN by mirroring its
+/// placement.
+fn apply_lun_part(part: &str) -> PatchParams {
+    PatchParams::apply(&format!("{FIELD_MANAGER}-{part}")).force()
+}
+
 /// external-dns's `DNSEndpoint` (externaldns.k8s.io/v1alpha1).
 pub fn dns_endpoint_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -148,6 +156,28 @@ pub async fn mirror(
         let Some(ours) = local_state.luns.iter().find(|l| l.name_any() == lname) else {
             continue;
         };
+        // The replicas of both sites share the primary's doveadm password, and this site's (fenced) replicas
+        // pull from the primary's exposed replication Service when it has one.
+        let secret = crate::resources::store::replication_secret(&lname);
+        if copy_source(local, ns, peer, peer_ns, "Secret", &secret, timeout).await? {
+            changed.push(format!("Secret/{secret}"));
+        }
+        let source = peer_replication_address(peer, peer_ns, &lname, timeout).await?;
+        if source.is_some() && ours.spec.replication_source != source {
+            let body = json!({
+                "apiVersion": StorageLUN::api_version(&()),
+                "kind": StorageLUN::kind(&()),
+                "metadata": {"name": lname},
+                "spec": {"replicationSource": source},
+            });
+            timed(
+                format!("StorageLUN {ns}/{lname} (replication source)"),
+                timeout,
+                luns.patch(&lname, &apply_lun_part("replication"), &Patch::Apply(&body)),
+            )
+            .await?;
+            changed.push(format!("StorageLUN/{lname} replicationSource"));
+        }
         if ours.spec.mailboxes != theirs.spec.mailboxes {
             let body = json!({
                 "apiVersion": StorageLUN::api_version(&()),
@@ -158,13 +188,39 @@ pub async fn mirror(
             timed(
                 format!("StorageLUN {ns}/{lname} (mirrored placement)"),
                 timeout,
-                luns.patch(&lname, &apply_params(), &Patch::Apply(&body)),
+                luns.patch(&lname, &apply_lun_part("placement"), &Patch::Apply(&body)),
             )
             .await?;
             changed.push(format!("StorageLUN/{lname}"));
         }
     }
     Ok(changed)
+}
+
+/// `address:port` of the peer LUN's exposed replication Service, once its load balancer has an address.
+async fn peer_replication_address(
+    peer: &Client,
+    peer_ns: &str,
+    lun: &str,
+    timeout: Duration,
+) -> Result<Option<String>, Error> {
+    let name = crate::resources::store::site_replication_service_name(lun);
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(peer.clone(), peer_ns);
+    let svc = timed(
+        format!("Service {peer_ns}/{name} at the peer"),
+        timeout,
+        api.get_opt(&name),
+    )
+    .await?;
+    let address = svc
+        .and_then(|s| s.status)
+        .and_then(|st| st.load_balancer)
+        .and_then(|lb| lb.ingress)
+        .and_then(|ing| ing.into_iter().find_map(|i| i.ip.or(i.hostname)));
+    Ok(address.map(|a| {
+        let host = if a.contains(':') { format!("[{a}]") } else { a };
+        format!("{host}:{}", crate::resources::pod::ports::DOVEADM)
+    }))
 }
 
 fn referenced_sources(mp: &MailPod) -> Vec<(&'static str, String)> {
