@@ -18,23 +18,23 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::controller::Context;
+use crate::controller::Stats;
 
 /// What the operator reports about itself.
 #[derive(Default)]
 pub struct OperatorMetrics {
-    controllers: Mutex<Vec<(&'static str, Arc<Context>)>>,
+    controllers: Mutex<Vec<(&'static str, Arc<Stats>)>>,
     leader: AtomicBool,
     ready: AtomicBool,
 }
 
 impl OperatorMetrics {
-    /// Reports `ctx`'s counters under `controller` (`mailpod`, `storagelun`).
-    pub fn register(&self, controller: &'static str, ctx: Arc<Context>) {
+    /// Reports a controller's counters under `controller` (`mailpod`, `storagelun`, `sitefailover`).
+    pub fn register(&self, controller: &'static str, stats: Arc<Stats>) {
         self.controllers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((controller, ctx));
+            .push((controller, stats));
     }
 
     pub fn set_leader(&self, leader: bool) {
@@ -81,20 +81,20 @@ impl std::fmt::Debug for OperatorMetrics {
 impl Collector for OperatorMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let controllers = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
-        type Read = fn(&Context) -> u64;
+        type Read = fn(&Stats) -> u64;
         let counters: [(&str, &str, Read); 3] = [
             ("reconciles", "Reconciles run, by controller.", |c| {
-                c.stats.reconciles()
+                c.reconciles()
             }),
             (
                 "reconcile_failures",
                 "Reconciles that failed and were retried, by controller.",
-                |c| c.stats.failures(),
+                |c| c.failures(),
             ),
             (
                 "invalid_specs",
                 "Reconciles that found an invalid spec and changed nothing, by controller.",
-                |c| c.stats.invalid.load(Ordering::Relaxed),
+                |c| c.invalid.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, read) in counters {
@@ -117,7 +117,7 @@ impl Collector for OperatorMetrics {
         )?;
         for (controller, ctx) in controllers.iter() {
             let labels = [("controller", *controller)];
-            ctx.stats.durations.encode(family.encode_family(&labels)?)?;
+            ctx.durations.encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
             "managed_objects",
@@ -126,7 +126,7 @@ impl Collector for OperatorMetrics {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         for (controller, ctx) in controllers.iter() {
-            if let Some(n) = ctx.stats.managed() {
+            if let Some(n) = ctx.managed() {
                 let labels = [("controller", *controller)];
                 ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
             }

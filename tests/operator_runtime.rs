@@ -39,8 +39,11 @@ async fn metrics_health_and_readiness() {
     let metrics = Arc::new(OperatorMetrics::default());
     let mailpods = Arc::new(Context::new(server.client(), RunConfig::default()));
     let luns = Arc::new(Context::new(server.client(), RunConfig::default()));
-    metrics.register("mailpod", mailpods.clone());
-    metrics.register("storagelun", luns.clone());
+    metrics.register("mailpod", mailpods.stats.clone());
+    metrics.register("storagelun", luns.stats.clone());
+    let sites = std::sync::Arc::new(mailpod_operator::controller::Stats::default());
+    metrics.register("sitefailover", sites.clone());
+    drop(sites.start_reconcile());
     for _ in 0..3 {
         let _timer = mailpods.stats.start_reconcile();
     }
@@ -79,6 +82,7 @@ async fn metrics_health_and_readiness() {
         "mailpod_operator_reconcile_duration_seconds_count{controller=\"mailpod\"} 3",
         "mailpod_operator_reconcile_duration_seconds_count{controller=\"storagelun\"} 0",
         "mailpod_operator_managed_objects{controller=\"mailpod\"} 7",
+        "mailpod_operator_reconciles_total{controller=\"sitefailover\"} 1",
     ] {
         assert!(
             body.lines().any(|l| l == line),

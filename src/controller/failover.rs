@@ -85,6 +85,8 @@ pub struct Context {
     pub probe: Box<dyn FrontendProbe>,
     pub clock: Box<dyn Clock>,
     recorder: Recorder,
+    /// Ticks, failures and durations, for /metrics.
+    pub stats: Arc<super::Stats>,
     /// In memory only: the last probe per SiteFailover (status keeps it only while probes fail, so a healthy
     /// steady state writes nothing), and the peer's front-end addresses last read through its API.
     memory: Mutex<HashMap<String, Memory>>,
@@ -110,6 +112,7 @@ impl Context {
             probe,
             clock,
             memory: Mutex::new(HashMap::new()),
+            stats: Arc::default(),
         }
     }
 
@@ -448,6 +451,7 @@ async fn carry_out(
 }
 
 async fn reconcile(sf: Arc<SiteFailover>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let _timer = ctx.stats.start_reconcile();
     let ns = sf
         .namespace()
         .ok_or_else(|| Error::MissingNamespace(sf.name_any()))?;
@@ -455,7 +459,10 @@ async fn reconcile(sf: Arc<SiteFailover>, ctx: Arc<Context>) -> Result<Requeue, 
     Ok(Requeue::requeue(next))
 }
 
-fn error_policy(sf: Arc<SiteFailover>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+fn error_policy(sf: Arc<SiteFailover>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.stats
+        .failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     warn!(sitefailover = %sf.name_any(), error = %error, "site failover tick failed");
     // Ticks are cheap and failover is time-critical: retry within a second.
     Requeue::requeue(Duration::from_secs(1))
@@ -466,13 +473,16 @@ pub async fn run(
     client: Client,
     namespace: Option<String>,
     site: String,
+    stats: Arc<super::Stats>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let api: Api<SiteFailover> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let ctx = Arc::new(Context::production(client.clone(), site.clone()));
+    let mut ctx = Context::production(client.clone(), site.clone());
+    ctx.stats = stats;
+    let ctx = Arc::new(ctx);
     info!(site = %site, "SiteFailover controller starting");
     // No watches beyond the SiteFailovers: each tick requeues itself at the probe interval, which is
     // also how soon a changed access table at the active site is mirrored here.

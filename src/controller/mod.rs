@@ -141,7 +141,7 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub config: RunConfig,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
     /// Where store replicas' replication reports come from (their agents, over HTTP).
     pub replication: Arc<dyn lun::reports::ReplicationSource>,
     /// Consecutive failures per object, for the backoff.
@@ -158,7 +158,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             config,
-            stats: Stats::default(),
+            stats: Arc::new(Stats::default()),
             replication: Arc::new(lun::reports::HttpReplicationSource::new(
                 std::time::Duration::from_secs(2),
             )),
@@ -283,14 +283,25 @@ where
     let lun_ctx = Arc::new(Context::new(client.clone(), config.clone()));
     let mailpod_ctx = Arc::new(Context::new(client.clone(), config.clone()));
     if let Some(m) = &config.metrics {
-        m.register("storagelun", lun_ctx.clone());
-        m.register("mailpod", mailpod_ctx.clone());
+        m.register("storagelun", lun_ctx.stats.clone());
+        m.register("mailpod", mailpod_ctx.stats.clone());
     }
     let luns = lun::run(lun_ctx, namespace.clone(), shutdown.clone());
     let failover = async {
         match site {
             Some(site) => {
-                failover::run(client.clone(), namespace.clone(), site, shutdown.clone()).await
+                let stats = Arc::new(Stats::default());
+                if let Some(m) = &config.metrics {
+                    m.register("sitefailover", stats.clone());
+                }
+                failover::run(
+                    client.clone(),
+                    namespace.clone(),
+                    site,
+                    stats,
+                    shutdown.clone(),
+                )
+                .await
             }
             None => {
                 info!(
