@@ -327,3 +327,29 @@ async fn wait_reports_a_failed_job() {
     assert!(matches!(err, Error::JobFailed { .. }), "{err}");
     assert!(err.to_string().contains("backoff limit"), "{err}");
 }
+
+/// A snapshot larger than the LUN's (since reduced) capacity is cloned at its own size.
+#[tokio::test]
+async fn the_clone_takes_the_snapshots_restore_size_when_larger() {
+    let server = cluster().await;
+    Api::<DynamicObject>::namespaced_with(server.client(), NS, &volume::snapshot_resource())
+        .patch_status(
+            SNAP,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"restoreSize": "5Gi"}})),
+        )
+        .await
+        .unwrap();
+    let mut r = request(Some("a@corp.example"));
+    r.dry_run = true;
+    let out = restore::run(&server.client(), &r).await.unwrap();
+    let yaml = match out {
+        restore::Outcome::DryRun(y) => y,
+        other => panic!("{other:?}"),
+    };
+    let pvc = yaml
+        .split("\n---")
+        .find(|d| d.contains("kind: PersistentVolumeClaim"))
+        .unwrap();
+    assert!(pvc.contains("storage: 5Gi"), "{pvc}");
+}

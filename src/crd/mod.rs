@@ -14,7 +14,7 @@ pub use common::*;
 pub use failover::*;
 pub use lun::*;
 pub use mailpod::*;
-pub use validation::{FieldError, ValidationErrors};
+pub use validation::{parse_bytes as validation_bytes, FieldError, ValidationErrors};
 
 use kube::core::crd::merge_crds;
 use kube::CustomResourceExt;

@@ -49,6 +49,21 @@ pub struct Plan<'a> {
     pub image: &'a str,
     /// The Job's activeDeadlineSeconds.
     pub deadline_seconds: i64,
+    /// Size of the clone: the LUN's capacity, or the snapshot's `restoreSize` when that is larger (the LUN
+    /// may have shrunk in spec since; a clone smaller than its source cannot be provisioned).
+    pub capacity: String,
+}
+
+/// The clone's size from the LUN's capacity and the snapshot's `status.restoreSize`.
+pub fn clone_capacity(lun_capacity: &str, restore_size: Option<&str>) -> String {
+    use crate::crd::validation_bytes as bytes;
+    match restore_size {
+        None => lun_capacity.to_string(),
+        Some(r) => match (bytes(lun_capacity), bytes(r)) {
+            (Some(l), Some(s)) if l >= s => lun_capacity.to_string(),
+            _ => r.to_string(),
+        },
+    }
 }
 
 /// `corp-lun-0-restore-20240305-080009`, within the 63 characters a Job name may have (its pods carry
@@ -172,7 +187,7 @@ pub fn job(plan: &Plan) -> Job {
     }
 }
 
-/// The clone: same storage class and capacity as the LUN's volumes, filled from the VolumeSnapshot.
+/// The clone: the LUN's storage class, `plan.capacity`, filled from the VolumeSnapshot.
 /// `job` is the created Job (its UID makes it the owner); `None` for a dry run.
 pub fn clone_pvc(plan: &Plan, job: Option<&Job>) -> PersistentVolumeClaim {
     let owner = match job {
@@ -200,7 +215,7 @@ pub fn clone_pvc(plan: &Plan, job: Option<&Job>) -> PersistentVolumeClaim {
             resources: Some(VolumeResourceRequirements {
                 requests: Some(BTreeMap::from([(
                     "storage".to_string(),
-                    Quantity(plan.lun.spec.capacity.clone()),
+                    Quantity(plan.capacity.clone()),
                 )])),
                 ..Default::default()
             }),
@@ -212,6 +227,20 @@ pub fn clone_pvc(plan: &Plan, job: Option<&Job>) -> PersistentVolumeClaim {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::clone_capacity;
+
+    #[test]
+    fn the_clone_is_never_smaller_than_the_snapshot() {
+        assert_eq!(clone_capacity("20Gi", None), "20Gi");
+        assert_eq!(clone_capacity("20Gi", Some("10Gi")), "20Gi");
+        assert_eq!(clone_capacity("20Gi", Some("30Gi")), "30Gi");
+        // A quantity this crate does not parse (decimal) is the CSI driver's word: take it.
+        assert_eq!(clone_capacity("20Gi", Some("20.5Gi")), "20.5Gi");
     }
 }
 
@@ -256,6 +285,7 @@ mod tests {
             name: "corp-lun-0-restore-x".into(),
             image: "mail:1",
             deadline_seconds: 3600,
+            capacity: clone_capacity(&lun.spec.capacity, None),
         };
         let job = job(&plan);
         let owner = &job.metadata.owner_references.as_ref().unwrap()[0];

@@ -240,7 +240,7 @@ pub async fn run(client: &Client, req: &Request) -> Result<Outcome> {
             });
         }
     }
-    check_snapshot(client, req).await?;
+    let restore_size = check_snapshot(client, req).await?;
 
     let plan = job::Plan {
         lun: &lun,
@@ -249,6 +249,7 @@ pub async fn run(client: &Client, req: &Request) -> Result<Outcome> {
         name: job::restore_name(&req.lun, jiff::Timestamp::now()),
         image: lun.spec.image.as_deref().unwrap_or(&req.image),
         deadline_seconds: req.timeout.as_secs().max(60) as i64,
+        capacity: job::clone_capacity(&lun.spec.capacity, restore_size.as_deref()),
     };
     if req.dry_run {
         return Ok(Outcome::DryRun(dry_run_yaml(&plan)));
@@ -286,7 +287,8 @@ pub async fn run(client: &Client, req: &Request) -> Result<Outcome> {
 }
 
 /// The snapshot exists, belongs to this LUN (by label), and can be restored from.
-async fn check_snapshot(client: &Client, req: &Request) -> Result<()> {
+/// Checks the snapshot and returns its `status.restoreSize`, when the snapshot controller set one.
+async fn check_snapshot(client: &Client, req: &Request) -> Result<Option<String>> {
     let snapshots: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &req.namespace, &volume::snapshot_resource());
     let snap = snapshots
@@ -316,7 +318,12 @@ async fn check_snapshot(client: &Client, req: &Request) -> Result<()> {
             error: state.error,
         });
     }
-    Ok(())
+    Ok(snap
+        .data
+        .get("status")
+        .and_then(|s| s.get("restoreSize"))
+        .and_then(|r| r.as_str())
+        .map(str::to_string))
 }
 
 fn dry_run_yaml(plan: &job::Plan) -> String {
