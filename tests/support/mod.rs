@@ -485,7 +485,11 @@ pub fn maildir_subjects(store: &Agent, address: &str) -> Vec<String> {
             continue;
         };
         for e in entries.flatten() {
-            let text = std::fs::read_to_string(e.path()).unwrap();
+            // Dovecot moves files from new/ to cur/ and removes expunged ones while we read: a file gone
+            // since the listing is skipped (the caller polls again).
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
             if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
                 subjects.push(s.trim().to_string());
             }
