@@ -91,3 +91,33 @@ async fn metrics_health_and_readiness() {
     }
     task.abort();
 }
+
+/// Without the CRDs the operator stops with the command that installs them.
+#[tokio::test]
+async fn missing_crds_stop_the_operator_with_a_hint() {
+    use mailpod_operator::testkit::{Fault, FaultKind};
+    let server = ApiServer::new();
+    mailpod_operator::controller::check_crds(&server.client(), Some("mail"))
+        .await
+        .expect("CRDs served");
+    server.inject(Fault::new(
+        Some(http::Method::GET),
+        "/storageluns",
+        FaultKind::Status(404),
+        1,
+    ));
+    let err = mailpod_operator::controller::check_crds(&server.client(), Some("mail"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "StorageLUN CustomResourceDefinition (storageluns.mailpod.io) is not installed"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("mailpod-operator crds | kubectl apply --server-side -f -"),
+        "{err}"
+    );
+}

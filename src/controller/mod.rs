@@ -324,8 +324,8 @@ pub async fn run_mailpods(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let client = ctx.client.clone();
+    // The CRDs were checked by the caller (`run_all`) before any controller started.
     let config = ctx.config.clone();
-    check_crds(&client, config.namespace.as_deref()).await?;
     let ns = config.namespace.clone();
     let ns = ns.as_deref();
     let wc = watcher::Config::default().any_semantic();

@@ -16,7 +16,6 @@ pub use lun::*;
 pub use mailpod::*;
 pub use validation::{parse_bytes as validation_bytes, FieldError, ValidationErrors};
 
-use kube::core::crd::merge_crds;
 use kube::CustomResourceExt;
 
 /// API group of every custom resource of this operator.
@@ -29,14 +28,6 @@ pub fn all_crds(
 ) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     vec![MailPod::crd(), StorageLUN::crd(), SiteFailover::crd()]
-}
-
-/// Checks that `merge_crds` would accept each CRD on its own (one served and stored version).
-pub fn check_crds() -> Result<(), String> {
-    for crd in all_crds() {
-        merge_crds(vec![crd], VERSION).map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }
 
 /// All CRDs as multi-document YAML, exactly as crds/ holds them (one document each, in `all_crds` order).
