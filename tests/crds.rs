@@ -275,4 +275,36 @@ fn cel_rules_agree_with_rust_validation() {
             "Rust {local} {peer} {primary}"
         );
     }
+    // The witness Lease must outlast four probe intervals (defaults: interval 5 s, lease 20 s).
+    let witness = json!({"kubeconfigSecret": {"name": "w", "key": "kubeconfig"}});
+    for (lease, interval, ok) in [
+        (None, None, true),
+        (Some(20), None, true),
+        (Some(19), None, false),
+        (Some(40), Some(10), true),
+        (None, Some(10), false),
+    ] {
+        let mut obj = sf_obj("a", "b", "a");
+        obj["spec"]["witness"] = witness.clone();
+        if let Some(l) = lease {
+            obj["spec"]["witness"]["leaseDurationSeconds"] = json!(l);
+        }
+        if let Some(i) = interval {
+            obj["spec"]["detection"] = json!({"probeIntervalSeconds": i, "probeTimeoutSeconds": 2});
+        }
+        assert_eq!(
+            cel(&sf, obj.clone(), None).is_ok(),
+            ok,
+            "CEL witness {lease:?} {interval:?}"
+        );
+        let typed: SiteFailover = serde_json::from_value(obj).unwrap();
+        let rust = typed.spec.validate();
+        assert_eq!(rust.is_ok(), ok, "Rust witness {lease:?} {interval:?}");
+        if let Err(e) = rust {
+            assert!(
+                e.to_string().contains("spec.witness.leaseDurationSeconds"),
+                "{e}"
+            );
+        }
+    }
 }

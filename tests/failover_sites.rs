@@ -395,7 +395,8 @@ async fn a_restart_in_the_middle_of_a_failover_finishes_it() {
     let peer = sites.east.server.clone();
     let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clock = sites.clock.clone();
-    sites.west.restart(&peer, up, clock);
+    let witness = sites.witness.clone();
+    sites.west.restart(&peer, &witness, up, clock);
     sites.advance(1);
     sites.west.tick().await;
     let w = sites.west.status();

@@ -11,6 +11,7 @@ pub mod act;
 pub mod machine;
 pub mod observe;
 pub mod peer;
+pub mod witness;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -90,6 +91,8 @@ pub struct Context {
     /// In memory only: the last probe per SiteFailover (status keeps it only while probes fail, so a healthy
     /// steady state writes nothing), and the peer's front-end addresses last read through its API.
     memory: Mutex<HashMap<String, Memory>>,
+    /// Per SiteFailover: what this site remembers of the witness Lease.
+    witness_memory: Mutex<HashMap<String, witness::WitnessMemory>>,
 }
 
 impl Context {
@@ -112,6 +115,7 @@ impl Context {
             probe,
             clock,
             memory: Mutex::new(HashMap::new()),
+            witness_memory: Mutex::new(HashMap::new()),
             stats: Arc::default(),
         }
     }
@@ -129,6 +133,12 @@ impl Context {
 
     fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, Memory>> {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn witness_memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, witness::WitnessMemory>> {
+        self.witness_memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     async fn note(&self, sf: &SiteFailover, warning: bool, reason: &str, message: String) {
@@ -282,12 +292,48 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
                 .is_some_and(observe::failback_requested),
         failover_requested: observe::failover_requested(&sf),
         local_fencing: local.fencing(),
+        witness: None,
+    };
+    let mut obs = obs;
+    let lease = match &spec.witness {
+        Some(w) => {
+            let (view, lease) = observe_witness(ctx, &sf, &key, &status, now, timeout).await;
+            obs.witness = Some(view);
+            lease.map(|l| (l, w.lease_duration_seconds))
+        }
+        None => None,
     };
 
     // Decide, record, act, record completion.
     let mut status_in = status.clone();
     status_in.observed_generation = sf.metadata.generation;
-    let decision = machine::decide(spec, &status_in, &obs);
+    let mut decision = machine::decide(spec, &status_in, &obs);
+    if let (Some(epoch), Some(((lease_ref, current), _))) = (decision.acquire_witness, &lease) {
+        // A promotion is due: take the witness Lease for the new epoch first, then decide again with it.
+        match lease_ref
+            .write(current.as_ref(), Some(&ctx.site), epoch, now, timeout)
+            .await
+        {
+            Ok(_) => {
+                info!(sitefailover = %key, epoch, "took the witness Lease");
+                let mut mem = ctx.witness_memory();
+                let m = mem.entry(key.clone()).or_default();
+                m.renewed_at = Some(now);
+                m.seen = None;
+                if let Some(w) = obs.witness.as_mut() {
+                    w.holder = Some(ctx.site.clone());
+                    w.epoch = epoch;
+                    w.renewed_at = Some(now);
+                    w.acquirable = true;
+                }
+                drop(mem);
+                decision = machine::decide(spec, &status_in, &obs);
+            }
+            Err(e) => {
+                warn!(sitefailover = %key, error = %e, "cannot take the witness Lease; not promoting");
+            }
+        }
+    }
     let confirm = decision.actions.contains(&Action::FenceLocal(false));
     let sf = record(ctx, &sf, &decision.status, confirm, timeout).await?;
     for n in &decision.notes {
@@ -333,6 +379,100 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
         }
     }
     Ok(decision.requeue)
+}
+
+/// Reads the witness Lease, renews it when this site is active (or gives it back when this standby holds it
+/// with no promotion under way), and returns what the machine sees with the Lease as read (`None` when the
+/// witness cannot be read).
+async fn observe_witness(
+    ctx: &Context,
+    sf: &SiteFailover,
+    key: &str,
+    status: &SiteFailoverStatus,
+    now: Timestamp,
+    timeout: Duration,
+) -> (
+    witness::WitnessView,
+    Option<(
+        witness::LeaseRef,
+        Option<k8s_openapi::api::coordination::v1::Lease>,
+    )>,
+) {
+    let duration = sf
+        .spec
+        .witness
+        .as_ref()
+        .map_or(0, |w| w.lease_duration_seconds);
+    let lease_ref = match ctx.peers.witness(&ctx.client, sf, timeout).await {
+        Ok(c) => witness::LeaseRef::new(c, sf, duration),
+        Err(e) => {
+            info!(sitefailover = %key, error = %e, "witness unreachable");
+            None
+        }
+    };
+    let read = match &lease_ref {
+        Some(r) => match r.read(timeout).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                info!(sitefailover = %key, error = %e, "witness Lease unreadable");
+                None
+            }
+        },
+        None => None,
+    };
+    let me = ctx.site.as_str();
+    let mut mem = ctx.witness_memory().remove(key).unwrap_or_default();
+    let mut view = witness::view(
+        me,
+        read.as_ref().map(Option::as_ref),
+        &mut mem,
+        duration,
+        now,
+    );
+    let active = status.active_site.as_deref() == Some(me) && status.epoch > 0;
+    let mut read = read;
+    if let (Some(r), Some(current)) = (&lease_ref, &mut read) {
+        if active && witness::active_may_renew(&view, status.epoch) {
+            match r
+                .write(current.as_ref(), Some(me), status.epoch, now, timeout)
+                .await
+            {
+                Ok(written) => {
+                    *current = Some(written);
+                    mem.renewed_at = Some(now);
+                    mem.seen = None;
+                    view.holder = Some(me.to_string());
+                    view.epoch = status.epoch;
+                    view.renewed_at = Some(now);
+                }
+                Err(e) => info!(sitefailover = %key, error = %e, "cannot renew the witness Lease"),
+            }
+        } else if !active
+            && view.held_by(me)
+            && status.consecutive_probe_failures == 0
+            && status.phase != crate::crd::FailoverPhase::FailingOver
+        {
+            // Taken for a promotion that did not happen (the primary answers again): give it back.
+            match r
+                .write(current.as_ref(), None, status.epoch, now, timeout)
+                .await
+            {
+                Ok(written) => {
+                    *current = Some(written);
+                    mem.renewed_at = None;
+                    mem.seen = None;
+                    view.holder = None;
+                    view.epoch = status.epoch;
+                    view.renewed_at = None;
+                }
+                Err(e) => {
+                    info!(sitefailover = %key, error = %e, "cannot release the witness Lease")
+                }
+            }
+        }
+    }
+    ctx.witness_memory().insert(key.to_string(), mem);
+    (view, lease_ref.zip(read))
 }
 
 /// The peer's SiteFailover (same name) and state, or `None` when its API does not answer in time.

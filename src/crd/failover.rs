@@ -31,6 +31,7 @@ use super::validation::{is_dns_label, is_dns_subdomain, ValidationErrors};
 )]
 #[x_kube(validation = Rule::new("self.localSite != self.peer.name").message("localSite and peer.name must differ").field_path(".peer.name"))]
 #[x_kube(validation = Rule::new("self.primarySite == self.localSite || self.primarySite == self.peer.name").message("primarySite must be localSite or peer.name").field_path(".primarySite"))]
+#[x_kube(validation = Rule::new("!has(self.witness) || (has(self.witness.leaseDurationSeconds) ? self.witness.leaseDurationSeconds : 20) >= 4 * (has(self.detection) && has(self.detection.probeIntervalSeconds) ? self.detection.probeIntervalSeconds : 5)").message("witness.leaseDurationSeconds must be at least 4 × detection.probeIntervalSeconds").field_path(".witness.leaseDurationSeconds"))]
 #[serde(rename_all = "camelCase")]
 pub struct SiteFailoverSpec {
     /// MailPods (in this namespace) this pairing covers.
@@ -51,6 +52,53 @@ pub struct SiteFailoverSpec {
     /// DNS names switched to the active site through external-dns `DNSEndpoint` objects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<DnsName>,
+    /// A third cluster holding a Lease that decides which site may write when the two cannot see each
+    /// other. With it, a primary cut off from both the witness and the standby stops serving before the
+    /// standby may take over, so a partition never leaves two sites writing; without it the old primary
+    /// keeps serving its side of a partition until it sees the higher epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<Witness>,
+}
+
+/// The witness cluster and its Lease. Both sites must name the same cluster, namespace and Lease.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Witness {
+    /// Secret key holding a kubeconfig for the witness cluster (a `coordination.k8s.io` Lease get/update/
+    /// create in `namespace` is all it needs).
+    pub kubeconfig_secret: KeyRef,
+    /// Namespace of the Lease in the witness cluster; this SiteFailover's namespace when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Name of the Lease; `sitefailover-<name>` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_name: Option<String>,
+    /// How long a Lease not renewed stays with its holder (default 20). The active site stops serving when
+    /// it has neither renewed the Lease for `leaseDurationSeconds - 2 × probeIntervalSeconds` nor seen the
+    /// standby agree; the standby takes the Lease only after seeing it unchanged for the whole duration.
+    #[serde(default = "default_lease_duration")]
+    #[schemars(range(min = 4, max = 600))]
+    pub lease_duration_seconds: u32,
+}
+
+fn default_lease_duration() -> u32 {
+    20
+}
+
+impl Witness {
+    /// The Lease's name for the SiteFailover `sf`.
+    pub fn lease_name(&self, sf: &str) -> String {
+        self.lease_name
+            .clone()
+            .unwrap_or_else(|| format!("sitefailover-{sf}"))
+    }
+
+    /// How long the active site may go without renewing (or without the peer's agreement) before it fences
+    /// itself: the lease duration less two probe intervals (one tick of the active site, one of margin).
+    pub fn renew_deadline_seconds(&self, probe_interval: u32) -> u32 {
+        self.lease_duration_seconds
+            .saturating_sub(2 * probe_interval)
+    }
 }
 
 /// The peer cluster.
@@ -241,6 +289,23 @@ pub struct SiteFailoverStatus {
     pub replication_lag_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover: Option<FailoverRecord>,
+    /// The witness Lease as this site last saw it (with `spec.witness`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<WitnessStatus>,
+}
+
+/// What this site knows of the witness Lease.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WitnessStatus {
+    /// Whether the witness's API answered at the last tick.
+    pub reachable: bool,
+    /// Site holding the Lease (none: free).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// Whether this site is in quorum: it holds the Lease (renewed within the deadline) or sees the peer
+    /// agree on the active site. An active site out of quorum has fenced its stores.
+    pub quorum: bool,
 }
 
 /// One failover or failback, with its measured figures.
@@ -327,6 +392,36 @@ impl SiteFailoverSpec {
                 "spec.detection.probeTimeoutSeconds",
                 "must not exceed probeIntervalSeconds",
             );
+        }
+        if let Some(w) = &self.witness {
+            if !(4..=600).contains(&w.lease_duration_seconds) {
+                errs.push(
+                    "spec.witness.leaseDurationSeconds",
+                    "must be between 4 and 600",
+                );
+            } else if w.lease_duration_seconds < 4 * d.probe_interval_seconds {
+                errs.push(
+                    "spec.witness.leaseDurationSeconds",
+                    format!(
+                        "must be at least 4 × spec.detection.probeIntervalSeconds ({}): the active site \
+                         fences itself two intervals before the standby may take the Lease",
+                        4 * d.probe_interval_seconds
+                    ),
+                );
+            }
+            if let Some(ns) = &w.namespace {
+                if !is_dns_label(ns) {
+                    errs.push("spec.witness.namespace", "must be a namespace name");
+                }
+            }
+            if let Some(n) = &w.lease_name {
+                if !is_dns_subdomain(n) {
+                    errs.push(
+                        "spec.witness.leaseName",
+                        format!("`{n}` is not an object name"),
+                    );
+                }
+            }
         }
         if self.targets.rto_seconds == 0 {
             errs.push("spec.targets.rtoSeconds", "must be at least 1");

@@ -34,10 +34,12 @@ impl Clock for TestClock {
     }
 }
 
-/// The link to the peer's API: up unless cut.
+/// The link to the peer's API (up unless cut) and to the witness cluster (up unless cut).
 struct TestPeers {
     peer: ApiServer,
     cut: Arc<AtomicBool>,
+    witness: ApiServer,
+    witness_cut: Arc<AtomicBool>,
 }
 
 impl PeerConnector for TestPeers {
@@ -52,6 +54,21 @@ impl PeerConnector for TestPeers {
                 Err("partitioned".to_string())
             } else {
                 Ok(self.peer.client())
+            }
+        })
+    }
+
+    fn witness<'a>(
+        &'a self,
+        _local: &'a Client,
+        _sf: &'a SiteFailover,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<Client, String>> {
+        Box::pin(async move {
+            if self.witness_cut.load(Ordering::SeqCst) {
+                Err("witness unreachable".to_string())
+            } else {
+                Ok(self.witness.client())
             }
         })
     }
@@ -87,13 +104,20 @@ pub struct Site {
     pub link_cut: Arc<AtomicBool>,
     /// Whether this site's front ends answer the peer's probe.
     pub frontends_up: Arc<AtomicBool>,
+    /// This site's view of the witness cluster.
+    pub witness_cut: Arc<AtomicBool>,
 }
 
 pub struct Sites {
     pub east: Site,
     pub west: Site,
     pub clock: TestClock,
+    /// The third cluster holding the witness Lease (used when the SiteFailovers name one).
+    pub witness: ApiServer,
 }
+
+/// Lease duration of the witness in tests with one: 4 probe intervals.
+pub const LEASE: u32 = 20;
 
 fn mailpod_manifest() -> serde_json::Value {
     json!({
@@ -108,8 +132,8 @@ fn mailpod_manifest() -> serde_json::Value {
     })
 }
 
-fn sitefailover(local: &str, peer: &str) -> SiteFailover {
-    serde_json::from_value(json!({
+fn sitefailover(local: &str, peer: &str, witness: bool) -> SiteFailover {
+    let mut sf = json!({
         "apiVersion": "mailpod.io/v1alpha1", "kind": "SiteFailover",
         "metadata": {"name": SF, "namespace": NS},
         "spec": {
@@ -119,18 +143,34 @@ fn sitefailover(local: &str, peer: &str) -> SiteFailover {
             "targets": {"rtoSeconds": 60, "rpoSeconds": 30},
             "dns": [{"name": "mx.corp.example", "mailPod": "corp", "service": "mx"}]
         }
-    }))
-    .unwrap()
+    });
+    if witness {
+        sf["spec"]["witness"] = json!({
+            "kubeconfigSecret": {"name": "witness-kubeconfig", "key": "kubeconfig"},
+            "namespace": "mailpod-witness",
+            "leaseDurationSeconds": LEASE,
+        });
+    }
+    serde_json::from_value(sf).unwrap()
 }
 
 impl Sites {
     /// Both clusters with their SiteFailover; the MailPod exists only at the primary (east); the standby's is
     /// created by mirroring.
     pub async fn new() -> Self {
+        Self::build(false).await
+    }
+
+    /// Both sites with a witness cluster named in their SiteFailovers.
+    pub async fn with_witness() -> Self {
+        Self::build(true).await
+    }
+
+    async fn build(witness: bool) -> Self {
         let clock = TestClock(Arc::new(Mutex::new(
             Timestamp::from_second(1_700_000_000).unwrap(),
         )));
-        let (es, ws) = (ApiServer::new(), ApiServer::new());
+        let (es, ws, wit) = (ApiServer::new(), ApiServer::new(), ApiServer::new());
         let east_up = Arc::new(AtomicBool::new(true));
         let west_up = Arc::new(AtomicBool::new(true));
         let east_cut = Arc::new(AtomicBool::new(false));
@@ -140,29 +180,36 @@ impl Sites {
                     peer: &ApiServer,
                     cut: &Arc<AtomicBool>,
                     peer_up: &Arc<AtomicBool>,
-                    up: &Arc<AtomicBool>| Site {
-            name,
-            server: server.clone(),
-            failover: failover::Context::new(
-                server.client(),
+                    up: &Arc<AtomicBool>| {
+            let witness_cut = Arc::new(AtomicBool::new(false));
+            Site {
                 name,
-                Box::new(TestPeers {
-                    peer: peer.clone(),
-                    cut: cut.clone(),
-                }),
-                Box::new(TestProbe {
-                    up: peer_up.clone(),
-                }),
-                Box::new(clock.clone()),
-            ),
-            mailpods: Arc::new(MailPodContext::new(server.client(), RunConfig::default())),
-            link_cut: cut.clone(),
-            frontends_up: up.clone(),
+                server: server.clone(),
+                failover: failover::Context::new(
+                    server.client(),
+                    name,
+                    Box::new(TestPeers {
+                        peer: peer.clone(),
+                        cut: cut.clone(),
+                        witness: wit.clone(),
+                        witness_cut: witness_cut.clone(),
+                    }),
+                    Box::new(TestProbe {
+                        up: peer_up.clone(),
+                    }),
+                    Box::new(clock.clone()),
+                ),
+                mailpods: Arc::new(MailPodContext::new(server.client(), RunConfig::default())),
+                link_cut: cut.clone(),
+                frontends_up: up.clone(),
+                witness_cut,
+            }
         };
         let sites = Sites {
             east: site("east", &es, &ws, &east_cut, &west_up, &east_up),
             west: site("west", &ws, &es, &west_cut, &east_up, &west_up),
             clock: clock.clone(),
+            witness: wit.clone(),
         };
         let mp: Api<MailPod> = Api::namespaced(es.client(), NS);
         mp.create(
@@ -173,7 +220,7 @@ impl Sites {
         .unwrap();
         for (s, local, peer) in [(&es, "east", "west"), (&ws, "west", "east")] {
             let api: Api<SiteFailover> = Api::namespaced(s.client(), NS);
-            api.create(&PostParams::default(), &sitefailover(local, peer))
+            api.create(&PostParams::default(), &sitefailover(local, peer, witness))
                 .await
                 .unwrap();
         }
@@ -315,13 +362,21 @@ impl Site {
     }
 
     /// A fresh controller for this site (the old one's memory is gone), as after an operator restart.
-    pub fn restart(&mut self, peer: &ApiServer, peer_up: Arc<AtomicBool>, clock: TestClock) {
+    pub fn restart(
+        &mut self,
+        peer: &ApiServer,
+        witness: &ApiServer,
+        peer_up: Arc<AtomicBool>,
+        clock: TestClock,
+    ) {
         self.failover = failover::Context::new(
             self.server.client(),
             self.name,
             Box::new(TestPeers {
                 peer: peer.clone(),
                 cut: self.link_cut.clone(),
+                witness: witness.clone(),
+                witness_cut: self.witness_cut.clone(),
             }),
             Box::new(TestProbe { up: peer_up }),
             Box::new(clock),

@@ -16,8 +16,10 @@ use sha2::{Digest, Sha256};
 
 use failback::{failback_step, start_failback, swap_actions};
 
+use super::witness::WitnessView;
 use crate::crd::{
     set_condition, FailoverPhase, FailoverRecord, SiteFailoverSpec, SiteFailoverStatus,
+    WitnessStatus,
 };
 
 /// Condition types on a SiteFailover.
@@ -25,6 +27,7 @@ pub mod condition {
     pub const PEER_REACHABLE: &str = "PeerReachable";
     pub const ACCESS_TABLES_IN_SYNC: &str = "AccessTablesInSync";
     pub const WITHIN_RPO: &str = "WithinRPO";
+    pub const QUORUM: &str = "Quorum";
 }
 
 /// The peer's SiteFailover status as read through its API.
@@ -65,6 +68,8 @@ pub struct Observation {
     /// `mailpod.io/failover=requested` on this site's SiteFailover (`kubectl mailpod promote`).
     pub failover_requested: bool,
     pub local_fencing: LocalFencing,
+    /// The witness Lease (`None`: no `spec.witness`).
+    pub witness: Option<WitnessView>,
 }
 
 /// One idempotent step for the controller to carry out.
@@ -124,6 +129,8 @@ pub struct Decision {
     pub after: Option<SiteFailoverStatus>,
     pub notes: Vec<Note>,
     pub requeue: Duration,
+    /// A promotion is due but needs the witness Lease first: take it for this epoch and decide again.
+    pub acquire_witness: Option<i64>,
 }
 
 pub const KIND_FAILOVER: &str = "failover";
@@ -244,7 +251,13 @@ pub fn decide(spec: &SiteFailoverSpec, status: &SiteFailoverStatus, obs: &Observ
         .is_some_and(|l| l <= f64::from(spec.targets.rpo_seconds));
 
     let active = st.active_site.as_deref() == Some(me);
+    let quorum = if active {
+        active_quorum(spec, &st, obs)
+    } else {
+        None
+    };
     let mut after = None;
+    let mut acquire_witness = None;
     let mut requeue = Duration::from_secs(u64::from(spec.detection.probe_interval_seconds));
 
     if active {
@@ -261,6 +274,21 @@ pub fn decide(spec: &SiteFailoverSpec, status: &SiteFailoverStatus, obs: &Observ
             FailoverPhase::FailingBack => {
                 requeue = IN_PROGRESS_REQUEUE;
                 failback_step(spec, &mut st, obs, &mut actions, &mut after, &mut notes);
+            }
+            _ if quorum == Some(false) => {
+                // Cut off from the witness and the peer: the standby may soon hold the Lease, so this
+                // site stops writing first. Mail waits in the mx queues (LMTP answers 4xx).
+                st.phase = steady_phase(spec, &st);
+                if obs.local_fencing.any_unfenced {
+                    actions.push(Action::FenceLocal(true));
+                }
+                if status.witness.as_ref().is_none_or(|w| w.quorum) {
+                    notes.push(Note {
+                        warning: true,
+                        reason: "QuorumLost",
+                        message: quorum_lost_message(spec, &st, obs),
+                    });
+                }
             }
             _ => {
                 st.phase = steady_phase(spec, &st);
@@ -310,7 +338,15 @@ pub fn decide(spec: &SiteFailoverSpec, status: &SiteFailoverStatus, obs: &Observ
         requeue = IN_PROGRESS_REQUEUE;
         swap_actions(spec, &st, obs, &mut actions, &mut after);
     } else {
-        standby_tick(spec, &mut st, obs, &mut actions, &mut after, &mut notes);
+        standby_tick(
+            spec,
+            &mut st,
+            obs,
+            &mut actions,
+            &mut after,
+            &mut notes,
+            &mut acquire_witness,
+        );
         if st.phase == FailoverPhase::FailingOver {
             requeue = IN_PROGRESS_REQUEUE;
         } else if let Some(last) = parse(&st.last_probe_time) {
@@ -320,8 +356,19 @@ pub fn decide(spec: &SiteFailoverSpec, status: &SiteFailoverStatus, obs: &Observ
         }
     }
 
-    st.fenced =
-        Some(st.active_site.as_deref() != Some(me) || st.phase == FailoverPhase::FailingBack);
+    st.fenced = Some(
+        st.active_site.as_deref() != Some(me)
+            || st.phase == FailoverPhase::FailingBack
+            || quorum == Some(false),
+    );
+    st.witness = obs.witness.as_ref().map(|w| WitnessStatus {
+        reachable: w.reachable,
+        holder: w.holder.clone(),
+        quorum: quorum.unwrap_or(w.reachable || obs.peer.is_some()),
+    });
+    if let Some(a) = after.as_mut() {
+        a.witness = st.witness.clone();
+    }
     set_conditions(spec, &mut st, within_rpo, now);
     if let Some(a) = after.as_mut() {
         a.conditions = st.conditions.clone();
@@ -332,7 +379,64 @@ pub fn decide(spec: &SiteFailoverSpec, status: &SiteFailoverStatus, obs: &Observ
         after,
         notes,
         requeue,
+        acquire_witness,
     }
+}
+
+/// Whether the active site may keep writing, with `spec.witness` (`None` without one): it renewed the
+/// witness Lease within the renew deadline, or the peer answers and agrees that this site is active at this
+/// epoch. Either way the standby cannot be promoting behind its back.
+fn active_quorum(
+    spec: &SiteFailoverSpec,
+    st: &SiteFailoverStatus,
+    obs: &Observation,
+) -> Option<bool> {
+    let w = spec.witness.as_ref()?;
+    let me = spec.local_site.as_str();
+    let view = obs.witness.clone().unwrap_or_default();
+    let peer_agrees = obs
+        .peer
+        .as_ref()
+        .is_some_and(|p| p.epoch == st.epoch && p.active_site.as_deref() == Some(me));
+    let deadline = f64::from(w.renew_deadline_seconds(spec.detection.probe_interval_seconds));
+    let recent = view
+        .renewed_at
+        .is_some_and(|t| seconds_between(t, obs.now) <= deadline);
+    // A readable Lease must still be ours at no higher epoch; an unreadable one counts until the deadline.
+    let still_ours = !view.reachable || (view.held_by(me) && view.epoch <= st.epoch);
+    Some(peer_agrees || (recent && still_ours))
+}
+
+fn quorum_lost_message(
+    spec: &SiteFailoverSpec,
+    st: &SiteFailoverStatus,
+    obs: &Observation,
+) -> String {
+    let view = obs.witness.clone().unwrap_or_default();
+    let witness = if !view.reachable {
+        "the witness does not answer".to_string()
+    } else if view.epoch > st.epoch {
+        format!(
+            "the witness Lease is held by {} at epoch {} (this site: {})",
+            view.holder.as_deref().unwrap_or("nobody"),
+            view.epoch,
+            st.epoch
+        )
+    } else {
+        format!(
+            "the witness Lease is held by {}",
+            view.holder.as_deref().unwrap_or("nobody")
+        )
+    };
+    format!(
+        "{witness} and site {} {}: fencing this site's stores so two sites never write; mail waits in the mx queues",
+        spec.peer.name,
+        if obs.peer.is_some() {
+            "does not agree that this site is active"
+        } else {
+            "is unreachable"
+        }
+    )
 }
 
 fn observe_tables(st: &mut SiteFailoverStatus, obs: &Observation) {
@@ -376,6 +480,7 @@ fn standby_tick(
     actions: &mut Vec<Action>,
     after: &mut Option<SiteFailoverStatus>,
     notes: &mut Vec<Note>,
+    acquire_witness: &mut Option<i64>,
 ) {
     let me = spec.local_site.as_str();
     let peer = spec.peer.name.as_str();
@@ -428,7 +533,33 @@ fn standby_tick(
     }
     if (lost && spec.policy.automatic_failover) || requested {
         let started = parse(&st.probe_failing_since).unwrap_or(obs.now);
-        let epoch = st.epoch.max(obs.peer.as_ref().map_or(0, |p| p.epoch)) + 1;
+        let witness_epoch = obs.witness.as_ref().map_or(0, |w| w.epoch);
+        let mut epoch = st.epoch.max(obs.peer.as_ref().map_or(0, |p| p.epoch)) + 1;
+        if let Some(w) = obs.witness.as_ref().filter(|_| spec.witness.is_some()) {
+            if w.held_by(me) {
+                // Taken for this promotion (possibly by a tick that did not get to record it).
+                epoch = epoch.max(witness_epoch);
+            } else if w.acquirable {
+                *acquire_witness = Some(epoch.max(witness_epoch + 1));
+                st.phase = steady_phase(spec, st);
+                return;
+            } else {
+                notes.push(Note {
+                    warning: true,
+                    reason: "WitnessWait",
+                    message: if w.reachable {
+                        format!(
+                            "promotion of {me} waits for the witness Lease, held by {}: site {peer} may still be serving behind a partition",
+                            w.holder.as_deref().unwrap_or("nobody")
+                        )
+                    } else {
+                        format!("promotion of {me} needs the witness Lease and the witness does not answer")
+                    },
+                });
+                st.phase = steady_phase(spec, st);
+                return;
+            }
+        }
         st.epoch = epoch;
         st.active_site = Some(me.to_string());
         st.phase = FailoverPhase::FailingOver;

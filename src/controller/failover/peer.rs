@@ -13,9 +13,10 @@ use kube::{Client, Config, ResourceExt};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::crd::SiteFailover;
+use crate::crd::{KeyRef, SiteFailover};
 
-/// Gives a client for the peer cluster of a SiteFailover, or says why there is none.
+/// Gives a client for the peer cluster of a SiteFailover, or for its witness cluster, or says why there
+/// is none.
 pub trait PeerConnector: Send + Sync {
     fn connect<'a>(
         &'a self,
@@ -23,10 +24,18 @@ pub trait PeerConnector: Send + Sync {
         sf: &'a SiteFailover,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Client, String>>;
+
+    /// The cluster of `spec.witness`.
+    fn witness<'a>(
+        &'a self,
+        local: &'a Client,
+        sf: &'a SiteFailover,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Client, String>>;
 }
 
-/// The production connector: reads `spec.peer.kubeconfigSecret` from the SiteFailover's namespace and builds a
-/// client whose every connection and read is bounded by the probe timeout. Clients are cached per Secret
+/// The production connector: reads `spec.peer.kubeconfigSecret` (or `spec.witness.kubeconfigSecret`) from the
+/// SiteFailover's namespace and builds a client whose every connection and read is bounded by the probe timeout. Clients are cached per Secret
 /// resourceVersion, so a rotated kubeconfig is picked up at the next tick.
 #[derive(Default)]
 pub struct KubeconfigPeers {
@@ -40,52 +49,89 @@ impl PeerConnector for KubeconfigPeers {
         sf: &'a SiteFailover,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Client, String>> {
+        Box::pin(self.client_from_secret(
+            local,
+            sf,
+            &sf.spec.peer.kubeconfig_secret,
+            "spec.peer.kubeconfigSecret",
+            sf.spec.peer.namespace.clone(),
+            timeout,
+        ))
+    }
+
+    fn witness<'a>(
+        &'a self,
+        local: &'a Client,
+        sf: &'a SiteFailover,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Client, String>> {
         Box::pin(async move {
-            let ns = sf.namespace().unwrap_or_default();
-            let r = &sf.spec.peer.kubeconfig_secret;
-            let what = format!(
-                "spec.peer.kubeconfigSecret (Secret {ns}/{} key {})",
-                r.name, r.key
-            );
-            let secrets: Api<Secret> = Api::namespaced(local.clone(), &ns);
-            let secret = tokio::time::timeout(timeout, secrets.get(&r.name))
-                .await
-                .map_err(|_| format!("{what}: timed out reading it"))?
-                .map_err(|e| format!("{what}: {e}"))?;
-            let version = secret.resource_version().unwrap_or_default();
-            let key = format!("{ns}/{}/{}", r.name, r.key);
-            if let Some((v, c)) = self.lock().get(&key) {
-                if *v == version {
-                    return Ok(c.clone());
-                }
-            }
-            let bytes = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(&r.key))
-                .ok_or_else(|| format!("{what}: the key is missing"))?;
-            let yaml = String::from_utf8(bytes.0.clone())
-                .map_err(|_| format!("{what}: not UTF-8 text"))?;
-            let kubeconfig = Kubeconfig::from_yaml(&yaml)
-                .map_err(|e| format!("{what}: not a kubeconfig: {e}"))?;
-            let mut config =
-                Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                    .await
-                    .map_err(|e| format!("{what}: {e}"))?;
-            config.connect_timeout = Some(timeout);
-            config.read_timeout = Some(timeout);
-            config.write_timeout = Some(timeout);
-            if let Some(peer_ns) = &sf.spec.peer.namespace {
-                config.default_namespace = peer_ns.clone();
-            }
-            let client = Client::try_from(config).map_err(|e| format!("{what}: {e}"))?;
-            self.lock().insert(key, (version, client.clone()));
-            Ok(client)
+            let Some(w) = &sf.spec.witness else {
+                return Err("spec.witness is not set".to_string());
+            };
+            self.client_from_secret(
+                local,
+                sf,
+                &w.kubeconfig_secret,
+                "spec.witness.kubeconfigSecret",
+                w.namespace.clone(),
+                timeout,
+            )
+            .await
         })
     }
 }
 
 impl KubeconfigPeers {
+    /// A client for the cluster whose kubeconfig is in `secret` (in the SiteFailover's namespace), every
+    /// connection and read bounded by `timeout`.
+    async fn client_from_secret(
+        &self,
+        local: &Client,
+        sf: &SiteFailover,
+        secret_ref: &KeyRef,
+        field: &str,
+        default_ns: Option<String>,
+        timeout: Duration,
+    ) -> Result<Client, String> {
+        let ns = sf.namespace().unwrap_or_default();
+        let r = secret_ref;
+        let what = format!("{field} (Secret {ns}/{} key {})", r.name, r.key);
+        let secrets: Api<Secret> = Api::namespaced(local.clone(), &ns);
+        let secret = tokio::time::timeout(timeout, secrets.get(&r.name))
+            .await
+            .map_err(|_| format!("{what}: timed out reading it"))?
+            .map_err(|e| format!("{what}: {e}"))?;
+        let version = secret.resource_version().unwrap_or_default();
+        let key = format!("{ns}/{}/{}", r.name, r.key);
+        if let Some((v, c)) = self.lock().get(&key) {
+            if *v == version {
+                return Ok(c.clone());
+            }
+        }
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&r.key))
+            .ok_or_else(|| format!("{what}: the key is missing"))?;
+        let yaml =
+            String::from_utf8(bytes.0.clone()).map_err(|_| format!("{what}: not UTF-8 text"))?;
+        let kubeconfig =
+            Kubeconfig::from_yaml(&yaml).map_err(|e| format!("{what}: not a kubeconfig: {e}"))?;
+        let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| format!("{what}: {e}"))?;
+        config.connect_timeout = Some(timeout);
+        config.read_timeout = Some(timeout);
+        config.write_timeout = Some(timeout);
+        if let Some(ns) = default_ns {
+            config.default_namespace = ns;
+        }
+        let client = Client::try_from(config).map_err(|e| format!("{what}: {e}"))?;
+        self.lock().insert(key, (version, client.clone()));
+        Ok(client)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Client)>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }

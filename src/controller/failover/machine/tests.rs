@@ -23,6 +23,36 @@ fn spec(local: &str) -> SiteFailoverSpec {
         policy: FailoverPolicy::default(),
         targets: Targets::default(),
         dns: vec![],
+        witness: None,
+    }
+}
+
+fn with_witness(local: &str) -> SiteFailoverSpec {
+    let mut s = spec(local);
+    s.witness = Some(crate::crd::Witness {
+        kubeconfig_secret: KeyRef {
+            name: "witness".into(),
+            key: "kubeconfig".into(),
+        },
+        namespace: None,
+        lease_name: None,
+        lease_duration_seconds: 20,
+    });
+    s
+}
+
+fn lease(
+    holder: Option<&str>,
+    epoch: i64,
+    renewed_at: Option<i64>,
+    acquirable: bool,
+) -> WitnessView {
+    WitnessView {
+        reachable: true,
+        holder: holder.map(str::to_string),
+        epoch,
+        renewed_at: renewed_at.map(t),
+        acquirable,
     }
 }
 
@@ -51,6 +81,7 @@ fn obs(now: i64, peer: Option<PeerView>, frontend_ok: Option<bool>) -> Observati
         failback_requested: false,
         failover_requested: false,
         local_fencing: LocalFencing::default(),
+        witness: None,
     }
 }
 
@@ -507,4 +538,123 @@ fn a_requested_promotion_needs_failing_front_ends_and_then_skips_the_threshold()
     assert!(d.actions.contains(&Action::FenceLocal(false)));
     assert!(d.actions.contains(&Action::ClearFailoverRequest));
     assert!(d.notes.iter().any(|n| n.message.contains("on request")));
+}
+
+#[test]
+fn an_active_site_cut_off_from_witness_and_peer_fences_itself_at_the_renew_deadline() {
+    let s = with_witness("east");
+    // Deadline: 20 s lease - 2 × 5 s interval = 10 s after the last renewal at 0 s.
+    let mut st = stored(&decide(
+        &s,
+        &Default::default(),
+        &obs(0, peer(1, "east"), None),
+    ));
+    for now in [5, 10] {
+        let mut o = obs(now, None, None);
+        o.local_fencing = unfenced();
+        o.witness = Some(WitnessView {
+            renewed_at: Some(t(0)),
+            ..Default::default()
+        });
+        let d = decide(&s, &st, &o);
+        assert!(
+            !d.actions.contains(&Action::FenceLocal(true)),
+            "fenced at {now} s"
+        );
+        assert_eq!(d.status.witness.as_ref().unwrap().quorum, true);
+        st = stored(&d);
+    }
+    let mut o = obs(11, None, None);
+    o.local_fencing = unfenced();
+    o.witness = Some(WitnessView {
+        renewed_at: Some(t(0)),
+        ..Default::default()
+    });
+    let d = decide(&s, &st, &o);
+    assert_eq!(d.actions, vec![Action::FenceLocal(true)]);
+    assert_eq!(d.status.fenced, Some(true));
+    assert_eq!(d.status.witness.as_ref().unwrap().quorum, false);
+    assert!(d.notes.iter().any(|n| n.reason == "QuorumLost"));
+    assert_eq!(
+        d.status.active_site.as_deref(),
+        Some("east"),
+        "still the active site"
+    );
+    // Quorum back (the Lease renewed): the stores are unfenced again.
+    let st = stored(&d);
+    let mut o = obs(16, None, None);
+    o.local_fencing = fenced();
+    o.witness = Some(lease(Some("east"), 1, Some(16), true));
+    let d = decide(&s, &st, &o);
+    assert!(d.actions.contains(&Action::FenceLocal(false)));
+    assert_eq!(d.status.fenced, Some(false));
+    assert!(!d.notes.iter().any(|n| n.reason == "QuorumLost"));
+}
+
+#[test]
+fn an_active_site_keeps_serving_while_the_peer_agrees_or_the_lease_is_fresh() {
+    let s = with_witness("east");
+    let st = stored(&decide(
+        &s,
+        &Default::default(),
+        &obs(0, peer(1, "east"), None),
+    ));
+    // Witness down, peer agrees.
+    let mut o = obs(60, peer(1, "east"), None);
+    o.witness = Some(WitnessView::default());
+    let d = decide(&s, &st, &o);
+    assert_eq!(d.status.fenced, Some(false));
+    assert!(!d.actions.contains(&Action::FenceLocal(true)));
+    // Peer gone, Lease renewed this tick.
+    let mut o = obs(60, None, None);
+    o.witness = Some(lease(Some("east"), 1, Some(60), true));
+    assert_eq!(decide(&s, &st, &o).status.fenced, Some(false));
+    // Peer gone, the Lease taken by the standby for epoch 2: out of quorum even if renewed recently.
+    let mut o = obs(60, None, None);
+    o.local_fencing = unfenced();
+    o.witness = Some(lease(Some("west"), 2, Some(55), false));
+    let d = decide(&s, &st, &o);
+    assert_eq!(d.status.fenced, Some(true));
+    let note = d.notes.iter().find(|n| n.reason == "QuorumLost").unwrap();
+    assert!(note.message.contains("epoch 2"), "{}", note.message);
+}
+
+#[test]
+fn the_standby_promotes_only_holding_the_witness_lease() {
+    let s = with_witness("west");
+    let two = standby_after_failures(2);
+    // Held by east, not yet unchanged for the lease duration: no promotion.
+    let mut o = obs(15, None, Some(false));
+    o.witness = Some(lease(Some("east"), 1, None, false));
+    let d = decide(&s, &two, &o);
+    assert_eq!(d.status.active_site.as_deref(), Some("east"));
+    assert_eq!(d.acquire_witness, None);
+    assert!(!d.actions.contains(&Action::FenceLocal(false)));
+    assert!(d.notes.iter().any(|n| n.reason == "WitnessWait"));
+    // Witness unreachable: no promotion either.
+    let mut o = obs(15, None, Some(false));
+    o.witness = Some(WitnessView::default());
+    let d = decide(&s, &two, &o);
+    assert_eq!(d.status.active_site.as_deref(), Some("east"));
+    assert!(d
+        .notes
+        .iter()
+        .any(|n| n.message.contains("does not answer")));
+    // Lapsed: the controller is asked to take it for epoch 2 first.
+    let mut o = obs(15, None, Some(false));
+    o.witness = Some(lease(Some("east"), 1, None, true));
+    let d = decide(&s, &two, &o);
+    assert_eq!(d.acquire_witness, Some(2));
+    assert_eq!(d.status.active_site.as_deref(), Some("east"));
+    assert!(d
+        .actions
+        .iter()
+        .all(|a| !matches!(a, Action::FenceLocal(false) | Action::PublishDns)));
+    // Taken: the same tick decided again promotes at the Lease's epoch.
+    o.witness = Some(lease(Some("west"), 2, Some(15), true));
+    let d = decide(&s, &two, &o);
+    assert_eq!(d.acquire_witness, None);
+    assert_eq!(d.status.phase, FailoverPhase::FailingOver);
+    assert_eq!(d.status.epoch, 2);
+    assert!(d.actions.contains(&Action::FenceLocal(false)));
 }
