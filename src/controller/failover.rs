@@ -297,7 +297,8 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
     let mut obs = obs;
     let lease = match &spec.witness {
         Some(w) => {
-            let (view, lease) = observe_witness(ctx, &sf, &key, &status, now, timeout).await;
+            let (view, lease) =
+                observe_witness(ctx, &sf, &key, &status, obs.peer.as_ref(), now, timeout).await;
             obs.witness = Some(view);
             lease.map(|l| (l, w.lease_duration_seconds))
         }
@@ -389,6 +390,7 @@ async fn observe_witness(
     sf: &SiteFailover,
     key: &str,
     status: &SiteFailoverStatus,
+    peer: Option<&machine::PeerView>,
     now: Timestamp,
     timeout: Duration,
 ) -> (
@@ -429,12 +431,19 @@ async fn observe_witness(
         duration,
         now,
     );
-    let active = status.active_site.as_deref() == Some(me) && status.epoch > 0;
+    // Who is active at which epoch, as the machine will start from (a new pairing: the peer's view, else the
+    // configured primary at epoch 1), so a new primary holds the Lease from its first tick.
+    let (epoch, active_site) = match peer {
+        _ if status.epoch > 0 => (status.epoch, status.active_site.clone()),
+        Some(p) if p.epoch > 0 && p.active_site.is_some() => (p.epoch, p.active_site.clone()),
+        _ => (1, Some(sf.spec.primary_site.clone())),
+    };
+    let active = active_site.as_deref() == Some(me);
     let mut read = read;
     if let (Some(r), Some(current)) = (&lease_ref, &mut read) {
-        if active && witness::active_may_renew(&view, status.epoch) {
+        if active && witness::active_may_renew(&view, epoch) {
             match r
-                .write(current.as_ref(), Some(me), status.epoch, now, timeout)
+                .write(current.as_ref(), Some(me), epoch, now, timeout)
                 .await
             {
                 Ok(written) => {
@@ -442,7 +451,7 @@ async fn observe_witness(
                     mem.renewed_at = Some(now);
                     mem.seen = None;
                     view.holder = Some(me.to_string());
-                    view.epoch = status.epoch;
+                    view.epoch = epoch;
                     view.renewed_at = Some(now);
                 }
                 Err(e) => info!(sitefailover = %key, error = %e, "cannot renew the witness Lease"),

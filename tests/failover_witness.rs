@@ -1,0 +1,255 @@
+//! Site failover with a witness cluster (a third in-memory API holding the Lease): a primary cut off from
+//! everything fences itself before the standby takes over, a partition between the two sites alone
+//! promotes nobody, a witness outage alone fences nobody, and the Lease follows a failback.
+
+mod failover_support;
+
+use std::sync::atomic::Ordering;
+
+use failover_support::{Sites, INTERVAL, LEASE, THRESHOLD};
+use k8s_openapi::api::coordination::v1::Lease;
+use mailpod_operator::crd::FailoverPhase;
+
+const LEASE_NAME: &str = "sitefailover-corp-geo";
+
+async fn converged() -> Sites {
+    let sites = Sites::with_witness().await;
+    for _ in 0..3 {
+        sites.round().await;
+    }
+    assert_eq!(sites.serving(), vec!["east"]);
+    sites
+}
+
+/// (holder, epoch) of the witness Lease.
+fn lease(sites: &Sites) -> (Option<String>, i64) {
+    let l = sites
+        .witness
+        .get::<Lease>("mailpod-witness", LEASE_NAME)
+        .expect("the witness Lease exists");
+    let epoch = l
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("mailpod.io/epoch"))
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0);
+    (l.spec.and_then(|s| s.holder_identity), epoch)
+}
+
+/// Whether a site has recorded an Event with this reason.
+fn has_event(site: &failover_support::Site, reason: &str) -> bool {
+    site.server
+        .list::<k8s_openapi::api::events::v1::Event>(Some(failover_support::NS))
+        .iter()
+        .any(|e| e.reason.as_deref() == Some(reason))
+}
+
+/// Asserts that at most one site serves, partition or not: the point of the witness.
+fn assert_one_writer(sites: &Sites, when: &str) {
+    let serving = sites.serving();
+    assert!(
+        serving.len() <= 1,
+        "two sites serve at once {when}: {serving:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_primary_holds_the_lease_and_a_healthy_pair_keeps_it() {
+    let sites = converged().await;
+    assert_eq!(lease(&sites), (Some("east".into()), 1));
+    let (e, w) = (sites.east.status(), sites.west.status());
+    let ew = e.witness.unwrap();
+    assert!(ew.reachable && ew.quorum);
+    assert_eq!(ew.holder.as_deref(), Some("east"));
+    assert!(w.witness.unwrap().quorum);
+    assert!(!has_event(&sites.east, "QuorumLost"));
+}
+
+#[tokio::test]
+async fn an_isolated_primary_stops_writing_before_the_standby_takes_over() {
+    let sites = converged().await;
+    // East is cut off from the standby and the witness; its front ends are unreachable from west.
+    sites.partition(true);
+    sites.east.witness_cut.store(true, Ordering::SeqCst);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    let (mut east_fenced_at, mut west_serving_at) = (None, None);
+    for round in 1..=8 {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+        assert_one_writer(&sites, &format!("after west's tick in round {round}"));
+        sites.east.tick().await;
+        assert_one_writer(&sites, &format!("after east's tick in round {round}"));
+        if east_fenced_at.is_none() && !sites.east.serving() {
+            east_fenced_at = Some(round);
+        }
+        if west_serving_at.is_none() && sites.west.serving() {
+            west_serving_at = Some(round);
+        }
+    }
+    let (fenced, promoted) = (east_fenced_at.unwrap(), west_serving_at.unwrap());
+    // Renew deadline: 20 s lease - 2 intervals = 10 s after east's last renewal (0 s), so east fences at
+    // its first tick past it (15 s). West has failed its probes by 15 s, but it first saw that renewal at
+    // 5 s (east ticks after west) and may take the Lease only once unchanged for 20 s: at 25 s.
+    assert_eq!(fenced, 3, "east fenced at 15 s");
+    assert_eq!(promoted, 5, "west promoted at 25 s");
+    assert!(fenced < promoted);
+    let e = sites.east.status();
+    assert_eq!(
+        e.active_site.as_deref(),
+        Some("east"),
+        "east never learned of the promotion"
+    );
+    assert_eq!(e.fenced, Some(true));
+    assert!(!e.witness.unwrap().quorum);
+    assert!(has_event(&sites.east, "QuorumLost"));
+    assert!(has_event(&sites.west, "WitnessWait"));
+    let w = sites.west.status();
+    assert_eq!((w.active_site.as_deref(), w.epoch), (Some("west"), 2));
+    assert_eq!(w.phase, FailoverPhase::FailedOver);
+    // RTO: from the first failed probe (5 s) to promotion (25 s): the Lease duration bounds it.
+    let rec = w.last_failover.unwrap();
+    assert_eq!(rec.rto_seconds, Some(f64::from(LEASE)));
+    assert_eq!(lease(&sites), (Some("west".into()), 2));
+
+    // East comes back: it adopts epoch 2 and stays fenced; west keeps the Lease.
+    sites.partition(false);
+    sites.east.witness_cut.store(false, Ordering::SeqCst);
+    sites.east.frontends_up.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        sites.round().await;
+        assert_one_writer(&sites, "after the return");
+    }
+    assert_eq!(sites.serving(), vec!["west"]);
+    let e = sites.east.status();
+    assert_eq!((e.active_site.as_deref(), e.epoch), (Some("west"), 2));
+    assert_eq!(lease(&sites), (Some("west".into()), 2));
+}
+
+#[tokio::test]
+async fn a_partition_between_the_sites_alone_promotes_nobody() {
+    let sites = converged().await;
+    // The sites cannot see each other (API nor front ends); both still reach the witness.
+    sites.partition(true);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    for round in 0..(THRESHOLD + 6) {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+        sites.east.tick().await;
+        assert_one_writer(&sites, &format!("in round {round}"));
+    }
+    assert_eq!(sites.serving(), vec!["east"], "east keeps serving its mail");
+    let w = sites.west.status();
+    assert_eq!(w.active_site.as_deref(), Some("east"));
+    assert!(w.consecutive_probe_failures >= THRESHOLD);
+    assert!(has_event(&sites.west, "WitnessWait"));
+    assert_eq!(lease(&sites), (Some("east".into()), 1));
+    assert!(sites.east.status().witness.unwrap().quorum);
+}
+
+#[tokio::test]
+async fn a_witness_outage_alone_fences_nobody() {
+    let sites = converged().await;
+    sites.east.witness_cut.store(true, Ordering::SeqCst);
+    sites.west.witness_cut.store(true, Ordering::SeqCst);
+    for _ in 0..6 {
+        sites.round().await;
+    }
+    // The standby agrees that east is active: a majority of the three.
+    assert_eq!(sites.serving(), vec!["east"]);
+    let e = sites.east.status();
+    let ew = e.witness.unwrap();
+    assert!(!ew.reachable);
+    assert!(ew.quorum);
+    assert!(!has_event(&sites.east, "QuorumLost"));
+
+    // With the witness down too, losing east promotes nobody: the standby cannot prove east is not serving.
+    sites.partition(true);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    for _ in 0..(THRESHOLD + 2) {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+        sites.east.tick().await;
+        assert_one_writer(&sites, "witness down and sites partitioned");
+    }
+    assert!(sites.serving().is_empty(), "east fenced itself; west waits");
+    assert!(has_event(&sites.west, "WitnessWait"));
+    // The witness returns: west, having seen the Lease unchanged for its duration, takes over.
+    sites.west.witness_cut.store(false, Ordering::SeqCst);
+    for _ in 0..(LEASE as i64 / INTERVAL + 2) {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+        sites.east.tick().await;
+        assert_one_writer(&sites, "witness back for west");
+    }
+    assert_eq!(sites.serving(), vec!["west"]);
+    assert_eq!(lease(&sites), (Some("west".into()), 2));
+}
+
+#[tokio::test]
+async fn a_primary_that_sees_the_standby_but_not_the_witness_is_fenced_before_the_standby_serves() {
+    let sites = converged().await;
+    // East's front ends stop answering west's probe, and east loses the witness (but sees west).
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    sites.east.witness_cut.store(true, Ordering::SeqCst);
+    for round in 0..6 {
+        sites.round().await;
+        assert_one_writer(&sites, &format!("in round {round}"));
+    }
+    // West took the Lease and promoted; reachable, east was told and fenced before west served.
+    assert_eq!(sites.serving(), vec!["west"]);
+    assert_eq!(lease(&sites), (Some("west".into()), 2));
+    assert_eq!(sites.east.status().epoch, 2);
+}
+
+#[tokio::test]
+async fn the_lease_follows_a_planned_failback() {
+    let sites = converged().await;
+    sites.partition(true);
+    sites.east.witness_cut.store(true, Ordering::SeqCst);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    for _ in 0..5 {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+        sites.east.tick().await;
+    }
+    assert_eq!(sites.serving(), vec!["west"]);
+    sites.partition(false);
+    sites.east.witness_cut.store(false, Ordering::SeqCst);
+    sites.east.frontends_up.store(true, Ordering::SeqCst);
+    sites.round().await;
+    sites.east.set_lag(0.0).await;
+    sites.east.annotate_failback().await;
+    for _ in 0..4 {
+        sites.round().await;
+        assert_one_writer(&sites, "during the failback");
+    }
+    assert_eq!(sites.serving(), vec!["east"]);
+    assert_eq!(sites.west.status().last_failover.unwrap().kind, "failback");
+    assert_eq!(lease(&sites), (Some("east".into()), 3));
+    assert!(sites.east.status().witness.unwrap().quorum);
+}
+
+#[tokio::test]
+async fn a_standby_that_took_the_lease_gives_it_back_when_the_primary_answers() {
+    let sites = converged().await;
+    // As if west took the Lease for a promotion and its operator stopped before recording it.
+    let api: kube::Api<Lease> = kube::Api::namespaced(sites.witness.client(), "mailpod-witness");
+    let mut l = api.get(LEASE_NAME).await.unwrap();
+    l.spec.as_mut().unwrap().holder_identity = Some("west".into());
+    l.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("mailpod.io/epoch".into(), "2".into());
+    api.replace(LEASE_NAME, &Default::default(), &l)
+        .await
+        .unwrap();
+    for round in 0..3 {
+        sites.round().await;
+        assert_one_writer(&sites, &format!("in round {round}"));
+        // East never stops: west agrees that it is active.
+        assert_eq!(sites.serving(), vec!["east"]);
+    }
+    assert_eq!(lease(&sites), (Some("east".into()), 1));
+    assert_eq!(sites.west.status().active_site.as_deref(), Some("east"));
+}
