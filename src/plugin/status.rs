@@ -136,6 +136,23 @@ pub async fn status(
                 .map(|l| format!("{l:.1}s"))
                 .unwrap_or_else(|| "-".into()),
         );
+        if let Some(w) = &s.witness {
+            let _ = writeln!(
+                out,
+                "  witness: {}, Lease held by {}, {}",
+                if w.reachable {
+                    "reachable"
+                } else {
+                    "unreachable"
+                },
+                w.holder.as_deref().unwrap_or("nobody"),
+                if w.quorum {
+                    "in quorum"
+                } else {
+                    "QUORUM LOST: this site's stores are fenced"
+                },
+            );
+        }
         if let Some(f) = &s.last_failover {
             let _ = writeln!(
                 out,

@@ -684,6 +684,26 @@ fn set_conditions(
         gen,
         t.clone(),
     );
+    if let Some(w) = st.witness.clone() {
+        set_condition(
+            &mut st.conditions,
+            condition::QUORUM,
+            w.quorum,
+            if w.quorum { "InQuorum" } else { "QuorumLost" },
+            if w.quorum {
+                String::new()
+            } else {
+                format!(
+                    "neither the witness Lease (holder {}, witness {}) nor site {} confirms this site: its stores are fenced",
+                    w.holder.as_deref().unwrap_or("none"),
+                    if w.reachable { "reachable" } else { "unreachable" },
+                    spec.peer.name
+                )
+            },
+            gen,
+            t.clone(),
+        );
+    }
     set_condition(
         &mut st.conditions,
         condition::WITHIN_RPO,

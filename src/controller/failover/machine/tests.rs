@@ -575,6 +575,16 @@ fn an_active_site_cut_off_from_witness_and_peer_fences_itself_at_the_renew_deadl
     assert_eq!(d.status.fenced, Some(true));
     assert!(!d.status.witness.as_ref().unwrap().quorum);
     assert!(d.notes.iter().any(|n| n.reason == "QuorumLost"));
+    let c = d
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::QUORUM)
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "QuorumLost")
+    );
     assert_eq!(
         d.status.active_site.as_deref(),
         Some("east"),
