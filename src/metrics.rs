@@ -131,6 +131,7 @@ impl Collector for OperatorMetrics {
                 ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
             }
         }
+        encode_sites(&mut encoder, &controllers)?;
         let gauge = ConstGauge::new(i64::from(self.leader.load(Ordering::Relaxed)));
         gauge.encode(encoder.encode_descriptor(
             "leader",
@@ -140,6 +141,100 @@ impl Collector for OperatorMetrics {
         )?)?;
         Ok(())
     }
+}
+
+/// Per-SiteFailover gauges from the statuses the SiteFailover controller last wrote, labelled with the
+/// object, this site and the peer. Absent values (lag not reported, no failover yet) are left out rather
+/// than reported as 0.
+fn encode_sites(
+    encoder: &mut DescriptorEncoder,
+    controllers: &[(&'static str, Arc<Stats>)],
+) -> Result<(), std::fmt::Error> {
+    use crate::crd::{FailoverPhase, SiteFailoverStatus};
+    let sites: Vec<_> = controllers.iter().flat_map(|(_, s)| s.sites()).collect();
+    if sites.is_empty() {
+        return Ok(());
+    }
+    let now = jiff::Timestamp::now();
+    let since = move |t: &Option<String>| {
+        t.as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(|t| now.duration_since(t).as_secs_f64().max(0.0))
+    };
+    fn b(v: Option<bool>) -> Option<f64> {
+        v.map(|b| if b { 1.0 } else { 0.0 })
+    }
+    type Read<'a> = Box<dyn Fn(&SiteFailoverStatus, &str) -> Option<f64> + 'a>;
+    let gauges: Vec<(&str, &str, Read)> = vec![
+        ("sitefailover_epoch", "Epoch this site holds.", Box::new(|s, _| Some(s.epoch as f64))),
+        (
+            "sitefailover_active",
+            "1 when this site is the active site and its stores are not fenced.",
+            Box::new(|s, me| {
+                b(Some(s.active_site.as_deref() == Some(me) && s.fenced != Some(true)))
+            }),
+        ),
+        ("sitefailover_fenced", "1 while this site's stores are fenced.", Box::new(|s, _| b(s.fenced))),
+        (
+            "sitefailover_failing_over",
+            "1 while a failover or failback is in progress.",
+            Box::new(|s, _| {
+                b(Some(matches!(s.phase, FailoverPhase::FailingOver | FailoverPhase::FailingBack)))
+            }),
+        ),
+        ("sitefailover_peer_reachable", "1 when the peer's API answered at the last tick.", Box::new(|s, _| b(s.peer_reachable))),
+        (
+            "sitefailover_probe_failures",
+            "Consecutive failed probes of the peer's front ends.",
+            Box::new(|s, _| Some(f64::from(s.consecutive_probe_failures))),
+        ),
+        ("sitefailover_access_tables_in_sync", "1 when both sites' access-table hashes are equal.", Box::new(|s, _| b(s.access_tables_in_sync))),
+        (
+            "sitefailover_seconds_since_table_sync",
+            "Seconds since the current access tables were confirmed equal on both sites.",
+            Box::new(move |s, _| since(&s.last_table_sync)),
+        ),
+        (
+            "sitefailover_replication_lag_seconds",
+            "How far the standby's stores are behind the active site's (the RPO if it were lost now).",
+            Box::new(|s, _| s.replication_lag_seconds),
+        ),
+        (
+            "sitefailover_quorum",
+            "With a witness: 1 while this site is in quorum (an active site out of quorum fences itself).",
+            Box::new(|s, _| b(s.witness.as_ref().map(|w| w.quorum))),
+        ),
+        (
+            "sitefailover_last_rto_seconds",
+            "Measured RTO of the last failover or failback.",
+            Box::new(|s, _| s.last_failover.as_ref().and_then(|f| f.rto_seconds)),
+        ),
+        (
+            "sitefailover_last_rpo_seconds",
+            "Replication lag at the last failover or failback.",
+            Box::new(|s, _| s.last_failover.as_ref().and_then(|f| f.rpo_seconds)),
+        ),
+    ];
+    for (name, help, read) in gauges {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for ((ns, sf), r) in &sites {
+            if let Some(v) = read(&r.status, &r.site) {
+                let labels = [
+                    ("namespace", ns.as_str()),
+                    ("sitefailover", sf.as_str()),
+                    ("site", r.site.as_str()),
+                    ("peer", r.peer.as_str()),
+                ];
+                ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Serves /healthz (the process answers), /readyz (see [`OperatorMetrics::set_ready`]) and /metrics.

@@ -44,6 +44,23 @@ async fn metrics_health_and_readiness() {
     let sites = std::sync::Arc::new(mailpod_operator::controller::Stats::default());
     metrics.register("sitefailover", sites.clone());
     drop(sites.start_reconcile());
+    let status: mailpod_operator::crd::SiteFailoverStatus = serde_json::from_value(serde_json::json!({
+        "phase": "FailedOver", "activeSite": "west", "epoch": 2, "fenced": false, "peerReachable": false,
+        "consecutiveProbeFailures": 0, "accessTablesInSync": true, "replicationLagSeconds": 1.5,
+        "witness": {"reachable": true, "holder": "west", "quorum": true},
+        "lastFailover": {"from": "east", "to": "west", "epoch": 2, "startedAt": "2026-01-01T00:00:00Z",
+                         "rtoSeconds": 20.0, "rpoSeconds": 1.5, "kind": "failover"}
+    }))
+    .unwrap();
+    sites.report_site(
+        "mail",
+        "corp-geo",
+        Some(mailpod_operator::controller::SiteReport {
+            site: "west".into(),
+            peer: "east".into(),
+            status,
+        }),
+    );
     for _ in 0..3 {
         let _timer = mailpods.stats.start_reconcile();
     }
@@ -83,12 +100,28 @@ async fn metrics_health_and_readiness() {
         "mailpod_operator_reconcile_duration_seconds_count{controller=\"storagelun\"} 0",
         "mailpod_operator_managed_objects{controller=\"mailpod\"} 7",
         "mailpod_operator_reconciles_total{controller=\"sitefailover\"} 1",
+        "mailpod_operator_sitefailover_epoch{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 2.0",
+        "mailpod_operator_sitefailover_active{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 1.0",
+        "mailpod_operator_sitefailover_peer_reachable{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 0.0",
+        "mailpod_operator_sitefailover_replication_lag_seconds{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 1.5",
+        "mailpod_operator_sitefailover_quorum{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 1.0",
+        "mailpod_operator_sitefailover_last_rto_seconds{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 20.0",
     ] {
         assert!(
             body.lines().any(|l| l == line),
             "missing `{line}` in:\n{body}"
         );
     }
+    // Not reported: values the status does not hold (no table sync recorded).
+    assert!(
+        !body.contains("sitefailover_seconds_since_table_sync{"),
+        "{body}"
+    );
+    sites.report_site("mail", "corp-geo", None);
+    assert!(!get(port, "/metrics")
+        .await
+        .1
+        .contains("sitefailover_epoch{"));
     task.abort();
 }
 

@@ -202,6 +202,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
     )
     .await?
     else {
+        ctx.stats.report_site(ns, name, None);
         return Ok(Duration::from_secs(300));
     };
     let spec = &sf.spec;
@@ -363,8 +364,16 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
             Err(e) => return Err(e),
         }
     }
+    let report = |status: &SiteFailoverStatus| super::SiteReport {
+        site: ctx.site.clone(),
+        peer: spec.peer.name.clone(),
+        status: status.clone(),
+    };
+    ctx.stats
+        .report_site(ns, name, Some(report(&decision.status)));
     if let Some(after) = &decision.after {
         record(ctx, &sf, after, false, timeout).await?;
+        ctx.stats.report_site(ns, name, Some(report(after)));
         if let Some(rec) = &after.last_failover {
             let msg = format!(
                 "{} from {} to {} at epoch {} done: RTO {:.1} s, RPO {}",

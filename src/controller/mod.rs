@@ -67,6 +67,17 @@ pub struct Stats {
     pub durations: prometheus_client::metrics::histogram::Histogram,
     /// How many objects of its kind the controller manages (its reflector's size), once it runs.
     managed: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// The SiteFailover controller's last recorded status per `(namespace, name)`, with this site's name,
+    /// for the per-pairing gauges.
+    sites: std::sync::Mutex<std::collections::BTreeMap<(String, String), SiteReport>>,
+}
+
+/// One SiteFailover as the metrics report it.
+#[derive(Clone, Debug)]
+pub struct SiteReport {
+    pub site: String,
+    pub peer: String,
+    pub status: crate::crd::SiteFailoverStatus,
 }
 
 impl Default for Stats {
@@ -80,6 +91,7 @@ impl Default for Stats {
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
             ),
             managed: std::sync::OnceLock::new(),
+            sites: Default::default(),
         }
     }
 }
@@ -126,6 +138,26 @@ impl Stats {
     /// Objects managed, when the controller runs.
     pub fn managed(&self) -> Option<usize> {
         self.managed.get().map(|f| f())
+    }
+
+    /// Records a SiteFailover's status as this site last wrote it (`None`: the object is gone).
+    pub fn report_site(&self, ns: &str, name: &str, report: Option<SiteReport>) {
+        let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (ns.to_string(), name.to_string());
+        match report {
+            Some(r) => {
+                sites.insert(key, r);
+            }
+            None => {
+                sites.remove(&key);
+            }
+        }
+    }
+
+    /// The SiteFailovers reported, by `(namespace, name)`.
+    pub fn sites(&self) -> Vec<((String, String), SiteReport)> {
+        let sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
+        sites.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     pub fn reconciles(&self) -> u64 {
