@@ -42,6 +42,20 @@ struct TestPeers {
     witness_cut: Arc<AtomicBool>,
 }
 
+/// A client for `server`, unless the link to it is cut.
+fn link(
+    server: &ApiServer,
+    cut: &AtomicBool,
+    what: &str,
+) -> BoxFuture<'static, Result<Client, String>> {
+    let result = if cut.load(Ordering::SeqCst) {
+        Err(format!("{what} unreachable"))
+    } else {
+        Ok(server.client())
+    };
+    Box::pin(async move { result })
+}
+
 impl PeerConnector for TestPeers {
     fn connect<'a>(
         &'a self,
@@ -49,13 +63,7 @@ impl PeerConnector for TestPeers {
         _sf: &'a SiteFailover,
         _timeout: Duration,
     ) -> BoxFuture<'a, Result<Client, String>> {
-        Box::pin(async move {
-            if self.cut.load(Ordering::SeqCst) {
-                Err("partitioned".to_string())
-            } else {
-                Ok(self.peer.client())
-            }
-        })
+        link(&self.peer, &self.cut, "peer")
     }
 
     fn witness<'a>(
@@ -64,13 +72,7 @@ impl PeerConnector for TestPeers {
         _sf: &'a SiteFailover,
         _timeout: Duration,
     ) -> BoxFuture<'a, Result<Client, String>> {
-        Box::pin(async move {
-            if self.witness_cut.load(Ordering::SeqCst) {
-                Err("witness unreachable".to_string())
-            } else {
-                Ok(self.witness.client())
-            }
-        })
+        link(&self.witness, &self.witness_cut, "witness")
     }
 }
 
