@@ -253,3 +253,45 @@ async fn a_standby_that_took_the_lease_gives_it_back_when_the_primary_answers() 
     assert_eq!(lease(&sites), (Some("east".into()), 1));
     assert_eq!(sites.west.status().active_site.as_deref(), Some("east"));
 }
+
+#[tokio::test]
+async fn a_restart_after_taking_the_lease_finishes_the_promotion() {
+    let mut sites = converged().await;
+    sites.partition(true);
+    sites.east.witness_cut.store(true, Ordering::SeqCst);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    for _ in 0..4 {
+        sites.advance(INTERVAL);
+        sites.west.tick().await;
+        sites.east.tick().await;
+    }
+    assert!(!sites.east.serving() && !sites.west.serving());
+    // The promoting tick takes the Lease and records its decision, then dies before unfencing.
+    sites.advance(INTERVAL);
+    sites
+        .west
+        .server
+        .inject(mailpod_operator::testkit::Fault::new(
+            Some(http::Method::PATCH),
+            "/storageluns/",
+            mailpod_operator::testkit::FaultKind::Timeout,
+            1,
+        ));
+    assert!(sites.west.try_tick().await.is_err());
+    assert_eq!(sites.west.status().phase, FailoverPhase::FailingOver);
+    assert_eq!(lease(&sites), (Some("west".into()), 2));
+    assert!(sites.serving().is_empty());
+
+    // A new operator process: no memory of the Lease, only the stored status and the Lease itself.
+    let peer = sites.east.server.clone();
+    let witness = sites.witness.clone();
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clock = sites.clock.clone();
+    sites.west.restart(&peer, &witness, up, clock);
+    sites.advance(1);
+    sites.west.tick().await;
+    let w = sites.west.status();
+    assert_eq!((w.phase, w.epoch), (FailoverPhase::FailedOver, 2));
+    assert_eq!(sites.serving(), vec!["west"]);
+    assert_eq!(lease(&sites), (Some("west".into()), 2));
+}
