@@ -264,11 +264,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
         None
     };
     let peer_state = peer.as_ref().map(|(_, s)| s);
-    let lag = if local_active {
-        peer_state.and_then(SiteState::lag)
-    } else {
-        local.lag()
-    };
+    let lag = observe::replication_lag(&local, peer_state, local_active);
     let obs = Observation {
         now,
         peer: peer.as_ref().map(|(p, _)| observe::peer_view(p.as_ref())),
