@@ -11,6 +11,7 @@ pub mod act;
 pub mod machine;
 pub mod observe;
 pub mod peer;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::future::Future;
