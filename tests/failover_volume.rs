@@ -323,3 +323,51 @@ async fn volume_replicated_mailpod_fails_over_and_back_in_the_right_order() {
         "east keeps its own image, which resyncs from west"
     );
 }
+
+/// The primary's front ends fail while its API still answers: the RPO is the active site's image lag at
+/// the promotion, and the new active site fences the old primary directly, whose images are demoted only
+/// after its stores are gone.
+#[tokio::test]
+async fn with_the_primarys_api_reachable_the_rpo_is_its_image_lag() {
+    let sites = converged().await;
+    let (east, west) = (&sites.east, &sites.west);
+    for claim in CLAIMS {
+        bind(&west.server, NS, claim).await;
+    }
+    let east_lag = lun(east).status.unwrap().replication_lag_seconds.unwrap();
+    east.frontends_up.store(false, Ordering::SeqCst);
+    for _ in 0..THRESHOLD {
+        sites.advance(INTERVAL);
+        west.tick().await;
+    }
+    let w = west.status();
+    assert_eq!(w.active_site.as_deref(), Some("west"));
+    assert_eq!(w.last_failover.unwrap().rpo_seconds, Some(east_lag));
+    // West told east and fenced its LUN in the same tick.
+    assert!(lun(east).spec.fenced);
+    east.settle_luns().await;
+    assert_eq!(store_replicas(&east.server, NS, LUN), Some(0));
+    assert_eq!(
+        requested_state(&east.server, NS, CLAIMS[0])
+            .await
+            .as_deref(),
+        Some("primary"),
+        "east's stores still run"
+    );
+    follow_statefulset(&east.server, NS, LUN).await;
+    east.settle_luns().await;
+    assert_eq!(
+        requested_state(&east.server, NS, CLAIMS[0])
+            .await
+            .as_deref(),
+        Some("secondary")
+    );
+    // West promotes its images, then starts its stores.
+    west.settle_luns().await;
+    assert_eq!(store_replicas(&west.server, NS, LUN), Some(0));
+    for claim in CLAIMS {
+        report_state(&west.server, NS, claim, "Primary", None).await;
+    }
+    west.settle_luns().await;
+    assert_eq!(store_replicas(&west.server, NS, LUN), Some(2));
+}
