@@ -18,6 +18,9 @@ pub mod labels {
     pub const ROLE: &str = "mailpod.io/role";
     pub const ROLE_ACTIVE: &str = "active";
     pub const ROLE_STANDBY: &str = "standby";
+    /// On objects copied from the other site of a SiteFailover (the standby's PersistentVolumes that point
+    /// at mirrored images): the site they were copied from.
+    pub const MIRRORED_FROM: &str = "mailpod.io/mirrored-from";
     pub const APP_NAME: &str = "mailpod";
     pub const MANAGER: &str = "mailpod-operator";
 }

@@ -10,7 +10,10 @@ use kube::ResourceExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::crd::{MailPod, MailboxSource, SiteFailover, StorageLUN};
+use serde_json::Value;
+
+use crate::controller::lun::replication;
+use crate::crd::{MailPod, MailboxSource, ReplicationMethod, SiteFailover, StorageLUN};
 use crate::resources::{self, lun::assignments, mailboxes, Child};
 
 /// One input document that cannot be rendered: which file, which object, which field, what is wrong.
@@ -84,9 +87,9 @@ pub fn render(files: &[(String, String)], opts: &Options) -> Result<String, Rend
         return Err(RenderErrors(errs));
     }
     let mut out = String::new();
-    for child in children {
+    for object in children {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&child.to_json()).expect("objects serialize"));
+        out.push_str(&serde_yaml::to_string(&object).expect("objects serialize"));
     }
     Ok(out)
 }
@@ -215,7 +218,22 @@ fn lookup_source<'a>(
     }
 }
 
-fn build_all(docs: &[Doc], opts: &Options, errs: &mut Vec<RenderError>) -> Vec<Child> {
+/// What the StorageLUN controller applies for `lun` once it has settled: the store objects and, for block
+/// replication, a VolumeReplication per replica (secondary, with no store running, while fenced).
+fn lun_objects(lun: &StorageLUN, image: &str) -> Vec<Value> {
+    let mut children = resources::store::build(lun, image);
+    let volume = lun.spec.replication.method == ReplicationMethod::Volume;
+    if volume && lun.spec.fenced {
+        resources::store::set_store_replicas(&mut children, 0);
+    }
+    let mut out: Vec<Value> = children.iter().map(Child::to_json).collect();
+    if volume {
+        out.extend(replication::build(lun));
+    }
+    out
+}
+
+fn build_all(docs: &[Doc], opts: &Options, errs: &mut Vec<RenderError>) -> Vec<Value> {
     let mut out = vec![];
     // StorageLUNs among the inputs: a MailPod's existing placement, or standalone LUNs.
     let mut owned_luns: BTreeMap<(String, String), Vec<&StorageLUN>> = BTreeMap::new();
@@ -258,10 +276,10 @@ fn build_all(docs: &[Doc], opts: &Options, errs: &mut Vec<RenderError>) -> Vec<C
                     Ok(desired) => {
                         for child in desired.children {
                             let lun_children = match &child {
-                                Child::StorageLUN(lun) => resources::store::build(lun, &opts.image),
+                                Child::StorageLUN(lun) => lun_objects(lun, &opts.image),
                                 _ => vec![],
                             };
-                            out.push(child);
+                            out.push(child.to_json());
                             out.extend(lun_children);
                         }
                     }
@@ -279,7 +297,7 @@ fn build_all(docs: &[Doc], opts: &Options, errs: &mut Vec<RenderError>) -> Vec<C
                     continue; // rendered through its MailPod, with the placement it records
                 }
                 match lun.validate() {
-                    Ok(()) => out.extend(resources::store::build(lun, &opts.image)),
+                    Ok(()) => out.extend(lun_objects(lun, &opts.image)),
                     Err(e) => errs.extend(e.0.iter().map(|fe| {
                         err(
                             &d.file,

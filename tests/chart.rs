@@ -194,6 +194,7 @@ fn rendered_children() -> Vec<Value> {
     for f in [
         "mailpod-small.yaml",
         "mailpod-corp.yaml",
+        "mailpod-rbd.yaml",
         "sitefailover.yaml",
     ] {
         cmd.arg("-f").arg(root().join("examples").join(f));
@@ -222,13 +223,16 @@ const CONTROLLER_WRITES: &[(&str, &str, &[&str])] = &[
     ("mailpod.io", "sitefailovers/status", &["get", "patch"]),
     ("mailpod.io", "mailpods/finalizers", &["update"]),
     ("mailpod.io", "storageluns/finalizers", &["update"]),
-    // Role labels on store pods (promotion); PVC clones for restores; restore Jobs.
+    // Role labels on store pods (promotion); PVC clones for restores and, at a standby site with block
+    // replication, claims pre-bound to the mirrored images; restore Jobs.
     ("", "pods", &["get", "list", "watch", "patch"]),
     (
         "",
         "persistentvolumeclaims",
         &["get", "list", "watch", "create"],
     ),
+    // The standby's PersistentVolumes pointing at the images the storage mirrors (cluster-scoped).
+    ("", "persistentvolumes", &["get", "create"]),
     ("batch", "jobs", &["get", "list", "watch", "create"]),
     // Mailbox lists, the peer kubeconfig, the LUN replication password.
     ("", "secrets", &["get", "list", "watch", "create"]),
@@ -309,6 +313,7 @@ fn check_operator_grants(held: &Grants, children: &[Value]) {
         "policy/poddisruptionbudgets",
         "rbac.authorization.k8s.io/roles",
         "rbac.authorization.k8s.io/rolebindings",
+        "replication.storage.openshift.io/volumereplications",
     ] {
         assert!(
             kinds.contains(k),
@@ -670,17 +675,30 @@ fn watched_namespaces_get_roles_and_no_cluster_wide_access() {
         }
         check_operator_grants(&g, &children);
     }
-    // The ClusterRole holds only cluster-scoped classes: nothing in any namespace outside the list.
+    // The ClusterRole holds only cluster-scoped objects: the classes (read) and the PersistentVolumes a
+    // standby points at mirrored images (read, create; never changed or deleted). Nothing in any
+    // namespace outside the list.
     let cluster = grants(of_kind(&docs, "ClusterRole"));
     let resources: BTreeSet<&str> = cluster.keys().map(|(_, r)| r.as_str()).collect();
     assert_eq!(
         resources,
-        BTreeSet::from(["volumesnapshotclasses", "volumereplicationclasses"])
+        BTreeSet::from([
+            "volumesnapshotclasses",
+            "volumereplicationclasses",
+            "persistentvolumes"
+        ])
     );
-    assert!(cluster
-        .values()
-        .flatten()
-        .all(|v| v == "get" || v == "list"));
+    for ((_, resource), verbs) in &cluster {
+        let allowed: &[&str] = if resource == "persistentvolumes" {
+            &["get", "create"]
+        } else {
+            &["get", "list"]
+        };
+        assert!(
+            verbs.iter().all(|v| allowed.contains(&v.as_str())),
+            "{resource}: {verbs:?}"
+        );
+    }
 }
 
 #[test]

@@ -371,3 +371,61 @@ fn site_replication_exposes_each_luns_active_replica_to_the_other_site() {
         &["spec.backend.siteReplication.sourceRanges[0]: `anywhere` is not a CIDR range"],
     );
 }
+
+/// Block replication: each store volume gets a csi-addons VolumeReplication, `primary` while its LUN
+/// serves; the same LUN fenced (as at a standby site) renders with no store running and its images
+/// `secondary`. Dovecot replication renders none.
+#[test]
+fn volume_replications_follow_fencing() {
+    let out = render(&["-f", "examples/mailpod-rbd.yaml"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    golden("render-rbd.yaml", &yaml);
+    let d = docs(&yaml);
+    let check = |d: &[Value], state: &str, stores: u64| {
+        let vrs = of_kind(d, "VolumeReplication");
+        let names: Vec<&str> = vrs
+            .iter()
+            .map(|v| v["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["mail-vault-lun-0-0", "mail-vault-lun-0-1"]);
+        for v in vrs {
+            assert_eq!(v["apiVersion"], "replication.storage.openshift.io/v1alpha1");
+            assert_eq!(v["spec"]["replicationState"], state);
+            assert_eq!(v["spec"]["dataSource"]["kind"], "PersistentVolumeClaim");
+            assert_eq!(v["spec"]["dataSource"]["name"], v["metadata"]["name"]);
+            assert_eq!(v["spec"]["volumeReplicationClass"], "rbd-mirror-5m");
+            assert_eq!(v["spec"]["autoResync"], true);
+            assert_eq!(v["metadata"]["ownerReferences"][0]["kind"], "StorageLUN");
+            assert_eq!(v["metadata"]["ownerReferences"][0]["name"], "vault-lun-0");
+        }
+        let sts = d
+            .iter()
+            .find(|o| o["kind"] == "StatefulSet" && o["metadata"]["name"] == "vault-lun-0")
+            .unwrap();
+        assert_eq!(sts["spec"]["replicas"].as_u64(), Some(stores));
+    };
+    check(&d, "primary", 2);
+
+    let mut lun = of_kind(&d, "StorageLUN")[0].clone();
+    lun["spec"]["fenced"] = Value::Bool(true);
+    let fenced = render(&["-f", "-"], Some(&serde_yaml::to_string(&lun).unwrap()));
+    assert!(
+        fenced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fenced.stderr)
+    );
+    check(
+        &docs(&String::from_utf8(fenced.stdout).unwrap()),
+        "secondary",
+        0,
+    );
+
+    let dovecot = render(&["-f", "examples/mailpod-small.yaml"], None);
+    let d = docs(&String::from_utf8(dovecot.stdout).unwrap());
+    assert!(of_kind(&d, "VolumeReplication").is_empty());
+}

@@ -11,6 +11,7 @@ pub mod act;
 pub mod machine;
 pub mod observe;
 pub mod peer;
+pub mod volumes;
 pub mod witness;
 
 use std::collections::HashMap;
@@ -275,11 +276,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
         None
     };
     let peer_state = peer.as_ref().map(|(_, s)| s);
-    let lag = if local_active {
-        peer_state.and_then(SiteState::lag)
-    } else {
-        local.lag()
-    };
+    let lag = observe::replication_lag(&local, peer_state, local_active);
     let obs = Observation {
         now,
         peer: peer.as_ref().map(|(p, _)| observe::peer_view(p.as_ref())),

@@ -10,6 +10,7 @@ pub mod failover;
 pub mod replicas;
 pub mod replication;
 pub mod reports;
+pub mod volume;
 
 use crate::controller::publish;
 use std::sync::Arc;
@@ -80,7 +81,7 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         return reject(&ctx, &lun, errs).await;
     }
 
-    let desired = store::build(&lun, &ctx.config.default_image);
+    let mut desired = store::build(&lun, &ctx.config.default_image);
     let selector = format!("{}={name}", l::LUN);
     let live = LiveChildren::list(
         &ctx.client,
@@ -90,6 +91,14 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         &lun.uid().unwrap_or_default(),
     )
     .await?;
+    // Block replication: whether the stores may run depends on the state of their images.
+    let volume = if lun.spec.replication.method == ReplicationMethod::Volume {
+        let prepared = volume::prepare(&ctx.client, &lun, &live).await?;
+        store::set_store_replicas(&mut desired, prepared.plan.store_replicas);
+        Some(prepared)
+    } else {
+        None
+    };
     let report = apply::apply_children(&ctx.client, &ns, &desired, &live).await?;
     ensure_replication_secret(&ctx.client, &ns, &lun).await?;
     if report.changed() {
@@ -110,10 +119,25 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         )
         .await;
     }
-    let replication_issue = if lun.spec.replication.method == ReplicationMethod::Volume {
-        replication::apply(&ctx.client, &lun).await?
-    } else {
-        None
+    let replication_issue = match &volume {
+        Some(v) => {
+            if let Some(state) = v.plan.images {
+                let written = replication::apply(&ctx.client, &lun, state).await?;
+                if !written.is_empty() {
+                    publish(
+                        &ctx,
+                        lun.as_ref(),
+                        EventType::Normal,
+                        "VolumeReplication",
+                        "Replicate",
+                        format!("{} set to {}", written.join(", "), state.spec_value()),
+                    )
+                    .await;
+                }
+            }
+            v.replications.issue.clone()
+        }
+        None => None,
     };
 
     // Observe the store pods and decide who serves.
@@ -139,7 +163,19 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         now,
     );
     let current = lun.status.clone().unwrap_or_default();
-    let decision = failover::decide(&lun.spec, &current, &observed, now);
+    let mut decision = failover::decide(&lun.spec, &current, &observed, now);
+    if let Some(v) = &volume {
+        if let Some(condition) = &v.plan.condition {
+            decision.degraded = Some(condition.clone());
+        }
+        if v.plan.waiting {
+            decision.requeue_after = Some(
+                decision
+                    .requeue_after
+                    .map_or(volume::WAIT, |d| d.min(volume::WAIT)),
+            );
+        }
+    }
     actuate(&pods, &decision).await?;
     point_replicas(&pods, &lun, &pod_list.items).await?;
     for note in &decision.notes {
@@ -159,7 +195,11 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         .await;
     }
 
-    let status = compute_status(&lun, &current, &decision, &observed, replication_issue, now);
+    let mut status = compute_status(&lun, &current, &decision, &observed, replication_issue, now);
+    if let Some(v) = &volume {
+        // The figure that matters across sites: how far the other site's copy of the images is behind.
+        status.replication_lag_seconds = volume::lag(lun.spec.fenced, &v.replications.live, now);
+    }
     write_status(&ctx, &lun, &current, &status).await?;
     ctx.reset_failures(lun.as_ref());
     Ok(match decision.requeue_after {

@@ -45,7 +45,9 @@ pub enum ReplicationMethod {
     /// The store agents run Dovecot's `doveadm sync` from the active replica to each standby, continuously.
     #[default]
     Dovecot,
-    /// The storage replicates blocks: the operator creates csi-addons `VolumeReplication` objects.
+    /// The storage replicates blocks (Ceph RBD mirroring to another cluster): the operator creates a
+    /// csi-addons `VolumeReplication` per store volume, `primary` while the LUN serves and `secondary`
+    /// while it is fenced (then no store runs).
     Volume,
 }
 

@@ -84,7 +84,9 @@ pub struct StorageLUNSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9.:\\[\\]-]+:[0-9]{1,5}$')").message("must be host:port"))]
     pub replication_source: Option<String>,
-    /// Fenced: no replica of this LUN serves as active (set during site failover, or by hand).
+    /// Fenced: no replica of this LUN serves as active (set during site failover, or by hand). With
+    /// replication method `Volume` no store runs either, and the volumes' images are demoted to secondary
+    /// once the stores are gone.
     /// Left out of the MailPod's apply so the site-failover controller and `kubectl mailpod fence` own it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fenced: bool,
@@ -122,7 +124,9 @@ pub struct StorageLUNStatus {
     pub needs_resync: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaStatus>,
-    /// Largest lag of a standby behind the active replica.
+    /// Largest lag of a standby behind the active replica. With replication method `Volume`: how far the
+    /// other site's copy of the volumes is behind (now − the oldest `lastSyncTime` csi-addons reports),
+    /// unset while fenced or before a sync is reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_lag_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

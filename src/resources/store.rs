@@ -9,7 +9,8 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    Container, PodSpec, PodTemplateSpec, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Container, PersistentVolumeClaim, PodSpec, PodTemplateSpec, Service, ServiceAccount,
+    ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -244,12 +245,7 @@ fn statefulset(ctx: &Context) -> StatefulSet {
                     when_scaled: Some("Retain".into()),
                 },
             ),
-            volume_claim_templates: Some(vec![pod::claim_template(
-                volumes::MAIL,
-                ctx.labels(COMPONENT),
-                &spec.capacity,
-                spec.storage_class_name.clone(),
-            )]),
+            volume_claim_templates: Some(vec![claim_template(ctx)]),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(ctx.labels(COMPONENT)),
@@ -264,6 +260,38 @@ fn statefulset(ctx: &Context) -> StatefulSet {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// The `mail` volumeClaimTemplate of the store StatefulSet.
+fn claim_template(ctx: &Context) -> PersistentVolumeClaim {
+    pod::claim_template(
+        volumes::MAIL,
+        ctx.labels(COMPONENT),
+        &ctx.lun.spec.capacity,
+        ctx.lun.spec.storage_class_name.clone(),
+    )
+}
+
+/// The PVC the StatefulSet would create for replica `ordinal` (`mail-corp-lun-0-1`): name, namespace,
+/// labels and spec of its volumeClaimTemplate. A PVC created ahead of it with these is adopted as is.
+pub fn store_claim(lun: &StorageLUN, ordinal: i32) -> PersistentVolumeClaim {
+    let ctx = Context::new(lun, "");
+    let mut claim = claim_template(&ctx);
+    claim.metadata.name = Some(names::lun_pvc(ctx.name(), ordinal));
+    claim.metadata.namespace = lun.namespace();
+    claim
+}
+
+/// Sets the replica count of the store StatefulSet among `children` (a fenced LUN with block replication
+/// runs no store: its volumes are read-only secondaries).
+pub fn set_store_replicas(children: &mut [Child], replicas: i32) {
+    for child in children {
+        if let Child::StatefulSet(sts) = child {
+            if let Some(spec) = sts.spec.as_mut() {
+                spec.replicas = Some(replicas);
+            }
+        }
     }
 }
 

@@ -14,7 +14,8 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use mailpod_operator::controller::failover::peer::{FrontendProbe, PeerConnector, ProbeTarget};
 use mailpod_operator::controller::failover::{self, Clock};
-use mailpod_operator::controller::{mailpod, Context as MailPodContext, RunConfig};
+use mailpod_operator::controller::lun::reports::StaticReports;
+use mailpod_operator::controller::{lun, mailpod, Context as MailPodContext, RunConfig};
 use mailpod_operator::crd::{MailPod, SiteFailover, SiteFailoverStatus, StorageLUN};
 use mailpod_operator::testkit::ApiServer;
 use serde_json::json;
@@ -102,6 +103,8 @@ pub struct Site {
     pub server: ApiServer,
     pub failover: failover::Context,
     mailpods: Arc<MailPodContext>,
+    /// The StorageLUN controller's context (agents' reports are fixed: none).
+    luns: Arc<MailPodContext>,
     /// This site's view of the peer's API.
     pub link_cut: Arc<AtomicBool>,
     /// Whether this site's front ends answer the peer's probe.
@@ -121,7 +124,7 @@ pub struct Sites {
 /// Lease duration of the witness in tests with one: 4 probe intervals.
 pub const LEASE: u32 = 20;
 
-fn mailpod_manifest() -> serde_json::Value {
+pub fn mailpod_manifest() -> serde_json::Value {
     json!({
         "apiVersion": "mailpod.io/v1alpha1", "kind": "MailPod",
         "metadata": {"name": "corp", "namespace": NS},
@@ -160,15 +163,20 @@ impl Sites {
     /// Both clusters with their SiteFailover; the MailPod exists only at the primary (east); the standby's is
     /// created by mirroring.
     pub async fn new() -> Self {
-        Self::build(false).await
+        Self::build(mailpod_manifest(), false).await
     }
 
     /// Both sites with a witness cluster named in their SiteFailovers.
     pub async fn with_witness() -> Self {
-        Self::build(true).await
+        Self::build(mailpod_manifest(), true).await
     }
 
-    async fn build(witness: bool) -> Self {
+    /// As [`Sites::new`], with the primary's MailPod `corp` given.
+    pub async fn with_mailpod(manifest: serde_json::Value) -> Self {
+        Self::build(manifest, false).await
+    }
+
+    async fn build(manifest: serde_json::Value, witness: bool) -> Self {
         let clock = TestClock(Arc::new(Mutex::new(
             Timestamp::from_second(1_700_000_000).unwrap(),
         )));
@@ -202,6 +210,10 @@ impl Sites {
                     Box::new(clock.clone()),
                 ),
                 mailpods: Arc::new(MailPodContext::new(server.client(), RunConfig::default())),
+                luns: Arc::new(
+                    MailPodContext::new(server.client(), RunConfig::default())
+                        .with_replication_source(Arc::new(StaticReports::default())),
+                ),
                 link_cut: cut.clone(),
                 frontends_up: up.clone(),
                 witness_cut,
@@ -216,7 +228,7 @@ impl Sites {
         let mp: Api<MailPod> = Api::namespaced(es.client(), NS);
         mp.create(
             &PostParams::default(),
-            &serde_json::from_value(mailpod_manifest()).unwrap(),
+            &serde_json::from_value(manifest).unwrap(),
         )
         .await
         .unwrap();
@@ -319,6 +331,15 @@ impl Site {
                     .await
                     .unwrap();
             }
+        }
+    }
+
+    /// Runs the StorageLUN reconciler once for every LUN of this site.
+    pub async fn settle_luns(&self) {
+        for l in self.luns() {
+            lun::reconcile(Arc::new(l), self.luns.clone())
+                .await
+                .unwrap_or_else(|e| panic!("StorageLUN reconcile at {}: {e}", self.name));
         }
     }
 

@@ -104,7 +104,8 @@ docs/security.md gives the reason for each rule. No wildcards.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "patch"]
-# Restores clone a VolumeSnapshot into a new PVC. PVCs are mail: the operator never deletes one.
+# Restores clone a VolumeSnapshot into a new PVC; a standby site with block replication creates the
+# claims bound to the mirrored images. PVCs are mail: the operator never deletes one.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create"]
@@ -134,7 +135,8 @@ docs/security.md gives the reason for each rule. No wildcards.
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- end }}
 
-{{/* Rules on cluster-scoped objects: the classes that snapshots and volume replication name. */}}
+{{/* Rules on cluster-scoped objects: the classes that snapshots and volume replication name, and the
+PersistentVolumes a standby site creates for the images its storage mirrors. */}}
 {{- define "mailpod-operator.clusterRules" -}}
 - apiGroups: ["snapshot.storage.k8s.io"]
   resources: ["volumesnapshotclasses"]
@@ -142,4 +144,9 @@ docs/security.md gives the reason for each rule. No wildcards.
 - apiGroups: ["replication.storage.openshift.io"]
   resources: ["volumereplicationclasses"]
   verbs: ["get", "list"]
+# SiteFailover with replication method Volume: the standby's PVs pointing at the mirrored images
+# (Retain). Created only; the operator never changes or deletes a PersistentVolume.
+- apiGroups: [""]
+  resources: ["persistentvolumes"]
+  verbs: ["get", "create"]
 {{- end }}

@@ -112,7 +112,8 @@ pub async fn tell_peer(
 
 /// Gives this site's MailPods the peer's spec, the ConfigMaps and Secrets their mailbox lists name, and
 /// the peer's LUN placement, so both sites render the same access tables (equal `accessTablesHash`).
-/// LUNs are only updated, never created: the standby's MailPod controller creates and owns them.
+/// LUNs are only updated, never created (the standby's MailPod controller creates and owns them), except
+/// block-replicated ones, which [`super::volumes`] creates fenced and points at the mirrored images.
 #[allow(clippy::too_many_arguments)]
 pub async fn mirror(
     local: &Client,
@@ -124,7 +125,18 @@ pub async fn mirror(
     peer_site: &str,
     timeout: Duration,
 ) -> Result<Vec<String>, Error> {
-    let mut changed = vec![];
+    // Block-replicated LUNs first: they must exist fenced before the mirrored spec reaches the MailPod.
+    let mut changed = super::volumes::mirror(
+        local,
+        ns,
+        peer,
+        peer_ns,
+        peer_state,
+        local_state,
+        peer_site,
+        timeout,
+    )
+    .await?;
     let mailpods: Api<MailPod> = Api::namespaced(local.clone(), ns);
     for (name, theirs) in &peer_state.mailpods {
         let Some(theirs) = theirs else { continue };
