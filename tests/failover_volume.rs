@@ -227,6 +227,7 @@ async fn volume_replicated_mailpod_fails_over_and_back_in_the_right_order() {
     assert!(writes.is_empty(), "steady standby wrote {writes:?}");
 
     // --- East is lost; west is promoted ------------------------------------------------------------
+    let last_read = lun(east).status.unwrap().replication_lag_seconds.unwrap();
     sites.partition(true);
     east.frontends_up.store(false, Ordering::SeqCst);
     for _ in 0..THRESHOLD {
@@ -239,8 +240,8 @@ async fn volume_replicated_mailpod_fails_over_and_back_in_the_right_order() {
     assert_eq!(w.phase, FailoverPhase::FailedOver);
     assert_eq!(
         w.last_failover.unwrap().rpo_seconds,
-        None,
-        "the active site's images were out of reach: the RPO is not known"
+        Some(last_read + f64::from(THRESHOLD) * INTERVAL as f64),
+        "the active site's images were out of reach: the last lag read plus the time since, an upper bound"
     );
     assert!(!lun(west).spec.fenced);
 
@@ -370,4 +371,111 @@ async fn with_the_primarys_api_reachable_the_rpo_is_its_image_lag() {
     }
     west.settle_luns().await;
     assert_eq!(store_replicas(&west.server, NS, LUN), Some(2));
+}
+
+/// Planned failback of a block-replicated MailPod: west pauses delivery, stops its stores, demotes its
+/// images, and hands over only once csi-addons reports the demoted images in sync (the primary's copy holds
+/// every write); east then promotes its images before starting its stores. No phase has two sites'
+/// stores running or two primaries asked for.
+#[tokio::test]
+async fn planned_failback_waits_for_the_demoted_images_to_reach_the_primary() {
+    let sites = converged().await;
+    let (east, west) = (&sites.east, &sites.west);
+    for claim in CLAIMS {
+        bind(&west.server, NS, claim).await;
+    }
+    // East fails; west takes over and serves from its images.
+    east.frontends_up.store(false, Ordering::SeqCst);
+    for _ in 0..THRESHOLD {
+        sites.advance(INTERVAL);
+        west.tick().await;
+    }
+    assert_eq!(west.status().active_site.as_deref(), Some("west"));
+    west.settle_luns().await;
+    for claim in CLAIMS {
+        report_state(
+            &west.server,
+            NS,
+            claim,
+            "Primary",
+            Some(Timestamp::now() - 5.seconds()),
+        )
+        .await;
+    }
+    settle_stores(&sites).await;
+    for claim in CLAIMS {
+        report_state(&east.server, NS, claim, "Secondary", None).await;
+    }
+    east.frontends_up.store(true, Ordering::SeqCst);
+    round(&sites).await;
+    assert_eq!(sites.serving(), vec!["west"]);
+    assert_eq!(store_replicas(&west.server, NS, LUN), Some(2));
+    assert_eq!(store_replicas(&east.server, NS, LUN), Some(0));
+
+    // Failback requested: west pauses (fences), its stores stop, its images are demoted.
+    east.annotate_failback().await;
+    round(&sites).await;
+    assert_eq!(west.status().phase, FailoverPhase::FailingBack);
+    assert!(lun(west).spec.fenced);
+    assert_eq!(store_replicas(&west.server, NS, LUN), Some(0));
+    assert_eq!(
+        requested_states(&west.server, NS).await,
+        [
+            (CLAIMS[0].to_string(), "secondary".to_string()),
+            (CLAIMS[1].to_string(), "secondary".to_string())
+        ]
+    );
+    // Demoted but not yet shipped: no handover, whatever the time.
+    for claim in CLAIMS {
+        report_state(&west.server, NS, claim, "Secondary", None).await;
+    }
+    for _ in 0..3 {
+        round(&sites).await;
+        assert_eq!(west.status().phase, FailoverPhase::FailingBack);
+        assert!(
+            sites.serving().is_empty(),
+            "delivery paused: mail waits in the mx queues"
+        );
+        assert_eq!(lun(west).status.unwrap().replication_lag_seconds, None);
+        assert!(lun(east).spec.fenced);
+    }
+    // One image in sync is not enough.
+    report_demoted_in_sync(&west.server, NS, CLAIMS[0]).await;
+    round(&sites).await;
+    assert_eq!(west.status().phase, FailoverPhase::FailingBack);
+    // Both in sync: the final sync is done (lag 0) and the roles swap.
+    report_demoted_in_sync(&west.server, NS, CLAIMS[1]).await;
+    settle_stores(&sites).await;
+    assert_eq!(lun(west).status.unwrap().replication_lag_seconds, Some(0.0));
+    round(&sites).await;
+    let w = west.status();
+    assert_eq!((w.active_site.as_deref(), w.epoch), (Some("east"), 3));
+    let rec = w.last_failover.unwrap();
+    assert_eq!(
+        (rec.kind.as_str(), rec.rpo_seconds),
+        ("failback", Some(0.0))
+    );
+    assert!(!lun(east).spec.fenced);
+    // East promotes its images first and starts its stores once csi-addons reports them Primary.
+    assert_eq!(
+        requested_states(&east.server, NS).await,
+        [
+            (CLAIMS[0].to_string(), "primary".to_string()),
+            (CLAIMS[1].to_string(), "primary".to_string())
+        ]
+    );
+    assert_eq!(store_replicas(&east.server, NS, LUN), Some(0));
+    for claim in CLAIMS {
+        report_state(&east.server, NS, claim, "Primary", None).await;
+    }
+    settle_stores(&sites).await;
+    assert_eq!(store_replicas(&east.server, NS, LUN), Some(2));
+    assert_eq!(store_replicas(&west.server, NS, LUN), Some(0));
+    assert_eq!(
+        requested_states(&west.server, NS).await,
+        [
+            (CLAIMS[0].to_string(), "secondary".to_string()),
+            (CLAIMS[1].to_string(), "secondary".to_string())
+        ]
+    );
 }

@@ -94,6 +94,8 @@ pub struct Context {
     memory: Mutex<HashMap<String, Memory>>,
     /// Per SiteFailover: what this site remembers of the witness Lease.
     witness_memory: Mutex<HashMap<String, witness::WitnessMemory>>,
+    /// Per SiteFailover: the last replication lag read, and when.
+    lag_memory: Mutex<HashMap<String, (f64, Timestamp)>>,
 }
 
 impl Context {
@@ -117,6 +119,7 @@ impl Context {
             clock,
             memory: Mutex::new(HashMap::new()),
             witness_memory: Mutex::new(HashMap::new()),
+            lag_memory: Mutex::new(HashMap::new()),
             stats: Arc::default(),
         }
     }
@@ -134,6 +137,10 @@ impl Context {
 
     fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, Memory>> {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lag_memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, (f64, Timestamp)>> {
+        self.lag_memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn witness_memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, witness::WitnessMemory>> {
@@ -276,7 +283,22 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
         None
     };
     let peer_state = peer.as_ref().map(|(_, s)| s);
-    let lag = observe::replication_lag(&local, peer_state, local_active);
+    let lag = {
+        let read = observe::replication_lag(&local, peer_state, local_active);
+        let mut last = ctx.lag_memory();
+        match read {
+            Some(l) => {
+                last.insert(key.clone(), (l, now));
+                Some(l)
+            }
+            // Not readable (a Volume LUN's figure is on the unreachable active site): the last reading
+            // plus the time since, an upper bound of what the standby lacks.
+            None if peer_state.is_none() => last
+                .get(&key)
+                .map(|(l, at)| l + now.duration_since(*at).as_secs_f64().max(0.0)),
+            None => None,
+        }
+    };
     let obs = Observation {
         now,
         peer: peer.as_ref().map(|(p, _)| observe::peer_view(p.as_ref())),

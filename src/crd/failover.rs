@@ -284,7 +284,9 @@ pub struct SiteFailoverStatus {
     /// RFC 3339 time of the last table sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_table_sync: Option<String>,
-    /// Data behind the active site (the RPO if it were lost now).
+    /// Data behind the active site (the RPO if it were lost now). While the figure cannot be read (a
+    /// `Volume` LUN's is reported by the active site, which may be unreachable), the last reading plus the
+    /// time since: an upper bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_lag_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -101,6 +101,36 @@ pub async fn report_state_for(
         .unwrap();
 }
 
+/// csi-addons reporting a demoted image whose last writes the other site now holds: state `Secondary`,
+/// `Completed` True, `Degraded` False (reason `Healthy`), `Resyncing` False, for the current generation.
+pub async fn report_demoted_in_sync(server: &ApiServer, ns: &str, name: &str) {
+    let api = replications(server, ns);
+    let generation = api
+        .get(name)
+        .await
+        .unwrap()
+        .metadata
+        .generation
+        .unwrap_or(1);
+    let cond = |t: &str, status: &str, reason: &str| {
+        json!({"type": t, "status": status, "reason": reason, "message": "", "observedGeneration": generation,
+               "lastTransitionTime": "2030-01-01T00:00:00Z"})
+    };
+    let status = json!({"status": {
+        "state": "Secondary",
+        "observedGeneration": generation,
+        "lastSyncTime": null,
+        "conditions": [
+            cond("Completed", "True", "Demoted"),
+            cond("Degraded", "False", "Healthy"),
+            cond("Resyncing", "False", "NotResyncing"),
+        ],
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
 /// The RBD image handle of a volume (what Ceph-CSI puts in `volumeHandle`).
 pub fn handle(pv: &str) -> String {
     format!("0001-0009-rook-ceph-0000000000000002-{pv}")

@@ -129,6 +129,11 @@ pub struct LiveReplication {
     /// The status describes the current spec: csi-addons' `status.observedGeneration` equals
     /// `metadata.generation` (or either is not reported).
     pub current: bool,
+    /// csi-addons' conditions for the current generation say the image was demoted and the other site
+    /// holds all of it: `Completed` True, `Degraded` False, `Resyncing` False. After a demotion csi-addons
+    /// reports `Degraded` True until the storage has shipped the image's last writes (the demotion
+    /// snapshot, for RBD) to the other site; it then sets `Degraded` False (reason `Healthy`).
+    pub demoted_in_sync: bool,
 }
 
 impl LiveReplication {
@@ -154,6 +159,7 @@ impl LiveReplication {
                 .and_then(Value::as_str)
                 .and_then(|t| t.parse().ok()),
             current,
+            demoted_in_sync: demoted_in_sync(status, obj.metadata.generation),
         }
     }
 
@@ -164,6 +170,26 @@ impl LiveReplication {
             && self.state.as_deref() == Some(state.status_value())
             && self.current
     }
+}
+
+/// `Completed` True, `Degraded` False and `Resyncing` False, each for `generation` when it says which.
+fn demoted_in_sync(status: Option<&Value>, generation: Option<i64>) -> bool {
+    let conditions = status
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let is = |type_: &str, want: &str| {
+        conditions.iter().any(|c| {
+            c["type"] == type_
+                && c["status"] == want
+                && match (c["observedGeneration"].as_i64(), generation) {
+                    (Some(o), Some(g)) => o == g,
+                    _ => true,
+                }
+        })
+    };
+    is("Completed", "True") && is("Degraded", "False") && is("Resyncing", "False")
 }
 
 /// What the cluster holds for a LUN's VolumeReplications.
@@ -339,5 +365,22 @@ mod tests {
         assert!(
             live("secondary", json!({"state": "Secondary"}), None).reports(ImageState::Secondary)
         );
+    }
+
+    #[test]
+    fn demoted_in_sync_needs_all_three_conditions_for_the_current_generation() {
+        let cond = |t: &str, st: &str, g: i64| json!({"type": t, "status": st, "observedGeneration": g, "reason": "x", "message": "", "lastTransitionTime": "2030-01-01T00:00:00Z"});
+        let synced = json!({"state": "Secondary", "observedGeneration": 3, "conditions": [
+            cond("Completed", "True", 3), cond("Degraded", "False", 3), cond("Resyncing", "False", 3)]});
+        assert!(live("secondary", synced, Some(3)).demoted_in_sync);
+        // Just demoted: csi-addons reports Degraded until the last writes reached the other site.
+        let shipping = json!({"state": "Secondary", "observedGeneration": 3, "conditions": [
+            cond("Completed", "True", 3), cond("Degraded", "True", 3), cond("Resyncing", "False", 3)]});
+        assert!(!live("secondary", shipping, Some(3)).demoted_in_sync);
+        // Conditions from an earlier request (the promotion before) do not count.
+        let stale = json!({"state": "Secondary", "conditions": [
+            cond("Completed", "True", 2), cond("Degraded", "False", 2), cond("Resyncing", "False", 2)]});
+        assert!(!live("secondary", stale, Some(3)).demoted_in_sync);
+        assert!(!live("secondary", json!({"state": "Secondary"}), Some(3)).demoted_in_sync);
     }
 }

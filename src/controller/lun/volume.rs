@@ -146,13 +146,21 @@ pub fn plan(lun: &str, o: &Observation) -> Plan {
     }
 }
 
-/// How far the other site's copy is behind, in whole seconds: now − the oldest `lastSyncTime` of the
-/// LUN's images. Only a primary's images report it, so a fenced LUN has none (the active site's LUN
-/// carries the figure). `None` when no image reports it yet. Whole seconds, so a status written now reads
-/// the same on the reconcile that the write itself triggers.
+/// How much of what was written here the other site's copy lacks, in whole seconds.
+///
+/// - Unfenced: now − the oldest `lastSyncTime` of the LUN's images (only primary images report it).
+/// - Fenced: 0 once every image is secondary and csi-addons reports it demoted and in sync (the other
+///   site holds everything written here, so a planned switchover may promote it); `None` until then.
+///
+/// `None` when nothing is reported yet. Whole seconds, so a status written now reads the same on the
+/// reconcile that the write itself triggers.
 pub fn lag(fenced: bool, live: &BTreeMap<String, LiveReplication>, now: Timestamp) -> Option<f64> {
     if fenced {
-        return None;
+        let all_synced = !live.is_empty()
+            && live
+                .values()
+                .all(|r| r.reports(ImageState::Secondary) && r.demoted_in_sync);
+        return all_synced.then_some(0.0);
     }
     let oldest = live.values().filter_map(|r| r.last_sync).min()?;
     Some(((now.as_millisecond() - oldest.as_millisecond()).max(0) / 1000) as f64)
@@ -237,6 +245,7 @@ mod tests {
             state: state.map(String::from),
             last_sync: None,
             current: true,
+            demoted_in_sync: false,
         }
     }
 
@@ -376,7 +385,7 @@ mod tests {
     }
 
     #[test]
-    fn lag_is_the_age_of_the_oldest_sync_and_none_while_fenced_or_unreported() {
+    fn lag_is_the_age_of_the_oldest_sync_or_zero_once_demoted_in_sync() {
         let now: Timestamp = "2030-01-01T00:01:00.900Z".parse().unwrap();
         let synced = |t: &str| LiveReplication {
             last_sync: Some(t.parse().unwrap()),
@@ -389,7 +398,25 @@ mod tests {
         ]
         .into();
         assert_eq!(lag(false, &live, now), Some(30.0));
-        assert_eq!(lag(true, &live, now), None);
+        assert_eq!(lag(true, &live, now), None, "fenced, images still primary");
+        // Fenced and demoted: 0 only once every image reports the other site holds all of it.
+        let demoted = |in_sync| LiveReplication {
+            demoted_in_sync: in_sync,
+            ..vr("secondary", Some("Secondary"))
+        };
+        let one_left: BTreeMap<String, LiveReplication> = [
+            ("a".to_string(), demoted(true)),
+            ("b".to_string(), demoted(false)),
+        ]
+        .into();
+        assert_eq!(lag(true, &one_left, now), None);
+        let both: BTreeMap<String, LiveReplication> = [
+            ("a".to_string(), demoted(true)),
+            ("b".to_string(), demoted(true)),
+        ]
+        .into();
+        assert_eq!(lag(true, &both, now), Some(0.0));
+        assert_eq!(lag(true, &BTreeMap::new(), now), None);
         let unreported: BTreeMap<String, LiveReplication> =
             [("c".to_string(), vr("primary", Some("Primary")))].into();
         assert_eq!(lag(false, &unreported, now), None);
