@@ -64,8 +64,8 @@ pub struct SiteFailoverSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Witness {
-    /// Secret key holding a kubeconfig for the witness cluster (a `coordination.k8s.io` Lease get/update/
-    /// create in `namespace` is all it needs).
+    /// Secret key holding a kubeconfig for the witness cluster. It needs only get, create and update on
+    /// `coordination.k8s.io` Leases in `namespace`.
     pub kubeconfig_secret: KeyRef,
     /// Namespace of the Lease in the witness cluster; this SiteFailover's namespace when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
