@@ -295,3 +295,37 @@ async fn a_restart_after_taking_the_lease_finishes_the_promotion() {
     assert_eq!(sites.serving(), vec!["west"]);
     assert_eq!(lease(&sites), (Some("west".into()), 2));
 }
+
+#[tokio::test]
+async fn a_primary_the_standby_cannot_reach_stops_before_the_standby_serves() {
+    let sites = converged().await;
+    // One-way trouble: east still reads west's API, but west reaches neither east's API nor its front
+    // ends, and east has lost the witness. West cannot fence east when it promotes; east must stop first.
+    sites.west.link_cut.store(true, Ordering::SeqCst);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    sites.east.witness_cut.store(true, Ordering::SeqCst);
+    let (mut east_fenced_at, mut west_serving_at) = (None, None);
+    for round in 1..=8 {
+        sites.round().await;
+        assert_one_writer(&sites, &format!("in round {round}"));
+        if east_fenced_at.is_none() && !sites.east.serving() {
+            east_fenced_at = Some(round);
+        }
+        if west_serving_at.is_none() && sites.west.serving() {
+            west_serving_at = Some(round);
+        }
+    }
+    let (fenced, promoted) = (east_fenced_at.unwrap(), west_serving_at.unwrap());
+    assert!(
+        fenced < promoted,
+        "east fenced in round {fenced}, west served in round {promoted}"
+    );
+    // East saw west count failed probes, so west's agreement no longer kept it in quorum.
+    assert!(has_event(&sites.east, "QuorumLost"));
+    assert_eq!(sites.serving(), vec!["west"]);
+    assert_eq!(
+        sites.east.status().epoch,
+        2,
+        "east read the new epoch from west"
+    );
+}

@@ -35,6 +35,8 @@ pub mod condition {
 pub struct PeerView {
     pub epoch: i64,
     pub active_site: Option<String>,
+    /// Failed probes the peer has recorded of this site's front ends (a standby about to promote).
+    pub probe_failures: u32,
 }
 
 /// Access-table hashes of one covered MailPod on both sites (`None`: not reported yet or not readable).
@@ -384,8 +386,8 @@ pub fn decide(spec: &SiteFailoverSpec, status: &SiteFailoverStatus, obs: &Observ
 }
 
 /// Whether the active site may keep writing, with `spec.witness` (`None` without one): it renewed the
-/// witness Lease within the renew deadline, or the peer answers and agrees that this site is active at this
-/// epoch. Either way the standby cannot be promoting behind its back.
+/// witness Lease within the renew deadline, or the peer answers, agrees that this site is active at this
+/// epoch and counts no failed probe of it. Either way the standby cannot be promoting behind its back.
 fn active_quorum(
     spec: &SiteFailoverSpec,
     st: &SiteFailoverStatus,
@@ -394,10 +396,11 @@ fn active_quorum(
     let w = spec.witness.as_ref()?;
     let me = spec.local_site.as_str();
     let view = obs.witness.clone().unwrap_or_default();
-    let peer_agrees = obs
-        .peer
-        .as_ref()
-        .is_some_and(|p| p.epoch == st.epoch && p.active_site.as_deref() == Some(me));
+    // The standby agrees only while it is not counting failed probes of this site: one that is may take a
+    // lapsed Lease and promote, and might not reach this site's API to fence it first.
+    let peer_agrees = obs.peer.as_ref().is_some_and(|p| {
+        p.epoch == st.epoch && p.active_site.as_deref() == Some(me) && p.probe_failures == 0
+    });
     let deadline = f64::from(w.renew_deadline_seconds(spec.detection.probe_interval_seconds));
     let recent = view
         .renewed_at

@@ -141,6 +141,7 @@ pub fn peer_view(peer_sf: Option<&SiteFailover>) -> PeerView {
         Some(s) => PeerView {
             epoch: s.epoch,
             active_site: s.active_site.clone(),
+            probe_failures: s.consecutive_probe_failures,
         },
         None => PeerView::default(),
     }

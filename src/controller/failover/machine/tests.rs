@@ -64,6 +64,7 @@ fn peer(epoch: i64, active: &str) -> Option<PeerView> {
     Some(PeerView {
         epoch,
         active_site: Some(active.into()),
+        probe_failures: 0,
     })
 }
 
@@ -615,6 +616,14 @@ fn an_active_site_keeps_serving_while_the_peer_agrees_or_the_lease_is_fresh() {
     let d = decide(&s, &st, &o);
     assert_eq!(d.status.fenced, Some(false));
     assert!(!d.actions.contains(&Action::FenceLocal(true)));
+    // Witness down, peer agrees but counts failed probes of this site: it may be about to promote.
+    let mut o = obs(60, peer(1, "east"), None);
+    o.peer.as_mut().unwrap().probe_failures = 1;
+    o.witness = Some(WitnessView::default());
+    o.local_fencing = unfenced();
+    let d = decide(&s, &st, &o);
+    assert_eq!(d.status.fenced, Some(true));
+    assert!(d.actions.contains(&Action::FenceLocal(true)));
     // Peer gone, Lease renewed this tick.
     let mut o = obs(60, None, None);
     o.witness = Some(lease(Some("east"), 1, Some(60), true));
