@@ -82,6 +82,11 @@ async fn setup() -> (ApiServer, kube::Client) {
         active_site: Some("fra".into()),
         epoch: 3,
         access_tables_in_sync: Some(true),
+        witness: Some(mailpod_operator::crd::WitnessStatus {
+            reachable: true,
+            holder: Some("fra".into()),
+            quorum: true,
+        }),
         ..Default::default()
     };
     sfs.patch_status(
@@ -110,6 +115,10 @@ async fn status_shows_services_luns_and_sites() {
     let lun1 = out.lines().find(|l| l.starts_with("corp-lun-1")).unwrap();
     assert!(lun1.contains(" 1 "), "{lun1}");
     assert!(out.contains("SiteFailover geo: fra (here) <-> ams, phase Healthy, active fra, epoch 3, tables in sync true"), "{out}");
+    assert!(
+        out.contains("  witness: reachable, Lease held by fra, in quorum"),
+        "{out}"
+    );
 
     let err = plugin::status(&client, NS, "nope").await.unwrap_err();
     assert!(matches!(err, PluginError::NotFound { .. }));
