@@ -122,7 +122,7 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     let replication_issue = match &volume {
         Some(v) => {
             if let Some(state) = v.plan.images {
-                let written = replication::apply(&ctx.client, &lun, state).await?;
+                let written = replication::apply(&ctx.client, &lun, state, &v.replications).await?;
                 if !written.is_empty() {
                     publish(
                         &ctx,

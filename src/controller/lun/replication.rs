@@ -200,6 +200,8 @@ pub struct Observed {
     pub issue: Option<String>,
     /// Existing VolumeReplications by name.
     pub live: BTreeMap<String, LiveReplication>,
+    /// The same objects as read, so [`apply`] compares against them without reading again.
+    pub objects: BTreeMap<String, Value>,
 }
 
 /// Reads the class and every VolumeReplication of the LUN.
@@ -236,6 +238,7 @@ pub async fn observe(client: &Client, lun: &StorageLUN) -> Result<Observed> {
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &ns, &replication_resource());
     let mut live = BTreeMap::new();
+    let mut objects = BTreeMap::new();
     for ordinal in 0..lun.spec.replicas() {
         let vr = name(&lun.name_any(), ordinal);
         let got = api.get_opt(&vr).await.map_err(|source| Error::Read {
@@ -243,15 +246,25 @@ pub async fn observe(client: &Client, lun: &StorageLUN) -> Result<Observed> {
             source,
         })?;
         if let Some(obj) = got {
-            live.insert(vr, LiveReplication::from_object(&obj));
+            live.insert(vr.clone(), LiveReplication::from_object(&obj));
+            objects.insert(vr, serde_json::to_value(&obj).unwrap_or_default());
         }
     }
-    Ok(Observed { issue: None, live })
+    Ok(Observed {
+        issue: None,
+        live,
+        objects,
+    })
 }
 
-/// Applies the LUN's VolumeReplications in `state`, skipping those already as desired. Returns the names
-/// written.
-pub async fn apply(client: &Client, lun: &StorageLUN, state: ImageState) -> Result<Vec<String>> {
+/// Applies the LUN's VolumeReplications in `state`, skipping those already as desired in `observed` (read
+/// this pass by [`observe`]). Returns the names written.
+pub async fn apply(
+    client: &Client,
+    lun: &StorageLUN,
+    state: ImageState,
+    observed: &Observed,
+) -> Result<Vec<String>> {
     let ns = lun.namespace().unwrap_or_default();
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &ns, &replication_resource());
@@ -262,14 +275,12 @@ pub async fn apply(client: &Client, lun: &StorageLUN, state: ImageState) -> Resu
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let live = api.get_opt(&name).await.map_err(|source| Error::Read {
-            what: format!("VolumeReplication {name}"),
-            source,
-        })?;
-        if let Some(live) = live {
-            if is_subset(&body, &serde_json::to_value(&live).unwrap_or_default()) {
-                continue;
-            }
+        if observed
+            .objects
+            .get(&name)
+            .is_some_and(|live| is_subset(&body, live))
+        {
+            continue;
         }
         api.patch(&name, &pp, &Patch::Apply(&body))
             .await

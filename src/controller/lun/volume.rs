@@ -256,6 +256,7 @@ mod tests {
                 .iter()
                 .map(|(n, r)| (n.to_string(), r.clone()))
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -376,7 +377,7 @@ mod tests {
     fn without_csi_addons_fencing_still_stops_the_stores() {
         let broken = Observed {
             issue: Some("VolumeReplicationClass `x` not found".into()),
-            live: BTreeMap::new(),
+            ..Default::default()
         };
         let p = plan(LUN, &obs(true, Some(2), &["corp-lun-0-0"], broken.clone()));
         assert_eq!((p.store_replicas, p.images), (0, None));
