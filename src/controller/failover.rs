@@ -574,8 +574,17 @@ async fn carry_out(
         }
         Action::MirrorFromPeer => {
             let (c, s) = peer.zip(peer_state).ok_or_else(need_peer)?;
-            let changed =
-                act::mirror(&ctx.client, ns, c, peer_ns, s, local, peer_site, timeout).await?;
+            let changed = act::mirror(&act::Sides {
+                local: &ctx.client,
+                ns,
+                peer: c,
+                peer_ns,
+                peer_state: s,
+                local_state: local,
+                peer_site,
+                timeout,
+            })
+            .await?;
             if !changed.is_empty() {
                 ctx.note(
                     sf,

@@ -110,23 +110,26 @@ pub async fn tell_peer(
     Ok(())
 }
 
+/// Both sites as a mirror step sees them: clients, namespaces, what was read this tick, the peer's name
+/// and the deadline of each call.
+#[derive(Clone, Copy)]
+pub struct Sides<'a> {
+    pub local: &'a Client,
+    pub ns: &'a str,
+    pub peer: &'a Client,
+    pub peer_ns: &'a str,
+    pub peer_state: &'a SiteState,
+    pub local_state: &'a SiteState,
+    pub peer_site: &'a str,
+    pub timeout: Duration,
+}
+
 /// Gives this site's MailPods the peer's spec, the ConfigMaps and Secrets their mailbox lists name, and
 /// the peer's LUN placement, so both sites render the same access tables (equal `accessTablesHash`).
 /// LUNs are only updated, never created (the standby's MailPod controller creates and owns them), except
 /// block-replicated ones, which [`super::volumes`] creates fenced and points at the mirrored images.
-#[allow(clippy::too_many_arguments)]
-pub async fn mirror(
-    local: &Client,
-    ns: &str,
-    peer: &Client,
-    peer_ns: &str,
-    peer_state: &SiteState,
-    local_state: &SiteState,
-    peer_site: &str,
-    timeout: Duration,
-) -> Result<Vec<String>, Error> {
-    // Block-replicated LUNs first: they must exist fenced before the mirrored spec reaches the MailPod.
-    let mut changed = super::volumes::mirror(
+pub async fn mirror(sides: &Sides<'_>) -> Result<Vec<String>, Error> {
+    let Sides {
         local,
         ns,
         peer,
@@ -135,8 +138,9 @@ pub async fn mirror(
         local_state,
         peer_site,
         timeout,
-    )
-    .await?;
+    } = *sides;
+    // Block-replicated LUNs first: they must exist fenced before the mirrored spec reaches the MailPod.
+    let mut changed = super::volumes::mirror(sides).await?;
     let mailpods: Api<MailPod> = Api::namespaced(local.clone(), ns);
     for (name, theirs) in &peer_state.mailpods {
         let Some(theirs) = theirs else { continue };

@@ -28,7 +28,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use tracing::warn;
 
-use super::observe::{timed, SiteState};
+use super::act::Sides;
+use super::observe::timed;
 use super::{Error, FIELD_MANAGER};
 use crate::controller::lun::volume::is_bound;
 use crate::crd::{ReplicationMethod, StorageLUN};
@@ -37,17 +38,17 @@ use crate::resources::{self, store};
 
 /// Creates what the standby lacks for the active site's Volume LUNs. Returns what it created
 /// (`StorageLUN/…`, `PersistentVolume/…`, `PersistentVolumeClaim/…`).
-#[allow(clippy::too_many_arguments)]
-pub async fn mirror(
-    local: &Client,
-    ns: &str,
-    peer: &Client,
-    peer_ns: &str,
-    peer_state: &SiteState,
-    local_state: &SiteState,
-    peer_site: &str,
-    timeout: Duration,
-) -> Result<Vec<String>, Error> {
+pub async fn mirror(sides: &Sides<'_>) -> Result<Vec<String>, Error> {
+    let Sides {
+        local,
+        ns,
+        peer,
+        peer_ns,
+        peer_state,
+        local_state,
+        peer_site,
+        timeout,
+    } = *sides;
     let mut changed = vec![];
     let luns: Api<StorageLUN> = Api::namespaced(local.clone(), ns);
     for theirs in peer_state
