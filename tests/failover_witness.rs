@@ -329,3 +329,22 @@ async fn a_primary_the_standby_cannot_reach_stops_before_the_standby_serves() {
         "east read the new epoch from west"
     );
 }
+
+#[tokio::test]
+async fn a_witness_named_on_one_site_only_is_reported_on_both() {
+    let sites = converged().await;
+    let api: kube::Api<mailpod_operator::crd::SiteFailover> =
+        kube::Api::namespaced(sites.west.server.client(), failover_support::NS);
+    let body = serde_json::json!({"spec": {"witness": null}});
+    api.patch(
+        failover_support::SF,
+        &Default::default(),
+        &kube::api::Patch::Merge(&body),
+    )
+    .await
+    .unwrap();
+    assert!(!has_event(&sites.east, "WitnessMismatch"));
+    sites.round().await;
+    assert!(has_event(&sites.east, "WitnessMismatch"));
+    assert!(has_event(&sites.west, "WitnessMismatch"));
+}

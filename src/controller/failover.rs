@@ -253,6 +253,13 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
         Some(c) => read_peer(c, &peer_ns, &sf, timeout).await,
         None => None,
     };
+    if let Some(msg) = peer
+        .as_ref()
+        .and_then(|(p, _)| p.as_ref())
+        .and_then(|p| witness::mismatch(&sf, p))
+    {
+        ctx.note(&sf, true, "WitnessMismatch", msg).await;
+    }
     let status = sf.status.clone().unwrap_or_default();
     let local_active = status.active_site.as_deref() == Some(ctx.site.as_str()) && status.epoch > 0;
     let (last_probe, mut targets) = ctx.memory().get(&key).cloned().unwrap_or_default();

@@ -140,6 +140,38 @@ impl LeaseRef {
     }
 }
 
+/// Why the two sites' witness settings cannot work together, if they cannot: both must name the same
+/// Lease (namespace, name, duration), or neither a witness. A site with one and a peer without would let the
+/// peer promote without the Lease while this site still trusts it.
+pub fn mismatch(ours: &SiteFailover, theirs: &SiteFailover) -> Option<String> {
+    let lease = |sf: &SiteFailover| {
+        sf.spec.witness.as_ref().map(|w| {
+            (
+                w.namespace
+                    .clone()
+                    .or_else(|| sf.namespace())
+                    .unwrap_or_default(),
+                w.lease_name(&sf.name_any()),
+                w.lease_duration_seconds,
+            )
+        })
+    };
+    let (a, b) = (lease(ours), lease(theirs));
+    if a == b {
+        return None;
+    }
+    let show = |l: &Option<(String, String, u32)>| match l {
+        Some((ns, name, d)) => format!("Lease {ns}/{name} ({d} s)"),
+        None => "no witness".to_string(),
+    };
+    Some(format!(
+        "spec.witness differs between the sites: {} here, {} at site {}; both must name the same Lease (or neither a witness), or a partition may leave two sites writing",
+        show(&a),
+        show(&b),
+        ours.spec.peer.name
+    ))
+}
+
 /// The epoch recorded in a Lease (0 when none).
 pub fn lease_epoch(lease: &Lease) -> i64 {
     lease
@@ -308,5 +340,49 @@ mod tests {
             at(2),
         );
         assert!(active_may_renew(&own, 3));
+    }
+
+    #[test]
+    fn both_sites_must_name_the_same_lease() {
+        let sf = |local: &str, peer: &str, witness: Option<serde_json::Value>| -> SiteFailover {
+            let mut v = serde_json::json!({
+                "apiVersion": "mailpod.io/v1alpha1", "kind": "SiteFailover",
+                "metadata": {"name": "corp-geo", "namespace": "mail"},
+                "spec": {"mailPods": ["corp"], "localSite": local, "primarySite": "east",
+                         "peer": {"name": peer, "kubeconfigSecret": {"name": "p", "key": "k"}}}
+            });
+            if let Some(w) = witness {
+                v["spec"]["witness"] = w;
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let w = |secret: &str, duration: u32| {
+            Some(
+                serde_json::json!({"kubeconfigSecret": {"name": secret, "key": "k"},
+                                    "namespace": "w", "leaseDurationSeconds": duration}),
+            )
+        };
+        // The Secret holding the kubeconfig is each site's own business.
+        assert_eq!(
+            mismatch(
+                &sf("east", "west", w("a", 20)),
+                &sf("west", "east", w("b", 20))
+            ),
+            None
+        );
+        assert_eq!(
+            mismatch(&sf("east", "west", None), &sf("west", "east", None)),
+            None
+        );
+        let m = mismatch(&sf("east", "west", w("a", 20)), &sf("west", "east", None)).unwrap();
+        assert!(
+            m.contains("Lease w/sitefailover-corp-geo (20 s) here, no witness at site west"),
+            "{m}"
+        );
+        assert!(mismatch(
+            &sf("east", "west", w("a", 20)),
+            &sf("west", "east", w("a", 40))
+        )
+        .is_some());
     }
 }
