@@ -24,6 +24,8 @@ use super::validation::{is_dns_label, is_dns_subdomain, ValidationErrors};
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.activeSite"}"#,
     printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch"}"#,
+    printcolumn = r#"{"name":"Fenced","type":"boolean","jsonPath":".status.fenced"}"#,
+    printcolumn = r#"{"name":"Quorum","type":"boolean","priority":1,"jsonPath":".status.witness.quorum"}"#,
     printcolumn = r#"{"name":"Tables-In-Sync","type":"boolean","jsonPath":".status.accessTablesInSync"}"#,
     printcolumn = r#"{"name":"Lag","type":"number","jsonPath":".status.replicationLagSeconds"}"#,
     printcolumn = r#"{"name":"Last-RTO","type":"number","priority":1,"jsonPath":".status.lastFailover.rtoSeconds"}"#,
