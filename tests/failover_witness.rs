@@ -348,3 +348,109 @@ async fn a_witness_named_on_one_site_only_is_reported_on_both() {
     assert!(has_event(&sites.east, "WitnessMismatch"));
     assert!(has_event(&sites.west, "WitnessMismatch"));
 }
+
+/// Every step of a round (each site's tick, each MailPod reconcile) with the single-writer check.
+async fn checked_round(sites: &Sites, when: &str) {
+    sites.advance(INTERVAL);
+    sites.west.tick().await;
+    assert_one_writer(sites, &format!("{when}, after west's tick"));
+    sites.east.tick().await;
+    assert_one_writer(sites, &format!("{when}, after east's tick"));
+}
+
+#[tokio::test]
+async fn a_promotion_asked_at_the_first_failed_probe_waits_until_the_primary_has_stopped() {
+    let sites = converged().await;
+    // East loses the witness for longer than the Lease: it stays in quorum through west's agreement, and
+    // the Lease lapses in west's eyes.
+    sites.east.witness_cut.store(true, Ordering::SeqCst);
+    for round in 0..6 {
+        checked_round(&sites, &format!("witness lost, round {round}")).await;
+    }
+    assert_eq!(sites.serving(), vec!["east"]);
+    // Then west loses east (API and front ends; east still reads west) and a person promotes west at
+    // once, after the first failed probe: the promotion must wait until east has stopped.
+    sites.west.link_cut.store(true, Ordering::SeqCst);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    sites.advance(INTERVAL);
+    sites.west.tick().await;
+    assert_eq!(sites.west.status().consecutive_probe_failures, 1);
+    let api: kube::Api<mailpod_operator::crd::SiteFailover> =
+        kube::Api::namespaced(sites.west.server.client(), failover_support::NS);
+    let body =
+        serde_json::json!({"metadata": {"annotations": {"mailpod.io/failover": "requested"}}});
+    api.patch(
+        failover_support::SF,
+        &Default::default(),
+        &kube::api::Patch::Merge(&body),
+    )
+    .await
+    .unwrap();
+    let _ = sites.west.try_tick().await;
+    assert_one_writer(&sites, "promotion requested");
+    assert!(!sites.west.serving(), "promoted before east could stop");
+    sites.east.tick().await;
+    assert_one_writer(&sites, "east saw west's failures");
+    assert!(!sites.east.serving(), "east no longer has west's agreement");
+    let mut promoted = false;
+    for round in 0..8 {
+        checked_round(&sites, &format!("after the request, round {round}")).await;
+        promoted |= sites.west.serving();
+    }
+    assert!(promoted, "west took over once the wait was over");
+}
+
+#[tokio::test]
+async fn a_deleted_lease_is_not_taken_before_a_whole_duration() {
+    let sites = converged().await;
+    // West's probes of east's front ends have been failing for a while (its view of them is broken), but
+    // east renews the Lease and serves: no promotion.
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    for round in 0..6 {
+        checked_round(&sites, &format!("probes failing, round {round}")).await;
+    }
+    assert_eq!(sites.serving(), vec!["east"]);
+    // Then east is cut off from everything, and the Lease is deleted (or the witness namespace recreated).
+    sites.partition(true);
+    sites.east.witness_cut.store(true, Ordering::SeqCst);
+    let api: kube::Api<Lease> = kube::Api::namespaced(sites.witness.client(), "mailpod-witness");
+    api.delete(LEASE_NAME, &Default::default()).await.unwrap();
+    let mut promoted_at = None;
+    for round in 1..=8 {
+        checked_round(&sites, &format!("lease deleted, round {round}")).await;
+        if promoted_at.is_none() && sites.west.serving() {
+            promoted_at = Some(round);
+        }
+    }
+    // East renewed last in the round before the cut and fences at its first tick past the 10 s deadline;
+    // west first sees the Lease missing one round after the cut and creates it once missing for 20 s.
+    assert_eq!(promoted_at, Some(5));
+    assert_eq!(lease(&sites), (Some("west".into()), 2));
+}
+
+#[tokio::test]
+async fn a_lease_left_by_an_earlier_pairing_of_the_same_sites_is_brought_to_this_epoch() {
+    let sites = Sites::with_witness().await;
+    // Left over from an earlier incarnation: held by east at epoch 5.
+    let api: kube::Api<Lease> = kube::Api::namespaced(sites.witness.client(), "mailpod-witness");
+    let mut old: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": LEASE_NAME, "namespace": "mailpod-witness",
+                     "annotations": {"mailpod.io/epoch": "5",
+                                     "mailpod.io/pairing": "corp-geo:east=mail,west=mail"}},
+        "spec": {"holderIdentity": "east", "leaseDurationSeconds": 20}
+    }))
+    .unwrap();
+    old.metadata.namespace = Some("mailpod-witness".into());
+    api.create(&Default::default(), &old).await.unwrap();
+    for _ in 0..3 {
+        sites.round().await;
+    }
+    assert_eq!(lease(&sites), (Some("east".into()), 1));
+    // A partition between the sites alone then promotes nobody, as with a fresh Lease.
+    sites.partition(true);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    for round in 0..(THRESHOLD + 6) {
+        checked_round(&sites, &format!("partition, round {round}")).await;
+    }
+    assert_eq!(sites.serving(), vec!["east"]);
+}

@@ -41,6 +41,9 @@ pub const FIELD_MANAGER: &str = "mailpod-operator-failover";
 pub const FAILBACK_ANNOTATION: &str = "mailpod.io/failback";
 pub const FAILBACK_REQUESTED: &str = "requested";
 
+/// Longest an Event may take to record before the tick goes on without it.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What can stop a tick. Peer trouble is not here: an unreachable peer is an observation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -96,6 +99,8 @@ pub struct Context {
     witness_memory: Mutex<HashMap<String, witness::WitnessMemory>>,
     /// Per SiteFailover: the last replication lag read, and when.
     lag_memory: Mutex<HashMap<String, (f64, Timestamp)>>,
+    /// SiteFailovers whose witness mismatch has been reported by this process.
+    mismatch_said: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -120,6 +125,7 @@ impl Context {
             memory: Mutex::new(HashMap::new()),
             witness_memory: Mutex::new(HashMap::new()),
             lag_memory: Mutex::new(HashMap::new()),
+            mismatch_said: Mutex::default(),
             stats: Arc::default(),
         }
     }
@@ -161,9 +167,16 @@ impl Context {
             action: "Failover".into(),
             secondary: None,
         };
-        // Events are for people; a lost one must not stop a failover.
-        if let Err(e) = self.recorder.publish(&event, &sf.object_ref(&())).await {
-            warn!(sitefailover = %sf.name_any(), error = %e, "cannot record event");
+        // Events are for people; a lost or slow one must not stop or delay a failover or a fence.
+        match tokio::time::timeout(
+            EVENT_TIMEOUT,
+            self.recorder.publish(&event, &sf.object_ref(&())),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(sitefailover = %sf.name_any(), error = %e, "cannot record event"),
+            Err(_) => warn!(sitefailover = %sf.name_any(), "recording an event timed out"),
         }
     }
 }
@@ -253,12 +266,22 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
         Some(c) => read_peer(c, &peer_ns, &sf, timeout).await,
         None => None,
     };
-    if let Some(msg) = peer
-        .as_ref()
-        .and_then(|(p, _)| p.as_ref())
-        .and_then(|p| witness::mismatch(&sf, p))
-    {
-        ctx.note(&sf, true, "WitnessMismatch", msg).await;
+    if let Some((Some(p), _)) = &peer {
+        // Said once per process while it lasts, not at every tick.
+        let mismatch = witness::mismatch(&sf, p);
+        let new = {
+            let mut said = ctx.mismatch_said.lock().unwrap_or_else(|p| p.into_inner());
+            match &mismatch {
+                Some(_) => said.insert(key.clone()),
+                None => {
+                    said.remove(&key);
+                    false
+                }
+            }
+        };
+        if let (Some(msg), true) = (mismatch, new) {
+            ctx.note(&sf, true, "WitnessMismatch", msg).await;
+        }
     }
     let status = sf.status.clone().unwrap_or_default();
     let local_active = status.active_site.as_deref() == Some(ctx.site.as_str()) && status.epoch > 0;
@@ -323,36 +346,39 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
     };
     let mut obs = obs;
     let lease = match &spec.witness {
-        Some(w) => {
+        Some(_) => {
             let (view, lease) =
-                observe_witness(ctx, &sf, &key, &status, obs.peer.as_ref(), now, timeout).await;
+                observe_witness(ctx, &sf, &key, &status, obs.peer.as_ref(), timeout).await;
             obs.witness = Some(view);
-            lease.map(|l| (l, w.lease_duration_seconds))
+            lease
         }
         None => None,
     };
+    // Decide on a fresh clock reading: observing may have taken several timeouts, and the renew deadline
+    // must be judged at the time of the decision, not at the start of the tick.
+    obs.now = ctx.clock.now();
 
     // Decide, record, act, record completion.
     let mut status_in = status.clone();
     status_in.observed_generation = sf.metadata.generation;
     let mut decision = machine::decide(spec, &status_in, &obs);
-    if let (Some(epoch), Some(((lease_ref, current), _))) = (decision.acquire_witness, &lease) {
+    if let (Some(epoch), Some((lease_ref, current))) = (decision.acquire_witness, &lease) {
         // A promotion is due: take the witness Lease for the new epoch first, then decide again with it.
+        let sent = ctx.clock.now();
         match lease_ref
-            .write(current.as_ref(), Some(&ctx.site), epoch, now, timeout)
+            .write(current.as_ref(), Some(&ctx.site), epoch, sent, timeout)
             .await
         {
             Ok(_) => {
                 info!(sitefailover = %key, epoch, "took the witness Lease");
                 let mut mem = ctx.witness_memory();
                 let m = mem.entry(key.clone()).or_default();
-                m.renewed_at = Some(now);
+                m.renewed_at = Some(sent);
                 m.seen = None;
                 if let Some(w) = obs.witness.as_mut() {
                     w.holder = Some(ctx.site.clone());
                     w.epoch = epoch;
-                    w.renewed_at = Some(now);
-                    w.acquirable = true;
+                    w.renewed_at = Some(sent);
                 }
                 drop(mem);
                 decision = machine::decide(spec, &status_in, &obs);
@@ -398,7 +424,27 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
     ctx.stats
         .report_site(ns, name, Some(report(&decision.status)));
     if let Some(after) = &decision.after {
-        record(ctx, &sf, after, false, timeout).await?;
+        match record(ctx, &sf, after, false, timeout).await {
+            // Our own actions may have changed the object since (clearing a request annotation): if its
+            // status is still the one recorded before acting, record completion over the fresh version.
+            Err(Error::Conflict(_)) => {
+                let fresh = timed(
+                    format!("SiteFailover {ns}/{name}"),
+                    timeout,
+                    api.get_opt(name),
+                )
+                .await?;
+                match fresh {
+                    Some(f) if f.status.as_ref() == Some(&decision.status) => {
+                        record(ctx, &f, after, false, timeout).await?;
+                    }
+                    _ => return Err(Error::Conflict(format!("{ns}/{name}"))),
+                }
+            }
+            other => {
+                other?;
+            }
+        }
         ctx.stats.report_site(ns, name, Some(report(after)));
         if let Some(rec) = &after.last_failover {
             let msg = format!(
@@ -426,7 +472,6 @@ async fn observe_witness(
     key: &str,
     status: &SiteFailoverStatus,
     peer: Option<&machine::PeerView>,
-    now: Timestamp,
     timeout: Duration,
 ) -> (
     witness::WitnessView,
@@ -457,14 +502,16 @@ async fn observe_witness(
         },
         None => None,
     };
+    // Stamped after the read: a version is never taken as seen earlier than it was.
+    let read_at = ctx.clock.now();
     let me = ctx.site.as_str();
     let mut mem = ctx.witness_memory().remove(key).unwrap_or_default();
     let mut view = witness::view(
-        me,
+        &witness::pairing(sf),
         read.as_ref().map(Option::as_ref),
         &mut mem,
         duration,
-        now,
+        read_at,
     );
     // Who is active at which epoch, as the machine will start from (a new pairing: the peer's view, else the
     // configured primary at epoch 1), so a new primary holds the Lease from its first tick.
@@ -476,29 +523,32 @@ async fn observe_witness(
     let active = active_site.as_deref() == Some(me);
     let mut read = read;
     if let (Some(r), Some(current)) = (&lease_ref, &mut read) {
-        if active && witness::active_may_renew(&view, epoch) {
+        // The renewal counts from when it was sent: it may have landed any time after.
+        let sent = ctx.clock.now();
+        if active && witness::active_may_renew(&view, me, epoch) {
             match r
-                .write(current.as_ref(), Some(me), epoch, now, timeout)
+                .write(current.as_ref(), Some(me), epoch, sent, timeout)
                 .await
             {
                 Ok(written) => {
                     *current = Some(written);
-                    mem.renewed_at = Some(now);
+                    mem.renewed_at = Some(sent);
                     mem.seen = None;
                     view.holder = Some(me.to_string());
                     view.epoch = epoch;
-                    view.renewed_at = Some(now);
+                    view.renewed_at = Some(sent);
                 }
                 Err(e) => info!(sitefailover = %key, error = %e, "cannot renew the witness Lease"),
             }
         } else if !active
             && view.held_by(me)
+            && view.foreign.is_none()
             && status.consecutive_probe_failures == 0
             && status.phase != crate::crd::FailoverPhase::FailingOver
         {
             // Taken for a promotion that did not happen (the primary answers again): give it back.
             match r
-                .write(current.as_ref(), None, status.epoch, now, timeout)
+                .write(current.as_ref(), None, status.epoch, sent, timeout)
                 .await
             {
                 Ok(written) => {

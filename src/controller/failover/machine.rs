@@ -396,18 +396,49 @@ fn active_quorum(
     let w = spec.witness.as_ref()?;
     let me = spec.local_site.as_str();
     let view = obs.witness.clone().unwrap_or_default();
-    // The standby agrees only while it is not counting failed probes of this site: one that is may take a
-    // lapsed Lease and promote, and might not reach this site's API to fence it first.
-    let peer_agrees = obs.peer.as_ref().is_some_and(|p| {
-        p.epoch == st.epoch && p.active_site.as_deref() == Some(me) && p.probe_failures == 0
-    });
+    let agrees = peer_agrees(spec, st, obs);
     let deadline = f64::from(w.renew_deadline_seconds(spec.detection.probe_interval_seconds));
     let recent = view
         .renewed_at
         .is_some_and(|t| seconds_between(t, obs.now) <= deadline);
     // A readable Lease must still be ours at no higher epoch; an unreadable one counts until the deadline.
-    let still_ours = !view.reachable || (view.held_by(me) && view.epoch <= st.epoch);
-    Some(peer_agrees || (recent && still_ours))
+    let still_ours =
+        !view.reachable || (view.held_by(me) && view.foreign.is_none() && view.epoch <= st.epoch);
+    Some(agrees || (recent && still_ours))
+}
+
+/// The peer answers and agrees that this site is active at this epoch, counting no failed probe of it. A
+/// standby that counts failures may take a lapsed Lease and promote, and might not reach this site's API
+/// to fence it first, so its agreement ends with its first recorded failure.
+pub fn peer_agrees(spec: &SiteFailoverSpec, st: &SiteFailoverStatus, obs: &Observation) -> bool {
+    let me = spec.local_site.as_str();
+    obs.peer.as_ref().is_some_and(|p| {
+        p.epoch == st.epoch && p.active_site.as_deref() == Some(me) && p.probe_failures == 0
+    })
+}
+
+fn witness_wait_message(
+    me: &str,
+    peer: &str,
+    w: &WitnessView,
+    failing_for: f64,
+    duration: f64,
+) -> String {
+    if !w.reachable {
+        return format!(
+            "promotion of {me} needs the witness Lease and the witness does not answer"
+        );
+    }
+    if let Some(other) = &w.foreign {
+        return format!(
+            "promotion of {me} needs the witness Lease, which belongs to another pairing ({other}): give this pairing its own spec.witness.leaseName"
+        );
+    }
+    format!(
+        "promotion of {me} waits for the witness Lease (held by {}, {}) and for {duration:.0} s of failed probes ({failing_for:.0} s so far): site {peer} may still be serving behind a partition",
+        w.holder.as_deref().unwrap_or("nobody"),
+        if w.lapsed { "lapsed" } else { "still changing" }
+    )
 }
 
 fn quorum_lost_message(
@@ -538,27 +569,27 @@ fn standby_tick(
         let started = parse(&st.probe_failing_since).unwrap_or(obs.now);
         let witness_epoch = obs.witness.as_ref().map_or(0, |w| w.epoch);
         let mut epoch = st.epoch.max(obs.peer.as_ref().map_or(0, |p| p.epoch)) + 1;
-        if let Some(w) = obs.witness.as_ref().filter(|_| spec.witness.is_some()) {
-            if w.held_by(me) {
+        if let (Some(cfg), Some(w)) = (&spec.witness, obs.witness.as_ref()) {
+            if w.held_by(me) && w.foreign.is_none() && w.epoch > st.epoch {
                 // Taken for this promotion (possibly by a tick that did not get to record it).
                 epoch = epoch.max(witness_epoch);
-            } else if w.acquirable {
-                *acquire_witness = Some(epoch.max(witness_epoch + 1));
-                st.phase = steady_phase(spec, st);
-                return;
             } else {
-                notes.push(Note {
-                    warning: true,
-                    reason: "WitnessWait",
-                    message: if w.reachable {
-                        format!(
-                            "promotion of {me} waits for the witness Lease, held by {}: site {peer} may still be serving behind a partition",
-                            w.holder.as_deref().unwrap_or("nobody")
-                        )
-                    } else {
-                        format!("promotion of {me} needs the witness Lease and the witness does not answer")
-                    },
-                });
+                // The active site may be in quorum through this site's agreement until it reads the failures
+                // recorded here, and through its last renewal until the renew deadline: wait out both.
+                let failing_for = seconds_between(started, obs.now);
+                let duration = f64::from(cfg.lease_duration_seconds);
+                let usable = w.reachable && w.foreign.is_none();
+                if usable && w.lapsed && failing_for >= duration {
+                    *acquire_witness = Some(epoch.max(witness_epoch + 1));
+                } else if st.consecutive_probe_failures == spec.detection.failure_threshold
+                    || obs.failover_requested
+                {
+                    notes.push(Note {
+                        warning: true,
+                        reason: "WitnessWait",
+                        message: witness_wait_message(me, peer, w, failing_for, duration),
+                    });
+                }
                 st.phase = steady_phase(spec, st);
                 return;
             }

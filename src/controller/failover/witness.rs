@@ -4,14 +4,21 @@
 //! - The **active** site renews the Lease at every tick. It stays in quorum while it renewed within the
 //!   renew deadline (`leaseDurationSeconds - 2 × probeIntervalSeconds`) or sees the standby agree that it is
 //!   active; out of quorum, it fences its own stores ([`super::machine`]).
-//! - The **standby** takes the Lease only when a promotion is due and the Lease is free, already its own, or
-//!   has not changed for the whole lease duration *as measured on its own clock* (the same rule as
-//!   Kubernetes leader election: no comparison of two sites' clocks). It writes the epoch it is about to
-//!   claim into the Lease, then promotes. A standby holding the Lease with no promotion under way (its
-//!   probes answer again) releases it.
+//! - The **standby** takes the Lease only when a promotion is due, its probes have been failing for the whole
+//!   lease duration, and the Lease (whoever holds it, or its absence) has not changed for the whole lease
+//!   duration *as measured on its own clock* since it read it (the rule of Kubernetes leader election: no
+//!   comparison of two sites' clocks). It writes the epoch it is about to claim into the Lease, then
+//!   promotes. A standby holding the Lease with no promotion under way (its probes answer again) releases
+//!   it.
 //!
-//! So an active site cut off from both the witness and the standby has fenced itself at least one probe
-//! interval before the standby can hold the Lease: a partition never leaves two sites writing.
+//! Waiting out its own failed probes matters as much as the Lease: the active site may be in quorum through
+//! the standby's agreement, which ends only when it reads the standby's recorded failures. Both windows
+//! are at least the lease duration, while the active site fences itself within the renew deadline (two
+//! probe intervals shorter) of its last renewal or agreement; [`FenceGuard`] makes that deadline hold even
+//! when a tick is slow. So a partition never leaves two sites writing.
+//!
+//! The Lease carries the pairing it belongs to (`mailpod.io/pairing`); a Lease of another pairing is never
+//! renewed, taken or released.
 
 use std::time::Duration;
 
@@ -27,6 +34,21 @@ use crate::crd::SiteFailover;
 
 /// Annotation on the Lease: the epoch its holder serves (or is about to claim).
 pub const EPOCH_ANNOTATION: &str = "mailpod.io/epoch";
+/// Annotation on the Lease: the pairing it belongs to ([`pairing`]).
+pub const PAIRING_ANNOTATION: &str = "mailpod.io/pairing";
+
+/// The identity of a pairing, the same on both sites: the SiteFailover's name and both sites with their
+/// namespaces, in name order (`corp-geo:east=mail,west=mail`).
+pub fn pairing(sf: &SiteFailover) -> String {
+    let ns = sf.namespace().unwrap_or_default();
+    let peer_ns = sf.spec.peer.namespace.clone().unwrap_or_else(|| ns.clone());
+    let mut sites = [
+        format!("{}={ns}", sf.spec.local_site),
+        format!("{}={peer_ns}", sf.spec.peer.name),
+    ];
+    sites.sort();
+    format!("{}:{}", sf.name_any(), sites.join(","))
+}
 
 /// The witness Lease as one tick sees it, for the pure machine.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -36,10 +58,14 @@ pub struct WitnessView {
     pub holder: Option<String>,
     /// Epoch recorded in the Lease.
     pub epoch: i64,
-    /// Last time this site renewed or took the Lease (this tick or an earlier one).
+    /// When this process last renewed or took the Lease (the time the write was sent; never read back from
+    /// the Lease, whose times another node's clock may have written).
     pub renewed_at: Option<Timestamp>,
-    /// This site may take the Lease now: free, its own, or unchanged for the whole lease duration.
-    pub acquirable: bool,
+    /// The Lease (or its absence) has not changed for the whole lease duration since this site first read
+    /// it so: whoever held it has stopped renewing.
+    pub lapsed: bool,
+    /// The Lease belongs to another pairing (`mailpod.io/pairing`): never renewed, taken or released.
+    pub foreign: Option<String>,
 }
 
 impl WitnessView {
@@ -48,8 +74,8 @@ impl WitnessView {
     }
 }
 
-/// What a site remembers of the Lease between ticks: the version it last saw and since when (its own
-/// clock), and its own last renewal.
+/// What a site remembers of the Lease between ticks: the version it last saw (empty: no Lease) and since
+/// when (its own clock, read after the read), and its own last renewal.
 #[derive(Clone, Debug, Default)]
 pub struct WitnessMemory {
     pub seen: Option<(String, Timestamp)>,
@@ -62,6 +88,8 @@ pub struct LeaseRef {
     pub namespace: String,
     pub name: String,
     pub duration: u32,
+    /// [`pairing`] of the SiteFailover, written into the Lease.
+    pub pairing: String,
 }
 
 impl LeaseRef {
@@ -76,6 +104,7 @@ impl LeaseRef {
                 .unwrap_or_default(),
             name: w.lease_name(&sf.name_any()),
             duration,
+            pairing: pairing(sf),
         })
     }
 
@@ -102,6 +131,7 @@ impl LeaseRef {
         now: Timestamp,
         timeout: Duration,
     ) -> Result<Lease, Error> {
+        let pairing = self.pairing.clone();
         let old = current.and_then(|l| l.spec.clone()).unwrap_or_default();
         let changed_hands = old.holder_identity.as_deref() != holder;
         let spec = LeaseSpec {
@@ -129,6 +159,9 @@ impl LeaseRef {
         lease
             .annotations_mut()
             .insert(EPOCH_ANNOTATION.to_string(), epoch.to_string());
+        lease
+            .annotations_mut()
+            .insert(PAIRING_ANNOTATION.to_string(), pairing);
         lease.spec = Some(spec);
         let api = self.api();
         let pp = PostParams::default();
@@ -181,13 +214,15 @@ pub fn lease_epoch(lease: &Lease) -> i64 {
         .unwrap_or(0)
 }
 
-/// The view of a Lease read this tick (`None`: not readable), updating what `me` remembers of it.
+/// The view of a Lease read this tick (`None`: not readable), updating what this site remembers of it.
+/// `read_at` is taken after the read returned, so the time a version is first seen is never earlier than
+/// the read that saw it.
 pub fn view(
-    me: &str,
+    pairing: &str,
     lease: Option<Option<&Lease>>,
     memory: &mut WitnessMemory,
     duration: u32,
-    now: Timestamp,
+    read_at: Timestamp,
 ) -> WitnessView {
     let Some(lease) = lease else {
         return WitnessView {
@@ -195,50 +230,55 @@ pub fn view(
             ..Default::default()
         };
     };
+    let version = lease.and_then(|l| l.resource_version()).unwrap_or_default();
+    let since = match &memory.seen {
+        Some((v, t)) if *v == version => *t,
+        _ => read_at,
+    };
+    memory.seen = Some((version, since));
+    let lapsed = read_at.duration_since(since).as_secs_f64() >= f64::from(duration);
     let Some(lease) = lease else {
-        memory.seen = None;
         return WitnessView {
             reachable: true,
             renewed_at: memory.renewed_at,
-            acquirable: true,
+            lapsed,
             ..Default::default()
         };
     };
-    let version = lease.resource_version().unwrap_or_default();
-    let since = match &memory.seen {
-        Some((v, t)) if *v == version => *t,
-        _ => now,
-    };
-    memory.seen = Some((version, since));
     let holder = lease
         .spec
         .as_ref()
         .and_then(|s| s.holder_identity.clone())
         .filter(|h| !h.is_empty());
-    // Our own renewal survives a restart in the Lease itself (written with this site's clock).
-    if holder.as_deref() == Some(me) && memory.renewed_at.is_none() {
-        memory.renewed_at = lease
-            .spec
-            .as_ref()
-            .and_then(|s| s.renew_time.as_ref())
-            .map(|t| t.0);
-    }
-    let unchanged_for = now.duration_since(since).as_secs_f64();
+    let foreign = lease
+        .annotations()
+        .get(PAIRING_ANNOTATION)
+        .filter(|p| p.as_str() != pairing)
+        .cloned();
     WitnessView {
         reachable: true,
-        acquirable: holder.is_none()
-            || holder.as_deref() == Some(me)
-            || unchanged_for >= f64::from(duration),
+        lapsed,
         holder,
         epoch: lease_epoch(lease),
         renewed_at: memory.renewed_at,
+        foreign,
     }
 }
 
-/// Whether the active site at `epoch` may renew (or take) the Lease it sees: never over a higher epoch,
-/// and over another holder only once that holder is from an older epoch or has let it lapse.
-pub fn active_may_renew(view: &WitnessView, epoch: i64) -> bool {
-    view.reachable && view.epoch <= epoch && (view.acquirable || view.epoch < epoch)
+/// Whether the active site `me` at `epoch` may renew (or take) the Lease it sees: its own at any epoch
+/// (a Lease left from an earlier incarnation of this pairing is brought to this epoch), a free one, or
+/// another holder's only when that holder is from an older epoch (a site that handed over) or has let it
+/// lapse; never another holder's at a higher epoch (a standby that took it to promote), nor another
+/// pairing's.
+pub fn active_may_renew(view: &WitnessView, me: &str, epoch: i64) -> bool {
+    if !view.reachable || view.foreign.is_some() {
+        return false;
+    }
+    match view.holder.as_deref() {
+        Some(h) if h == me => true,
+        None => view.epoch <= epoch || view.lapsed,
+        Some(_) => view.epoch < epoch || (view.epoch == epoch && view.lapsed),
+    }
 }
 
 #[cfg(test)]
@@ -267,79 +307,119 @@ mod tests {
         Timestamp::from_second(1_700_000_000 + s).unwrap()
     }
 
+    const PAIRING: &str = "corp-geo:east=mail,west=mail";
+
     #[test]
-    fn another_holders_lease_is_taken_only_after_a_whole_unchanged_duration() {
+    fn a_lease_lapses_only_after_a_whole_unchanged_duration_whoever_holds_it() {
         let mut mem = WitnessMemory::default();
         let l = lease(Some("east"), "7", 1);
-        let v = view("west", Some(Some(&l)), &mut mem, 20, at(0));
-        assert!(!v.acquirable);
-        assert_eq!(v.holder.as_deref(), Some("east"));
-        assert_eq!(v.epoch, 1);
-        assert!(!view("west", Some(Some(&l)), &mut mem, 20, at(19)).acquirable);
-        assert!(view("west", Some(Some(&l)), &mut mem, 20, at(20)).acquirable);
+        let v = view(PAIRING, Some(Some(&l)), &mut mem, 20, at(0));
+        assert!(!v.lapsed);
+        assert_eq!((v.holder.as_deref(), v.epoch), (Some("east"), 1));
+        assert!(!view(PAIRING, Some(Some(&l)), &mut mem, 20, at(19)).lapsed);
+        assert!(view(PAIRING, Some(Some(&l)), &mut mem, 20, at(20)).lapsed);
         // A renewal (new version) restarts the wait.
         let renewed = lease(Some("east"), "8", 1);
-        assert!(!view("west", Some(Some(&renewed)), &mut mem, 20, at(25)).acquirable);
-        assert!(view("west", Some(Some(&renewed)), &mut mem, 20, at(45)).acquirable);
+        assert!(!view(PAIRING, Some(Some(&renewed)), &mut mem, 20, at(25)).lapsed);
+        assert!(view(PAIRING, Some(Some(&renewed)), &mut mem, 20, at(45)).lapsed);
+        // Free or own: the same wait (a free Lease may have just been released; an own one left over).
+        let mut mem = WitnessMemory::default();
+        let free = lease(None, "9", 1);
+        assert!(!view(PAIRING, Some(Some(&free)), &mut mem, 20, at(0)).lapsed);
+        assert!(view(PAIRING, Some(Some(&free)), &mut mem, 20, at(20)).lapsed);
     }
 
     #[test]
-    fn free_own_missing_and_unreadable_leases() {
+    fn a_missing_lease_lapses_like_any_other_and_times_are_never_read_back() {
         let mut mem = WitnessMemory::default();
-        assert!(
-            view(
-                "west",
-                Some(Some(&lease(None, "1", 3))),
-                &mut mem,
-                20,
-                at(0)
-            )
-            .acquirable
-        );
+        let missing = view(PAIRING, Some(None), &mut mem, 20, at(0));
+        assert!(missing.reachable && !missing.lapsed && missing.holder.is_none());
+        assert!(!view(PAIRING, Some(None), &mut mem, 20, at(10)).lapsed);
+        assert!(view(PAIRING, Some(None), &mut mem, 20, at(20)).lapsed);
+        // Created meanwhile: the wait starts again.
+        let created = lease(Some("east"), "1", 1);
+        assert!(!view(PAIRING, Some(Some(&created)), &mut mem, 20, at(21)).lapsed);
+        // This site's own renewal time is not taken from the Lease (another node's clock wrote it).
         let own = view(
-            "west",
+            PAIRING,
             Some(Some(&lease(Some("west"), "2", 3))),
-            &mut mem,
+            &mut WitnessMemory::default(),
             20,
             at(0),
         );
-        assert!(own.acquirable && own.held_by("west"));
-        // The renewal time written by this site is remembered after a restart.
-        assert_eq!(own.renewed_at, Some(Timestamp::from_second(1_000).unwrap()));
-        let missing = view("west", Some(None), &mut WitnessMemory::default(), 20, at(0));
-        assert!(missing.reachable && missing.acquirable && missing.holder.is_none());
-        let down = view("west", None, &mut WitnessMemory::default(), 20, at(0));
-        assert!(!down.reachable && !down.acquirable);
+        assert!(own.held_by("west") && own.renewed_at.is_none());
+        let down = view(PAIRING, None, &mut WitnessMemory::default(), 20, at(0));
+        assert!(!down.reachable && !down.lapsed);
     }
 
     #[test]
-    fn the_active_site_never_renews_over_a_higher_epoch() {
+    fn the_active_site_never_renews_over_a_higher_epoch_nor_another_pairings_lease() {
         let mut mem = WitnessMemory::default();
         let claimed = view(
-            "east",
+            PAIRING,
             Some(Some(&lease(Some("west"), "5", 2))),
             &mut mem,
             20,
             at(0),
         );
-        assert!(!active_may_renew(&claimed, 1));
+        assert!(!active_may_renew(&claimed, "east", 1));
         // A holder from an older epoch (the site that handed over in a failback) is replaced at once.
         let stale = view(
-            "east",
+            PAIRING,
             Some(Some(&lease(Some("west"), "6", 2))),
             &mut mem,
             20,
             at(1),
         );
-        assert!(active_may_renew(&stale, 3));
+        assert!(active_may_renew(&stale, "east", 3));
+        // Its own, even at a higher epoch (left from an earlier incarnation of the pairing).
         let own = view(
-            "east",
-            Some(Some(&lease(Some("east"), "7", 3))),
+            PAIRING,
+            Some(Some(&lease(Some("east"), "7", 5))),
             &mut mem,
             20,
             at(2),
         );
-        assert!(active_may_renew(&own, 3));
+        assert!(active_may_renew(&own, "east", 1));
+        // Free: taken.
+        let free = view(
+            PAIRING,
+            Some(Some(&lease(None, "8", 1))),
+            &mut mem,
+            20,
+            at(3),
+        );
+        assert!(active_may_renew(&free, "east", 1));
+        // Another pairing's Lease: never.
+        let mut other = lease(Some("east"), "9", 1);
+        other.annotations_mut().insert(
+            PAIRING_ANNOTATION.into(),
+            "corp-geo:east=other,west=other".into(),
+        );
+        let v = view(PAIRING, Some(Some(&other)), &mut mem, 20, at(4));
+        assert_eq!(v.foreign.as_deref(), Some("corp-geo:east=other,west=other"));
+        assert!(!active_may_renew(&v, "east", 1));
+    }
+
+    #[test]
+    fn the_pairing_is_the_same_on_both_sites() {
+        let sf = |local: &str, peer: &str, peer_ns: Option<&str>, ns: &str| -> SiteFailover {
+            let mut v = serde_json::json!({
+                "apiVersion": "mailpod.io/v1alpha1", "kind": "SiteFailover",
+                "metadata": {"name": "corp-geo", "namespace": ns},
+                "spec": {"mailPods": ["corp"], "localSite": local, "primarySite": "east",
+                         "peer": {"name": peer, "kubeconfigSecret": {"name": "p", "key": "k"}}}
+            });
+            if let Some(p) = peer_ns {
+                v["spec"]["peer"]["namespace"] = serde_json::json!(p);
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let east = pairing(&sf("east", "west", Some("mail-w"), "mail-e"));
+        let west = pairing(&sf("west", "east", Some("mail-e"), "mail-w"));
+        assert_eq!(east, west);
+        assert_eq!(east, "corp-geo:east=mail-e,west=mail-w");
+        assert_ne!(east, pairing(&sf("east", "west", None, "mail-e")));
     }
 
     #[test]

@@ -41,18 +41,14 @@ fn with_witness(local: &str) -> SiteFailoverSpec {
     s
 }
 
-fn lease(
-    holder: Option<&str>,
-    epoch: i64,
-    renewed_at: Option<i64>,
-    acquirable: bool,
-) -> WitnessView {
+fn lease(holder: Option<&str>, epoch: i64, renewed_at: Option<i64>, lapsed: bool) -> WitnessView {
     WitnessView {
         reachable: true,
         holder: holder.map(str::to_string),
         epoch,
         renewed_at: renewed_at.map(t),
-        acquirable,
+        lapsed,
+        foreign: None,
     }
 }
 
@@ -641,6 +637,7 @@ fn an_active_site_keeps_serving_while_the_peer_agrees_or_the_lease_is_fresh() {
 #[test]
 fn the_standby_promotes_only_holding_the_witness_lease() {
     let s = with_witness("west");
+    // Failures since 5 s (standby_after_failures); the threshold is reached at 15 s.
     let two = standby_after_failures(2);
     // Held by east, not yet unchanged for the lease duration: no promotion.
     let mut o = obs(15, None, Some(false));
@@ -650,6 +647,7 @@ fn the_standby_promotes_only_holding_the_witness_lease() {
     assert_eq!(d.acquire_witness, None);
     assert!(!d.actions.contains(&Action::FenceLocal(false)));
     assert!(d.notes.iter().any(|n| n.reason == "WitnessWait"));
+    let three = stored(&d);
     // Witness unreachable: no promotion either.
     let mut o = obs(15, None, Some(false));
     o.witness = Some(WitnessView::default());
@@ -659,21 +657,41 @@ fn the_standby_promotes_only_holding_the_witness_lease() {
         .notes
         .iter()
         .any(|n| n.message.contains("does not answer")));
-    // Lapsed: the controller is asked to take it for epoch 2 first.
-    let mut o = obs(15, None, Some(false));
-    o.witness = Some(lease(Some("east"), 1, None, true));
-    let d = decide(&s, &two, &o);
-    assert_eq!(d.acquire_witness, Some(2));
-    assert_eq!(d.status.active_site.as_deref(), Some("east"));
-    assert!(d
-        .actions
-        .iter()
-        .all(|a| !matches!(a, Action::FenceLocal(false) | Action::PublishDns)));
-    // Taken: the same tick decided again promotes at the Lease's epoch.
-    o.witness = Some(lease(Some("west"), 2, Some(15), true));
-    let d = decide(&s, &two, &o);
-    assert_eq!(d.acquire_witness, None);
-    assert_eq!(d.status.phase, FailoverPhase::FailingOver);
-    assert_eq!(d.status.epoch, 2);
-    assert!(d.actions.contains(&Action::FenceLocal(false)));
+    // Lapsed, but the probes have failed for only 10 s of the 20 s lease: east may still be in quorum
+    // through west's agreement, so no promotion. The same for a free Lease, or one west itself holds
+    // from before (not taken for this epoch).
+    for held in [Some("east"), None, Some("west")] {
+        let mut o = obs(15, None, Some(false));
+        o.witness = Some(lease(held, 1, None, true));
+        let d = decide(&s, &two, &o);
+        assert_eq!(d.acquire_witness, None, "{held:?}");
+        assert_eq!(d.status.active_site.as_deref(), Some("east"));
+    }
+    // Failing for the whole lease duration and lapsed: the controller is asked to take it for epoch 2.
+    let mut st = three;
+    for now in [20, 25] {
+        let mut o = obs(now, None, Some(false));
+        o.witness = Some(lease(Some("east"), 1, None, true));
+        let d = decide(&s, &st, &o);
+        if now == 20 {
+            assert_eq!(d.acquire_witness, None, "15 s of failures");
+            // Past the threshold the wait is not announced again at every probe.
+            assert!(!d.notes.iter().any(|n| n.reason == "WitnessWait"));
+            st = stored(&d);
+            continue;
+        }
+        assert_eq!(d.acquire_witness, Some(2));
+        assert_eq!(d.status.active_site.as_deref(), Some("east"));
+        assert!(d
+            .actions
+            .iter()
+            .all(|a| !matches!(a, Action::FenceLocal(false) | Action::PublishDns)));
+        // Taken: the same tick decided again promotes at the Lease's epoch.
+        o.witness = Some(lease(Some("west"), 2, Some(25), true));
+        let d = decide(&s, &st, &o);
+        assert_eq!(d.acquire_witness, None);
+        assert_eq!(d.status.phase, FailoverPhase::FailingOver);
+        assert_eq!(d.status.epoch, 2);
+        assert!(d.actions.contains(&Action::FenceLocal(false)));
+    }
 }
