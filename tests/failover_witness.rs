@@ -454,3 +454,45 @@ async fn a_lease_left_by_an_earlier_pairing_of_the_same_sites_is_brought_to_this
     }
     assert_eq!(sites.serving(), vec!["east"]);
 }
+
+#[tokio::test]
+async fn the_fence_guard_fences_at_the_deadline_when_no_tick_comes() {
+    let mut sites = converged().await;
+    // Short figures, on both sites: probes every 2 s, a Lease of 8 s, so a renew deadline of 4 s.
+    for site in [&sites.east, &sites.west] {
+        let api: kube::Api<mailpod_operator::crd::SiteFailover> =
+            kube::Api::namespaced(site.server.client(), failover_support::NS);
+        let body = serde_json::json!({"spec": {
+            "detection": {"probeIntervalSeconds": 2, "probeTimeoutSeconds": 1, "failureThreshold": 3},
+            "witness": {"leaseDurationSeconds": 8}}});
+        api.patch(
+            failover_support::SF,
+            &Default::default(),
+            &kube::api::Patch::Merge(&body),
+        )
+        .await
+        .unwrap();
+    }
+    sites.east.failover.fence_guard = true;
+    sites.east.tick().await;
+    assert_eq!(sites.serving(), vec!["east"]);
+    // A tick renews within the deadline: the guard is re-armed from then.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    sites.east.tick().await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        sites.serving(),
+        vec!["east"],
+        "re-armed by the second renewal"
+    );
+    // No tick comes (the operator is stuck in slow calls, say): the guard fences at the deadline.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(
+        sites.east.luns().iter().all(|l| l.spec.fenced),
+        "the guard fenced east's stores"
+    );
+    assert!(sites.serving().is_empty());
+    // The next tick that renews unfences them.
+    sites.east.tick().await;
+    assert_eq!(sites.serving(), vec!["east"]);
+}

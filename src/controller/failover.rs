@@ -101,6 +101,11 @@ pub struct Context {
     lag_memory: Mutex<HashMap<String, (f64, Timestamp)>>,
     /// SiteFailovers whose witness mismatch has been reported by this process.
     mismatch_said: Mutex<std::collections::HashSet<String>>,
+    /// Arm a [`witness`] fence guard at every tick of an active site in quorum: a timer, independent of
+    /// how long ticks take, that fences this site's stores when the renew deadline passes. On in
+    /// production; tests that move an injected clock leave it off and rely on the tick's own check.
+    pub fence_guard: bool,
+    guards: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 impl Context {
@@ -126,19 +131,39 @@ impl Context {
             witness_memory: Mutex::new(HashMap::new()),
             lag_memory: Mutex::new(HashMap::new()),
             mismatch_said: Mutex::default(),
+            fence_guard: false,
+            guards: Mutex::default(),
             stats: Arc::default(),
         }
     }
 
     /// The production context: kubeconfig Secrets, greeting probes, the system clock.
     pub fn production(client: Client, site: impl Into<String>) -> Self {
-        Self::new(
+        let mut ctx = Self::new(
             client,
             site,
             Box::<peer::KubeconfigPeers>::default(),
             Box::<peer::GreetingProbe>::default(),
             Box::new(SystemClock),
-        )
+        );
+        ctx.fence_guard = true;
+        ctx
+    }
+
+    /// Stops the fence guard of one SiteFailover (deleted, invalid or not this site's).
+    fn disarm(&self, key: &str) {
+        let mut guards = self.guards.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = guards.remove(key) {
+            g.abort();
+        }
+    }
+
+    /// Stops every fence guard: this process no longer reconciles (shutdown, or leadership lost).
+    fn disarm_all(&self) {
+        let mut guards = self.guards.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, g) in guards.drain() {
+            g.abort();
+        }
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, Memory>> {
@@ -224,12 +249,14 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
     .await?
     else {
         ctx.stats.report_site(ns, name, None);
+        ctx.disarm(&format!("{ns}/{name}"));
         return Ok(Duration::from_secs(300));
     };
     let spec = &sf.spec;
     let timeout = Duration::from_secs(u64::from(spec.detection.probe_timeout_seconds));
     if let Err(errs) = spec.validate() {
         ctx.note(&sf, true, "InvalidSpec", errs.to_string()).await;
+        ctx.disarm(&format!("{ns}/{name}"));
         return Ok(Duration::from_secs(300));
     }
     if spec.local_site != ctx.site {
@@ -243,6 +270,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
             ),
         )
         .await;
+        ctx.disarm(&format!("{ns}/{name}"));
         return Ok(Duration::from_secs(300));
     }
     let key = format!("{ns}/{name}");
@@ -416,6 +444,9 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
             Err(e) => return Err(e),
         }
     }
+    if ctx.fence_guard {
+        arm_guard(ctx, &sf, &key, &status_in, &decision, &obs);
+    }
     let report = |status: &SiteFailoverStatus| super::SiteReport {
         site: ctx.site.clone(),
         peer: spec.peer.name.clone(),
@@ -461,6 +492,61 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
         }
     }
     Ok(decision.requeue)
+}
+
+/// (Re)arms the fence guard of an active site in quorum with a witness: a task that sleeps until the renew
+/// deadline of the latest renewal or agreement seen and then fences this site's stores, unless a later
+/// tick re-arms it first. The tick's own check fences too, but only when a tick runs; the guard holds the
+/// deadline when ticks are slow (several timeouts in a row) or stop.
+fn arm_guard(
+    ctx: &Context,
+    sf: &SiteFailover,
+    key: &str,
+    status_in: &SiteFailoverStatus,
+    decision: &machine::Decision,
+    obs: &Observation,
+) {
+    let mut guards = ctx.guards.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(old) = guards.remove(key) {
+        old.abort();
+    }
+    let Some(w) = &sf.spec.witness else { return };
+    let st = &decision.status;
+    let active = st.active_site.as_deref() == Some(ctx.site.as_str());
+    let in_quorum = st.witness.as_ref().is_some_and(|w| w.quorum) && st.fenced == Some(false);
+    if !active || !in_quorum {
+        return;
+    }
+    let agreed = machine::peer_agrees(&sf.spec, status_in, obs).then_some(obs.now);
+    let renewed = obs.witness.as_ref().and_then(|v| v.renewed_at);
+    let Some(basis) = agreed.max(renewed) else {
+        return;
+    };
+    let deadline = w.renew_deadline_seconds(sf.spec.detection.probe_interval_seconds);
+    let until = basis + jiff::SignedDuration::from_secs(i64::from(deadline));
+    let left = ctx.clock.now().duration_until(until);
+    let sleep = Duration::try_from(left).unwrap_or(Duration::ZERO);
+    let client = ctx.client.clone();
+    let sf = sf.clone();
+    let site = ctx.site.clone();
+    let timeout = Duration::from_secs(u64::from(sf.spec.detection.probe_timeout_seconds));
+    let key_owned = key.to_string();
+    guards.insert(
+        key.to_string(),
+        tokio::spawn(async move {
+            tokio::time::sleep(sleep).await;
+            let ns = sf.namespace().unwrap_or_default();
+            warn!(sitefailover = %key_owned, "witness renew deadline passed with no renewal or agreement: fencing this site's stores");
+            match SiteState::read(&client, &ns, &sf, timeout, &site).await {
+                Ok(local) => {
+                    if let Err(e) = act::fence(&client, &ns, &local.luns, true, timeout, &site).await {
+                        warn!(sitefailover = %key_owned, error = %e, "fence guard could not fence");
+                    }
+                }
+                Err(e) => warn!(sitefailover = %key_owned, error = %e, "fence guard could not read the LUNs"),
+            }
+        }),
+    );
 }
 
 /// Reads the witness Lease, renews it when this site is active (or gives it back when this standby holds it
@@ -731,9 +817,10 @@ pub async fn run(
     // also how soon a changed access table at the active site is mirrored here.
     Controller::new(api, watcher::Config::default().any_semantic())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|_| async {})
         .await;
+    ctx.disarm_all();
     info!("SiteFailover controller stopped");
     Ok(())
 }
