@@ -307,8 +307,9 @@ pub struct WitnessStatus {
     /// Site holding the Lease (none: free).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
-    /// Whether this site is in quorum: it holds the Lease (renewed within the deadline) or sees the peer
-    /// agree on the active site. An active site out of quorum has fenced its stores.
+    /// On the active site: whether it may write, having renewed the Lease within the renew deadline or
+    /// heard the standby agree (an active site out of quorum has fenced its stores). On the standby:
+    /// whether it reaches the witness or the active site (it sees a majority).
     pub quorum: bool,
 }
 
