@@ -14,8 +14,9 @@
 //! Waiting out its own failed probes matters as much as the Lease: the active site may be in quorum through
 //! the standby's agreement, which ends only when it reads the standby's recorded failures. Both windows
 //! are at least the lease duration, while the active site fences itself within the renew deadline (two
-//! probe intervals shorter) of its last renewal or agreement; [`FenceGuard`] makes that deadline hold even
-//! when a tick is slow. So a partition never leaves two sites writing.
+//! probe intervals shorter) of its last renewal or agreement; the fence guard (a timer the controller
+//! re-arms at each tick, `arm_guard`) makes that deadline hold even when a tick is slow. So a partition
+//! never leaves two sites writing.
 //!
 //! The Lease carries the pairing it belongs to (`mailpod.io/pairing`); a Lease of another pairing is never
 //! renewed, taken or released.
