@@ -496,3 +496,64 @@ async fn the_fence_guard_fences_at_the_deadline_when_no_tick_comes() {
     sites.east.tick().await;
     assert_eq!(sites.serving(), vec!["east"]);
 }
+
+/// East cut off from everything; west takes over. Returns once west serves.
+async fn fail_over_to_west(sites: &Sites) {
+    sites.partition(true);
+    sites.east.witness_cut.store(true, Ordering::SeqCst);
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    for round in 0..6 {
+        checked_round(sites, &format!("failing over, round {round}")).await;
+    }
+    assert_eq!(sites.serving(), vec!["west"]);
+}
+
+#[tokio::test]
+async fn a_stale_old_primary_never_serves_beside_the_new_active_site_over_a_deleted_lease() {
+    let sites = converged().await;
+    fail_over_to_west(&sites).await;
+    // East reaches the witness again but still not west, and the Lease is deleted: east must not recreate
+    // it at epoch 1 and serve beside west.
+    sites.east.witness_cut.store(false, Ordering::SeqCst);
+    let api: kube::Api<Lease> = kube::Api::namespaced(sites.witness.client(), "mailpod-witness");
+    api.delete(LEASE_NAME, &Default::default()).await.unwrap();
+    for round in 0..12 {
+        checked_round(&sites, &format!("lease deleted, round {round}")).await;
+    }
+    // The sites see each other again: west serves at epoch 2.
+    sites.partition(false);
+    sites.east.frontends_up.store(true, Ordering::SeqCst);
+    for round in 0..6 {
+        checked_round(&sites, &format!("reunited, round {round}")).await;
+    }
+    assert_eq!(sites.serving(), vec!["west"]);
+    assert_eq!(sites.east.status().epoch, 2);
+}
+
+#[tokio::test]
+async fn a_failback_cut_off_mid_pause_never_resumes_beside_a_promoted_primary() {
+    let sites = converged().await;
+    fail_over_to_west(&sites).await;
+    sites.partition(false);
+    sites.east.witness_cut.store(false, Ordering::SeqCst);
+    sites.east.frontends_up.store(true, Ordering::SeqCst);
+    for round in 0..2 {
+        checked_round(&sites, &format!("east back, round {round}")).await;
+    }
+    sites.east.set_lag(3.0).await;
+    sites.east.annotate_failback().await;
+    checked_round(&sites, "failback requested").await;
+    assert_eq!(sites.west.status().phase, FailoverPhase::FailingBack);
+    // West, paused for the final sync, is cut off from east and the witness; east's probes of west fail.
+    sites.partition(true);
+    sites.west.witness_cut.store(true, Ordering::SeqCst);
+    sites.west.frontends_up.store(false, Ordering::SeqCst);
+    let mut east_served = false;
+    // Past the RTO target (60 s), when west gives the failback up.
+    for round in 0..16 {
+        checked_round(&sites, &format!("cut off mid-pause, round {round}")).await;
+        east_served |= sites.east.serving();
+    }
+    assert!(east_served, "east took over with the witness");
+    assert!(!sites.west.serving(), "west did not resume out of quorum");
+}

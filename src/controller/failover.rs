@@ -106,6 +106,8 @@ pub struct Context {
     /// production; tests that move an injected clock leave it off and rely on the tick's own check.
     pub fence_guard: bool,
     guards: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// When each armed guard fences: moved later by every renewal or agreement, as soon as it happens.
+    fence_at: Arc<Mutex<HashMap<String, tokio::time::Instant>>>,
 }
 
 impl Context {
@@ -133,6 +135,7 @@ impl Context {
             mismatch_said: Mutex::default(),
             fence_guard: false,
             guards: Mutex::default(),
+            fence_at: Arc::default(),
             stats: Arc::default(),
         }
     }
@@ -156,6 +159,19 @@ impl Context {
         if let Some(g) = guards.remove(key) {
             g.abort();
         }
+        lock(&self.fence_at).remove(key);
+    }
+
+    /// Moves an armed guard's fence time to `basis` (a renewal sent, or an agreement read) plus the renew
+    /// deadline, if that is later. Does nothing when no guard is armed.
+    fn extend_guard(&self, key: &str, basis: Timestamp, deadline_seconds: u32) {
+        if !self.fence_guard {
+            return;
+        }
+        let at = instant_of(self.clock.now(), basis, deadline_seconds);
+        if let Some(cur) = lock(&self.fence_at).get_mut(key) {
+            *cur = (*cur).max(at);
+        }
     }
 
     /// Stops every fence guard: this process no longer reconciles (shutdown, or leadership lost).
@@ -164,6 +180,7 @@ impl Context {
         for (_, g) in guards.drain() {
             g.abort();
         }
+        lock(&self.fence_at).clear();
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, Memory>> {
@@ -290,6 +307,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
             None
         }
     };
+    let peer_read_at = ctx.clock.now();
     let peer = match &peer_client {
         Some(c) => read_peer(c, &peer_ns, &sf, timeout).await,
         None => None,
@@ -359,6 +377,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
     };
     let obs = Observation {
         now,
+        peer_read_at,
         peer: peer.as_ref().map(|(p, _)| observe::peer_view(p.as_ref())),
         frontend_ok,
         tables: observe::table_hashes(&sf, &local, peer_state),
@@ -416,7 +435,15 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
             }
         }
     }
-    let confirm = decision.actions.contains(&Action::FenceLocal(false));
+    // A fence or unfence follows: write the status even if unchanged, so its resourceVersion check proves
+    // that no peer changed our epoch since we read it (a stale read must not fence a new active site).
+    let confirm = decision
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::FenceLocal(_)));
+    if ctx.fence_guard {
+        arm_guard(ctx, &sf, &key, &status_in, &decision, &obs);
+    }
     let sf = record(ctx, &sf, &decision.status, confirm, timeout).await?;
     for n in &decision.notes {
         ctx.note(&sf, n.warning, n.reason, n.message.clone()).await;
@@ -443,9 +470,6 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
             }
             Err(e) => return Err(e),
         }
-    }
-    if ctx.fence_guard {
-        arm_guard(ctx, &sf, &key, &status_in, &decision, &obs);
     }
     let report = |status: &SiteFailoverStatus| super::SiteReport {
         site: ctx.site.clone(),
@@ -494,10 +518,22 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
     Ok(decision.requeue)
 }
 
-/// (Re)arms the fence guard of an active site in quorum with a witness: a task that sleeps until the renew
-/// deadline of the latest renewal or agreement seen and then fences this site's stores, unless a later
-/// tick re-arms it first. The tick's own check fences too, but only when a tick runs; the guard holds the
-/// deadline when ticks are slow (several timeouts in a row) or stop.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The monotonic instant at which `basis + deadline` falls, given that the clock reads `now`.
+fn instant_of(now: Timestamp, basis: Timestamp, deadline_seconds: u32) -> tokio::time::Instant {
+    let until = basis + jiff::SignedDuration::from_secs(i64::from(deadline_seconds));
+    let left = Duration::try_from(now.duration_until(until)).unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + left
+}
+
+/// Arms the fence guard of an active site in quorum with a witness, or moves its fence time: a task that
+/// sleeps until the renew deadline of the latest renewal or agreement and then fences this site's stores.
+/// Renewals move the time as soon as they succeed ([`Context::extend_guard`]), so a slow tick between two
+/// renewals does not fence; a site out of quorum, standby, or without a witness has no guard. The tick's
+/// own check fences too, but only when a tick runs; the guard holds the deadline when ticks are slow or stop.
 fn arm_guard(
     ctx: &Context,
     sf: &SiteFailover,
@@ -506,35 +542,50 @@ fn arm_guard(
     decision: &machine::Decision,
     obs: &Observation,
 ) {
-    let mut guards = ctx.guards.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(old) = guards.remove(key) {
-        old.abort();
-    }
-    let Some(w) = &sf.spec.witness else { return };
     let st = &decision.status;
     let active = st.active_site.as_deref() == Some(ctx.site.as_str());
     let in_quorum = st.witness.as_ref().is_some_and(|w| w.quorum) && st.fenced == Some(false);
-    if !active || !in_quorum {
+    let Some(w) = sf.spec.witness.as_ref().filter(|_| active && in_quorum) else {
+        ctx.disarm(key);
         return;
-    }
-    let agreed = machine::peer_agrees(&sf.spec, status_in, obs).then_some(obs.now);
+    };
+    let agreed = machine::peer_agrees(&sf.spec, status_in, obs).then_some(obs.peer_read_at);
     let renewed = obs.witness.as_ref().and_then(|v| v.renewed_at);
     let Some(basis) = agreed.max(renewed) else {
+        ctx.disarm(key);
         return;
     };
     let deadline = w.renew_deadline_seconds(sf.spec.detection.probe_interval_seconds);
-    let until = basis + jiff::SignedDuration::from_secs(i64::from(deadline));
-    let left = ctx.clock.now().duration_until(until);
-    let sleep = Duration::try_from(left).unwrap_or(Duration::ZERO);
+    let at = instant_of(ctx.clock.now(), basis, deadline);
+    {
+        let mut fence_at = lock(&ctx.fence_at);
+        let cur = fence_at.entry(key.to_string()).or_insert(at);
+        *cur = (*cur).max(at);
+    }
+    let mut guards = lock(&ctx.guards);
+    if guards.get(key).is_some_and(|g| !g.is_finished()) {
+        return;
+    }
     let client = ctx.client.clone();
     let sf = sf.clone();
     let site = ctx.site.clone();
     let timeout = Duration::from_secs(u64::from(sf.spec.detection.probe_timeout_seconds));
     let key_owned = key.to_string();
+    let fence_at = ctx.fence_at.clone();
     guards.insert(
         key.to_string(),
         tokio::spawn(async move {
-            tokio::time::sleep(sleep).await;
+            loop {
+                let Some(at) = lock(&fence_at).get(&key_owned).copied() else {
+                    return;
+                };
+                if tokio::time::Instant::now() < at {
+                    tokio::time::sleep_until(at).await;
+                    continue;
+                }
+                break;
+            }
+            lock(&fence_at).remove(&key_owned);
             let ns = sf.namespace().unwrap_or_default();
             warn!(sitefailover = %key_owned, "witness renew deadline passed with no renewal or agreement: fencing this site's stores");
             match SiteState::read(&client, &ns, &sf, timeout, &site).await {
@@ -611,13 +662,17 @@ async fn observe_witness(
     if let (Some(r), Some(current)) = (&lease_ref, &mut read) {
         // The renewal counts from when it was sent: it may have landed any time after.
         let sent = ctx.clock.now();
-        if active && witness::active_may_renew(&view, me, epoch) {
+        if active && witness::active_may_renew(&view, me, epoch, status.epoch == 0) {
             match r
                 .write(current.as_ref(), Some(me), epoch, sent, timeout)
                 .await
             {
                 Ok(written) => {
                     *current = Some(written);
+                    let deadline = sf.spec.witness.as_ref().map_or(0, |w| {
+                        w.renew_deadline_seconds(sf.spec.detection.probe_interval_seconds)
+                    });
+                    ctx.extend_guard(key, sent, deadline);
                     mem.renewed_at = Some(sent);
                     mem.seen = None;
                     view.holder = Some(me.to_string());

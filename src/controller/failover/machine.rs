@@ -60,6 +60,8 @@ pub struct Observation {
     pub now: Timestamp,
     /// `None` when the peer's API did not answer within the probe timeout.
     pub peer: Option<PeerView>,
+    /// When the peer was read (a clock reading taken before the read): its agreement counts from then.
+    pub peer_read_at: Timestamp,
     /// Front-end protocol check of the peer; `None` when no probe was due this tick.
     pub frontend_ok: Option<bool>,
     pub tables: Vec<TableHashes>,
@@ -270,7 +272,15 @@ pub fn decide(spec: &SiteFailoverSpec, status: &SiteFailoverStatus, obs: &Observ
         match st.phase {
             FailoverPhase::FailingOver => {
                 actions.extend(promotion_actions(me, st.epoch));
-                after = Some(finish(spec, &st, now));
+                if quorum == Some(false) {
+                    // Resumed (after a restart, say) without the Lease or the peer's agreement: the other
+                    // site may have moved on meanwhile. Tell and fence the peer if it answers, but do not
+                    // start serving here.
+                    actions
+                        .retain(|a| !matches!(a, Action::FenceLocal(false) | Action::PublishDns));
+                } else {
+                    after = Some(finish(spec, &st, now));
+                }
                 requeue = IN_PROGRESS_REQUEUE;
             }
             FailoverPhase::FailingBack => {
@@ -358,6 +368,10 @@ pub fn decide(spec: &SiteFailoverSpec, status: &SiteFailoverStatus, obs: &Observ
         }
     }
 
+    if quorum == Some(false) {
+        // Out of quorum nothing unfences this site (a failback giving up, included).
+        actions.retain(|a| !matches!(a, Action::FenceLocal(false)));
+    }
     st.fenced = Some(
         st.active_site.as_deref() != Some(me)
             || st.phase == FailoverPhase::FailingBack
@@ -398,6 +412,8 @@ fn active_quorum(
     let view = obs.witness.clone().unwrap_or_default();
     let agrees = peer_agrees(spec, st, obs);
     let deadline = f64::from(w.renew_deadline_seconds(spec.detection.probe_interval_seconds));
+    // An agreement read long ago (a slow tick) is as stale as an old renewal.
+    let agrees = agrees && seconds_between(obs.peer_read_at, obs.now) <= deadline;
     let recent = view
         .renewed_at
         .is_some_and(|t| seconds_between(t, obs.now) <= deadline);
@@ -570,16 +586,18 @@ fn standby_tick(
         let witness_epoch = obs.witness.as_ref().map_or(0, |w| w.epoch);
         let mut epoch = st.epoch.max(obs.peer.as_ref().map_or(0, |p| p.epoch)) + 1;
         if let (Some(cfg), Some(w)) = (&spec.witness, obs.witness.as_ref()) {
-            if w.held_by(me) && w.foreign.is_none() && w.epoch > st.epoch {
-                // Taken for this promotion (possibly by a tick that did not get to record it).
+            // The active site may be in quorum through this site's agreement until it reads the failures
+            // recorded here, and through its last renewal until the renew deadline: wait out both, whoever
+            // the Lease names (an edited Lease, or one left by a tick that died, is no shortcut).
+            let failing_for = seconds_between(started, obs.now);
+            let duration = f64::from(cfg.lease_duration_seconds);
+            let waited = w.lapsed && failing_for >= duration;
+            if waited && w.held_by(me) && w.foreign.is_none() && w.epoch > st.epoch {
+                // Taken for this promotion (this tick, or one that did not get to record it).
                 epoch = epoch.max(witness_epoch);
             } else {
-                // The active site may be in quorum through this site's agreement until it reads the failures
-                // recorded here, and through its last renewal until the renew deadline: wait out both.
-                let failing_for = seconds_between(started, obs.now);
-                let duration = f64::from(cfg.lease_duration_seconds);
                 let usable = w.reachable && w.foreign.is_none();
-                if usable && w.lapsed && failing_for >= duration {
+                if usable && waited {
                     *acquire_witness = Some(epoch.max(witness_epoch + 1));
                 } else if st.consecutive_probe_failures == spec.detection.failure_threshold
                     || obs.failover_requested

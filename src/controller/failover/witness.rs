@@ -67,6 +67,8 @@ pub struct WitnessView {
     pub lapsed: bool,
     /// The Lease belongs to another pairing (`mailpod.io/pairing`): never renewed, taken or released.
     pub foreign: Option<String>,
+    /// The Lease exists (`false`: readable and missing, or not readable).
+    pub exists: bool,
 }
 
 impl WitnessView {
@@ -263,22 +265,30 @@ pub fn view(
         epoch: lease_epoch(lease),
         renewed_at: memory.renewed_at,
         foreign,
+        exists: true,
     }
 }
 
-/// Whether the active site `me` at `epoch` may renew (or take) the Lease it sees: its own at any epoch
-/// (a Lease left from an earlier incarnation of this pairing is brought to this epoch), a free one, or
-/// another holder's only when that holder is from an older epoch (a site that handed over) or has let it
-/// lapse; never another holder's at a higher epoch (a standby that took it to promote), nor another
-/// pairing's.
-pub fn active_may_renew(view: &WitnessView, me: &str, epoch: i64) -> bool {
+/// Whether the active site `me` at `epoch` may renew (or take) the Lease it sees:
+/// - its own, at any epoch (one left from an earlier incarnation of this pairing is brought to this epoch);
+/// - a free one at its own epoch (the other site gave it back, as the site that hands over in a failback
+///   does once it follows the new epoch);
+/// - a missing one on a new pairing's first tick (`new_pairing`: no epoch recorded yet);
+/// - any other (missing, free at another epoch, another site's at any epoch) only once it has lapsed: its
+///   holder has stopped renewing for the whole duration and so has fenced itself (or is gone). Taking one
+///   earlier could let a stale old primary that recreated a deleted Lease be overtaken while it still
+///   counts on its renewal, with two sites serving.
+///
+/// Never another pairing's. Until it may renew, the active site counts on the standby's agreement.
+pub fn active_may_renew(view: &WitnessView, me: &str, epoch: i64, new_pairing: bool) -> bool {
     if !view.reachable || view.foreign.is_some() {
         return false;
     }
     match view.holder.as_deref() {
         Some(h) if h == me => true,
-        None => view.epoch <= epoch || view.lapsed,
-        Some(_) => view.epoch < epoch || (view.epoch == epoch && view.lapsed),
+        None if !view.exists => new_pairing || view.lapsed,
+        None => view.epoch == epoch || view.lapsed,
+        Some(_) => view.lapsed,
     }
 }
 
@@ -363,8 +373,8 @@ mod tests {
             20,
             at(0),
         );
-        assert!(!active_may_renew(&claimed, "east", 1));
-        // A holder from an older epoch (the site that handed over in a failback) is replaced at once.
+        assert!(!active_may_renew(&claimed, "east", 1, false));
+        // Another holder's, even from an older epoch: only once it has lapsed.
         let stale = view(
             PAIRING,
             Some(Some(&lease(Some("west"), "6", 2))),
@@ -372,7 +382,15 @@ mod tests {
             20,
             at(1),
         );
-        assert!(active_may_renew(&stale, "east", 3));
+        assert!(!active_may_renew(&stale, "east", 3, false));
+        let stale = view(
+            PAIRING,
+            Some(Some(&lease(Some("west"), "6", 2))),
+            &mut mem,
+            20,
+            at(21),
+        );
+        assert!(active_may_renew(&stale, "east", 3, false));
         // Its own, even at a higher epoch (left from an earlier incarnation of the pairing).
         let own = view(
             PAIRING,
@@ -381,7 +399,7 @@ mod tests {
             20,
             at(2),
         );
-        assert!(active_may_renew(&own, "east", 1));
+        assert!(active_may_renew(&own, "east", 1, false));
         // Free: taken.
         let free = view(
             PAIRING,
@@ -390,7 +408,24 @@ mod tests {
             20,
             at(3),
         );
-        assert!(active_may_renew(&free, "east", 1));
+        assert!(active_may_renew(&free, "east", 1, false));
+        // Missing: recreated at once only on a new pairing's first tick, else once it has lapsed (a stale
+        // old primary must not recreate a deleted Lease).
+        let mut m = WitnessMemory::default();
+        let missing = view(PAIRING, Some(None), &mut m, 20, at(0));
+        assert!(active_may_renew(&missing, "east", 1, true));
+        assert!(!active_may_renew(&missing, "east", 1, false));
+        let missing = view(PAIRING, Some(None), &mut m, 20, at(20));
+        assert!(active_may_renew(&missing, "east", 1, false));
+        // Free at another epoch: once lapsed.
+        let free_old = view(
+            PAIRING,
+            Some(Some(&lease(None, "10", 0))),
+            &mut WitnessMemory::default(),
+            20,
+            at(0),
+        );
+        assert!(!active_may_renew(&free_old, "east", 1, false));
         // Another pairing's Lease: never.
         let mut other = lease(Some("east"), "9", 1);
         other.annotations_mut().insert(
@@ -399,7 +434,7 @@ mod tests {
         );
         let v = view(PAIRING, Some(Some(&other)), &mut mem, 20, at(4));
         assert_eq!(v.foreign.as_deref(), Some("corp-geo:east=other,west=other"));
-        assert!(!active_may_renew(&v, "east", 1));
+        assert!(!active_may_renew(&v, "east", 1, false));
     }
 
     #[test]

@@ -49,6 +49,7 @@ fn lease(holder: Option<&str>, epoch: i64, renewed_at: Option<i64>, lapsed: bool
         renewed_at: renewed_at.map(t),
         lapsed,
         foreign: None,
+        exists: true,
     }
 }
 
@@ -67,6 +68,7 @@ fn peer(epoch: i64, active: &str) -> Option<PeerView> {
 fn obs(now: i64, peer: Option<PeerView>, frontend_ok: Option<bool>) -> Observation {
     Observation {
         now: t(now),
+        peer_read_at: t(now),
         peer,
         frontend_ok,
         tables: vec![TableHashes {
