@@ -275,14 +275,15 @@ fn cel_rules_agree_with_rust_validation() {
             "Rust {local} {peer} {primary}"
         );
     }
-    // The witness Lease must outlast four probe intervals (defaults: interval 5 s, lease 20 s).
+    // The witness Lease must outlast four probe intervals (defaults: interval 5 s, lease 40 s).
     let witness = json!({"kubeconfigSecret": {"name": "w", "key": "kubeconfig"}});
     for (lease, interval, ok) in [
         (None, None, true),
         (Some(20), None, true),
         (Some(19), None, false),
         (Some(40), Some(10), true),
-        (None, Some(10), false),
+        (None, Some(10), true),
+        (None, Some(11), false),
     ] {
         let mut obj = sf_obj("a", "b", "a");
         obj["spec"]["witness"] = witness.clone();

@@ -33,7 +33,7 @@ use super::validation::{is_dns_label, is_dns_subdomain, ValidationErrors};
 )]
 #[x_kube(validation = Rule::new("self.localSite != self.peer.name").message("localSite and peer.name must differ").field_path(".peer.name"))]
 #[x_kube(validation = Rule::new("self.primarySite == self.localSite || self.primarySite == self.peer.name").message("primarySite must be localSite or peer.name").field_path(".primarySite"))]
-#[x_kube(validation = Rule::new("!has(self.witness) || (has(self.witness.leaseDurationSeconds) ? self.witness.leaseDurationSeconds : 20) >= 4 * (has(self.detection) && has(self.detection.probeIntervalSeconds) ? self.detection.probeIntervalSeconds : 5)").message("witness.leaseDurationSeconds must be at least 4 × detection.probeIntervalSeconds").field_path(".witness.leaseDurationSeconds"))]
+#[x_kube(validation = Rule::new("!has(self.witness) || (has(self.witness.leaseDurationSeconds) ? self.witness.leaseDurationSeconds : 40) >= 4 * (has(self.detection) && has(self.detection.probeIntervalSeconds) ? self.detection.probeIntervalSeconds : 5)").message("witness.leaseDurationSeconds must be at least 4 × detection.probeIntervalSeconds").field_path(".witness.leaseDurationSeconds"))]
 #[serde(rename_all = "camelCase")]
 pub struct SiteFailoverSpec {
     /// MailPods (in this namespace) this pairing covers.
@@ -75,7 +75,7 @@ pub struct Witness {
     /// Name of the Lease; `sitefailover-<name>` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_name: Option<String>,
-    /// How long a Lease not renewed stays with its holder (default 20). The active site stops serving when
+    /// How long a Lease not renewed stays with its holder (default 40). The active site stops serving when
     /// it has neither renewed the Lease for `leaseDurationSeconds - 2 × probeIntervalSeconds` nor seen the
     /// standby agree; the standby takes the Lease only after seeing it unchanged for the whole duration.
     #[serde(default = "default_lease_duration")]
@@ -83,8 +83,10 @@ pub struct Witness {
     pub lease_duration_seconds: u32,
 }
 
+/// 40 s: long enough that an active site whose operator crashes is fenced by the replica that takes over
+/// (leader Lease of 15 s, retried every 5 s, then a tick) before the standby may take the witness Lease.
 fn default_lease_duration() -> u32 {
-    20
+    40
 }
 
 impl Witness {
