@@ -442,7 +442,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
         .iter()
         .any(|a| matches!(a, Action::FenceLocal(_)));
     if ctx.fence_guard {
-        arm_guard(ctx, &sf, &key, &status_in, &decision, &obs);
+        arm_guard(ctx, &sf, &key, &decision, &obs);
     }
     let sf = record(ctx, &sf, &decision.status, confirm, timeout).await?;
     for n in &decision.notes {
@@ -538,7 +538,6 @@ fn arm_guard(
     ctx: &Context,
     sf: &SiteFailover,
     key: &str,
-    status_in: &SiteFailoverStatus,
     decision: &machine::Decision,
     obs: &Observation,
 ) {
@@ -549,7 +548,8 @@ fn arm_guard(
         ctx.disarm(key);
         return;
     };
-    let agreed = machine::peer_agrees(&sf.spec, status_in, obs).then_some(obs.peer_read_at);
+    // Against the epoch the decision adopted (a new active site that learned its epoch from the peer).
+    let agreed = machine::peer_agrees(&sf.spec, st, obs).then_some(obs.peer_read_at);
     let renewed = obs.witness.as_ref().and_then(|v| v.renewed_at);
     let Some(basis) = agreed.max(renewed) else {
         ctx.disarm(key);
@@ -688,16 +688,13 @@ async fn observe_witness(
             && status.phase != crate::crd::FailoverPhase::FailingOver
         {
             // Taken for a promotion that did not happen (the primary answers again): give it back.
-            match r
-                .write(current.as_ref(), None, status.epoch, sent, timeout)
-                .await
-            {
+            match r.write(current.as_ref(), None, epoch, sent, timeout).await {
                 Ok(written) => {
                     *current = Some(written);
                     mem.renewed_at = None;
                     mem.seen = None;
                     view.holder = None;
-                    view.epoch = status.epoch;
+                    view.epoch = epoch;
                     view.renewed_at = None;
                 }
                 Err(e) => {

@@ -275,9 +275,12 @@ pub fn decide(spec: &SiteFailoverSpec, status: &SiteFailoverStatus, obs: &Observ
                 if quorum == Some(false) {
                     // Resumed (after a restart, say) without the Lease or the peer's agreement: the other
                     // site may have moved on meanwhile. Tell and fence the peer if it answers, but do not
-                    // start serving here.
+                    // serve here: fence what an earlier attempt may have unfenced.
                     actions
                         .retain(|a| !matches!(a, Action::FenceLocal(false) | Action::PublishDns));
+                    if obs.local_fencing.any_unfenced {
+                        actions.push(Action::FenceLocal(true));
+                    }
                 } else {
                     after = Some(finish(spec, &st, now));
                 }
@@ -592,9 +595,22 @@ fn standby_tick(
             let failing_for = seconds_between(started, obs.now);
             let duration = f64::from(cfg.lease_duration_seconds);
             let waited = w.lapsed && failing_for >= duration;
-            if waited && w.held_by(me) && w.foreign.is_none() && w.epoch > st.epoch {
-                // Taken for this promotion (this tick, or one that did not get to record it).
+            let deadline =
+                f64::from(cfg.renew_deadline_seconds(spec.detection.probe_interval_seconds));
+            let fresh = w
+                .renewed_at
+                .is_some_and(|t| seconds_between(t, obs.now) <= deadline);
+            let ours = waited && w.held_by(me) && w.foreign.is_none() && w.epoch > st.epoch;
+            if ours && fresh {
+                // Taken for this promotion in this tick (or just before).
                 epoch = epoch.max(witness_epoch);
+            } else if ours {
+                // Taken by a tick that did not get to record the promotion: it may have lapsed since, and
+                // the other site may have taken it meanwhile. Write it again (compare-and-swap on the
+                // version read) before promoting.
+                *acquire_witness = Some(epoch.max(witness_epoch));
+                st.phase = steady_phase(spec, st);
+                return;
             } else {
                 let usable = w.reachable && w.foreign.is_none();
                 if usable && waited {

@@ -697,3 +697,55 @@ fn the_standby_promotes_only_holding_the_witness_lease() {
         assert!(d.actions.contains(&Action::FenceLocal(false)));
     }
 }
+
+#[test]
+fn a_promotion_resumed_out_of_quorum_fences_instead_of_serving() {
+    let s = with_witness("west");
+    // West recorded its promotion at epoch 2 (FailingOver), and may have unfenced before it stopped.
+    let mut st = stored(&decide(
+        &s,
+        &Default::default(),
+        &obs(0, peer(1, "east"), Some(true)),
+    ));
+    st.epoch = 2;
+    st.active_site = Some("west".into());
+    st.phase = FailoverPhase::FailingOver;
+    // Now: no peer, the witness Lease taken by east once west's lapsed.
+    let mut o = obs(100, None, None);
+    o.local_fencing = unfenced();
+    o.witness = Some(lease(Some("east"), 1, Some(20), false));
+    let d = decide(&s, &st, &o);
+    assert!(
+        d.actions.contains(&Action::FenceLocal(true)),
+        "{:?}",
+        d.actions
+    );
+    assert!(!d
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::FenceLocal(false) | Action::PublishDns)));
+    assert!(d.after.is_none(), "not recorded as done");
+    assert_eq!(d.status.fenced, Some(true));
+}
+
+#[test]
+fn a_lease_taken_by_a_tick_that_died_is_written_again_before_promoting() {
+    let s = with_witness("west");
+    let two = standby_after_failures(2);
+    // West holds the Lease at epoch 2 from a take 35 s ago that was never recorded; both waits are over.
+    let mut o = obs(60, None, Some(false));
+    o.witness = Some(lease(Some("west"), 2, Some(25), true));
+    let d = decide(&s, &two, &o);
+    assert_eq!(
+        d.acquire_witness,
+        Some(2),
+        "compare-and-swap the Lease again first"
+    );
+    assert_eq!(d.status.active_site.as_deref(), Some("east"));
+    assert!(!d.actions.contains(&Action::FenceLocal(false)));
+    // Written again just now: promote.
+    o.witness = Some(lease(Some("west"), 2, Some(60), true));
+    let d = decide(&s, &two, &o);
+    assert_eq!(d.status.phase, FailoverPhase::FailingOver);
+    assert_eq!(d.status.epoch, 2);
+}
