@@ -450,6 +450,20 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
     }
     let phase = decision.status.phase;
     for action in &decision.actions {
+        if *action == Action::FenceLocal(false) {
+            if let Some(until) = quorum_until(&sf, &decision.status, &obs) {
+                // The steps before may have taken several timeouts: unfence only while the renewal or
+                // agreement this decision rests on still holds; else the next tick decides again.
+                if ctx.clock.now() > until {
+                    return Err(Error::Timeout {
+                        what:
+                            "unfencing this site: the witness renew deadline passed during the tick"
+                                .to_string(),
+                        timeout,
+                    });
+                }
+            }
+        }
         match carry_out(
             ctx,
             &sf,
@@ -522,6 +536,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Until when this tick's quorum holds, with a witness: the renew deadline after the later of this tick's
+/// renewal and the peer's agreement (read at `peer_read_at`, against the epoch the decision adopted).
+/// `None` without a witness, or with neither.
+fn quorum_until(
+    sf: &SiteFailover,
+    st: &SiteFailoverStatus,
+    obs: &Observation,
+) -> Option<Timestamp> {
+    let w = sf.spec.witness.as_ref()?;
+    let agreed = machine::peer_agrees(&sf.spec, st, obs).then_some(obs.peer_read_at);
+    let renewed = obs.witness.as_ref().and_then(|v| v.renewed_at);
+    let basis = agreed.max(renewed)?;
+    let deadline = w.renew_deadline_seconds(sf.spec.detection.probe_interval_seconds);
+    Some(basis + jiff::SignedDuration::from_secs(i64::from(deadline)))
+}
+
 /// The monotonic instant at which `basis + deadline` falls, given that the clock reads `now`.
 fn instant_of(now: Timestamp, basis: Timestamp, deadline_seconds: u32) -> tokio::time::Instant {
     let until = basis + jiff::SignedDuration::from_secs(i64::from(deadline_seconds));
@@ -544,19 +574,11 @@ fn arm_guard(
     let st = &decision.status;
     let active = st.active_site.as_deref() == Some(ctx.site.as_str());
     let in_quorum = st.witness.as_ref().is_some_and(|w| w.quorum) && st.fenced == Some(false);
-    let Some(w) = sf.spec.witness.as_ref().filter(|_| active && in_quorum) else {
+    let Some(until) = quorum_until(sf, st, obs).filter(|_| active && in_quorum) else {
         ctx.disarm(key);
         return;
     };
-    // Against the epoch the decision adopted (a new active site that learned its epoch from the peer).
-    let agreed = machine::peer_agrees(&sf.spec, st, obs).then_some(obs.peer_read_at);
-    let renewed = obs.witness.as_ref().and_then(|v| v.renewed_at);
-    let Some(basis) = agreed.max(renewed) else {
-        ctx.disarm(key);
-        return;
-    };
-    let deadline = w.renew_deadline_seconds(sf.spec.detection.probe_interval_seconds);
-    let at = instant_of(ctx.clock.now(), basis, deadline);
+    let at = instant_of(ctx.clock.now(), until, 0);
     {
         let mut fence_at = lock(&ctx.fence_at);
         let cur = fence_at.entry(key.to_string()).or_insert(at);
