@@ -373,15 +373,7 @@ async fn a_restart_in_the_middle_of_a_failover_finishes_it() {
     }
     // The promoting tick records its decision, then dies before acting: fail every LUN write once.
     sites.advance(INTERVAL);
-    sites
-        .west
-        .server
-        .inject(mailpod_operator::testkit::Fault::new(
-            Some(http::Method::PATCH),
-            "/storageluns/",
-            mailpod_operator::testkit::FaultKind::Timeout,
-            1,
-        ));
+    sites.west.fail_next_lun_write();
     assert!(sites.west.try_tick().await.is_err());
     let w = sites.west.status();
     assert_eq!(w.phase, FailoverPhase::FailingOver);
@@ -392,11 +384,7 @@ async fn a_restart_in_the_middle_of_a_failover_finishes_it() {
     );
 
     // A new operator process: no memory, only the stored status.
-    let peer = sites.east.server.clone();
-    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clock = sites.clock.clone();
-    let witness = sites.witness.clone();
-    sites.west.restart(&peer, &witness, up, clock);
+    sites.restart_west();
     sites.advance(1);
     sites.west.tick().await;
     let w = sites.west.status();

@@ -268,26 +268,14 @@ async fn a_restart_after_taking_the_lease_finishes_the_promotion() {
     assert!(!sites.east.serving() && !sites.west.serving());
     // The promoting tick takes the Lease and records its decision, then dies before unfencing.
     sites.advance(INTERVAL);
-    sites
-        .west
-        .server
-        .inject(mailpod_operator::testkit::Fault::new(
-            Some(http::Method::PATCH),
-            "/storageluns/",
-            mailpod_operator::testkit::FaultKind::Timeout,
-            1,
-        ));
+    sites.west.fail_next_lun_write();
     assert!(sites.west.try_tick().await.is_err());
     assert_eq!(sites.west.status().phase, FailoverPhase::FailingOver);
     assert_eq!(lease(&sites), (Some("west".into()), 2));
     assert!(sites.serving().is_empty());
 
     // A new operator process: no memory of the Lease, only the stored status and the Lease itself.
-    let peer = sites.east.server.clone();
-    let witness = sites.witness.clone();
-    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clock = sites.clock.clone();
-    sites.west.restart(&peer, &witness, up, clock);
+    sites.restart_west();
     sites.advance(1);
     sites.west.tick().await;
     let w = sites.west.status();

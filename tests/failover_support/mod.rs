@@ -242,6 +242,25 @@ impl Sites {
         sites
     }
 
+    /// A fresh controller for west (the old one's memory is gone), as after an operator restart: same peer
+    /// link, witness link, view of east's front ends and clock.
+    pub fn restart_west(&mut self) {
+        self.west.failover = failover::Context::new(
+            self.west.server.client(),
+            self.west.name,
+            Box::new(TestPeers {
+                peer: self.east.server.clone(),
+                cut: self.west.link_cut.clone(),
+                witness: self.witness.clone(),
+                witness_cut: self.west.witness_cut.clone(),
+            }),
+            Box::new(TestProbe {
+                up: self.east.frontends_up.clone(),
+            }),
+            Box::new(self.clock.clone()),
+        );
+    }
+
     pub fn advance(&self, secs: i64) {
         let mut t = self.clock.0.lock().unwrap();
         *t = t
@@ -384,25 +403,13 @@ impl Site {
             .unwrap();
     }
 
-    /// A fresh controller for this site (the old one's memory is gone), as after an operator restart.
-    pub fn restart(
-        &mut self,
-        peer: &ApiServer,
-        witness: &ApiServer,
-        peer_up: Arc<AtomicBool>,
-        clock: TestClock,
-    ) {
-        self.failover = failover::Context::new(
-            self.server.client(),
-            self.name,
-            Box::new(TestPeers {
-                peer: peer.clone(),
-                cut: self.link_cut.clone(),
-                witness: witness.clone(),
-                witness_cut: self.witness_cut.clone(),
-            }),
-            Box::new(TestProbe { up: peer_up }),
-            Box::new(clock),
-        );
+    /// Makes this site's next StorageLUN write time out: a tick that dies after recording its decision.
+    pub fn fail_next_lun_write(&self) {
+        self.server.inject(mailpod_operator::testkit::Fault::new(
+            Some(http::Method::PATCH),
+            "/storageluns/",
+            mailpod_operator::testkit::FaultKind::Timeout,
+            1,
+        ));
     }
 }
