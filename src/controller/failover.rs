@@ -155,7 +155,7 @@ impl Context {
 
     /// Stops the fence guard of one SiteFailover (deleted, invalid or not this site's).
     fn disarm(&self, key: &str) {
-        let mut guards = self.guards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guards = lock(&self.guards);
         if let Some(g) = guards.remove(key) {
             g.abort();
         }
@@ -176,7 +176,7 @@ impl Context {
 
     /// Stops every fence guard: this process no longer reconciles (shutdown, or leadership lost).
     fn disarm_all(&self) {
-        let mut guards = self.guards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guards = lock(&self.guards);
         for (_, g) in guards.drain() {
             g.abort();
         }
@@ -184,17 +184,15 @@ impl Context {
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, Memory>> {
-        self.memory.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.memory)
     }
 
     fn lag_memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, (f64, Timestamp)>> {
-        self.lag_memory.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.lag_memory)
     }
 
     fn witness_memory(&self) -> std::sync::MutexGuard<'_, HashMap<String, witness::WitnessMemory>> {
-        self.witness_memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.witness_memory)
     }
 
     async fn note(&self, sf: &SiteFailover, warning: bool, reason: &str, message: String) {
@@ -316,7 +314,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
         // Said once per process while it lasts, not at every tick.
         let mismatch = witness::mismatch(&sf, p);
         let new = {
-            let mut said = ctx.mismatch_said.lock().unwrap_or_else(|p| p.into_inner());
+            let mut said = lock(&ctx.mismatch_said);
             match &mismatch {
                 Some(_) => said.insert(key.clone()),
                 None => {
