@@ -309,3 +309,196 @@ fn cel_rules_agree_with_rust_validation() {
         }
     }
 }
+
+/// Every `x-kubernetes-validations` rule in a schema, with the path of the node it sits on.
+fn rules_of(path: &str, s: &Value, out: &mut Vec<(String, Value, String)>) {
+    for r in s
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push((
+            path.to_string(),
+            s.clone(),
+            r["rule"].as_str().unwrap().to_string(),
+        ));
+    }
+    if let Some(props) = s.get("properties").and_then(Value::as_object) {
+        for (k, v) in props {
+            rules_of(&format!("{path}.{k}"), v, out);
+        }
+    }
+    if let Some(items) = s.get("items") {
+        rules_of(&format!("{path}[]"), items, out);
+    }
+}
+
+/// The escapes a CEL string literal allows (cel-spec, "String and Bytes Values"); the API server refuses a
+/// CRD whose rule holds any other, such as `\[`, with a compile error.
+fn bad_cel_escapes(rule: &str) -> Vec<String> {
+    let mut bad = vec![];
+    let mut quote: Option<char> = None;
+    let mut chars = rule.chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None => {}
+            Some(q) if c == q => quote = None,
+            Some(_) if c == '\\' => match chars.next() {
+                Some(
+                    'a'
+                    | 'b'
+                    | 'f'
+                    | 'n'
+                    | 'r'
+                    | 't'
+                    | 'v'
+                    | '\\'
+                    | '\''
+                    | '"'
+                    | '`'
+                    | '?'
+                    | 'x'
+                    | 'u'
+                    | 'U'
+                    | '0'..='3',
+                ) => {}
+                other => bad.push(format!("\\{}", other.map(String::from).unwrap_or_default())),
+            },
+            Some(_) => {}
+        }
+    }
+    bad
+}
+
+#[test]
+fn cel_string_literals_use_only_valid_escapes() {
+    assert_eq!(bad_cel_escapes(r"self.matches('^[\[\]]$')"), ["\\[", "\\]"]);
+    assert!(bad_cel_escapes(r"self.matches('^[\\[\\]]$')").is_empty());
+    for crd in all_crds() {
+        let mut rules = vec![];
+        rules_of("", &schema_of(&crd), &mut rules);
+        for (path, _, rule) in rules {
+            let bad = bad_cel_escapes(&rule);
+            assert!(
+                bad.is_empty(),
+                "{}{path}: `{rule}` has escapes CEL refuses: {bad:?}",
+                crd.metadata.name.as_deref().unwrap()
+            );
+        }
+    }
+}
+
+/// The API server estimates each rule's cost from the largest value the schema allows: a rule inside a
+/// list without `maxItems`, or one reading a string without `maxLength`, is costed as if the value filled
+/// the whole request, and the CRD is refused when that exceeds the budget. Every list on the way to a
+/// rule has `maxItems`, and every string a rule reads (`self`, or `self.field`) has `maxLength`.
+fn unbounded_cel_inputs(
+    path: &str,
+    s: &Value,
+    under_unbounded_list: Option<&str>,
+    problems: &mut Vec<String>,
+) {
+    let rules: Vec<&str> = s
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|r| r["rule"].as_str().unwrap())
+        .collect();
+    for rule in &rules {
+        if let Some(list) = under_unbounded_list {
+            problems.push(format!(
+                "{path}: `{rule}` sits in {list}, which has no maxItems"
+            ));
+        }
+        let is_string = |v: &Value| v.get("type") == Some(&json!("string"));
+        // An enum is bounded by its longest value.
+        let unbounded =
+            |v: &Value| is_string(v) && v.get("maxLength").is_none() && v.get("enum").is_none();
+        if unbounded(s) && !rule.starts_with("self == oldSelf") {
+            problems.push(format!("{path}: `{rule}` reads a string without maxLength"));
+        }
+        for (k, v) in s
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            if unbounded(v)
+                && rule.contains(&format!("self.{k}"))
+                && !rule.contains(&format!("has(self.{k})"))
+            {
+                problems.push(format!(
+                    "{path}: `{rule}` reads {k}, a string without maxLength"
+                ));
+            }
+        }
+        if unbounded(s) && rule.starts_with("self == oldSelf") {
+            problems.push(format!(
+                "{path}: `{rule}` compares a string without maxLength"
+            ));
+        }
+    }
+    if let Some(props) = s.get("properties").and_then(Value::as_object) {
+        for (k, v) in props {
+            unbounded_cel_inputs(&format!("{path}.{k}"), v, under_unbounded_list, problems);
+        }
+    }
+    if let Some(items) = s.get("items") {
+        let list = format!("{path}[]");
+        let unbounded = under_unbounded_list
+            .map(str::to_string)
+            .or_else(|| s.get("maxItems").is_none().then(|| path.to_string()));
+        unbounded_cel_inputs(&list, items, unbounded.as_deref(), problems);
+    }
+}
+
+#[test]
+fn every_cel_rule_reads_only_bounded_values() {
+    for crd in all_crds() {
+        let mut problems = vec![];
+        unbounded_cel_inputs(
+            crd.metadata.name.as_deref().unwrap(),
+            &schema_of(&crd),
+            None,
+            &mut problems,
+        );
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+}
+
+#[test]
+fn dns_service_is_an_openapi_enum_not_a_cel_rule() {
+    let schema = schema_of(&SiteFailover::crd());
+    let service =
+        &schema["properties"]["spec"]["properties"]["dns"]["items"]["properties"]["service"];
+    assert_eq!(
+        service["enum"],
+        json!(["mx", "submission", "imap", "pop3", "webmail"])
+    );
+    assert!(service.get("x-kubernetes-validations").is_none());
+    assert!(schema["properties"]["spec"]["properties"]["dns"]["maxItems"].is_u64());
+}
+
+#[test]
+fn replication_source_rule_accepts_host_port_and_bracketed_ipv6() {
+    let lun = StorageLUN::crd();
+    let obj = |src: &str| {
+        json!({"apiVersion": "mailpod.io/v1alpha1", "kind": "StorageLUN", "metadata": {"name": "m-lun-0"},
+               "spec": {"mailPod": "m", "index": 0, "capacity": "10Gi", "replicationSource": src}})
+    };
+    for (src, ok) in [
+        ("corp-lun-0-replication.mail.svc:12345", true),
+        ("[2001:db8::1]:12345", true),
+        ("198.51.100.7:1", true),
+        ("no-port", false),
+        ("host:port", false),
+        ("a b:12", false),
+    ] {
+        assert_eq!(cel(&lun, obj(src), None).is_ok(), ok, "CEL on {src}");
+        let typed: StorageLUN = serde_json::from_value(obj(src)).unwrap();
+        assert_eq!(typed.spec.validate().is_ok(), ok, "Rust on {src}");
+    }
+}

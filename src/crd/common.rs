@@ -109,6 +109,7 @@ pub struct SnapshotPolicy {
     /// Cron schedule, five fields (default every 8 hours).
     #[serde(default = "default_schedule")]
     #[x_kube(validation = Rule::new("self.matches('^(@(yearly|annually|monthly|weekly|daily|hourly)|[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+)$')").message("must be a five-field cron schedule or an @ descriptor"))]
+    #[schemars(length(max = MAX_SCHEDULE_LEN))]
     pub schedule: String,
     /// How many snapshots of each LUN to keep; older ones this LUN made are deleted (default 5).
     #[serde(default = "default_retain")]
@@ -122,6 +123,9 @@ pub struct SnapshotPolicy {
     #[schemars(range(min = 5, max = 600))]
     pub max_pause_seconds: u32,
 }
+
+/// Longest cron schedule accepted; it bounds the cost of the schedule's CEL rule.
+pub const MAX_SCHEDULE_LEN: u32 = 128;
 
 fn default_true() -> bool {
     true
@@ -150,7 +154,12 @@ impl Default for SnapshotPolicy {
 
 impl SnapshotPolicy {
     pub fn validate(&self, path: &str, errs: &mut ValidationErrors) {
-        if let Err(e) = check_cron(&self.schedule) {
+        if self.schedule.len() > MAX_SCHEDULE_LEN as usize {
+            errs.push(
+                format!("{path}.schedule"),
+                format!("must be at most {MAX_SCHEDULE_LEN} characters"),
+            );
+        } else if let Err(e) = check_cron(&self.schedule) {
             errs.push(format!("{path}.schedule"), e);
         }
         if !(1..=100).contains(&self.retain) {

@@ -40,10 +40,12 @@ pub struct SiteFailoverSpec {
     #[schemars(length(min = 1))]
     pub mail_pods: Vec<String>,
     /// This cluster's site name; must match the operator's `--site`.
+    #[schemars(length(max = 63))]
     pub local_site: String,
     /// The other cluster.
     pub peer: PeerSite,
     /// Site that serves while both are healthy.
+    #[schemars(length(max = 63))]
     pub primary_site: String,
     #[serde(default)]
     pub detection: Detection,
@@ -53,6 +55,7 @@ pub struct SiteFailoverSpec {
     pub targets: Targets,
     /// DNS names switched to the active site through external-dns `DNSEndpoint` objects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_DNS_NAMES))]
     pub dns: Vec<DnsName>,
     /// A third cluster holding a Lease that decides which site may write when the two cannot see each
     /// other. With it, a primary cut off from both the witness and the standby stops serving before the
@@ -110,6 +113,7 @@ impl Witness {
 #[serde(rename_all = "camelCase")]
 pub struct PeerSite {
     /// The peer's site name.
+    #[schemars(length(max = 63))]
     pub name: String,
     /// Secret key holding a kubeconfig for the peer cluster.
     pub kubeconfig_secret: KeyRef,
@@ -220,13 +224,19 @@ pub struct DnsName {
     /// MailPod whose Service the name points to.
     pub mail_pod: String,
     /// `mx`, `submission`, `imap`, `pop3` or `webmail`.
-    #[x_kube(validation = Rule::new("self in ['mx', 'submission', 'imap', 'pop3', 'webmail']").message("must be mx, submission, imap, pop3 or webmail"))]
+    // An OpenAPI enum rather than a CEL rule: checked by the schema at no CEL cost.
+    #[schemars(extend("enum" = DNS_SERVICES))]
     pub service: String,
     /// Record TTL in seconds (default 30, short so clients follow a failover).
     #[serde(default = "default_ttl")]
     #[schemars(range(min = 1, max = 86400))]
     pub ttl: u32,
 }
+
+/// Most DNS names one SiteFailover switches.
+pub const MAX_DNS_NAMES: u32 = 64;
+/// The values of `spec.dns[].service`.
+pub const DNS_SERVICES: [&str; 5] = ["mx", "submission", "imap", "pop3", "webmail"];
 
 fn default_ttl() -> u32 {
     30
@@ -433,6 +443,9 @@ impl SiteFailoverSpec {
         if self.targets.rto_seconds == 0 {
             errs.push("spec.targets.rtoSeconds", "must be at least 1");
         }
+        if self.dns.len() > MAX_DNS_NAMES as usize {
+            errs.push("spec.dns", format!("at most {MAX_DNS_NAMES} names"));
+        }
         for (i, dns) in self.dns.iter().enumerate() {
             if !is_dns_subdomain(&dns.name) {
                 errs.push(
@@ -446,7 +459,7 @@ impl SiteFailoverSpec {
                     format!("`{}` is not in spec.mailPods", dns.mail_pod),
                 );
             }
-            if !["mx", "submission", "imap", "pop3", "webmail"].contains(&dns.service.as_str()) {
+            if !DNS_SERVICES.contains(&dns.service.as_str()) {
                 errs.push(
                     format!("spec.dns[{i}].service"),
                     "must be mx, submission, imap, pop3 or webmail",

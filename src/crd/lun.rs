@@ -36,12 +36,14 @@ use super::validation::{is_dns_label, parse_bytes, split_address, ValidationErro
 pub struct StorageLUNSpec {
     /// The MailPod this LUN belongs to.
     #[x_kube(validation = Rule::new("self == oldSelf").message("mailPod is immutable"))]
+    #[schemars(length(max = 63))]
     pub mail_pod: String,
     /// Position of this LUN in its MailPod's placement (0, 1, ...).
     #[x_kube(validation = Rule::new("self == oldSelf").message("index is immutable"))]
     pub index: u32,
     /// Size of each replica's volume.
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(k|M|G|T|Ki|Mi|Gi|Ti)?$')").message("must be a whole quantity of bytes such as 50Gi"))]
+    #[schemars(length(max = 32))]
     pub capacity: String,
     /// StorageClass; the cluster's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,7 +84,10 @@ pub struct StorageLUNSpec {
     /// `host:port` of a doveadm endpoint in another site that this LUN's replicas pull from while the LUN is
     /// fenced: the live standby of a SiteFailover, which sets it on the standby site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9.:\\[\\]-]+:[0-9]{1,5}$')").message("must be host:port"))]
+    // The CEL string literal holds `\\[`, so the regular expression gets `\[`: a bare `\[` is not a
+    // valid escape in CEL and the API server refuses the whole CRD.
+    #[x_kube(validation = Rule::new(r"self.matches('^[A-Za-z0-9.:\\[\\]-]+:[0-9]{1,5}$')").message("must be host:port"))]
+    #[schemars(length(max = MAX_HOST_PORT))]
     pub replication_source: Option<String>,
     /// Fenced: no replica of this LUN serves as active (set during site failover, or by hand). With
     /// replication method `Volume` no store runs either, and the volumes' images are demoted to secondary
@@ -91,6 +96,11 @@ pub struct StorageLUNSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fenced: bool,
 }
+
+/// Longest `spec.replicationSource`: a DNS name (253), brackets of an IPv6 address, `:` and a port.
+pub const MAX_HOST_PORT: u32 = 262;
+/// Longest capacity string; every valid quantity is far shorter.
+pub const MAX_QUANTITY_LEN: usize = 32;
 
 fn default_max_users() -> u32 {
     1000
@@ -197,7 +207,7 @@ impl StorageLUNSpec {
         if !is_dns_label(&self.mail_pod) {
             errs.push("spec.mailPod", "must be the name of a MailPod");
         }
-        if parse_bytes(&self.capacity).is_none() {
+        if self.capacity.len() > MAX_QUANTITY_LEN || parse_bytes(&self.capacity).is_none() {
             errs.push(
                 "spec.capacity",
                 format!(
@@ -248,7 +258,7 @@ impl StorageLUNSpec {
         self.replication.validate("spec.replication", &mut errs);
         self.snapshots.validate("spec.snapshots", &mut errs);
         if let Some(src) = &self.replication_source {
-            if parse_host_port(src).is_none() {
+            if src.len() > MAX_HOST_PORT as usize || parse_host_port(src).is_none() {
                 errs.push(
                     "spec.replicationSource",
                     format!("`{src}` must be host:port (a doveadm endpoint of the other site)"),

@@ -17,6 +17,10 @@ use super::validation::{
 pub const MAX_STANDBYS: u32 = 4;
 /// Most mailboxes one LUN may hold: the blast radius of one storage unit stays small.
 pub const MAX_USERS_PER_LUN: u32 = 10_000;
+/// Most ConfigMaps/Secrets one MailPod may read mailboxes from; it bounds the cost of their CEL rule.
+pub const MAX_MAILBOX_SOURCES: u32 = 64;
+/// Longest quantity string (capacity, message size); every valid quantity is far shorter.
+const MAX_QUANTITY_LEN: usize = 32;
 
 /// A compartment of mail service: front-end tier (mx, submission, imap, pop3, webmail), back-end stores placed
 /// onto StorageLUNs of bounded size, the access tables, protection limits and snapshot policy.
@@ -294,6 +298,7 @@ pub struct LunTemplate {
     /// Size of each replica's volume (default `50Gi`).
     #[serde(default = "default_capacity")]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(k|M|G|T|Ki|Mi|Gi|Ti)?$')").message("must be a whole quantity of bytes such as 50Gi"))]
+    #[schemars(length(max = 32))]
     pub capacity: String,
     /// StorageClass; the cluster's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -324,6 +329,7 @@ pub struct Mailboxes {
     /// the rest of a Dovecot passwd-file entry, so a passwd-file Secret can list the mailboxes too.
     /// Blank lines and lines starting with `#` are ignored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_MAILBOX_SOURCES))]
     pub from: Vec<MailboxSource>,
     /// Dovecot passwd-file (`address:{SCHEME}hash`) the stores and submission authenticate against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -457,6 +463,7 @@ pub struct Protection {
     /// Largest message accepted (default `25Mi`).
     #[serde(default = "default_max_size")]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(k|M|G|Ki|Mi|Gi)?$')").message("must be a whole quantity of bytes such as 25Mi"))]
+    #[schemars(length(max = 32))]
     pub max_message_size: String,
 }
 
@@ -588,7 +595,9 @@ impl MailPodSpec {
                 format!("must be between 1 and {MAX_USERS_PER_LUN}"),
             );
         }
-        if parse_bytes(&b.lun_template.capacity).is_none() {
+        if b.lun_template.capacity.len() > MAX_QUANTITY_LEN
+            || parse_bytes(&b.lun_template.capacity).is_none()
+        {
             errs.push(
                 "spec.backend.lunTemplate.capacity",
                 format!(
@@ -618,6 +627,12 @@ impl MailPodSpec {
 
         // Mailbox addresses (inline and referenced) are checked where they are all known:
         // `resources::mailboxes::resolve`.
+        if self.mailboxes.from.len() > MAX_MAILBOX_SOURCES as usize {
+            errs.push(
+                "spec.mailboxes.from",
+                format!("at most {MAX_MAILBOX_SOURCES} sources"),
+            );
+        }
         for (i, src) in self.mailboxes.from.iter().enumerate() {
             if src.config_map.is_some() == src.secret.is_some() {
                 errs.push(
@@ -629,7 +644,8 @@ impl MailPodSpec {
         self.validate_access_tables(&mut errs);
 
         let p = &self.protection;
-        if parse_bytes(&p.max_message_size).is_none() {
+        if p.max_message_size.len() > MAX_QUANTITY_LEN || parse_bytes(&p.max_message_size).is_none()
+        {
             errs.push(
                 "spec.protection.maxMessageSize",
                 format!(
