@@ -52,8 +52,13 @@ fn setting(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
+/// The kubectl to run: `KUBECTL`, else the one on PATH.
+fn kubectl_bin() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_string())
+}
+
 fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    let mut child = Command::new("kubectl")
+    let mut child = Command::new(kubectl_bin())
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -116,12 +121,19 @@ fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
 /// A namespace for one scenario, deleted (with everything in it) when the scenario ends.
 struct Scenario {
     ns: String,
-    _serial: std::sync::MutexGuard<'static, ()>,
+    _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 impl Scenario {
     fn new(name: &str) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sc = Self::namespace(name);
+        sc._serial = Some(serial);
+        sc
+    }
+
+    /// Another namespace for the same scenario (the caller holds the scenario lock).
+    fn namespace(name: &str) -> Self {
         let suffix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -130,10 +142,7 @@ impl Scenario {
         let ns = format!("mailpod-e2e-{name}-{suffix}");
         must(&["get", "crd", "mailpods.mailpod.io"]);
         must(&["create", "namespace", &ns]);
-        Self {
-            ns,
-            _serial: serial,
-        }
+        Self { ns, _serial: None }
     }
 
     /// Applies the small example, adapted to the test cluster: a passwd Secret so IMAP can log in, no TLS
@@ -251,7 +260,7 @@ struct PortForward {
 
 impl PortForward {
     fn new(ns: &str, service: &str, port: u16) -> Self {
-        let mut child = Command::new("kubectl")
+        let mut child = Command::new(kubectl_bin())
             .args([
                 "port-forward",
                 "-n",
@@ -291,6 +300,47 @@ impl Drop for PortForward {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A way to a Service port from the test: its ClusterIP where this machine routes to it (the local cluster
+/// of e2e/cluster-up.sh, where the client then comes from the node's bridge address as any client outside
+/// the pod would), else `kubectl port-forward` (kind), where the pod sees the client on its own loopback.
+enum ServicePort {
+    Direct(std::net::SocketAddr),
+    Forward(PortForward),
+}
+
+impl ServicePort {
+    fn new(ns: &str, service: &str, port: u16) -> Self {
+        let ip = must(&[
+            "get",
+            "-n",
+            ns,
+            "service",
+            service,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ]);
+        if let Ok(ip) = ip.trim().parse::<std::net::IpAddr>() {
+            let addr = std::net::SocketAddr::new(ip, port);
+            if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok() {
+                return Self::Direct(addr);
+            }
+        }
+        Self::Forward(PortForward::new(ns, service, port))
+    }
+
+    fn connect(&self) -> TcpStream {
+        match self {
+            Self::Direct(addr) => {
+                let s = TcpStream::connect_timeout(addr, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                s
+            }
+            Self::Forward(pf) => pf.connect(),
+        }
     }
 }
 
@@ -348,7 +398,7 @@ impl Session {
 }
 
 fn send_mail(ns: &str, to: &str, subject: &str) {
-    let pf = PortForward::new(ns, "small-mx", 25);
+    let pf = ServicePort::new(ns, "small-mx", 25);
     let mut s = Session::new(pf.connect());
     s.smtp("220");
     s.send("EHLO e2e.test");
@@ -369,7 +419,7 @@ fn send_mail(ns: &str, to: &str, subject: &str) {
 
 /// Whether `user`'s INBOX holds a message with `subject`, read over IMAP through the imap Service.
 fn imap_has(ns: &str, user: &str, subject: &str) -> Result<(), String> {
-    let pf = PortForward::new(ns, "small-imap", 143);
+    let pf = ServicePort::new(ns, "small-imap", 143);
     let mut s = Session::new(pf.connect());
     let greeting = s.line();
     if !greeting.starts_with("* OK") {
@@ -650,4 +700,81 @@ fn deleted_mailpod_takes_its_children_and_keeps_the_mail() {
             "PVC {pvc} kept after the MailPod is deleted"
         );
     }
+}
+
+/// Mutating requests the operator's ServiceAccount sent between `from` and `to`, read from the API server's
+/// audit log, the leader Lease's renewals left out: `verb resource namespace/name` for each.
+fn operator_writes(audit_log: &str, from: jiff::Timestamp, to: jiff::Timestamp) -> Vec<String> {
+    let user = format!(
+        "system:serviceaccount:{}:mailpod-operator",
+        setting("MAILPOD_E2E_OPERATOR_NAMESPACE", "mailpod-system")
+    );
+    let text = std::fs::read_to_string(audit_log).unwrap_or_else(|e| panic!("{audit_log}: {e}"));
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["stage"] == "ResponseComplete" && e["user"]["username"] == user.as_str())
+        .filter(|e| {
+            matches!(
+                e["verb"].as_str(),
+                Some("create" | "update" | "patch" | "delete" | "deletecollection")
+            )
+        })
+        .filter(|e| e["objectRef"]["resource"] != "leases")
+        .filter(|e| {
+            e["requestReceivedTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .is_some_and(|t| t >= from && t < to)
+        })
+        .map(|e| {
+            let o = &e["objectRef"];
+            format!(
+                "{} {}{} {}/{}",
+                e["verb"].as_str().unwrap_or_default(),
+                o["resource"].as_str().unwrap_or_default(),
+                o["subresource"]
+                    .as_str()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default(),
+                o["namespace"].as_str().unwrap_or_default(),
+                o["name"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn steady_state_sends_no_writes_in_a_quiet_minute() {
+    if !cluster_given("steady_state_sends_no_writes_in_a_quiet_minute") {
+        return;
+    }
+    let Ok(audit_log) = std::env::var("MAILPOD_E2E_AUDIT_LOG") else {
+        assert!(
+            std::env::var("MAILPOD_E2E_REQUIRE_AUDIT").as_deref() != Ok("1"),
+            "MAILPOD_E2E_REQUIRE_AUDIT=1 but MAILPOD_E2E_AUDIT_LOG is not set"
+        );
+        eprintln!("SKIPPED steady_state_sends_no_writes_in_a_quiet_minute: MAILPOD_E2E_AUDIT_LOG (the API server's audit log) is not set");
+        return;
+    };
+    // Two MailPods, each with a LUN of 1 active + 1 standby and snapshots on.
+    let first = Scenario::new("quiet-a");
+    let second = Scenario::namespace("quiet-b");
+    first.apply_small(5);
+    second.apply_small(5);
+    first.wait_ready();
+    second.wait_ready();
+    // Let what follows readiness (status written once, the standby's first sync reported) settle.
+    std::thread::sleep(Duration::from_secs(20));
+    let from = jiff::Timestamp::now();
+    std::thread::sleep(Duration::from_secs(60));
+    let to = jiff::Timestamp::now();
+    // The audit log is written asynchronously: give the last events time to land.
+    std::thread::sleep(Duration::from_secs(2));
+    let writes = operator_writes(&audit_log, from, to);
+    assert!(
+        writes.is_empty(),
+        "{} mutating requests by the operator in a quiet minute:\n{}",
+        writes.len(),
+        writes.join("\n")
+    );
 }
