@@ -15,6 +15,9 @@ KUBECTL=${KUBECTL:-$(command -v kubectl || echo "$ROOT/target/e2e/bin/kubectl")}
 # The chart's CRDs are applied server-side first: Helm installs crds/ only on the first install and never
 # upgrades them, and a CRD the API server refuses must fail here, loudly.
 "$KUBECTL" apply --server-side --force-conflicts -f "$ROOT/charts/mailpod-operator/crds/"
+# docs/security.md: the operator meets the restricted Pod Security Standard; the API server enforces it.
+"$KUBECTL" create namespace "$NS" --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
+"$KUBECTL" label --overwrite namespace "$NS" pod-security.kubernetes.io/enforce=restricted >/dev/null
 # shellcheck disable=SC2086
 "$HELM" upgrade --install mailpod-operator "$ROOT/charts/mailpod-operator" \
   --namespace "$NS" --create-namespace --skip-crds \

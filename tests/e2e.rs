@@ -142,6 +142,13 @@ impl Scenario {
         let ns = format!("mailpod-e2e-{name}-{suffix}");
         must(&["get", "crd", "mailpods.mailpod.io"]);
         must(&["create", "namespace", &ns]);
+        // docs/security.md: mail pods meet the baseline Pod Security Standard; the API server enforces it.
+        must(&[
+            "label",
+            "namespace",
+            &ns,
+            "pod-security.kubernetes.io/enforce=baseline",
+        ]);
         Self { ns, _serial: None }
     }
 
