@@ -346,3 +346,62 @@ async fn more_mailboxes_than_max_users_is_reported_and_deletes_nothing() {
         .iter()
         .all(|r| r.path.contains("/events")));
 }
+
+/// The store StatefulSet as a real API server keeps it (`readOnly: false` dropped, `1000m` read back as
+/// `1`, defaults added) is still the one last applied: a steady state sends no request that writes.
+#[tokio::test]
+async fn the_store_is_not_applied_again_when_the_server_normalises_it() {
+    let server = ApiServer::new();
+    server.normalise_like_kube_apiserver();
+    let mut l = lun(LUN, &["a@corp.example"], 10);
+    l.spec.resources = Some(
+        serde_json::from_value(json!({"requests": {"cpu": "1000m", "memory": "1024Mi"}})).unwrap(),
+    );
+    create_lun(&server, &l).await;
+    let ctx = Arc::new(
+        Context::new(server.client(), RunConfig::default())
+            .with_replication_source(Arc::new(StaticReports::default())),
+    );
+    reconcile(&server, &ctx).await;
+    create_pod(&server, LUN, 0, true, None).await;
+    create_pod(&server, LUN, 1, true, None).await;
+    for _ in 0..3 {
+        reconcile(&server, &ctx).await;
+    }
+    let sts: StatefulSet = server.get(NS, LUN).unwrap();
+    let spec = sts.spec.clone().unwrap().template.spec.unwrap();
+    assert_eq!(
+        spec.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["cpu"]
+            .0,
+        "1",
+        "the server normalised the quantity"
+    );
+    assert!(
+        spec.containers
+            .iter()
+            .flat_map(|c| c.volume_mounts.iter().flatten())
+            .all(|m| m.read_only != Some(false)),
+        "no mount says readOnly: false"
+    );
+    assert!(sts
+        .annotations()
+        .contains_key(mailpod_operator::controller::apply::APPLIED_HASH));
+    server.clear_requests();
+    let st = reconcile(&server, &ctx).await;
+    reconcile(&server, &ctx).await;
+    assert_eq!(
+        server.mutating_requests(),
+        vec![],
+        "steady state writes nothing"
+    );
+    assert!(st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True"));
+}

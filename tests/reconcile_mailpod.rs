@@ -655,3 +655,93 @@ async fn the_controller_runs_against_the_in_memory_api_and_follows_mailbox_sourc
     assert!(ctx.stats.reconciles() >= 3);
     assert_eq!(names::lun("corp", 2), "corp-lun-2");
 }
+
+/// What a real API server stores is not what was applied (`readOnly: false` dropped, `1000m` read back as
+/// `1`, defaults added): the controller must still see its children as up to date, write nothing in a
+/// steady state, record no Event, and report Ready.
+#[tokio::test]
+async fn a_steady_state_is_quiet_and_ready_when_the_server_normalises_children() {
+    let server = ApiServer::new();
+    server.normalise_like_kube_apiserver();
+    let client = server.client();
+    let ctx = ctx(&server);
+    let mut mp = fixtures::create_mailpod(&client, NS, "corp", "corp.example", 10).await;
+    mp.spec.frontend.mx.resources = Some(
+        serde_json::from_value(json!({"requests": {"cpu": "1000m", "memory": "1024Mi"}})).unwrap(),
+    );
+    Api::<MailPod>::namespaced(client.clone(), NS)
+        .replace("corp", &PostParams::default(), &mp)
+        .await
+        .unwrap();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let sts: StatefulSet = server.get(NS, "corp-mx").unwrap();
+    let container = &sts.spec.unwrap().template.spec.unwrap().containers[0];
+    let requests = container
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .as_ref()
+        .unwrap();
+    assert_eq!(requests["cpu"].0, "1", "the server normalised the quantity");
+
+    mark_ready(&client, NS, "corp").await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 3).await;
+    server.clear_requests();
+    for _ in 0..3 {
+        reconcile_once(&client, &ctx, NS, "corp").await.unwrap();
+    }
+    assert_eq!(
+        server.mutating_requests(),
+        vec![],
+        "a steady state writes nothing, not even an Event"
+    );
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let ready = condition(&mp, condition::READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Serving"),
+        "{ready:?}"
+    );
+}
+
+/// A field the spec no longer asks for is removed from the child, not left behind because the live object
+/// still has everything desired.
+#[tokio::test]
+async fn a_field_dropped_from_the_spec_is_removed_from_the_child() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    let mut mp = fixtures::create_mailpod(&client, NS, "corp", "corp.example", 10).await;
+    // The defaults plus a CPU limit: without it, the desired container is a subset of the live one.
+    mp.spec.frontend.mx.resources = Some(
+        serde_json::from_value(json!({"requests": {"cpu": "100m", "memory": "128Mi"},
+                                      "limits": {"cpu": "2", "memory": "512Mi"}}))
+        .unwrap(),
+    );
+    let api = Api::<MailPod>::namespaced(client.clone(), NS);
+    api.replace("corp", &PostParams::default(), &mp)
+        .await
+        .unwrap();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let resources = |server: &ApiServer| {
+        let sts: StatefulSet = server.get(NS, "corp-mx").unwrap();
+        sts.spec.unwrap().template.spec.unwrap().containers[0]
+            .resources
+            .clone()
+    };
+    let cpu_limit = |server: &ApiServer| {
+        resources(server)
+            .and_then(|r| r.limits)
+            .and_then(|l| l.get("cpu").cloned())
+    };
+    assert!(cpu_limit(&server).is_some());
+
+    let mut mp: MailPod = server.get(NS, "corp").unwrap();
+    mp.spec.frontend.mx.resources = None;
+    api.replace("corp", &PostParams::default(), &mp)
+        .await
+        .unwrap();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    assert_eq!(cpu_limit(&server), None, "{:?}", resources(&server));
+}

@@ -1,6 +1,13 @@
-//! Server-Side Apply of desired children, skipping those the live object already matches, and removal of
-//! orphans. Shared by the controllers: children are found by label and kept only when owned by the
-//! reconciled object's UID, so one compartment never touches another's objects.
+//! Server-Side Apply of desired children, skipping those whose last applied body is the one desired, and
+//! removal of orphans. Shared by the controllers: children are found by label and kept only when owned by
+//! the reconciled object's UID, so one compartment never touches another's objects.
+//!
+//! Whether a child needs applying is decided from what was sent, never from what the API server returns:
+//! every applied body carries [`APPLIED_HASH`], a hash of its canonical JSON, and a child is applied only
+//! when it is missing or that annotation differs from the hash of the body now desired. What the server
+//! does to the stored object (`omitempty`, canonical quantities, defaults, list merges, other managers'
+//! fields) cannot make a steady state write, and a field dropped from the desired body changes the hash,
+//! so the apply that removes it is sent.
 
 use std::collections::BTreeMap;
 
@@ -13,11 +20,88 @@ use kube::api::{
 };
 use kube::{Client, Resource};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use super::error::{Error, Result};
 use crate::crd::StorageLUN;
 use crate::names::FIELD_MANAGER;
 use crate::resources::Child;
+
+/// Annotation on every applied object: the hash of the body last applied ([`applied_hash`]).
+pub const APPLIED_HASH: &str = "mailpod.io/applied-hash";
+
+/// The hash of an apply body: SHA-256 of its canonical JSON (keys sorted at every level, no whitespace),
+/// 32 hex digits. The body's own [`APPLIED_HASH`] annotation, if any, is left out.
+pub fn applied_hash(body: &Value) -> String {
+    let mut body = body.clone();
+    if let Some(annotations) = body
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
+        annotations.remove(APPLIED_HASH);
+        if annotations.is_empty() {
+            body["metadata"]
+                .as_object_mut()
+                .map(|m| m.remove("annotations"));
+        }
+    }
+    let mut text = String::new();
+    canonical_json(&body, &mut text);
+    hex::encode(&Sha256::digest(text.as_bytes())[..16])
+}
+
+/// JSON with object keys sorted, whatever order the map keeps them in.
+fn canonical_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(&m[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, e) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(e, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// `body` with its [`APPLIED_HASH`] annotation set, and the hash.
+pub fn with_applied_hash(mut body: Value) -> (Value, String) {
+    let hash = applied_hash(&body);
+    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+        let annotations = meta
+            .entry("annotations")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(a) = annotations.as_object_mut() {
+            a.insert(APPLIED_HASH.to_string(), Value::String(hash.clone()));
+        }
+    }
+    (body, hash)
+}
+
+/// Whether the live object (as JSON) was last applied with the body whose hash is `hash`.
+pub fn applied_with(live: &Value, hash: &str) -> bool {
+    live.pointer("/metadata/annotations")
+        .and_then(|a| a.get(APPLIED_HASH))
+        .and_then(Value::as_str)
+        == Some(hash)
+}
 
 /// The kinds a MailPod owns directly, with the API resource to reach them.
 pub fn mailpod_child_kinds() -> Vec<ApiResource> {
@@ -136,8 +220,8 @@ pub fn apply_body(child: &Child) -> Value {
     body
 }
 
-/// Applies `children` in order with one field manager; children whose live object already holds every
-/// desired field get no request at all, so a steady-state reconcile writes nothing.
+/// Applies `children` in order with one field manager; a child whose live object was last applied with
+/// the body desired now gets no request at all, so a steady-state reconcile writes nothing.
 pub async fn apply_children(
     client: &Client,
     namespace: &str,
@@ -147,19 +231,20 @@ pub async fn apply_children(
     let mut report = ApplyReport::default();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     for child in children {
-        let body = apply_body(child);
+        let (body, hash) = with_applied_hash(apply_body(child));
         let kind = child.kind();
         let name = child.name();
         let current = live.get(kind, &name);
-        if let Some(current) = current {
-            let current = serde_json::to_value(current).map_err(|source| Error::Decode {
-                what: format!("{kind} {name}"),
-                source,
-            })?;
-            if is_subset(&body, &current) {
-                report.unchanged += 1;
-                continue;
-            }
+        let up_to_date = current.is_some_and(|c| {
+            c.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(APPLIED_HASH))
+                == Some(&hash)
+        });
+        if up_to_date {
+            report.unchanged += 1;
+            continue;
         }
         let ar = api_resource_of(child);
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
@@ -251,23 +336,6 @@ fn strip_nulls(v: &mut Value) {
     }
 }
 
-/// Whether `live` already holds every field of `desired`: maps may have more keys (defaults, other
-/// managers' fields, status), lists must have the same length with each element a subset in order,
-/// scalars must be equal.
-pub fn is_subset(desired: &Value, live: &Value) -> bool {
-    match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, dv)| match l.get(k) {
-            Some(lv) => is_subset(dv, lv),
-            None => dv.is_null() || dv.as_object().is_some_and(|m| m.is_empty()),
-        }),
-        (Value::Array(d), Value::Array(l)) => {
-            d.len() == l.len() && d.iter().zip(l).all(|(d, l)| is_subset(d, l))
-        }
-        (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
-        (d, l) => d == l,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -275,24 +343,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn subset_allows_defaults_and_status_but_not_differences() {
-        let desired = json!({"spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "mx"}]}}}});
-        let live = json!({
-            "spec": {"replicas": 2, "revisionHistoryLimit": 10,
-                     "template": {"spec": {"containers": [{"name": "mx", "imagePullPolicy": "IfNotPresent"}]}}},
-            "status": {"readyReplicas": 1}
-        });
-        assert!(is_subset(&desired, &live));
-        assert!(!is_subset(&json!({"spec": {"replicas": 3}}), &live));
-        assert!(!is_subset(
-            &json!({"spec": {"template": {"spec": {"containers": [{"name": "mx"}, {"name": "x"}]}}}}),
-            &live
-        ));
-        assert!(!is_subset(
-            &json!({"metadata": {"labels": {"a": "b"}}}),
-            &json!({"metadata": {}})
-        ));
-        assert!(is_subset(&json!({"a": 1}), &json!({"a": 1.0})));
+    fn applied_hash_ignores_key_order_and_its_own_annotation() {
+        let a = json!({"metadata": {"name": "n", "labels": {"a": "1", "b": "2"}}, "spec": {"x": [1, {"p": 1, "q": 2}]}});
+        let b = json!({"spec": {"x": [1, {"q": 2, "p": 1}]}, "metadata": {"labels": {"b": "2", "a": "1"}, "name": "n"}});
+        assert_eq!(applied_hash(&a), applied_hash(&b));
+        let (annotated, hash) = with_applied_hash(a.clone());
+        assert_eq!(hash, applied_hash(&a));
+        assert_eq!(applied_hash(&annotated), hash);
+        assert!(applied_with(&annotated, &hash));
+        assert_eq!(hash.len(), 32);
+        // A list's order is meaning, and any change of a value or of the set of fields is a new body.
+        assert_ne!(
+            applied_hash(&json!({"x": [1, 2]})),
+            applied_hash(&json!({"x": [2, 1]}))
+        );
+        assert_ne!(
+            applied_hash(&json!({"x": 1, "y": 2})),
+            applied_hash(&json!({"x": 1}))
+        );
+    }
+
+    /// What the API server returns differs from what was applied (omitempty, canonical quantities,
+    /// defaults, other managers' fields); the decision to apply again looks only at the annotation, so
+    /// none of it makes a steady state write.
+    #[test]
+    #[cfg(feature = "testkit")]
+    fn a_normalised_live_object_is_still_up_to_date() {
+        let desired = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "corp-mx"},
+            "spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "mx",
+                "volumeMounts": [{"name": "spool", "mountPath": "/var/spool/postfix"}],
+                "resources": {"requests": {"cpu": "1000m", "memory": "1024Mi"}}}]}}}});
+        let (sent, hash) = with_applied_hash(desired.clone());
+        let mut live = sent.clone();
+        crate::testkit::normalise::like_kube_apiserver("apps/v1/statefulsets", &mut live);
+        live["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("3");
+        live["metadata"]["resourceVersion"] = json!("42");
+        live["status"] = json!({"readyReplicas": 2});
+        assert_ne!(live, sent, "the server changed the object");
+        assert!(applied_with(&live, &applied_hash(&desired)));
+        assert!(applied_with(&live, &hash));
+        // A field removed from the desired body is a different body: applied again, which removes it.
+        let mut smaller = desired.clone();
+        smaller["spec"]["template"]["spec"]["containers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("resources");
+        assert!(!applied_with(&live, &applied_hash(&smaller)));
     }
 
     #[test]

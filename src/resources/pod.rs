@@ -211,11 +211,13 @@ pub fn default_resources() -> ResourceRequirements {
     }
 }
 
+/// A volume mount; `readOnly` only when true, since the API server drops `false` (omitempty) and what is
+/// applied should be what is stored.
 pub fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.into(),
         mount_path: path.into(),
-        read_only: Some(read_only),
+        read_only: read_only.then_some(true),
         ..Default::default()
     }
 }

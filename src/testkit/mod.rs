@@ -9,7 +9,8 @@
 //! (`?watch=true` from a resourceVersion, newline-delimited events). It records every request and can fail
 //! chosen requests on purpose.
 //!
-//! What it does not do: admission, defaulting, schema validation, field selectors beyond name/namespace,
+//! What it does not do: admission, defaulting (unless asked to imitate some, see [`normalise`]), schema
+//! validation, field selectors beyond name/namespace,
 //! SSA list merge keys (lists are atomic), and running workloads (no StatefulSet controller: tests set
 //! status themselves through the `status` subresource).
 
@@ -17,6 +18,7 @@ mod selector;
 mod store;
 
 pub mod fixtures;
+pub mod normalise;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -157,6 +159,18 @@ impl ApiServer {
                 faults: VecDeque::new(),
             })),
         }
+    }
+
+    /// Rewrites every object written from now on with `f` (resource key, object), as a real API server's
+    /// defaulting and serialisation would.
+    pub fn normalise_with(&self, f: impl Fn(&str, &mut Value) + Send + Sync + 'static) {
+        self.lock().store.normaliser = Some(store::Normaliser(Arc::new(f)));
+    }
+
+    /// Stores objects as a real kube-apiserver returns them: `omitempty`, canonical quantities, defaults
+    /// (see [`normalise`]).
+    pub fn normalise_like_kube_apiserver(&self) {
+        self.normalise_with(normalise::like_kube_apiserver);
     }
 
     /// A client talking to this server, default namespace `default`.

@@ -152,9 +152,25 @@ pub struct Written {
     pub changed: bool,
 }
 
+/// Rewrites every object as it is stored, as the real API server's defaulting and serialisation do
+/// (`omitempty`, canonical quantities, defaults): the resource key (`apps/v1/statefulsets`) and the object.
+#[derive(Clone)]
+pub struct Normaliser(pub Arc<NormaliseFn>);
+
+/// The rewrite a [`Normaliser`] applies.
+pub type NormaliseFn = dyn Fn(&str, &mut Value) + Send + Sync;
+
+impl std::fmt::Debug for Normaliser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Normaliser")
+    }
+}
+
 /// Every object of the in-memory cluster.
 #[derive(Debug)]
 pub struct Store {
+    /// Applied to every object written, when set.
+    pub normaliser: Option<Normaliser>,
     rv: u64,
     uid_seq: u64,
     collections: HashMap<ResourceKey, BTreeMap<(String, String), Entry>>,
@@ -171,6 +187,7 @@ pub struct Store {
 impl Store {
     pub fn new(history_cap: usize) -> Self {
         Self {
+            normaliser: None,
             rv: 0,
             uid_seq: 0,
             collections: HashMap::new(),
@@ -373,6 +390,9 @@ impl Store {
             m.remove("managedFields");
             m.remove("deletionTimestamp");
         }
+        if let Some(n) = &self.normaliser {
+            (n.0)(resource, &mut value);
+        }
         let obj = Obj::from_value(&value);
         let name = obj.name.clone();
         self.collections
@@ -421,6 +441,9 @@ impl Store {
         }
         if let Some(m) = new_value["metadata"].as_object_mut() {
             m.remove("managedFields");
+        }
+        if let Some(n) = &self.normaliser {
+            (n.0)(resource, &mut new_value);
         }
         let entry_obj = self
             .get(resource, ns, name)

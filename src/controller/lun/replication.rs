@@ -14,7 +14,7 @@ use kube::core::GroupVersionKind;
 use kube::{Client, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::controller::apply::is_subset;
+use crate::controller::apply::{applied_with, with_applied_hash};
 use crate::controller::{Error, Result};
 use crate::crd::StorageLUN;
 use crate::names::{self, labels as l, FIELD_MANAGER};
@@ -271,6 +271,7 @@ pub async fn apply(
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let mut written = vec![];
     for body in build_in(lun, state) {
+        let (body, hash) = with_applied_hash(body);
         let name = body["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
@@ -278,7 +279,7 @@ pub async fn apply(
         if observed
             .objects
             .get(&name)
-            .is_some_and(|live| is_subset(&body, live))
+            .is_some_and(|live| applied_with(live, &hash))
         {
             continue;
         }
