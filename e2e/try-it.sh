@@ -28,7 +28,8 @@ if [ -z "${KUBECONFIG:-}" ]; then
   bash e2e/build-cluster.sh
   say "building the operator and the images"
   cargo build --locked --no-default-features --bin mailpod-operator
-  bash e2e/build-images.sh --binary target/debug/mailpod-operator >/dev/null
+  mkdir -p target/e2e && strip -o target/e2e/mailpod-operator target/debug/mailpod-operator
+  bash e2e/build-images.sh --binary target/e2e/mailpod-operator >/dev/null
   eval "$(bash e2e/cluster-up.sh | grep '^export KUBECONFIG=')"
   export KUBECONFIG
   export PATH=$ROOT/target/e2e/bin:$PATH

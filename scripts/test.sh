@@ -64,7 +64,8 @@ phase "building the operator binary and the images"
 # The image carries the dev-profile binary: the release profile's LTO build would double the run's build
 # time; the code and the image's contents are otherwise those of a release.
 cargo build --locked --no-default-features --bin mailpod-operator
-bash e2e/build-images.sh --binary target/debug/mailpod-operator >/dev/null
+mkdir -p target/e2e && strip -o target/e2e/mailpod-operator target/debug/mailpod-operator
+bash e2e/build-images.sh --binary target/e2e/mailpod-operator >/dev/null
 
 phase "cluster up"
 down() {
