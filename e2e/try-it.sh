@@ -49,9 +49,9 @@ if ! kubectl -n "$NS" get secret small-passwd >/dev/null 2>&1; then
   kubectl -n "$NS" create secret generic small-passwd --from-file=passwd="$tmp/passwd" >/dev/null
 fi
 password=$(kubectl -n "$NS" get secret small-passwd -o jsonpath='{.data.passwd}' | base64 -d | head -1 | sed 's/.*{PLAIN}//')
-kubectl -n "$NS" apply -f examples/mailpod-small.yaml >/dev/null
-kubectl -n "$NS" patch mailpod small --type merge \
-  -p '{"spec":{"mailboxes":{"passwdFileSecret":{"name":"small-passwd","key":"passwd"}}}}' >/dev/null
+# The example as it is, with the passwords of Secret small-passwd for its mailboxes.
+sed 's/^  mailboxes:$/  mailboxes:\n    passwdFileSecret: {name: small-passwd, key: passwd}/' examples/mailpod-small.yaml |
+  kubectl -n "$NS" apply -f - >/dev/null
 say "waiting for MailPod small to be Ready"
 kubectl -n "$NS" wait --for=condition=Ready mailpod/small --timeout=10m >/dev/null
 kubectl -n "$NS" get mailpods,storageluns,pods
