@@ -132,6 +132,7 @@ impl Collector for OperatorMetrics {
             }
         }
         encode_sites(&mut encoder, &controllers)?;
+        encode_lun_lags(&mut encoder, &controllers)?;
         let gauge = ConstGauge::new(i64::from(self.leader.load(Ordering::Relaxed)));
         gauge.encode(encoder.encode_descriptor(
             "leader",
@@ -232,6 +233,46 @@ fn encode_sites(
                 ];
                 ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// The StorageLUNs' exact replication lag (status holds only coarse steps of it).
+fn encode_lun_lags(
+    encoder: &mut DescriptorEncoder,
+    controllers: &[(&'static str, Arc<Stats>)],
+) -> Result<(), std::fmt::Error> {
+    let luns: Vec<_> = controllers.iter().flat_map(|(_, s)| s.lun_lags()).collect();
+    if luns.is_empty() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(
+        "storagelun_replication_lag_seconds",
+        "Largest lag of a LUN's standbys behind its active replica (Volume: of the other site's copy).",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for ((ns, lun), lag) in &luns {
+        if let Some(v) = lag.lag_seconds {
+            let labels = [("namespace", ns.as_str()), ("storagelun", lun.as_str())];
+            ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "storagelun_replica_lag_seconds",
+        "Lag of each standby replica behind its LUN's active replica.",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for ((ns, lun), lag) in &luns {
+        for (replica, v) in &lag.replicas {
+            let labels = [
+                ("namespace", ns.as_str()),
+                ("storagelun", lun.as_str()),
+                ("replica", replica.as_str()),
+            ];
+            ConstGauge::new(*v).encode(family.encode_family(&labels)?)?;
         }
     }
     Ok(())

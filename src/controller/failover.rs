@@ -24,7 +24,7 @@ use jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -869,6 +869,20 @@ fn error_policy(sf: Arc<SiteFailover>, error: &Error, ctx: Arc<Context>) -> Requ
     Requeue::requeue(Duration::from_secs(1))
 }
 
+/// What in a SiteFailover brings a tick before its timer: its spec and metadata (the failover and
+/// failback annotations among them), and the epoch and active site a peer records in its status.
+pub fn tick_relevant(sf: &SiteFailover) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    super::spec_and_metadata(sf).hash(&mut h);
+    if let Some(st) = &sf.status {
+        st.epoch.hash(&mut h);
+        st.active_site.hash(&mut h);
+        st.fenced.hash(&mut h);
+    }
+    h.finish()
+}
+
 /// Runs the SiteFailover controller for this cluster's `site` until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -886,8 +900,17 @@ pub async fn run(
     let ctx = Arc::new(ctx);
     info!(site = %site, "SiteFailover controller starting");
     // No watches beyond the SiteFailovers: each tick requeues itself at the probe interval, which is
-    // also how soon a changed access table at the active site is mirrored here.
-    Controller::new(api, watcher::Config::default().any_semantic())
+    // also how soon a changed access table at the active site is mirrored here. Of this site's own
+    // status writes, only what the peer may have written (the epoch and the active site it records here)
+    // brings a tick sooner.
+    let (store, writer) = kube::runtime::reflector::store();
+    let own = super::changes_that_matter(
+        watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .reflect(writer),
+        tick_relevant,
+    );
+    Controller::for_stream(own, store)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|_| async {})

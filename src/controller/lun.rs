@@ -39,8 +39,39 @@ use crate::names::{annotations, labels as l};
 use crate::resources::store;
 use failover::{Decision, Role};
 
-/// Safety-net resync; pod and child changes arrive as watch events sooner.
+/// Longest time between two looks at a LUN; pod and child changes arrive as watch events sooner.
 const RESYNC: Duration = Duration::from_secs(60);
+
+/// Smallest step of a `Volume` LUN's lag in status: csi-addons reports a sync once per mirroring
+/// interval, so the lag grows between syncs; 30 s stays within the default RPO target.
+const VOLUME_LAG_FLOOR: f64 = 30.0;
+
+/// How often a LUN's agents are asked for their replication reports: a few sync intervals, at most
+/// [`RESYNC`].
+fn poll_interval(lun: &StorageLUN) -> Duration {
+    let interval = u64::from(lun.spec.replication.sync_interval_seconds);
+    Duration::from_secs((interval * 3).clamp(5, RESYNC.as_secs()))
+}
+
+/// The exact lags behind a computed status, for the metrics.
+fn measured_lag(status: &StorageLUNStatus, observed: &[failover::Replica]) -> super::LunLag {
+    let replicas: Vec<(String, f64)> = status
+        .replicas
+        .iter()
+        .filter(|r| r.role == Role::Standby.as_str())
+        .filter_map(|r| {
+            observed
+                .iter()
+                .find(|o| o.name == r.name)
+                .and_then(|o| o.lag_seconds)
+                .map(|l| (r.name.clone(), l))
+        })
+        .collect();
+    super::LunLag {
+        lag_seconds: replicas.iter().map(|(_, l)| *l).reduce(f64::max),
+        replicas,
+    }
+}
 
 /// Kinds a StorageLUN owns and applies.
 pub fn lun_child_kinds() -> Vec<ApiResource> {
@@ -71,6 +102,8 @@ const OWNED_STATUS_FIELDS: &[&str] = &[
 pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.stats.start_reconcile();
     if lun.meta().deletion_timestamp.is_some() {
+        ctx.stats
+            .report_lun_lag(&lun.namespace().unwrap_or_default(), &lun.name_any(), None);
         return Ok(Action::await_change());
     }
     let name = lun.name_any();
@@ -196,16 +229,26 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     }
 
     let mut status = compute_status(&lun, &current, &decision, &observed, replication_issue, now);
+    let mut lag = measured_lag(&status, &observed);
     if let Some(v) = &volume {
         // The figure that matters across sites: how far the other site's copy of the images is behind.
-        status.replication_lag_seconds = volume::lag(lun.spec.fenced, &v.replications.live, now);
+        lag.lag_seconds = volume::lag(lun.spec.fenced, &v.replications.live, now);
+        status.replication_lag_seconds = lag
+            .lag_seconds
+            .map(|l| replicas::lag_bucket(l, VOLUME_LAG_FLOOR));
     }
-    write_status(&ctx, &lun, &current, &status).await?;
+    ctx.stats.report_lun_lag(&ns, &name, Some(lag));
+    let written = write_status(&ctx, &lun, &current, &status).await?;
     ctx.reset_failures(lun.as_ref());
+    // Status writes do not bring the next reconcile (the LUN watch ignores status-only changes), and
+    // the agents' reports are not watch events: the LUN is looked at again on a timer, sooner while a
+    // promotion is under way.
+    let promoting = written && status.target_active != status.current_active;
     Ok(match decision.requeue_after {
         Some(d) => Action::requeue(d),
+        None if promoting => Action::requeue(Duration::from_secs(1)),
         None if report.changed() => Action::requeue(Duration::from_secs(5)),
-        None => Action::requeue(RESYNC),
+        None => Action::requeue(poll_interval(&lun)),
     })
 }
 
@@ -354,6 +397,8 @@ fn compute_status(
     s.current_active = d.current_active.clone();
     s.needs_resync = d.needs_resync.clone();
     s.last_promotion = d.last_promotion.clone();
+    // Lag in coarse steps: status changes when a standby falls behind, not as time passes.
+    let floor = replicas::STALE_INTERVALS * f64::from(lun.spec.replication.sync_interval_seconds);
     s.replicas = observed
         .iter()
         .map(|r| {
@@ -364,7 +409,11 @@ fn compute_status(
                     .as_str()
                     .into(),
                 ready: r.ready,
-                lag_seconds: if active { None } else { r.lag_seconds },
+                lag_seconds: if active {
+                    None
+                } else {
+                    r.lag_seconds.map(|l| replicas::lag_bucket(l, floor))
+                },
             }
         })
         .collect();
@@ -555,7 +604,7 @@ pub async fn run(
 ) {
     use futures::StreamExt;
     use kube::runtime::reflector::ObjectRef;
-    use kube::runtime::{watcher, Controller};
+    use kube::runtime::{watcher, Controller, WatchStreamExt};
     let client = ctx.client.clone();
     let luns: Api<StorageLUN> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -572,8 +621,16 @@ pub async fn run(
     let store_pods = watcher::Config::default()
         .labels(&format!("{}={}", l::COMPONENT, store::COMPONENT))
         .any_semantic();
-    let controller = Controller::new(luns, watcher::Config::default().any_semantic());
-    let cache = controller.store();
+    // The LUN's own status writes (and the snapshot job's) do not bring another reconcile; the agents
+    // are polled on the requeue timer instead.
+    let (cache, writer) = kube::runtime::reflector::store();
+    let own = super::changes_that_matter(
+        watcher(luns, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .reflect(writer),
+        super::spec_and_metadata,
+    );
+    let controller = Controller::for_stream(own, cache.clone());
     ctx.stats.set_managed(move || cache.state().len());
     controller
         .owns(statefulsets, watcher::Config::default().any_semantic())

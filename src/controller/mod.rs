@@ -25,7 +25,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -70,6 +70,25 @@ pub struct Stats {
     /// The SiteFailover controller's last recorded status per `(namespace, name)`, with this site's name,
     /// for the per-pairing gauges.
     sites: std::sync::Mutex<std::collections::BTreeMap<(String, String), SiteReport>>,
+    /// The StorageLUN controller's exact replication lag per `(namespace, name)`: status holds only coarse
+    /// steps of it, so that a lag moving between sync passes writes nothing.
+    /// Entries not refreshed for [`LUN_LAG_TTL`] (a deleted LUN's) are dropped.
+    luns: std::sync::Mutex<
+        std::collections::BTreeMap<(String, String), (std::time::Instant, LunLag)>,
+    >,
+}
+
+/// How long a LUN's measured lag is reported without a new measurement: every LUN is reconciled at least
+/// once a minute, so only a deleted LUN's figure gets this old.
+pub const LUN_LAG_TTL: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// A StorageLUN's replication lag as last measured, for the metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LunLag {
+    /// Largest lag of a standby (or, with method `Volume`, of the other site's copy).
+    pub lag_seconds: Option<f64>,
+    /// Each standby's lag, by pod name.
+    pub replicas: Vec<(String, f64)>,
 }
 
 /// One SiteFailover as the metrics report it.
@@ -92,6 +111,7 @@ impl Default for Stats {
             ),
             managed: std::sync::OnceLock::new(),
             sites: Default::default(),
+            luns: Default::default(),
         }
     }
 }
@@ -158,6 +178,29 @@ impl Stats {
     pub fn sites(&self) -> Vec<((String, String), SiteReport)> {
         let sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
         sites.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Records a StorageLUN's exact replication lag (`None`: the object is gone).
+    pub fn report_lun_lag(&self, ns: &str, name: &str, lag: Option<LunLag>) {
+        let mut luns = self.luns.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (ns.to_string(), name.to_string());
+        match lag {
+            Some(l) => {
+                luns.insert(key, (std::time::Instant::now(), l));
+            }
+            None => {
+                luns.remove(&key);
+            }
+        }
+    }
+
+    /// The StorageLUNs' exact replication lags, by `(namespace, name)`, measured within [`LUN_LAG_TTL`].
+    pub fn lun_lags(&self) -> Vec<((String, String), LunLag)> {
+        let mut luns = self.luns.lock().unwrap_or_else(|p| p.into_inner());
+        luns.retain(|_, (at, _)| at.elapsed() < LUN_LAG_TTL);
+        luns.iter()
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn reconciles(&self) -> u64 {
@@ -368,8 +411,15 @@ pub async fn run_mailpods(
             names::labels::MANAGER
         ))
         .any_semantic();
-    let controller = Controller::new(api::<MailPod>(&client, ns), wc.clone());
-    let mailpods = controller.store();
+    // The MailPod's own status writes do not bring another reconcile.
+    let (mailpods, writer) = kube::runtime::reflector::store();
+    let own = changes_that_matter(
+        watcher(api::<MailPod>(&client, ns), wc.clone())
+            .default_backoff()
+            .reflect(writer),
+        spec_and_metadata,
+    );
+    let controller = Controller::for_stream(own, mailpods.clone());
     let cache = mailpods.clone();
     ctx.stats.set_managed(move || cache.state().len());
     let for_sources = mailpods.clone();
@@ -409,6 +459,53 @@ pub async fn run_mailpods(
         .await;
     info!("MailPod controller stopped");
     Ok(())
+}
+
+/// Hash of what a controller reacts to on its own objects: the spec (through `generation`), labels,
+/// annotations, finalizers and the deletion mark. Status is left out: most status changes are the
+/// controller's own writes, and reacting to them is what turns every write into another reconcile.
+pub fn spec_and_metadata<K: Resource>(obj: &K) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let m = obj.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.generation.hash(&mut h);
+    m.labels.hash(&mut h);
+    m.annotations.hash(&mut h);
+    m.finalizers.hash(&mut h);
+    m.deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
+/// The objects of a watch that a controller reconciles for: every deletion, and each applied object
+/// whose `hash` differs from the last one seen for its UID. With [`spec_and_metadata`], status-only
+/// changes are dropped (as kube-runtime's `predicates::generation` does, but keeping label, annotation
+/// and finalizer changes); the controller's own requeues keep it looking at what status cannot tell it.
+pub fn changes_that_matter<K, S, F>(
+    events: S,
+    hash: F,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>>
+where
+    K: Resource,
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    F: Fn(&K) -> u64,
+{
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    events.filter_map(move |event| {
+        let uid = |o: &K| o.meta().uid.clone().unwrap_or_default();
+        let out = match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                let h = hash(&o);
+                (seen.insert(uid(&o), h) != Some(h)).then_some(Ok(o))
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                seen.remove(&uid(&o));
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        };
+        futures::future::ready(out)
+    })
 }
 
 /// MailPods in `obj`'s namespace whose mailbox sources name `obj`.

@@ -136,7 +136,10 @@ pub struct StorageLUNStatus {
     pub replicas: Vec<ReplicaStatus>,
     /// Largest lag of a standby behind the active replica. With replication method `Volume`: how far the
     /// other site's copy of the volumes is behind (now − the oldest `lastSyncTime` csi-addons reports),
-    /// unset while fenced or before a sync is reported.
+    /// 0 while fenced and in sync, unset before a sync is reported. An upper bound in coarse steps (0;
+    /// three sync intervals, or 30 s for `Volume`; 30 s; 1, 5, 15 minutes; 1, 4 hours; whole days), so
+    /// it changes when replication falls behind rather than on every pass; the exact figure is the
+    /// operator's `storagelun_replication_lag_seconds` metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_lag_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +159,7 @@ pub struct ReplicaStatus {
     /// `active` or `standby`.
     pub role: String,
     pub ready: bool,
+    /// A standby's lag, in the coarse steps of `replicationLagSeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_seconds: Option<f64>,
 }

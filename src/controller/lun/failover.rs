@@ -296,9 +296,13 @@ fn handle_loss(
     // back within the threshold serves again with no change.
     if elapsed < threshold {
         settle_roles(d, replicas, Some(active));
+        // Status states when the loss began, not for how long: a message that changes on every pass would
+        // write status on every pass.
         d.degraded = Some((
             REASON_ACTIVE_UNREADY,
-            format!("active replica {active} unready for {elapsed:.0}s (failover after {threshold:.0}s)"),
+            format!(
+                "active replica {active} unready since {lost_at} (failover after {threshold:.0}s)"
+            ),
         ));
         d.requeue_after = Some(Duration::from_secs_f64((threshold - elapsed).max(1.0)));
         return;
@@ -306,7 +310,7 @@ fn handle_loss(
     let Some(c) = choose_candidate(replicas, &d.needs_resync, Some(active)) else {
         settle_roles(d, replicas, Some(active));
         let message = format!(
-            "active replica {active} unready for {elapsed:.0}s and no standby is ready and in sync"
+            "active replica {active} unready since {lost_at} and no standby is ready and in sync"
         );
         if !degraded_with(status, REASON_NO_STANDBY) {
             d.notes.push(Note {

@@ -12,7 +12,28 @@ use super::reports::ReplicationReport;
 use crate::names::{annotations as a, labels as l};
 
 /// A sync report older than this many sync intervals no longer vouches for the lag it states.
-const STALE_INTERVALS: f64 = 3.0;
+pub const STALE_INTERVALS: f64 = 3.0;
+
+/// Replication lag as status reports it: an upper bound in coarse steps, so that a lag moving between
+/// sync passes (a standby's lag is the time since its last pass) writes no status. 0 stays 0 (fully
+/// synced); up to `floor` (for `doveadm sync`, three sync intervals: the normal range of a standby that
+/// keeps up) reads as `floor`; above it, the next of 30 s, 1, 5 and 15 minutes, 1 and 4 hours, then whole
+/// days. Being an upper bound, it never makes a lag look within an RPO target that it is not. The exact
+/// figures are metrics.
+pub fn lag_bucket(lag: f64, floor: f64) -> f64 {
+    const STEPS: [f64; 6] = [30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];
+    const DAY: f64 = 86400.0;
+    if lag <= 0.0 {
+        return 0.0;
+    }
+    if lag <= floor {
+        return floor;
+    }
+    STEPS
+        .into_iter()
+        .find(|s| lag <= *s)
+        .unwrap_or_else(|| (lag / DAY).ceil() * DAY)
+}
 
 /// The ordinal of `pod` in the LUN's StatefulSet (`corp-lun-0-2` -> 2).
 pub fn ordinal(lun: &str, pod: &str) -> Option<i32> {
@@ -168,6 +189,22 @@ mod tests {
             observe("corp-lun-0", &pods, &reports, 5, now)[0].lag_seconds,
             Some(600.0)
         );
+    }
+
+    #[test]
+    fn lag_buckets_are_coarse_upper_bounds_that_keep_zero() {
+        assert_eq!(lag_bucket(0.0, 15.0), 0.0);
+        for lag in [0.1, 4.9, 5.2, 14.9, 15.0] {
+            assert_eq!(lag_bucket(lag, 15.0), 15.0, "{lag}");
+        }
+        assert_eq!(lag_bucket(15.1, 15.0), 30.0);
+        assert_eq!(lag_bucket(30.5, 15.0), 60.0);
+        assert_eq!(lag_bucket(61.0, 15.0), 300.0);
+        assert_eq!(lag_bucket(3599.0, 15.0), 3600.0);
+        assert_eq!(lag_bucket(90000.0, 15.0), 172800.0);
+        // A floor above a step keeps its own value.
+        assert_eq!(lag_bucket(100.0, 120.0), 120.0);
+        assert_eq!(lag_bucket(121.0, 120.0), 300.0);
     }
 
     #[test]

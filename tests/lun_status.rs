@@ -1,0 +1,174 @@
+//! StorageLUN status holds facts that change when something happens: a lag that moves between sync
+//! passes, or time passing while the active replica is unready, writes no status; the controller's own
+//! status writes bring no further reconcile; the agents are polled on a timer.
+
+mod lun_common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{Timestamp, ToSpan};
+use kube::api::Api;
+use lun_common::*;
+use mailpod_operator::controller::lun::reports::{ReplicationReport, StaticReports};
+use mailpod_operator::controller::{lun, Context, RunConfig};
+use mailpod_operator::crd::{StorageLUN, StorageLUNStatus};
+use mailpod_operator::testkit::ApiServer;
+
+const LUN: &str = "corp-lun-0";
+
+async fn reconcile(server: &ApiServer, ctx: &Arc<Context>) -> StorageLUNStatus {
+    let api = Api::<StorageLUN>::namespaced(server.client(), NS);
+    let l = api.get(LUN).await.unwrap();
+    lun::reconcile(Arc::new(l), ctx.clone()).await.unwrap();
+    api.get(LUN).await.unwrap().status.unwrap_or_default()
+}
+
+/// What a standby's agent says: lag `lag`, last complete pass `seconds_ago`.
+fn report(lag: f64, seconds_ago: i64) -> ReplicationReport {
+    ReplicationReport {
+        role: Some("standby".into()),
+        source: Some(format!("{LUN}:12345")),
+        last_sync_unix_seconds: Some(
+            (Timestamp::now() - seconds_ago.seconds()).as_millisecond() as f64 / 1000.0,
+        ),
+        lag_seconds: Some(lag),
+        in_sync: true,
+        last_error: None,
+    }
+}
+
+/// What the active replica's agent says.
+fn active_report() -> ReplicationReport {
+    ReplicationReport {
+        role: Some("active".into()),
+        lag_seconds: Some(0.0),
+        last_sync_unix_seconds: Some(Timestamp::now().as_millisecond() as f64 / 1000.0),
+        ..Default::default()
+    }
+}
+
+/// A LUN serving from replica 0, replica 1 standing by.
+async fn serving(reports: Arc<StaticReports>) -> (ApiServer, Arc<Context>) {
+    let server = ApiServer::new();
+    create_lun(&server, &lun(LUN, &["a@corp.example"], 10)).await;
+    let ctx = Arc::new(
+        Context::new(server.client(), RunConfig::default()).with_replication_source(reports),
+    );
+    create_pod(&server, LUN, 0, true, None).await;
+    create_pod(&server, LUN, 1, true, None).await;
+    for _ in 0..3 {
+        reconcile(&server, &ctx).await;
+    }
+    (server, ctx)
+}
+
+#[tokio::test]
+async fn a_lag_moving_between_sync_passes_writes_no_status() {
+    let reports = Arc::new(StaticReports::default());
+    reports.set("corp-lun-0-0", active_report());
+    reports.set("corp-lun-0-1", report(0.7, 0));
+    let (server, ctx) = serving(reports.clone()).await;
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-0"));
+    assert_eq!(
+        st.replication_lag_seconds,
+        Some(15.0),
+        "three 5 s intervals"
+    );
+
+    server.clear_requests();
+    for lag in [1.9, 4.2, 9.5] {
+        reports.set("corp-lun-0-1", report(lag, 0));
+        reconcile(&server, &ctx).await;
+    }
+    assert_eq!(
+        server.mutating_requests(),
+        vec![],
+        "a standby keeping up writes no status"
+    );
+
+    // Falling behind is a fact worth writing, once.
+    reports.set("corp-lun-0-1", report(200.0, 0));
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.replication_lag_seconds, Some(300.0));
+    assert_eq!(st.replicas[1].lag_seconds, Some(300.0));
+    server.clear_requests();
+    reports.set("corp-lun-0-1", report(230.0, 0));
+    reconcile(&server, &ctx).await;
+    assert_eq!(server.mutating_requests(), vec![]);
+}
+
+#[tokio::test]
+async fn waiting_out_the_failover_threshold_writes_status_once() {
+    let (server, ctx) = serving(Arc::new(StaticReports::default())).await;
+    let since = (Timestamp::now() - 3.seconds()).to_string();
+    set_pod_ready(&server, "corp-lun-0-0", false, &since).await;
+    let st = reconcile(&server, &ctx).await;
+    let degraded = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.reason, "ActiveUnready");
+    assert!(degraded.message.contains(&since), "{}", degraded.message);
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    server.clear_requests();
+    reconcile(&server, &ctx).await;
+    assert_eq!(
+        server.mutating_requests(),
+        vec![],
+        "the message says since when, not for how long"
+    );
+}
+
+/// The controller as `run` starts it: after converging, neither its status writes nor a standby's
+/// ever-growing time since its last pass bring more reconciles; the agents are asked again on a timer.
+#[tokio::test]
+async fn the_running_controller_goes_quiet() {
+    let server = ApiServer::new();
+    create_lun(&server, &lun(LUN, &["a@corp.example"], 10)).await;
+    create_pod(&server, LUN, 0, true, None).await;
+    create_pod(&server, LUN, 1, true, None).await;
+    let reports = Arc::new(StaticReports::default());
+    reports.set("corp-lun-0-0", active_report());
+    // A report 100 s old: the lag the controller computes from it grows on every pass.
+    reports.set("corp-lun-0-1", report(0.5, 100));
+    let ctx = Arc::new(
+        Context::new(server.client(), RunConfig::default())
+            .with_replication_source(reports.clone()),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(lun::run(ctx.clone(), Some(NS.to_string()), async move {
+        let _ = stopped.await;
+    }));
+    // Converge: elected, promoted, status written.
+    let api = Api::<StorageLUN>::namespaced(server.client(), NS);
+    for _ in 0..100 {
+        let st = api.get(LUN).await.unwrap().status.unwrap_or_default();
+        if st.current_active.is_some() && st.replication_lag_seconds.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ctx.stats.reconciles();
+    server.clear_requests();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reconciles = ctx.stats.reconciles() - before;
+    let writes: Vec<_> = server
+        .mutating_requests()
+        .into_iter()
+        .filter(|r| !r.path.contains("/events"))
+        .collect();
+    let _ = stop.send(());
+    task.await.unwrap();
+    assert_eq!(writes, vec![], "a quiet LUN writes nothing");
+    assert!(
+        reconciles <= 1,
+        "{reconciles} reconciles in 1.5 s of nothing happening"
+    );
+    let st = api.get(LUN).await.unwrap().status.unwrap();
+    assert_eq!(st.replication_lag_seconds, Some(300.0), "100 s, in steps");
+}
