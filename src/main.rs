@@ -128,6 +128,10 @@ struct RenderArgs {
     /// Mail image for resources that name none.
     #[arg(long, default_value = names::DEFAULT_IMAGE)]
     image: String,
+    /// The cluster's DNS domain, as `run --cluster-domain`.
+    #[arg(long, default_value = mailpod_operator::resources::DEFAULT_CLUSTER_DOMAIN,
+          value_parser = mailpod_operator::resources::parse_cluster_domain)]
+    cluster_domain: String,
 }
 
 fn main() -> ExitCode {
@@ -256,6 +260,7 @@ fn run_render(args: RenderArgs) -> ExitCode {
     let opts = render::Options {
         namespace: args.namespace,
         image: args.image,
+        cluster_domain: args.cluster_domain,
     };
     match render::render(&files, &opts) {
         Ok(yaml) => {

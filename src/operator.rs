@@ -27,6 +27,11 @@ pub struct RunArgs {
     /// snapshot and restore jobs.
     #[arg(long = "mail-image", alias = "image", env = "MAILPOD_MAIL_IMAGE", default_value = names::DEFAULT_IMAGE)]
     pub mail_image: String,
+    /// The cluster's DNS domain (the kubelet's `--cluster-domain`): the operator renders every Service name
+    /// a mail daemon looks up as `<service>.<namespace>.svc.<domain>`.
+    #[arg(long, env = "MAILPOD_CLUSTER_DOMAIN", default_value = crate::resources::DEFAULT_CLUSTER_DOMAIN,
+          value_parser = crate::resources::parse_cluster_domain)]
+    pub cluster_domain: String,
     /// MailPods reconciled at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: u16,
@@ -97,6 +102,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let metrics = metrics.clone();
             let (site, image, concurrency) =
                 (args.site.clone(), args.mail_image.clone(), args.concurrency);
+            let cluster_domain = args.cluster_domain.clone();
             let namespaces = namespaces.clone();
             async move {
                 // One set of controllers per watched namespace; all of them stop together.
@@ -104,6 +110,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let config = controller::RunConfig {
                         namespace,
                         default_image: image.clone(),
+                        cluster_domain: cluster_domain.clone(),
                         concurrency,
                         metrics: Some(metrics.clone()),
                     };

@@ -70,6 +70,17 @@ pub struct Options {
     pub namespace: String,
     /// Image of mail pods whose resources name none.
     pub image: String,
+    /// The cluster's DNS domain (see `resources::service_host`).
+    pub cluster_domain: String,
+}
+
+impl Options {
+    fn defaults(&self) -> resources::Defaults<'_> {
+        resources::Defaults {
+            image: &self.image,
+            cluster_domain: &self.cluster_domain,
+        }
+    }
 }
 
 /// Renders `files` (name, content) to multi-document YAML. Nothing is returned on any error.
@@ -220,8 +231,8 @@ fn lookup_source<'a>(
 
 /// What the StorageLUN controller applies for `lun` once it has settled: the store objects and, for block
 /// replication, a VolumeReplication per replica (secondary, with no store running, while fenced).
-fn lun_objects(lun: &StorageLUN, image: &str) -> Vec<Value> {
-    let mut children = resources::store::build(lun, image);
+fn lun_objects(lun: &StorageLUN, defaults: &resources::Defaults) -> Vec<Value> {
+    let mut children = resources::store::build(lun, defaults);
     let volume = lun.spec.replication.method == ReplicationMethod::Volume;
     if volume && lun.spec.fenced {
         resources::store::set_store_replicas(&mut children, 0);
@@ -272,11 +283,11 @@ fn build_all(docs: &[Doc], opts: &Options, errs: &mut Vec<RenderError>) -> Vec<V
                     .get(&(ns.clone(), mp.name_any()))
                     .map(|luns| assignments(luns.iter().copied()))
                     .unwrap_or_default();
-                match resources::mailpod::build(mp, &resolved, &existing, &opts.image) {
+                match resources::mailpod::build(mp, &resolved, &existing, &opts.defaults()) {
                     Ok(desired) => {
                         for child in desired.children {
                             let lun_children = match &child {
-                                Child::StorageLUN(lun) => lun_objects(lun, &opts.image),
+                                Child::StorageLUN(lun) => lun_objects(lun, &opts.defaults()),
                                 _ => vec![],
                             };
                             out.push(child.to_json());
@@ -297,7 +308,7 @@ fn build_all(docs: &[Doc], opts: &Options, errs: &mut Vec<RenderError>) -> Vec<V
                     continue; // rendered through its MailPod, with the placement it records
                 }
                 match lun.validate() {
-                    Ok(()) => out.extend(lun_objects(lun, &opts.image)),
+                    Ok(()) => out.extend(lun_objects(lun, &opts.defaults())),
                     Err(e) => errs.extend(e.0.iter().map(|fe| {
                         err(
                             &d.file,

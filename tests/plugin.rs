@@ -21,7 +21,9 @@ async fn setup() -> (ApiServer, kube::Client) {
     )
     .unwrap();
     let mailboxes = resources::mailboxes::resolve(&mp.spec, &|_: &_| None).unwrap();
-    let desired = resources::mailpod::build(&mp, &mailboxes, &[], "img").unwrap();
+    let desired =
+        resources::mailpod::build(&mp, &mailboxes, &[], &resources::Defaults::image("img"))
+            .unwrap();
     let mps: Api<MailPod> = Api::namespaced(client.clone(), NS);
     mp = mps.create(&PostParams::default(), &mp).await.unwrap();
     let mut status = mp.status.clone().unwrap_or_default();
@@ -44,7 +46,7 @@ async fn setup() -> (ApiServer, kube::Client) {
     let cronjobs: Api<CronJob> = Api::namespaced(client.clone(), NS);
     for child in desired.children {
         if let Child::StorageLUN(lun) = child {
-            for c in resources::store::build(&lun, "img") {
+            for c in resources::store::build(&lun, &resources::Defaults::image("img")) {
                 if let Child::CronJob(cj) = c {
                     cronjobs.create(&PostParams::default(), &cj).await.unwrap();
                 }

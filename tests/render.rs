@@ -429,3 +429,74 @@ fn volume_replications_follow_fencing() {
     let d = docs(&String::from_utf8(dovecot.stdout).unwrap());
     assert!(of_kind(&d, "VolumeReplication").is_empty());
 }
+
+fn env_of(sts: &Value) -> BTreeMap<String, String> {
+    let c = &sts["spec"]["template"]["spec"]["containers"][0];
+    c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_string(),
+                e["value"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn mount_paths(sts: &Value) -> Vec<String> {
+    sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every name a mail daemon looks up is fully qualified with the namespace and `--cluster-domain` (Postfix
+/// does not complete names from the search list) and has no trailing dot (Postfix refuses it in a next-hop).
+#[test]
+fn names_daemons_look_up_are_fully_qualified_with_the_cluster_domain() {
+    let mp = "apiVersion: mailpod.io/v1alpha1\nkind: MailPod\nmetadata: {name: corp, namespace: mail}\n\
+              spec:\n  domains: [example.com]\n  mailboxes:\n    inline: [a@example.com]\n    \
+              passwdFileSecret: {name: corp-users, key: users}\n  frontend: {pop3: {replicas: 1}}\n";
+    let out = render(
+        &["-f", "-", "--cluster-domain", "Cluster.Example."],
+        Some(mp),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = docs(&String::from_utf8(out.stdout).unwrap());
+    let tables = of_kind(&d, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "corp-access-tables")
+        .unwrap();
+    assert_eq!(
+        tables["data"]["luns"].as_str().unwrap(),
+        "0 corp-lun-0.mail.svc.cluster.example 24 143 110\n"
+    );
+    let sts = of_kind(&d, "StatefulSet");
+    let store = sts
+        .iter()
+        .find(|s| s["metadata"]["name"] == "corp-lun-0")
+        .unwrap();
+    assert_eq!(
+        env_of(store)["MAILPOD_LUN_HOST"],
+        "corp-lun-0.mail.svc.cluster.example"
+    );
+
+    // The default domain, and a domain that is not one.
+    let out = render(&["-f", "-"], Some(mp));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("0 corp-lun-0.mail.svc.cluster.local 24 143 110"),
+        "{text}"
+    );
+    let out = render(&["-f", "-", "--cluster-domain", "bad domain"], Some(mp));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a DNS domain"));
+}

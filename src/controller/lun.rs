@@ -114,7 +114,7 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         return reject(&ctx, &lun, errs).await;
     }
 
-    let mut desired = store::build(&lun, &ctx.config.default_image);
+    let mut desired = store::build(&lun, &ctx.config.defaults());
     let selector = format!("{}={name}", l::LUN);
     let live = LiveChildren::list(
         &ctx.client,

@@ -171,11 +171,10 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     let existing = assignments(&live_luns);
 
     // Build (pure).
-    let desired =
-        match resources::mailpod::build(&mp, &wanted, &existing, &ctx.config.default_image) {
-            Ok(d) => d,
-            Err(errs) => return reject(&ctx, &mp, errs).await,
-        };
+    let desired = match resources::mailpod::build(&mp, &wanted, &existing, &ctx.config.defaults()) {
+        Ok(d) => d,
+        Err(errs) => return reject(&ctx, &mp, errs).await,
+    };
 
     // Apply, in the builders' order.
     let report = apply::apply_children(&ctx.client, &ns, &desired.children, &live).await?;
@@ -201,7 +200,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
                     index: lun.spec.index,
                     mailboxes: BTreeSet::new(),
                 };
-                let bctx = resources::mailpod::Context::new(&mp, &ctx.config.default_image);
+                let bctx = resources::mailpod::Context::new(&mp, &ctx.config.defaults());
                 let emptied = Child::StorageLUN(resources::lun::build(&bctx, &empty));
                 let r = apply::apply_children(&ctx.client, &ns, &[emptied], &live).await?;
                 drained.extend(r.updated);

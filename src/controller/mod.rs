@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub namespace: Option<String>,
     /// Mail image for MailPods that name none.
     pub default_image: String,
+    /// The cluster's DNS domain, which the builders qualify every Service name a mail daemon looks up with.
+    pub cluster_domain: String,
     /// MailPods reconciled at once.
     pub concurrency: u16,
     /// Where the controllers' counters are reported (`run` sets it; tests and the benchmark need not).
@@ -52,8 +54,19 @@ impl Default for RunConfig {
         Self {
             namespace: None,
             default_image: names::DEFAULT_IMAGE.to_string(),
+            cluster_domain: crate::resources::DEFAULT_CLUSTER_DOMAIN.to_string(),
             concurrency: 8,
             metrics: None,
+        }
+    }
+}
+
+impl RunConfig {
+    /// What the builders take from this configuration.
+    pub fn defaults(&self) -> crate::resources::Defaults<'_> {
+        crate::resources::Defaults {
+            image: &self.default_image,
+            cluster_domain: &self.cluster_domain,
         }
     }
 }

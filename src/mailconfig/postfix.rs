@@ -354,8 +354,14 @@ mod tests {
         t.mailboxes.insert("a@example.com".into(), 0);
         t.mailboxes.insert("b@example.com".into(), 1);
         t.mailboxes.insert("c@example.com".into(), 7);
-        t.luns.insert(0, LunEndpoint::in_cluster("corp-lun-0"));
-        t.luns.insert(1, LunEndpoint::in_cluster("corp-lun-1"));
+        t.luns.insert(
+            0,
+            LunEndpoint::in_cluster("corp-lun-0.mail.svc.cluster.local"),
+        );
+        t.luns.insert(
+            1,
+            LunEndpoint::in_cluster("corp-lun-1.mail.svc.cluster.local"),
+        );
         t.relay_domains
             .insert("partner.net".into(), "[mx.partner.net]:25".into());
         t.relay_domains
@@ -378,8 +384,8 @@ mod tests {
         let m = map_sources(&tables());
         assert_eq!(
             m[maps::TRANSPORT],
-            "a@example.com lmtp:inet:corp-lun-0:24\n\
-             b@example.com lmtp:inet:corp-lun-1:24\n\
+            "a@example.com lmtp:inet:corp-lun-0.mail.svc.cluster.local:24\n\
+             b@example.com lmtp:inet:corp-lun-1.mail.svc.cluster.local:24\n\
              c@example.com retry:4.3.0 LUN 7 has no store endpoint yet\n\
              partner.net smtp:[mx.partner.net]:25\n"
         );

@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::ResourceExt;
 
-use super::{config_map, frontend, lun, network_policy, object_meta, owner_reference, Child};
+use super::{
+    config_map, frontend, lun, network_policy, object_meta, owner_reference, service_host, Child,
+    Defaults,
+};
 use crate::crd::{MailPod, MailPodSpec, ValidationErrors};
 use crate::mailconfig::tables::{data_size, AccessTables, LunEndpoint, MAX_DATA_BYTES};
 use crate::names;
@@ -16,15 +19,22 @@ pub struct Context<'a> {
     mailpod: &'a MailPod,
     owner: OwnerReference,
     image: &'a str,
+    cluster_domain: &'a str,
 }
 
 impl<'a> Context<'a> {
-    pub fn new(mailpod: &'a MailPod, default_image: &'a str) -> Self {
+    pub fn new(mailpod: &'a MailPod, defaults: &Defaults<'a>) -> Self {
         Self {
             owner: owner_reference(mailpod),
-            image: mailpod.spec.image.as_deref().unwrap_or(default_image),
+            image: mailpod.spec.image.as_deref().unwrap_or(defaults.image),
+            cluster_domain: defaults.cluster_domain,
             mailpod,
         }
+    }
+
+    /// Fully qualified name of this MailPod's Service `service` (see [`service_host`]).
+    pub fn service_host(&self, service: &str) -> String {
+        service_host(service, self.namespace().as_deref(), self.cluster_domain)
     }
 
     pub fn name(&self) -> &str {
@@ -76,13 +86,13 @@ pub fn build(
     mailpod: &MailPod,
     mailboxes: &BTreeSet<String>,
     existing: &[LunAssignment],
-    default_image: &str,
+    defaults: &Defaults,
 ) -> Result<Desired, ValidationErrors> {
     mailpod.validate()?;
-    let ctx = Context::new(mailpod, default_image);
+    let ctx = Context::new(mailpod, defaults);
     let placement = place(existing, mailboxes, mailpod.spec.backend.max_users_per_lun);
     let tables = AccessTables::build(&mailpod.spec, &placement, |i| {
-        LunEndpoint::in_cluster(names::lun(ctx.name(), i))
+        LunEndpoint::in_cluster(ctx.service_host(&names::lun(ctx.name(), i)))
     });
     let data = tables.to_data();
     if data_size(&data) > MAX_DATA_BYTES {

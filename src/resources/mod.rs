@@ -27,6 +27,63 @@ use serde::Serialize;
 use crate::crd::StorageLUN;
 use crate::names::labels;
 
+/// The DNS domain of a cluster when the operator is told none (the kubelet's default `--cluster-domain`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// What the builders take from the operator's own configuration rather than from a resource.
+#[derive(Clone, Copy, Debug)]
+pub struct Defaults<'a> {
+    /// Image of mail pods and jobs whose resources name none.
+    pub image: &'a str,
+    /// The cluster's DNS domain (`cluster.local`), without a trailing dot.
+    pub cluster_domain: &'a str,
+}
+
+impl<'a> Defaults<'a> {
+    /// `image` in a cluster whose domain is [`DEFAULT_CLUSTER_DOMAIN`].
+    pub fn image(image: &'a str) -> Self {
+        Self {
+            image,
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN,
+        }
+    }
+}
+
+/// The fully qualified name of Service `service` in `namespace`: `corp-lun-0.mail.svc.cluster.local`.
+///
+/// Every name a mail daemon looks up is rendered this way. Postfix's SMTP and LMTP clients resolve next
+/// hops with DNS and ignore the resolv.conf search list, so a bare Service name (`corp-lun-0`) is never
+/// found from a pod (`5.4.4 Host or domain name not found`); and a trailing dot, which would make the name
+/// absolute for every resolver, is refused by Postfix in a next-hop.
+pub fn service_host(service: &str, namespace: Option<&str>, cluster_domain: &str) -> String {
+    format!(
+        "{service}.{}.svc.{cluster_domain}",
+        namespace.unwrap_or("default")
+    )
+}
+
+/// Checks a `--cluster-domain` value: DNS labels of letters, digits and `-`, separated by dots; one
+/// trailing dot is dropped (see [`service_host`]). Returns it in lower case.
+pub fn parse_cluster_domain(value: &str) -> Result<String, String> {
+    let domain = value
+        .strip_suffix('.')
+        .unwrap_or(value)
+        .to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if domain.is_empty() || domain.len() > 200 || !domain.split('.').all(label_ok) {
+        return Err(format!(
+            "{value:?} is not a DNS domain (labels of letters, digits and '-' separated by dots, like cluster.local)"
+        ));
+    }
+    Ok(domain)
+}
+
 /// One object the operator applies. Variants are listed in apply order: configuration first, then what
 /// uses it, StatefulSets last.
 // A few dozen children per reconcile: boxing the large variants would buy nothing measurable.
@@ -148,5 +205,37 @@ pub fn owner_reference<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerReferen
         uid: meta.uid.clone().unwrap_or_default(),
         controller: Some(true),
         block_owner_deletion: Some(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_fully_qualified_without_a_trailing_dot() {
+        assert_eq!(
+            service_host("corp-lun-0", Some("mail"), "cluster.local"),
+            "corp-lun-0.mail.svc.cluster.local"
+        );
+        assert_eq!(
+            service_host("corp-lun-0", None, "k8s.example"),
+            "corp-lun-0.default.svc.k8s.example"
+        );
+        assert_eq!(
+            parse_cluster_domain("Cluster.Local.").unwrap(),
+            "cluster.local"
+        );
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "-a.b",
+            "a b",
+            "a_b.local",
+            "cluster.local..",
+        ] {
+            assert!(parse_cluster_domain(bad).is_err(), "{bad:?}");
+        }
     }
 }

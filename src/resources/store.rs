@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use super::pod::{self, paths, ports, volumes};
-use super::{labels, object_meta, owner_reference, Child};
+use super::{labels, object_meta, owner_reference, service_host, Child, Defaults};
 use crate::crd::{PvcRetention, StorageLUN};
 use crate::names::{self, labels as l};
 
@@ -32,13 +32,15 @@ pub struct Context<'a> {
     lun: &'a StorageLUN,
     owner: OwnerReference,
     image: &'a str,
+    cluster_domain: &'a str,
 }
 
 impl<'a> Context<'a> {
-    pub fn new(lun: &'a StorageLUN, default_image: &'a str) -> Self {
+    pub fn new(lun: &'a StorageLUN, defaults: &Defaults<'a>) -> Self {
         Self {
             owner: owner_reference(lun),
-            image: lun.spec.image.as_deref().unwrap_or(default_image),
+            image: lun.spec.image.as_deref().unwrap_or(defaults.image),
+            cluster_domain: defaults.cluster_domain,
             lun,
         }
     }
@@ -72,8 +74,8 @@ impl<'a> Context<'a> {
 }
 
 /// Every object of a validated StorageLUN, in apply order.
-pub fn build(lun: &StorageLUN, default_image: &str) -> Vec<Child> {
-    let ctx = Context::new(lun, default_image);
+pub fn build(lun: &StorageLUN, defaults: &Defaults) -> Vec<Child> {
+    let ctx = Context::new(lun, defaults);
     let mut out = vec![];
     if lun.spec.snapshots.enabled {
         out.extend(snapshot_rbac(&ctx));
@@ -201,6 +203,16 @@ fn statefulset(ctx: &Context) -> StatefulSet {
     ));
     let mut env = vec![
         pod::value_env("MAILPOD_LUN", ctx.name()),
+        // Standbys pull from the LUN's Service by its fully qualified name, like every name a mail
+        // daemon looks up (see resources::service_host).
+        pod::value_env(
+            "MAILPOD_LUN_HOST",
+            &service_host(
+                ctx.name(),
+                ctx.lun.namespace().as_deref(),
+                ctx.cluster_domain,
+            ),
+        ),
         pod::value_env(
             "MAILPOD_SYNC_INTERVAL_SECONDS",
             &spec.replication.sync_interval_seconds.to_string(),
@@ -276,7 +288,7 @@ fn claim_template(ctx: &Context) -> PersistentVolumeClaim {
 /// The PVC the StatefulSet would create for replica `ordinal` (`mail-corp-lun-0-1`): name, namespace,
 /// labels and spec of its volumeClaimTemplate. A PVC created ahead of it with these is adopted as is.
 pub fn store_claim(lun: &StorageLUN, ordinal: i32) -> PersistentVolumeClaim {
-    let ctx = Context::new(lun, "");
+    let ctx = Context::new(lun, &Defaults::image(""));
     let mut claim = claim_template(&ctx);
     claim.metadata.name = Some(names::lun_pvc(ctx.name(), ordinal));
     claim.metadata.namespace = lun.namespace();

@@ -47,6 +47,8 @@ pub struct Plan<'a> {
     /// Name of the Job and of the clone PVC.
     pub name: String,
     pub image: &'a str,
+    /// The cluster's DNS domain: the import reaches the live store by its Service's full name.
+    pub cluster_domain: &'a str,
     /// The Job's activeDeadlineSeconds.
     pub deadline_seconds: i64,
     /// Size of the clone: the LUN's capacity, or the snapshot's `restoreSize` when that is larger (the LUN
@@ -87,7 +89,15 @@ pub fn import_args(plan: &Plan) -> Vec<String> {
     let mut args = vec![
         "restore-import".to_string(),
         "--target".to_string(),
-        format!("{}:{}", plan.lun.name_any(), ports::DOVEADM),
+        format!(
+            "{}:{}",
+            crate::resources::service_host(
+                &plan.lun.name_any(),
+                plan.lun.namespace().as_deref(),
+                plan.cluster_domain
+            ),
+            ports::DOVEADM
+        ),
         "--mail-root".to_string(),
         paths::MAIL.to_string(),
         "--work-dir".to_string(),
@@ -284,6 +294,7 @@ mod tests {
             scope: &scope,
             name: "corp-lun-0-restore-x".into(),
             image: "mail:1",
+            cluster_domain: "cluster.example",
             deadline_seconds: 3600,
             capacity: clone_capacity(&lun.spec.capacity, None),
         };
@@ -298,7 +309,11 @@ mod tests {
         let c = &pod.containers[0];
         assert_eq!(
             c.args.as_ref().unwrap()[..3],
-            ["restore-import", "--target", "corp-lun-0:12345"]
+            [
+                "restore-import",
+                "--target",
+                "corp-lun-0.mail.svc.cluster.example:12345"
+            ]
         );
         assert!(c.args.as_ref().unwrap().ends_with(&[
             "--mailbox".into(),

@@ -101,6 +101,10 @@ pub struct RestoreFlags {
     /// Mail image for the Job when the LUN names none.
     #[arg(long, env = "MAILPOD_MAIL_IMAGE", default_value = crate::names::DEFAULT_IMAGE)]
     pub image: String,
+    /// The cluster's DNS domain: the Job reaches the live store by its Service's fully qualified name.
+    #[arg(long, env = "MAILPOD_CLUSTER_DOMAIN", default_value = crate::resources::DEFAULT_CLUSTER_DOMAIN,
+          value_parser = crate::resources::parse_cluster_domain)]
+    pub cluster_domain: String,
 }
 
 impl RestoreFlags {
@@ -115,6 +119,7 @@ impl RestoreFlags {
         req.wait = self.wait;
         req.timeout = Duration::from_secs(self.timeout);
         req.image = self.image.clone();
+        req.cluster_domain = self.cluster_domain.clone();
         req
     }
 }
@@ -131,6 +136,8 @@ pub struct Request {
     pub message_id: Option<String>,
     /// Mail image for the Job when the LUN names none.
     pub image: String,
+    /// The cluster's DNS domain.
+    pub cluster_domain: String,
     /// Print the objects instead of creating them.
     pub dry_run: bool,
     /// Wait for the Job and report its result.
@@ -152,6 +159,7 @@ impl Request {
             lun: lun.into(),
             snapshot: snapshot.into(),
             image: crate::names::DEFAULT_IMAGE.into(),
+            cluster_domain: crate::resources::DEFAULT_CLUSTER_DOMAIN.into(),
             timeout: Duration::from_secs(3600),
             poll: Duration::from_secs(2),
             ..Default::default()
@@ -248,6 +256,7 @@ pub async fn run(client: &Client, req: &Request) -> Result<Outcome> {
         scope: &scope,
         name: job::restore_name(&req.lun, jiff::Timestamp::now()),
         image: lun.spec.image.as_deref().unwrap_or(&req.image),
+        cluster_domain: &req.cluster_domain,
         deadline_seconds: req.timeout.as_secs().max(60) as i64,
         capacity: job::clone_capacity(&lun.spec.capacity, restore_size.as_deref()),
     };

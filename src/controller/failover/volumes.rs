@@ -385,7 +385,7 @@ mod tests {
         assert_eq!(spec.storage_class_name.as_deref(), Some("ceph-rbd"));
         assert_eq!(spec.volume_mode.as_deref(), Some("Filesystem"));
         // The template is the StatefulSet's: same labels as its volumeClaimTemplate.
-        let sts = store::build(&l, "img")
+        let sts = store::build(&l, &crate::resources::Defaults::image("img"))
             .into_iter()
             .find_map(|c| match c {
                 crate::resources::Child::StatefulSet(s) => Some(s),
