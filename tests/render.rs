@@ -500,3 +500,36 @@ fn names_daemons_look_up_are_fully_qualified_with_the_cluster_domain() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a DNS domain"));
 }
+
+/// The pods that authenticate users (stores and submission) are told where the users Secret is mounted.
+#[test]
+fn store_and_submission_containers_name_the_mounted_users_file() {
+    let mp =
+        "apiVersion: mailpod.io/v1alpha1\nkind: MailPod\nmetadata: {name: corp, namespace: mail}\n\
+              spec:\n  domains: [example.com]\n  mailboxes:\n    inline: [a@example.com]\n    \
+              passwdFileSecret: {name: corp-users, key: users}\n";
+    let out = render(&["-f", "-"], Some(mp));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = docs(&String::from_utf8(out.stdout).unwrap());
+    for name in ["corp-lun-0", "corp-submission"] {
+        let sts = of_kind(&d, "StatefulSet")
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == name)
+            .unwrap();
+        let env = env_of(sts);
+        let users = env
+            .get("MAILPOD_USERS_FILE")
+            .unwrap_or_else(|| panic!("{name}: no MAILPOD_USERS_FILE in {env:?}"));
+        assert_eq!(users, "/etc/mailpod/passwd/users");
+        assert!(
+            mount_paths(sts)
+                .iter()
+                .any(|m| users.starts_with(&format!("{m}/"))),
+            "{name}: {users} is not in a mounted volume"
+        );
+    }
+}

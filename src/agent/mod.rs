@@ -9,6 +9,7 @@
 pub mod http;
 pub mod lmtp_gate;
 pub mod metrics;
+pub mod passwd;
 pub mod render;
 pub mod replication;
 pub mod supervise;
@@ -375,6 +376,15 @@ fn mounted_hash(args: &AgentArgs, layout: &Layout) -> Result<String> {
     if args.role == Role::Store {
         if let Ok(p) = std::fs::read_to_string(&layout.doveadm_password_file) {
             all.insert("replication/doveadm-password".to_string(), p);
+        }
+    }
+    // The users Secret, updated by the kubelet like a ConfigMap: its private copy follows (agent::passwd).
+    if matches!(args.role, Role::Store | Role::Submission) {
+        if let Some(users) = passwd::read_source(&layout.users_file)? {
+            all.insert(
+                "users".to_string(),
+                String::from_utf8_lossy(&users).into_owned(),
+            );
         }
     }
     for (prefix, dir) in [

@@ -6,10 +6,12 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+use super::passwd;
 
 use crate::mailconfig::dovecot::{doveadm_password_conf, dovecot_conf, proxy_passdb, PROXY_PASSDB};
 use crate::mailconfig::layout::{Layout, Ports, Role};
@@ -89,11 +91,13 @@ pub struct Changes {
     pub postfix_maps: Vec<String>,
     /// dovecot.conf or the proxy passdb: needs `doveadm reload` when Dovecot runs.
     pub dovecot: bool,
+    /// The private copy of the users file (Dovecot re-reads it by itself).
+    pub users: bool,
 }
 
 impl Changes {
     pub fn any(&self) -> bool {
-        self.postfix_config || !self.postfix_maps.is_empty() || self.dovecot
+        self.postfix_config || !self.postfix_maps.is_empty() || self.dovecot || self.users
     }
 }
 
@@ -126,7 +130,12 @@ pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Res
     if role.runs_dovecot() {
         fs::create_dir_all(&layout.dovecot_config)
             .with_context(|| format!("creating {}", layout.dovecot_config.display()))?;
-        let users = users_file(role, layout)?;
+        let users = if matches!(role, Role::Store | Role::Submission) {
+            changes.users = install_users(layout)?;
+            layout.private_users_file()
+        } else {
+            layout.users_file.clone()
+        };
         changes.dovecot |= write_if_changed(
             &layout.dovecot_conf(),
             &dovecot_conf(role, &inputs.settings, layout, ports, &users),
@@ -185,19 +194,22 @@ fn write_private_if_changed(path: &Path, text: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// The users passwd-file: the mounted Secret, or (when none is mounted) an empty file of our own, so that
-/// Dovecot starts, delivers mail, and refuses every login until the Secret appears.
-fn users_file(role: Role, layout: &Layout) -> Result<PathBuf> {
-    if layout.users_file.is_file() || !matches!(role, Role::Store | Role::Submission) {
-        return Ok(layout.users_file.clone());
+/// Copies the mounted users Secret to the private file Dovecot's auth process reads (see [`passwd`]); with
+/// no Secret mounted, an empty one, so that Dovecot starts, delivers mail, and refuses every login until the
+/// Secret appears. True when the private copy changed.
+fn install_users(layout: &Layout) -> Result<bool> {
+    let source = passwd::read_source(&layout.users_file)?;
+    if source.is_none() {
+        tracing::warn!(
+            path = %layout.users_file.display(),
+            "no users file mounted: every login and SMTP AUTH will be refused"
+        );
     }
-    tracing::warn!(
-        path = %layout.users_file.display(),
-        "no users file mounted: every login and SMTP AUTH will be refused"
-    );
-    let empty = layout.dovecot_config.join("no-users");
-    write_if_changed(&empty, "")?;
-    Ok(empty)
+    passwd::install(
+        &layout.private_users_file(),
+        source.as_deref().unwrap_or_default(),
+        passwd::dovecot_owner()?,
+    )
 }
 
 /// `postmap` a map into `<name>.lmdb` beside its source. The database is built under a temporary name and

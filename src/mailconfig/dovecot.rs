@@ -12,6 +12,10 @@ use super::layout::{Layout, Ports, Role};
 use super::settings::MailSettings;
 use super::tables::AccessTables;
 
+/// The user Dovecot's internal services run as (`default_internal_user`), among them auth, which opens
+/// the passwd-file.
+pub const DOVECOT_INTERNAL_USER: &str = "dovecot";
+
 /// File name (under [`Layout::dovecot_config`]) of the proxy passdb the imap/pop3 roles render from the tables.
 pub const PROXY_PASSDB: &str = "proxy-passdb";
 
@@ -68,7 +72,7 @@ pub fn dovecot_conf(
     set("protocols", protocols);
     set("listen", &listen);
     set("hostname", &settings.hostname);
-    set("default_internal_user", "dovecot");
+    set("default_internal_user", DOVECOT_INTERNAL_USER);
     set("default_login_user", "dovenull");
     set("auth_mechanisms", "plain login");
     // Front ends terminate TLS; stores sit behind the NetworkPolicy and take the proxies' plaintext logins.

@@ -198,6 +198,12 @@ impl Layout {
         self.mail_root.join(".mailpod-replica-role")
     }
 
+    /// Store and submission: the agent's private copy of [`Layout::users_file`] that Dovecot's auth process
+    /// reads (owned by Dovecot's internal user, mode 0400; see agent::passwd).
+    pub fn private_users_file(&self) -> PathBuf {
+        self.dovecot_config.join("users.passwd")
+    }
+
     /// Unix socket of Dovecot's LMTP service; on the store the agent's pause gate forwards to it.
     pub fn lmtp_socket(&self) -> PathBuf {
         self.dovecot_base.join("lmtp")

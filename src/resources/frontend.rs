@@ -156,7 +156,7 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
             container_ports,
             mounts,
             svc.resources.clone(),
-            vec![],
+            env,
         )
     };
     let labels_ = labels(ctx.name(), kind.as_str());
