@@ -16,6 +16,21 @@ use super::tables::AccessTables;
 /// the passwd-file.
 pub const DOVECOT_INTERNAL_USER: &str = "dovecot";
 
+/// The services Dovecot 2.3 chroots by default (`doveconf -d`). A chroot needs CAP_SYS_CHROOT, which mail
+/// pods drop, and `anvil` or a login process that cannot chroot exits with `Operation not permitted`: each
+/// is rendered with `chroot =`. The pod is the sandbox, as for Postfix (master.cf renders no chroot).
+pub const DEFAULT_CHROOTED_SERVICES: [&str; 9] = [
+    "aggregator",
+    "anvil",
+    "director",
+    "imap-login",
+    "imap-urlauth-login",
+    "ipc",
+    "old-stats",
+    "pop3-login",
+    "submission-login",
+];
+
 /// File name (under [`Layout::dovecot_config`]) of the proxy passdb the imap/pop3 roles render from the tables.
 pub const PROXY_PASSDB: &str = "proxy-passdb";
 
@@ -149,6 +164,9 @@ pub fn dovecot_conf(
         }
         Role::Mx => {}
     }
+    for service in DEFAULT_CHROOTED_SERVICES {
+        let _ = writeln!(out, "service {service} {{\n  chroot =\n}}");
+    }
     out
 }
 
@@ -231,6 +249,13 @@ mod tests {
         assert!(conf.contains("inet_listener imap {\n    port = 143\n"));
         assert!(conf.contains("inet_listener pop3 {\n    port = 110\n"));
         assert!(!conf.contains("inet_listener lmtp"));
+        // The pod drops SYS_CHROOT: nothing may chroot.
+        for service in ["anvil", "imap-login", "pop3-login", "ipc"] {
+            assert!(
+                conf.contains(&format!("service {service} {{\n  chroot =\n}}\n")),
+                "{service}"
+            );
+        }
         assert!(conf.contains(
             "service doveadm {\n  inet_listener {\n    port = 12345\n  }\n}\n\
              !include_try /var/lib/mailpod/dovecot/doveadm.conf\n"
@@ -267,7 +292,7 @@ mod tests {
         assert!(conf.contains("disable_plaintext_auth = yes\n"));
         assert!(conf.contains("args = /t/dovecot/proxy-passdb\n"));
         assert!(conf.contains("port = 30110"));
-        assert!(!conf.contains("imap-login"));
+        assert!(!conf.contains("inet_listener imap "));
     }
 
     #[test]
