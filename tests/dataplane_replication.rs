@@ -187,3 +187,93 @@ fn standby_mirrors_active_and_roles_swap_on_promotion() {
         assert!(agent.stop(), "store agent must exit cleanly");
     }
 }
+
+/// Every mailbox the access tables place on the LUN is replicated, those with no password entry (which
+/// the static userdb accepts but cannot list) included, and no other LUN's: the standby replicates from the
+/// LUN's mailbox list, never by iterating users.
+#[test]
+fn every_mailbox_of_the_lun_is_replicated() {
+    if !mail_software_present("every_mailbox_of_the_lun_is_replicated") {
+        return;
+    }
+    let mut site = Site::new(1_000_000);
+    let (pa, pb) = (Ports::free(), Ports::free());
+    site.lun(0, &pa);
+    let with_password: Vec<String> = (0..3).map(|i| format!("user{i}@example.com")).collect();
+    let without: Vec<String> = (0..3).map(|i| format!("nopass{i}@example.org")).collect();
+    for m in &with_password {
+        site.mailbox(m, 0, "pw");
+    }
+    for m in &without {
+        // In the tables only: the Secret has no line for it.
+        site.tables.mailboxes.insert(m.clone(), 0);
+        site.tables.domains.push("example.org".into());
+    }
+    site.tables.domains.sort();
+    site.tables.domains.dedup();
+    site.tables
+        .mailboxes
+        .insert("elsewhere@example.com".into(), 1);
+    site.publish();
+    let password = site.root.path().join("doveadm-password");
+    std::fs::write(&password, "replication-secret\n").unwrap();
+    let (labels_a, labels_b) = (
+        site.root.path().join("a.labels"),
+        site.root.path().join("b.labels"),
+    );
+    set_role(&labels_a, Some("active"));
+    set_role(&labels_b, Some("standby"));
+    let replica = |name: &str, own: &Ports, peer: &Ports, labels: &Path| {
+        let extra: Vec<String> = [
+            "--lun",
+            "corp-lun-0",
+            "--lun-host",
+            &support::pod::cluster_name("corp-lun-0"),
+            "--lun-doveadm-port",
+            &peer.doveadm.to_string(),
+            "--doveadm-password-file",
+            password.to_str().unwrap(),
+            "--labels-file",
+            labels.to_str().unwrap(),
+            "--sync-interval-seconds",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Agent::start_with(&site, "store", name, own, &extra)
+    };
+    let a = replica("replica-a", &pa, &pb, &labels_a);
+    let b = replica("replica-b", &pb, &pa, &labels_b);
+
+    let all: Vec<String> = [with_password, without].concat();
+    for m in &all {
+        deliver_lmtp(pa.lmtp, m, &[format!("for-{m}")]);
+    }
+    // Also mail for a mailbox of another LUN that reached this store by mistake: not this LUN's to copy.
+    deliver_lmtp(pa.lmtp, "elsewhere@example.com", &["stray".to_string()]);
+    for m in &all {
+        wait_for(&format!("{m} on the standby"), WAIT, || {
+            (maildir_subjects(&b, m) == [format!("for-{m}")]).then_some(())
+        });
+    }
+    wait_for("a full pass reported", WAIT, || {
+        (replication(&b)["inSync"] == true).then_some(())
+    });
+    assert!(
+        maildir_subjects(&b, "elsewhere@example.com").is_empty(),
+        "a mailbox of another LUN is not replicated"
+    );
+    for name in ["replica-a", "replica-b"] {
+        let log = std::fs::read_to_string(site.root.path().join(format!("{name}.agent.log")))
+            .unwrap_or_default();
+        assert!(
+            !log.contains("iterate users"),
+            "{name} tried to iterate users:\n{log}"
+        );
+    }
+    let mut agents = [a, b];
+    for agent in agents.iter_mut() {
+        assert!(agent.stop(), "store agent must exit cleanly");
+    }
+}

@@ -1,6 +1,11 @@
-//! Helpers for the data-plane tests: a MailPod's mounted ConfigMaps in a temp dir, agent processes on
-//! 127.0.0.1 high ports (killed on drop), and tiny SMTP/IMAP/POP3 clients over plain TcpStreams.
+//! Helpers for the data-plane tests: a MailPod's mounted ConfigMaps and users Secret in a temp dir, laid
+//! out as the kubelet lays them out; agent processes on 127.0.0.1 high ports (killed on drop) under a pod's
+//! conditions ([`pod`]: cluster DNS with the pod's search list, the rendered capabilities); and tiny
+//! SMTP/IMAP/POP3 clients over plain TcpStreams, connecting from 127.0.0.2, an address that is not the
+//! servers' own.
 #![allow(dead_code)]
+
+pub mod pod;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -11,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use mailpod_operator::mailconfig::settings::MailSettings;
 use mailpod_operator::mailconfig::tables::{AccessTables, LunEndpoint};
+use pod::{ClusterDns, KubeletVolume};
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,6 +30,7 @@ pub fn mail_software_present(test: &str) -> bool {
     ]
     .into_iter()
     .filter(|p| !Path::new(p).exists())
+    .chain(pod::missing_tools())
     .collect();
     if missing.is_empty() {
         return true;
@@ -57,11 +64,28 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// The mounted ConfigMaps of one MailPod and the users Secret, as the kubelet would present them.
+/// The mounted ConfigMaps of one MailPod and the users Secret, as the kubelet would present them, and the
+/// cluster DNS its pods resolve names with.
 pub struct Site {
     pub root: tempfile::TempDir,
     pub settings: MailSettings,
     pub tables: AccessTables,
+    pub dns: ClusterDns,
+    /// The users Secret volume (mode as rendered, root-owned) and the passwd-file lines in it.
+    pub users: KubeletVolume,
+    users_text: String,
+}
+
+/// Key of the users passwd-file in the test's users Secret.
+pub const USERS_KEY: &str = "users";
+
+/// The `defaultMode` the builders render for Secret volumes.
+pub fn rendered_secret_mode() -> u32 {
+    mailpod_operator::resources::pod::secret_volume("v", "s")
+        .secret
+        .unwrap()
+        .default_mode
+        .unwrap() as u32
 }
 
 impl Site {
@@ -82,11 +106,17 @@ impl Site {
             dnsbl_threshold: 1,
             tls: false,
         };
+        let dns = ClusterDns::start(&root.path().join("dns"));
+        let users = KubeletVolume::new(root.path().join("users-secret"), rendered_secret_mode());
         let site = Self {
             root,
             settings,
             tables: AccessTables::default(),
+            dns,
+            users,
+            users_text: String::new(),
         };
+        site.users.publish(&Default::default());
         std::fs::create_dir_all(site.config_dir()).unwrap();
         std::fs::create_dir_all(site.tables_dir()).unwrap();
         std::fs::write(
@@ -103,16 +133,29 @@ impl Site {
     pub fn tables_dir(&self) -> PathBuf {
         self.root.path().join("tables")
     }
+    /// The users passwd-file as the container sees it (a symlink into the Secret volume's `..data`).
     pub fn users_file(&self) -> PathBuf {
-        self.root.path().join("users")
+        self.users.path(USERS_KEY)
     }
 
-    /// Adds a LUN answering on the given store ports.
+    /// Replaces the users Secret's passwd-file, as the kubelet updates a mounted Secret.
+    pub fn set_users(&mut self, text: &str) {
+        self.users_text = text.to_string();
+        self.users.publish(&std::collections::BTreeMap::from([(
+            USERS_KEY.to_string(),
+            text.as_bytes().to_vec(),
+        )]));
+    }
+
+    /// Adds a LUN answering on the given store ports, by the fully qualified name of its Service (which
+    /// cluster DNS points at 127.0.0.1).
     pub fn lun(&mut self, index: u32, store: &Ports) {
+        let host = pod::cluster_name(&mailpod_operator::names::lun(&self.settings.mailpod, index));
+        self.dns.set(&host, std::net::Ipv4Addr::LOCALHOST);
         self.tables.luns.insert(
             index,
             LunEndpoint {
-                host: "127.0.0.1".into(),
+                host,
                 lmtp_port: store.lmtp,
                 imap_port: store.imap,
                 pop3_port: store.pop3,
@@ -134,9 +177,8 @@ impl Site {
             self.tables.domains.sort();
         }
         self.tables.mailboxes.insert(address.into(), lun);
-        let mut users = std::fs::read_to_string(self.users_file()).unwrap_or_default();
-        users.push_str(&format!("{address}:{{PLAIN}}{password}\n"));
-        std::fs::write(self.users_file(), users).unwrap();
+        let users = format!("{}{address}:{{PLAIN}}{password}\n", self.users_text);
+        self.set_users(&users);
     }
 
     /// Publishes the tables like the kubelet: a new timestamped directory, then an atomic symlink swap.
@@ -214,34 +256,66 @@ impl Agent {
         ports: &Ports,
         extra: &[String],
     ) -> Self {
+        let users = [
+            "--users-file".to_string(),
+            site.users_file().display().to_string(),
+        ];
+        Self::spawn(site, role, name, ports, &[extra, &users[..]].concat(), &[])
+    }
+
+    /// An agent told only what the rendered container tells it: `env` (the container's variables, paths
+    /// already mapped to the test's volumes) and `extra` arguments; no `--users-file` of the harness.
+    pub fn start_with_env(
+        site: &Site,
+        role: &'static str,
+        name: &str,
+        ports: &Ports,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> Self {
+        Self::spawn(site, role, name, ports, extra, env)
+    }
+
+    fn spawn(
+        site: &Site,
+        role: &'static str,
+        name: &str,
+        ports: &Ports,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> Self {
         let work = site.root.path().join(name);
         let log =
             std::fs::File::create(site.root.path().join(format!("{name}.agent.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mailpod-operator"))
-            .args(["agent", "--role", role, "--listen", "127.0.0.1"])
-            .arg("--config-dir")
-            .arg(site.config_dir())
-            .arg("--tables-dir")
-            .arg(site.tables_dir())
-            .arg("--work-dir")
-            .arg(&work)
-            .arg("--users-file")
-            .arg(site.users_file())
-            .args(["--listen-metrics", &format!("127.0.0.1:{}", ports.http)])
-            .args(["--listen-control", &format!("127.0.0.1:{}", ports.control)])
-            .args(["--smtp-port", &ports.smtp.to_string()])
-            .args(["--submission-port", &ports.submission.to_string()])
-            .args(["--imap-port", &ports.imap.to_string()])
-            .args(["--pop3-port", &ports.pop3.to_string()])
-            .args(["--lmtp-port", &ports.lmtp.to_string()])
-            .args(["--doveadm-port", &ports.doveadm.to_string()])
-            .args(["--poll-ms", "200", "--grace-seconds", "5"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawning the agent");
+        let hosts = pod::pod_hosts_file(site.root.path(), name, "127.0.0.1");
+        let child = pod::pod_command(
+            &site.dns.resolv_conf(),
+            &hosts,
+            env!("CARGO_BIN_EXE_mailpod-operator"),
+        )
+        .args(["agent", "--role", role, "--listen", "127.0.0.1"])
+        .arg("--config-dir")
+        .arg(site.config_dir())
+        .arg("--tables-dir")
+        .arg(site.tables_dir())
+        .arg("--work-dir")
+        .arg(&work)
+        .args(["--listen-metrics", &format!("127.0.0.1:{}", ports.http)])
+        .args(["--listen-control", &format!("127.0.0.1:{}", ports.control)])
+        .args(["--smtp-port", &ports.smtp.to_string()])
+        .args(["--submission-port", &ports.submission.to_string()])
+        .args(["--imap-port", &ports.imap.to_string()])
+        .args(["--pop3-port", &ports.pop3.to_string()])
+        .args(["--lmtp-port", &ports.lmtp.to_string()])
+        .args(["--doveadm-port", &ports.doveadm.to_string()])
+        .args(["--poll-ms", "200", "--grace-seconds", "5"])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawning the agent");
         let mut agent = Self {
             role,
             ports: ports.clone(),
@@ -339,6 +413,27 @@ impl Drop for Agent {
     }
 }
 
+/// The address test clients connect from.
+pub const CLIENT_ADDRESS: &str = "127.0.0.2";
+
+/// A TCP connection to 127.0.0.1:`port` from [`CLIENT_ADDRESS`].
+pub fn connect_from_client_address(port: u16) -> TcpStream {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SockAddr::from(
+        format!("{CLIENT_ADDRESS}:0")
+            .parse::<std::net::SocketAddr>()
+            .unwrap(),
+    ))
+    .unwrap();
+    s.connect_timeout(
+        &SockAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        IO_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("connecting to 127.0.0.1:{port}: {e}"));
+    s.into()
+}
+
 /// Minimal HTTP/1.1 request; returns status and body.
 pub fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
@@ -365,8 +460,10 @@ pub struct Session {
 }
 
 impl Session {
+    /// Connects to 127.0.0.1:`port` from 127.0.0.2: a server must not see its clients on its own address
+    /// (Dovecot treats such a client as secured, as if it were local).
     pub fn connect(port: u16) -> Self {
-        Self::from_stream(TcpStream::connect(("127.0.0.1", port)).unwrap())
+        Self::from_stream(connect_from_client_address(port))
     }
 
     pub fn from_stream(s: TcpStream) -> Self {
@@ -526,4 +623,26 @@ pub fn deliver_lmtp(port: u16, to: &str, subjects: &[String]) {
 
 pub fn unique(v: &[String]) -> BTreeSet<String> {
     v.iter().cloned().collect()
+}
+
+/// Base64 (standard alphabet, padded), for SASL PLAIN.
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
