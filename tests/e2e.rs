@@ -156,6 +156,15 @@ impl Scenario {
     /// (certificates are not what these tests are about, and without TLS plain login is allowed), the e2e
     /// storage and snapshot classes, and `retain` snapshots.
     fn apply_small(&self, retain: u32) {
+        self.apply_small_with(retain, |_| {});
+    }
+
+    /// `apply_small`, then `tweak` on the MailPod's spec before it is applied.
+    fn apply_small_with(
+        &self,
+        retain: u32,
+        tweak: impl FnOnce(&mut serde_json::Map<String, Value>),
+    ) {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/",
@@ -186,6 +195,7 @@ impl Scenario {
             "capacity": "1Gi",
             "storageClassName": setting("MAILPOD_E2E_STORAGE_CLASS", "csi-hostpath-sc"),
         });
+        tweak(spec);
         let passwd: String = mailboxes
             .iter()
             .map(|m| format!("{m}:{{PLAIN}}{PASSWORD}\n"))
@@ -220,6 +230,39 @@ impl Scenario {
             .as_str()
             .filter(|s| !s.is_empty())
             .map(String::from)
+    }
+
+    /// A self-signed certificate for mail.example.com in the `kubernetes.io/tls` Secret `small-tls`.
+    fn create_tls_secret(&self) {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, crt) = (dir.path().join("tls.key"), dir.path().join("tls.crt"));
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+            ])
+            .args(["-subj", "/CN=mail.example.com", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        must(&[
+            "create",
+            "secret",
+            "tls",
+            "small-tls",
+            "-n",
+            &self.ns,
+            "--cert",
+            crt.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ]);
     }
 
     /// Names of objects of `kind` labelled as this MailPod's.
@@ -820,4 +863,201 @@ fn steady_state_sends_no_writes_in_a_quiet_minute() {
         writes.len(),
         summary.join("\n")
     );
+}
+
+/// Runs curl (SMTP, IMAP and POP3 over STARTTLS with certificate checks off: the certificate is the test's
+/// own self-signed one) and returns its output, or curl's error.
+fn curl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    let mut child = Command::new("curl")
+        .args(["-sS", "--max-time", "30"])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run curl: {e}"))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "curl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The `host:port` of a Service's ClusterIP (curl connects there directly).
+fn service_addr(ns: &str, service: &str, port: u16) -> String {
+    let ip = must(&[
+        "get",
+        "-n",
+        ns,
+        "service",
+        service,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    format!("{}:{port}", ip.trim())
+}
+
+#[test]
+fn front_ends_serve_tls_and_auth_and_refuse_unknown_recipients() {
+    if !cluster_given("front_ends_serve_tls_and_auth_and_refuse_unknown_recipients") {
+        return;
+    }
+    let sc = Scenario::new("frontends");
+    sc.create_tls_secret();
+    sc.apply_small_with(5, |spec| {
+        spec.insert("tls".into(), json!({"secretName": "small-tls"}));
+        spec.insert("frontend".into(), json!({"pop3": {"replicas": 1}}));
+    });
+    sc.wait_ready();
+    if !matches!(
+        ServicePort::new(&sc.ns, "small-mx", 25),
+        ServicePort::Direct(_)
+    ) {
+        eprintln!("SKIPPED front_ends_serve_tls_and_auth_and_refuse_unknown_recipients: Service addresses are not routed from here (curl needs them)");
+        return;
+    }
+
+    // An unknown recipient is refused at RCPT, before any mail is accepted (no backscatter).
+    {
+        let pf = ServicePort::new(&sc.ns, "small-mx", 25);
+        let mut s = Session::new(pf.connect());
+        s.smtp("220");
+        s.send("EHLO e2e.test");
+        s.smtp("250");
+        s.send("MAIL FROM:<e2e@sender.test>");
+        s.smtp("250");
+        s.send("RCPT TO:<nobody@example.com>");
+        let reply = s.line();
+        assert!(reply.starts_with("550"), "unknown recipient: {reply:?}");
+        s.send("QUIT");
+    }
+
+    // Submission: STARTTLS, then AUTH as alice, to bob.
+    let user = "alice@example.com";
+    let login = format!("{user}:{PASSWORD}");
+    let subject = format!("e2e-submission-{}", sc.ns);
+    let message = format!(
+        "From: <{user}>\r\nTo: <bob@example.com>\r\nSubject: {subject}\r\n\r\nvia submission\r\n"
+    );
+    let submission = service_addr(&sc.ns, "small-submission", 587);
+    wait_for("a message submitted with STARTTLS and AUTH", || {
+        curl(
+            &[
+                "--ssl-reqd",
+                "-k",
+                &format!("smtp://{submission}"),
+                "-u",
+                &login,
+                "--mail-from",
+                user,
+                "--mail-rcpt",
+                "bob@example.com",
+                "-T",
+                "-",
+            ],
+            Some(&message),
+        )
+    });
+    // Without TLS, submission offers no AUTH: the password is never sent in clear.
+    let plain = curl(
+        &[
+            &format!("smtp://{submission}"),
+            "-u",
+            &login,
+            "--mail-from",
+            user,
+            "--mail-rcpt",
+            "bob@example.com",
+            "-T",
+            "-",
+        ],
+        Some(&message),
+    );
+    assert!(plain.is_err(), "submission accepted AUTH without TLS");
+    // A wrong password is refused.
+    let wrong = curl(
+        &[
+            "--ssl-reqd",
+            "-k",
+            &format!("smtp://{submission}"),
+            "-u",
+            &format!("{user}:not-the-password"),
+            "--mail-from",
+            user,
+            "--mail-rcpt",
+            "bob@example.com",
+            "-T",
+            "-",
+        ],
+        Some(&message),
+    );
+    assert!(wrong.is_err(), "submission accepted a wrong password");
+
+    // Bob reads it over IMAP (STARTTLS) and over POP3 (STLS).
+    let bob = format!("bob@example.com:{PASSWORD}");
+    let imap = service_addr(&sc.ns, "small-imap", 143);
+    wait_for("the submitted message over IMAP with STARTTLS", || {
+        let found = curl(
+            &[
+                "--ssl-reqd",
+                "-k",
+                "-u",
+                &bob,
+                &format!("imap://{imap}/INBOX"),
+                "-X",
+                &format!("SEARCH SUBJECT \"{subject}\""),
+            ],
+            None,
+        )?;
+        let ids: Vec<&str> = found
+            .lines()
+            .find_map(|l| l.strip_prefix("* SEARCH"))
+            .map(|r| r.split_whitespace().collect())
+            .unwrap_or_default();
+        ids.first()
+            .map(|_| ())
+            .ok_or_else(|| format!("SEARCH: {found}"))
+    });
+    let pop3 = service_addr(&sc.ns, "small-pop3", 110);
+    let listed = wait_for("bob's mailbox over POP3 with STLS", || {
+        curl(
+            &["--ssl-reqd", "-k", "-u", &bob, &format!("pop3://{pop3}/")],
+            None,
+        )
+    });
+    let first = listed
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("POP3 LIST: {listed:?}"))
+        .to_string();
+    let body = curl(
+        &[
+            "--ssl-reqd",
+            "-k",
+            "-u",
+            &bob,
+            &format!("pop3://{pop3}/{first}"),
+        ],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(body.contains(&subject), "POP3 RETR {first}: {body}");
 }

@@ -188,9 +188,12 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
         ),
         ("virtual_mailbox_maps", map(maps::VIRTUAL_MAILBOX_MAPS)),
         ("virtual_alias_maps", map(maps::VIRTUAL_ALIAS_MAPS)),
+        // Every listed mailbox has its own transport entry (its LUN, or `retry` while the LUN has no
+        // endpoint); what falls through to the default is no mailbox at all, and smtpd refuses a
+        // recipient whose transport is `error` at RCPT (550, no bounce later).
         (
             "virtual_transport",
-            "retry:4.3.0 mailbox has no store yet".into(),
+            "error:5.1.1 mailbox unavailable".into(),
         ),
         ("transport_maps", map(maps::TRANSPORT)),
         ("relay_domains", map(maps::RELAY_DOMAINS)),
