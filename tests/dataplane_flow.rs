@@ -76,6 +76,23 @@ fn mail_reaches_own_lun_and_reads_back_through_proxies_and_tables_change_live() 
         "bob's mail must not reach LUN 0"
     );
 
+    // mx relays for nobody, whatever address the client has: loopback (a port-forward, a mesh sidecar)
+    // included.
+    for stream in [
+        connect_from_client_address(mx.ports.smtp),
+        std::net::TcpStream::connect(("127.0.0.1", mx.ports.smtp)).unwrap(),
+    ] {
+        let peer = stream.local_addr().unwrap().ip();
+        let mut s = Session::from_stream(stream);
+        assert_eq!(s.smtp_reply().0, 220);
+        assert_eq!(s.smtp("EHLO client.test").0, 250);
+        assert_eq!(s.smtp("MAIL FROM:<x@remote.test>").0, 250);
+        let (code, text) = s.smtp("RCPT TO:<someone@elsewhere.test>");
+        assert_eq!(code, 554, "relay from {peer}: {text}");
+        assert!(text.contains("Relay access denied"), "{text}");
+        let _ = s.smtp("QUIT");
+    }
+
     // IMAP through the imap proxy, which routes alice to LUN 0.
     let mut s = Session::connect(imap.ports.imap);
     assert!(s.line().starts_with("* OK"));

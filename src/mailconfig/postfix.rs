@@ -170,7 +170,9 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
             "inet_protocols",
             if all_interfaces { "all" } else { "ipv4" }.into(),
         ),
-        ("mynetworks", "127.0.0.0/8".into()),
+        // Nobody is trusted by address: a client on loopback may be a port-forward or a mesh sidecar
+        // (127.0.0.6) relaying for anyone, and nothing in a mail pod sends through its own smtpd.
+        ("mynetworks", String::new()),
         ("smtpd_banner", "$myhostname ESMTP".into()),
         ("biff", "no".into()),
         ("append_dot_mydomain", "no".into()),
@@ -221,7 +223,7 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
         Role::Mx => {
             p.push((
                 "smtpd_relay_restrictions",
-                "permit_mynetworks, reject_unauth_destination".into(),
+                "reject_unauth_destination".into(),
             ));
             p.push((
                 "smtpd_tls_security_level",
@@ -423,6 +425,8 @@ mod tests {
             assert!(cf.lines().any(|l| l == line), "missing `{line}` in\n{cf}");
         }
         assert!(!cf.contains("smtpd_sasl_auth_enable"));
+        assert!(cf.contains("\nmynetworks =\n"), "no network is trusted");
+        assert!(!cf.contains("permit_mynetworks"), "{cf}");
         let master = master_cf(Role::Mx, &Ports::default());
         assert!(master.starts_with("# service"));
         assert!(master.contains("\n25 inet n - n - 1 postscreen\nsmtpd pass"));
