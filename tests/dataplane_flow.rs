@@ -220,3 +220,59 @@ fn mail_reaches_own_lun_and_reads_back_through_proxies_and_tables_change_live() 
         assert!(a.stop(), "{} agent must exit cleanly on SIGTERM", a.role);
     }
 }
+
+/// A configuration that fails to apply (here a compiled map cannot be replaced) is not forgotten: the
+/// agent reports it (failures counter, pending gauge, /readyz 503 naming it) and retries with backoff until
+/// it applies, with no further ConfigMap change.
+#[test]
+fn a_configuration_that_fails_to_apply_is_reported_and_retried() {
+    if !mail_software_present("a_configuration_that_fails_to_apply_is_reported_and_retried") {
+        return;
+    }
+    let mut site = Site::new(1_000_000);
+    let p0 = Ports::free();
+    site.lun(0, &p0);
+    site.mailbox("alice@example.com", 0, "alice-pw");
+    site.publish();
+    let _store = Agent::start(&site, "store", "store0", &p0);
+    let mx = Agent::start(&site, "mx", "mx", &Ports::free());
+    assert_eq!(mx.metric("mailpod_config_pending"), Some(0.0));
+
+    // The compiled recipient_access map cannot be replaced: a directory stands where it goes.
+    let db = mx.work.join("postfix/maps/recipient_access.lmdb");
+    std::fs::remove_file(&db).unwrap();
+    std::fs::create_dir(&db).unwrap();
+    site.tables.recipient_access.push(AccessEntry {
+        pattern: "alice@example.com".into(),
+        action: "REJECT mailbox closed".into(),
+    });
+    site.publish();
+    wait_for("the failed apply to be reported", WAIT, || {
+        (mx.metric("mailpod_config_apply_failures_total")
+            .unwrap_or(0.0)
+            >= 1.0)
+            .then_some(())
+    });
+    assert_eq!(mx.metric("mailpod_config_pending"), Some(1.0));
+    let (code, body) = mx.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("not applied") && body.contains("recipient_access"),
+        "{body}"
+    );
+
+    // The obstacle goes; nothing else changes: a retry applies the configuration.
+    std::fs::remove_dir(&db).unwrap();
+    wait_for("a retry to apply the configuration", WAIT, || {
+        (mx.metric("mailpod_config_pending") == Some(0.0)).then_some(())
+    });
+    assert_eq!(mx.get("/readyz").0, 200);
+    let (code, text) = send_mail(
+        mx.ports.smtp,
+        "x@remote.test",
+        &["alice@example.com"],
+        "closed",
+        10,
+    );
+    assert_eq!(code, 554, "the REJECT applies: {text}");
+}

@@ -36,6 +36,8 @@ pub struct AgentState {
     pub alive: Vec<(&'static str, Arc<AtomicBool>)>,
     /// Stores with a LUN: replication from the LUN's active.
     pub replication: Option<Arc<Replication>>,
+    /// Why the mounted configuration is not applied, while an attempt has failed (see agent::apply).
+    pub config_failure: std::sync::Mutex<Option<String>>,
 }
 
 /// Health and metrics: open to the kubelet and to Prometheus.
@@ -75,6 +77,14 @@ async fn healthz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
+    let failure = s
+        .config_failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(f) = failure {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {f}\n"));
+    }
     match probe_role(s.role, &s.layout, &s.ports).await {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(e) => (

@@ -44,6 +44,10 @@ pub struct Metrics {
     tables: Family<HashLabel, Gauge>,
     current_hash: Mutex<String>,
     pub config_applies: Counter,
+    /// Attempts to apply a mounted configuration that failed (each is retried; see agent::apply).
+    pub config_apply_failures: Counter,
+    /// 1 while the mounted configuration is not the one applied.
+    pub config_pending: Gauge,
     pub restarts: Family<ServiceLabel, Counter>,
     pub lmtp_paused: Gauge,
     /// Stores only.
@@ -78,6 +82,8 @@ impl Metrics {
         );
         let tables = Family::<HashLabel, Gauge>::default();
         let config_applies = Counter::default();
+        let config_apply_failures = Counter::default();
+        let config_pending = Gauge::default();
         let restarts = Family::<ServiceLabel, Counter>::default();
         let lmtp_paused = Gauge::default();
         registry.register(
@@ -104,6 +110,16 @@ impl Metrics {
             "config_applies",
             "Configuration changes applied without restart",
             config_applies.clone(),
+        );
+        registry.register(
+            "config_apply_failures",
+            "Attempts to apply a mounted configuration that failed (retried with backoff)",
+            config_apply_failures.clone(),
+        );
+        registry.register(
+            "config_pending",
+            "1 while the mounted configuration is not yet applied",
+            config_pending.clone(),
         );
         registry.register(
             "child_restarts",
@@ -158,6 +174,8 @@ impl Metrics {
             tables,
             current_hash: Mutex::new(String::new()),
             config_applies,
+            config_apply_failures,
+            config_pending,
             restarts,
             lmtp_paused,
             queue_dir,

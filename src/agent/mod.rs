@@ -6,6 +6,7 @@
 //! metrics and (stores) pause/resume, and on stores owns the LMTP port through the pause gate
 //! ([`lmtp_gate`]).
 
+pub mod apply;
 pub mod http;
 pub mod lmtp_gate;
 pub mod metrics;
@@ -234,6 +235,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         gate: gate.clone(),
         alive: alive.clone(),
         replication: replication.clone(),
+        config_failure: std::sync::Mutex::new(None),
     });
     state.metrics.set_tables_hash(&inputs.tables_hash);
 
@@ -296,7 +298,7 @@ async fn run(args: AgentArgs) -> Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut poll = tokio::time::interval(Duration::from_millis(args.poll_ms.max(100)));
-    let mut seen = mounted_hash(&args, &layout)?;
+    let mut config = apply::ApplyState::new(mounted_hash(&args, &layout)?);
     let outcome = loop {
         tokio::select! {
             _ = sigterm.recv() => break Ok(()),
@@ -310,18 +312,33 @@ async fn run(args: AgentArgs) -> Result<()> {
             }
             _ = poll.tick() => {
                 // Kubernetes updates a mounted ConfigMap by swapping a symlink to a new directory, so files
-                // change all at once; comparing a hash of the content every tick sees each update exactly
-                // once without relying on inotify across the symlink swap.
+                // change all at once; comparing a hash of the content every tick sees each update without
+                // relying on inotify across the symlink swap. A configuration counts as seen only once it
+                // is applied: a failed one is retried with backoff (agent::apply).
                 match mounted_hash(&args, &layout) {
-                    Ok(h) if h != seen => {
-                        seen = h;
-                        if let Err(e) = reconfigure(&args, &layout, &ports, &daemons, &state).await {
-                            tracing::error!("keeping the previous configuration: {e:#}");
+                    Ok(h) if config.due(&h, std::time::Instant::now()) => {
+                        let reload_all = config.retrying();
+                        let applied =
+                            reconfigure(&args, &layout, &ports, &daemons, &state, reload_all).await;
+                        match applied {
+                            Ok(()) => config.succeeded(&h),
+                            Err(e) => {
+                                state.metrics.config_apply_failures.inc();
+                                let now = std::time::Instant::now();
+                                let delay = config.failed(&h, format!("{e:#}"), now);
+                                tracing::error!(
+                                    retry_in = ?delay,
+                                    "keeping the previous configuration: {e:#}"
+                                );
+                            }
                         }
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!("reading mounted ConfigMaps: {e:#}"),
                 }
+                state.metrics.config_pending.set(i64::from(config.is_pending()));
+                *state.config_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                    config.failure();
             }
         }
     };
@@ -344,12 +361,14 @@ async fn run(args: AgentArgs) -> Result<()> {
 }
 
 /// Applies changed ConfigMaps: maps are recompiled (no reload); main.cf/master.cf and Dovecot changes reload.
+/// `reload_all`: reload every daemon (a retry: the failed attempt may have written files it never reloaded).
 async fn reconfigure(
     args: &AgentArgs,
     layout: &Layout,
     ports: &Ports,
     daemons: &[Daemon],
     state: &AgentState,
+    reload_all: bool,
 ) -> Result<()> {
     let inputs = render::read_inputs(&args.config_dir, &args.tables_dir)?;
     let changes = render::apply(args.role, &inputs, layout, ports)?;
@@ -358,7 +377,7 @@ async fn reconfigure(
             Daemon::Postfix => changes.postfix_config,
             Daemon::Dovecot => changes.dovecot,
         };
-        if needed {
+        if needed || reload_all {
             daemon.reload(layout).await?;
         }
     }
