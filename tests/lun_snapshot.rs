@@ -127,6 +127,10 @@ async fn snapshots_the_active_pvc_prunes_to_retain_and_records_status() {
         "mail-corp-lun-0-0"
     );
     assert_eq!(new.labels()["mailpod.io/lun"], LUN);
+    assert!(
+        new.owner_references().is_empty(),
+        "a snapshot has no owner to be garbage-collected with"
+    );
 
     let st = status(&server).await;
     let names: Vec<_> = st.snapshots.iter().map(|s| s.name.as_str()).collect();
@@ -347,4 +351,26 @@ async fn class_check_is_skipped_where_classes_may_not_be_read() {
         0,
         "the class lookup was made and refused"
     );
+}
+
+/// Backups outlive what they back up: deleting the LUN (as deleting its MailPod or draining it would)
+/// leaves its VolumeSnapshots in place.
+#[tokio::test]
+async fn deleting_the_lun_leaves_its_snapshots() {
+    let server = cluster().await;
+    let csi = snapshot_controller(&server, true);
+    let out = snapshot::run(&server.client(), &FakeAgent::default(), &opts())
+        .await
+        .unwrap();
+    csi.abort();
+    Api::<StorageLUN>::namespaced(server.client(), NS)
+        .delete(LUN, &Default::default())
+        .await
+        .unwrap();
+    let left: Vec<_> = snapshots(&server)
+        .await
+        .iter()
+        .map(|s| s.name_any())
+        .collect();
+    assert_eq!(left, [out.name]);
 }

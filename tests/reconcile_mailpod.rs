@@ -535,20 +535,116 @@ async fn placement_is_stable_as_mailboxes_come_and_go() {
     )
     .await
     .unwrap();
+    // 1300 of 4000 is a large share: held, nothing changed, until confirmed with that count.
+    let before = children_versions(&server, "corp");
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    assert_eq!(children_versions(&server, "corp"), before);
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let ready = condition(&mp, condition::READY);
+    assert_eq!(ready.reason, "MailboxRemovalUnconfirmed");
+    assert!(
+        ready.message.contains("1300 of 4000") && ready.message.contains("=1300"),
+        "{}",
+        ready.message
+    );
+    let mps: Api<MailPod> = Api::namespaced(client.clone(), NS);
+    mps.patch(
+        "corp",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {"mailpod.io/confirm-mailbox-removal": "1300"}}}),
+        ),
+    )
+    .await
+    .unwrap();
     reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
     let third = placement(&server, "corp");
     assert_eq!(third.len(), 2700);
     for (m, lun) in &third {
         assert_eq!(second.get(m), Some(lun), "{m} moved");
     }
-    let luns: Vec<String> = server
-        .list::<StorageLUN>(Some(NS))
-        .iter()
-        .map(|l| l.name_any())
-        .collect();
-    assert_eq!(luns, vec!["corp-lun-0", "corp-lun-1", "corp-lun-2"]);
+    // The emptied LUN held mail: kept, and said so, until its deletion is confirmed.
+    let luns = |server: &ApiServer| -> Vec<String> {
+        server
+            .list::<StorageLUN>(Some(NS))
+            .iter()
+            .map(|l| l.name_any())
+            .collect()
+    };
+    assert_eq!(
+        luns(&server),
+        vec!["corp-lun-0", "corp-lun-1", "corp-lun-2", "corp-lun-3"]
+    );
+    let lun3: StorageLUN = server.get(NS, "corp-lun-3").unwrap();
+    assert!(lun3.spec.mailboxes.is_empty());
     let mp: MailPod = server.get(NS, "corp").unwrap();
+    let awaiting = condition(&mp, "AwaitingConfirmation");
+    assert!(
+        awaiting.message.contains("corp-lun-3"),
+        "{}",
+        awaiting.message
+    );
+    Api::<StorageLUN>::namespaced(client.clone(), NS)
+        .patch(
+            "corp-lun-3",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"mailpod.io/confirm-deletion": "true"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    assert_eq!(
+        luns(&server),
+        vec!["corp-lun-0", "corp-lun-1", "corp-lun-2"]
+    );
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    assert!(!mp
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "AwaitingConfirmation"));
     assert_eq!(mp.status.unwrap().lun_count, 3);
+}
+
+/// An emptied mailbox list (a blank ConfigMap key) would drain every LUN: it is held with a clear
+/// condition and nothing changes, instead of within seconds losing every mailbox.
+#[tokio::test]
+async fn an_emptied_mailbox_source_changes_nothing_until_confirmed() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 1500).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let before = children_versions(&server, "corp");
+    Api::<ConfigMap>::namespaced(client.clone(), NS)
+        .patch(
+            "corp-users",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"users": ""}})),
+        )
+        .await
+        .unwrap();
+    server.clear_requests();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    assert_eq!(children_versions(&server, "corp"), before);
+    let writes: Vec<_> = server
+        .mutating_requests()
+        .into_iter()
+        .filter(|r| !r.path.contains("/events") && !r.path.ends_with("/status"))
+        .collect();
+    assert_eq!(writes, vec![], "no child touched");
+    assert_eq!(placement(&server, "corp").len(), 1500);
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let ready = condition(&mp, condition::READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "MailboxRemovalUnconfirmed")
+    );
+    assert!(ready.message.contains("1500 of 1500"), "{}", ready.message);
 }
 
 #[tokio::test]

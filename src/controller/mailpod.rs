@@ -17,6 +17,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::apply::{self, LiveChildren};
+use super::confirm;
 use super::error::{Error, Result};
 use super::status::{self, Observed};
 use super::Context;
@@ -143,6 +144,36 @@ async fn reject(ctx: &Context, mp: &MailPod, errs: ValidationErrors) -> Result<A
     Ok(Action::await_change())
 }
 
+/// A large removal of mailboxes waiting for confirmation: reported, every child left as it is, no retry
+/// until the MailPod (its confirmation annotation) or a mailbox source changes.
+async fn hold_removal(
+    ctx: &Context,
+    mp: &MailPod,
+    removal: confirm::LargeRemoval,
+) -> Result<Action> {
+    let message = removal.message();
+    let status = status::refused(
+        mp,
+        confirm::REASON_REMOVAL_UNCONFIRMED,
+        &message,
+        "waiting for the removal to be confirmed; existing children are left as they are",
+        now(),
+    );
+    if write_status(ctx, mp, status).await? {
+        publish(
+            ctx,
+            mp,
+            EventType::Warning,
+            confirm::REASON_REMOVAL_UNCONFIRMED,
+            "Validate",
+            message,
+        )
+        .await;
+    }
+    info!(mailpod = %mp.name_any(), removed = removal.removed, of = removal.current, "large mailbox removal held for confirmation");
+    Ok(Action::await_change())
+}
+
 /// Reconciles one MailPod to its spec.
 pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.stats.start_reconcile();
@@ -169,6 +200,13 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     let live = LiveChildren::list(&ctx.client, &ns, &kinds, &selector, &uid).await?;
     let live_luns: Vec<StorageLUN> = live.typed()?;
     let existing = assignments(&live_luns);
+    let current: BTreeSet<String> = existing
+        .iter()
+        .flat_map(|a| a.mailboxes.iter().cloned())
+        .collect();
+    if let Some(removal) = confirm::unconfirmed_large_removal(&mp, &current, &wanted) {
+        return hold_removal(&ctx, &mp, removal).await;
+    }
 
     // Build (pure).
     let desired = match resources::mailpod::build(&mp, &wanted, &existing, &ctx.config.defaults()) {
@@ -187,6 +225,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         .collect();
     let mut deleted = vec![];
     let mut drained = vec![];
+    let mut awaiting_deletion = vec![];
     for ((kind, child), obj) in &live.objects {
         if desired_keys.contains(&(kind.clone(), child.clone())) {
             continue;
@@ -201,9 +240,20 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
                     mailboxes: BTreeSet::new(),
                 };
                 let bctx = resources::mailpod::Context::new(&mp, &ctx.config.defaults());
-                let emptied = Child::StorageLUN(resources::lun::build(&bctx, &empty));
+                let mut emptied = resources::lun::build(&bctx, &empty);
+                // Its volumes keep the mail: deleting it later needs a person's confirmation.
+                emptied
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(confirm::HELD_MAIL.to_string(), "true".to_string());
+                let emptied = Child::StorageLUN(emptied);
                 let r = apply::apply_children(&ctx.client, &ns, &[emptied], &live).await?;
                 drained.extend(r.updated);
+                continue;
+            }
+            if lun.is_some_and(|l| !confirm::may_delete_lun(l)) {
+                awaiting_deletion.push(child.clone());
                 continue;
             }
         }
@@ -263,10 +313,26 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
             statefulsets: &statefulsets,
             luns: &live_luns,
             changed,
+            awaiting_deletion: &awaiting_deletion,
         },
         now(),
     );
-    write_status(&ctx, &mp, status).await?;
+    let newly_awaiting = !awaiting_deletion.is_empty()
+        && condition_message(mp.status.as_ref(), status::AWAITING_CONFIRMATION)
+            != condition_message(Some(&status), status::AWAITING_CONFIRMATION);
+    let message = condition_message(Some(&status), status::AWAITING_CONFIRMATION);
+    write_status(&ctx, &mp, status.clone()).await?;
+    if newly_awaiting {
+        publish(
+            &ctx,
+            mp.as_ref(),
+            EventType::Warning,
+            "LunDeletionUnconfirmed",
+            "Delete",
+            message.unwrap_or_default(),
+        )
+        .await;
+    }
     debug!(
         mailpod = %name,
         created = report.created.len(),
@@ -282,6 +348,14 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     } else {
         Action::requeue(RESYNC)
     })
+}
+
+fn condition_message(status: Option<&MailPodStatus>, type_: &str) -> Option<String> {
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.message.clone())
 }
 
 /// Transient failures (API errors, timeouts) are retried with a per-object exponential backoff.

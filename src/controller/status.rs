@@ -35,7 +35,12 @@ pub struct Observed<'a> {
     pub luns: &'a [StorageLUN],
     /// Whether this reconcile created, changed or deleted a child.
     pub changed: bool,
+    /// Emptied LUNs kept because they held mail, until a person confirms their deletion.
+    pub awaiting_deletion: &'a [String],
 }
+
+/// Condition type, present while emptied LUNs that held mail wait for a person to confirm their deletion.
+pub const AWAITING_CONFIRMATION: &str = "AwaitingConfirmation";
 
 /// A StatefulSet has rolled out its current spec.
 fn rolled_out(sts: &StatefulSet) -> bool {
@@ -181,24 +186,61 @@ pub fn compute(o: &Observed, now: Time) -> MailPodStatus {
         d_reason,
         d_message,
         generation,
-        now,
+        now.clone(),
     );
+    if o.awaiting_deletion.is_empty() {
+        status
+            .conditions
+            .retain(|c| c.type_ != AWAITING_CONFIRMATION);
+    } else {
+        set_condition(
+            &mut status.conditions,
+            AWAITING_CONFIRMATION,
+            true,
+            "LunDeletionUnconfirmed",
+            format!(
+                "emptied but kept because they held mail: {}; to delete one, annotate its StorageLUN \
+                 {}=true",
+                o.awaiting_deletion.join(", "),
+                crate::controller::confirm::CONFIRM_DELETION
+            ),
+            generation,
+            now,
+        );
+    }
     status
 }
 
 /// The status of a MailPod whose spec cannot be applied: `Ready=False` with reason `InvalidSpec` naming every
 /// offending field; everything else (placement figures, hash) stays as last applied.
 pub fn invalid(mp: &MailPod, errs: &ValidationErrors, now: Time) -> MailPodStatus {
+    refused(
+        mp,
+        condition::REASON_INVALID_SPEC,
+        &errs.to_string(),
+        "waiting for a valid spec; existing children are left as they are",
+        now,
+    )
+}
+
+/// The status of a MailPod whose children are left as they are for `reason`: `Ready=False` and
+/// `Progressing=False` saying why; everything else stays as last applied.
+pub fn refused(
+    mp: &MailPod,
+    reason: &str,
+    message: &str,
+    waiting: &str,
+    now: Time,
+) -> MailPodStatus {
     let mut status = mp.status.clone().unwrap_or_default();
     let generation = mp.metadata.generation;
     status.observed_generation = generation;
-    let message = truncate(&errs.to_string(), 2048);
     set_condition(
         &mut status.conditions,
         condition::READY,
         false,
-        condition::REASON_INVALID_SPEC,
-        message.clone(),
+        reason,
+        truncate(message, 2048),
         generation,
         now.clone(),
     );
@@ -206,8 +248,8 @@ pub fn invalid(mp: &MailPod, errs: &ValidationErrors, now: Time) -> MailPodStatu
         &mut status.conditions,
         condition::PROGRESSING,
         false,
-        condition::REASON_INVALID_SPEC,
-        "waiting for a valid spec; existing children are left as they are",
+        reason,
+        waiting,
         generation,
         now,
     );

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::crd::StorageLUN;
 use crate::names::labels as l;
-use crate::resources::{labels, owner_reference};
+use crate::resources::labels;
 
 pub const GROUP: &str = "snapshot.storage.k8s.io";
 /// Component label of VolumeSnapshots this operator makes.
@@ -41,8 +41,10 @@ pub fn selector(lun: &str) -> String {
     format!("{}={lun},{}={}", l::LUN, l::MANAGED_BY, l::MANAGER)
 }
 
-/// A VolumeSnapshot of `pvc`, labelled with its LUN and owned by it. Owned so deleting a LUN deletes its
-/// snapshots' objects; whether the stored data goes too is the class's `deletionPolicy`.
+/// A VolumeSnapshot of `pvc`, labelled with its LUN (and MailPod) but not owned by it: a backup must outlive
+/// what it backs up, so deleting the LUN or its MailPod never garbage-collects a snapshot (nor, with a
+/// `deletionPolicy: Delete` class, its data). Retention prunes them by label; past that they are
+/// deleted by hand.
 pub fn build(lun: &StorageLUN, name: &str, pvc: &str, class: Option<&str>) -> DynamicObject {
     let mut labels = labels(&lun.spec.mail_pod, COMPONENT);
     labels.insert(l::LUN.to_string(), lun.name_any());
@@ -53,7 +55,6 @@ pub fn build(lun: &StorageLUN, name: &str, pvc: &str, class: Option<&str>) -> Dy
     let mut obj = DynamicObject::new(name, &snapshot_resource()).data(json!({ "spec": spec }));
     obj.metadata.namespace = lun.namespace();
     obj.metadata.labels = Some(labels);
-    obj.metadata.owner_references = Some(vec![owner_reference(lun)]);
     obj
 }
 

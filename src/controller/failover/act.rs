@@ -150,11 +150,21 @@ pub async fn mirror(sides: &Sides<'_>) -> Result<Vec<String>, Error> {
             }
         }
         let ours = local_state.mailpods.get(name).and_then(|m| m.as_ref());
-        if ours.map(|m| &m.spec) != Some(&theirs.spec) {
+        // A large mailbox removal confirmed at the peer is confirmed here too: both sites place the same.
+        let confirm = crate::controller::confirm::CONFIRM_MAILBOX_REMOVAL;
+        let confirmed = |m: &MailPod| m.annotations().get(confirm).cloned();
+        if ours.map(|m| &m.spec) != Some(&theirs.spec)
+            || (confirmed(theirs).is_some() && ours.and_then(confirmed) != confirmed(theirs))
+        {
+            let mut annotations = serde_json::Map::new();
+            annotations.insert(MIRRORED_FROM.into(), json!(peer_site));
+            if let Some(c) = confirmed(theirs) {
+                annotations.insert(confirm.into(), json!(c));
+            }
             let body = json!({
                 "apiVersion": MailPod::api_version(&()),
                 "kind": MailPod::kind(&()),
-                "metadata": {"name": name, "annotations": {MIRRORED_FROM: peer_site}},
+                "metadata": {"name": name, "annotations": annotations},
                 "spec": theirs.spec,
             });
             timed(
