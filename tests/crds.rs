@@ -502,3 +502,71 @@ fn replication_source_rule_accepts_host_port_and_bracketed_ipv6() {
         assert_eq!(typed.spec.validate().is_ok(), ok, "Rust on {src}");
     }
 }
+
+/// Automatic failover without a witness gives two writing sites for as long as a partition lasts: off
+/// by default without one, and refused when asked for unless explicitly accepted, by CEL and by Rust.
+#[test]
+fn automatic_failover_without_a_witness_is_refused_unless_accepted() {
+    let sf = SiteFailover::crd();
+    let obj = |policy: Option<Value>, witness: bool| {
+        let mut o = json!({"apiVersion": "mailpod.io/v1alpha1", "kind": "SiteFailover", "metadata": {"name": "g"},
+               "spec": {"mailPods": ["m"], "localSite": "a", "primarySite": "a",
+                        "peer": {"name": "b", "kubeconfigSecret": {"name": "k", "key": "kubeconfig"}}}});
+        if let Some(p) = policy {
+            o["spec"]["policy"] = p;
+        }
+        if witness {
+            o["spec"]["witness"] = json!({"kubeconfigSecret": {"name": "w", "key": "kubeconfig"}});
+        }
+        o
+    };
+    for (policy, witness, ok, automatic) in [
+        (None, false, true, false),
+        (None, true, true, true),
+        (
+            Some(json!({"automaticFailback": false})),
+            false,
+            true,
+            false,
+        ),
+        (Some(json!({"automaticFailover": true})), false, false, true),
+        (Some(json!({"automaticFailover": true})), true, true, true),
+        (Some(json!({"automaticFailover": false})), true, true, false),
+        (
+            Some(json!({"automaticFailover": true, "automaticFailoverWithoutWitness": true})),
+            false,
+            true,
+            true,
+        ),
+    ] {
+        let o = obj(policy.clone(), witness);
+        assert_eq!(
+            cel(&sf, o.clone(), None).is_ok(),
+            ok,
+            "CEL {policy:?} witness {witness}"
+        );
+        let typed: SiteFailover = serde_json::from_value(o).unwrap();
+        let rust = typed.spec.validate();
+        assert_eq!(
+            rust.is_ok(),
+            ok,
+            "Rust {policy:?} witness {witness}: {rust:?}"
+        );
+        if let Err(e) = rust {
+            assert!(
+                e.to_string().contains("spec.policy.automaticFailover"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            typed.spec.automatic_failover(),
+            automatic,
+            "{policy:?} witness {witness}"
+        );
+    }
+    // The schema's default for `policy` must not set automaticFailover, or every spec without a witness
+    // would be refused once the API server applies it.
+    let schema = schema_of(&sf);
+    let default = &schema["properties"]["spec"]["properties"]["policy"]["default"];
+    assert!(default.get("automaticFailover").is_none(), "{default}");
+}

@@ -31,6 +31,7 @@ use super::validation::{is_dns_label, is_dns_subdomain, ValidationErrors};
     printcolumn = r#"{"name":"Last-RTO","type":"number","priority":1,"jsonPath":".status.lastFailover.rtoSeconds"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("!has(self.policy) || !has(self.policy.automaticFailover) || !self.policy.automaticFailover || has(self.witness) || (has(self.policy.automaticFailoverWithoutWitness) && self.policy.automaticFailoverWithoutWitness)").message("policy.automaticFailover needs spec.witness (or policy.automaticFailoverWithoutWitness: true): without one, a partition leaves both sites writing").field_path(".policy.automaticFailover"))]
 #[x_kube(validation = Rule::new("self.localSite != self.peer.name").message("localSite and peer.name must differ").field_path(".peer.name"))]
 #[x_kube(validation = Rule::new("self.primarySite == self.localSite || self.primarySite == self.peer.name").message("primarySite must be localSite or peer.name").field_path(".primarySite"))]
 #[x_kube(validation = Rule::new("!has(self.witness) || (has(self.witness.leaseDurationSeconds) ? self.witness.leaseDurationSeconds : 40) >= 4 * (has(self.detection) && has(self.detection.probeIntervalSeconds) ? self.detection.probeIntervalSeconds : 5)").message("witness.leaseDurationSeconds must be at least 4 × detection.probeIntervalSeconds").field_path(".witness.leaseDurationSeconds"))]
@@ -161,28 +162,22 @@ impl Default for Detection {
 }
 
 /// Whether failover and failback happen by themselves.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailoverPolicy {
-    /// Promote the standby when the primary is lost (default true).
-    #[serde(default = "default_true")]
-    pub automatic_failover: bool,
+    /// Promote the standby when the primary is lost. Default: true with `spec.witness`, false without
+    /// one. Without a witness a partition between the sites looks like a lost primary from the standby,
+    /// and both sites write until the old primary sees the higher epoch; `true` without a witness is
+    /// refused unless `automaticFailoverWithoutWitness` accepts that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automatic_failover: Option<bool>,
+    /// Accept `automaticFailover: true` without a witness, and with it two writing sites for as long as
+    /// a partition between them lasts (default false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub automatic_failover_without_witness: bool,
     /// Switch back to the primary site once it is resynchronised (default false: an operator decides).
     #[serde(default)]
     pub automatic_failback: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-impl Default for FailoverPolicy {
-    fn default() -> Self {
-        Self {
-            automatic_failover: true,
-            automatic_failback: false,
-        }
-    }
 }
 
 /// Recovery objectives; status reports measured figures against them.
@@ -440,6 +435,16 @@ impl SiteFailoverSpec {
                 }
             }
         }
+        if self.policy.automatic_failover == Some(true)
+            && self.witness.is_none()
+            && !self.policy.automatic_failover_without_witness
+        {
+            errs.push(
+                "spec.policy.automaticFailover",
+                "needs spec.witness: without one, a partition between the sites leaves both writing \
+                 (set spec.policy.automaticFailoverWithoutWitness: true to accept that)",
+            );
+        }
         if self.targets.rto_seconds == 0 {
             errs.push("spec.targets.rtoSeconds", "must be at least 1");
         }
@@ -467,6 +472,14 @@ impl SiteFailoverSpec {
             }
         }
         errs.into_result()
+    }
+
+    /// Whether the standby promotes itself when the primary is lost: as `policy.automaticFailover` says,
+    /// by default only with a witness.
+    pub fn automatic_failover(&self) -> bool {
+        self.policy
+            .automatic_failover
+            .unwrap_or(self.witness.is_some())
     }
 
     /// Whether this site is the configured primary.

@@ -149,6 +149,11 @@ fn sitefailover(local: &str, peer: &str, witness: bool) -> SiteFailover {
             "dns": [{"name": "mx.corp.example", "mailPod": "corp", "service": "mx"}]
         }
     });
+    if !witness {
+        // These scenarios exercise automatic failover without a witness, which must be asked for.
+        sf["spec"]["policy"] =
+            json!({"automaticFailover": true, "automaticFailoverWithoutWitness": true});
+    }
     if witness {
         sf["spec"]["witness"] = json!({
             "kubeconfigSecret": {"name": "witness-kubeconfig", "key": "kubeconfig"},

@@ -584,7 +584,7 @@ fn standby_tick(
         });
         actions.push(Action::ClearFailoverRequest);
     }
-    if (lost && spec.policy.automatic_failover) || requested {
+    if (lost && spec.automatic_failover()) || requested {
         let started = parse(&st.probe_failing_since).unwrap_or(obs.now);
         let witness_epoch = obs.witness.as_ref().map_or(0, |w| w.epoch);
         let mut epoch = st.epoch.max(obs.peer.as_ref().map_or(0, |p| p.epoch)) + 1;
@@ -663,7 +663,7 @@ fn standby_tick(
             warning: true,
             reason: "FailoverNeeded",
             message: format!(
-                "site {peer} is lost and spec.policy.automaticFailover is false; promote {me} with `kubectl mailpod promote`"
+                "site {peer} is lost and automatic failover is off (spec.policy.automaticFailover, on by default only with spec.witness); promote {me} with `kubectl mailpod promote`"
             ),
         });
     }

@@ -20,7 +20,12 @@ fn spec(local: &str) -> SiteFailoverSpec {
             failure_threshold: 3,
             probe_timeout_seconds: 2,
         },
-        policy: FailoverPolicy::default(),
+        // The machine's logic without a witness; a spec needs automaticFailoverWithoutWitness for it.
+        policy: FailoverPolicy {
+            automatic_failover: Some(true),
+            automatic_failover_without_witness: true,
+            automatic_failback: false,
+        },
         targets: Targets::default(),
         dns: vec![],
         witness: None,
@@ -256,7 +261,7 @@ fn api_loss_alone_never_fails_over() {
 #[test]
 fn without_automatic_failover_the_standby_only_reports() {
     let mut s = spec("west");
-    s.policy.automatic_failover = false;
+    s.policy.automatic_failover = Some(false);
     let mut st = stored(&decide(
         &s,
         &Default::default(),
@@ -509,7 +514,7 @@ fn tables_in_sync_and_last_sync_time() {
 #[test]
 fn a_requested_promotion_needs_failing_front_ends_and_then_skips_the_threshold() {
     let mut s = spec("west");
-    s.policy.automatic_failover = false;
+    s.policy.automatic_failover = Some(false);
     // Healthy primary: the request is refused and cleared; nothing is promoted.
     let st = standby_after_failures(0);
     let mut o = obs(10, peer(1, "east"), Some(true));
