@@ -122,15 +122,17 @@ pub fn import_args(plan: &Plan) -> Vec<String> {
     args
 }
 
-/// The import Job: the clone mounted read-only where the store keeps its mail, the LUN's doveadm
-/// password, scratch space; the mail image's security context (Dovecot starts as root and drops to its
-/// users), and no API credentials.
+/// The import Job: the clone mounted where the store keeps its mail, the LUN's doveadm password, scratch
+/// space; the mail image's security context (Dovecot starts as root and drops to its users), and no API
+/// credentials. The clone is the Job's own copy and is mounted read-write: Dovecot writes a Maildir's
+/// uidlist and keywords files (and locks them) even to read it, and moving those elsewhere would lose the
+/// snapshot's keyword names. The snapshot itself is never written.
 pub fn job(plan: &Plan) -> Job {
     let lun = plan.lun;
     let mut owner = owner_reference(lun);
     owner.controller = Some(false);
     let mounts = vec![
-        pod::mount(volumes::MAIL, paths::MAIL, true),
+        pod::mount(volumes::MAIL, paths::MAIL, false),
         pod::mount(volumes::REPLICATION, paths::REPLICATION, true),
         pod::mount(WORK_VOLUME, WORK_DIR, false),
     ];
@@ -139,7 +141,7 @@ pub fn job(plan: &Plan) -> Job {
             name: volumes::MAIL.into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                 claim_name: plan.name.clone(),
-                read_only: Some(true),
+                read_only: None,
             }),
             ..Default::default()
         },
@@ -281,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn job_mounts_the_clone_read_only_and_targets_the_active_service() {
+    fn job_mounts_the_clone_and_targets_the_active_service() {
         let lun = lun();
         let scope = Scope::Mailbox {
             address: "a@corp.example".into(),
@@ -328,14 +330,14 @@ mod tests {
             .iter()
             .find(|m| m.mount_path == paths::MAIL)
             .unwrap();
-        assert_eq!(mail.read_only, Some(true));
+        assert_eq!(mail.read_only, None, "Dovecot writes uidlists while it reads");
         let claim = pod.volumes.as_ref().unwrap()[0]
             .persistent_volume_claim
             .as_ref()
             .unwrap();
         assert_eq!(
             (claim.claim_name.as_str(), claim.read_only),
-            ("corp-lun-0-restore-x", Some(true))
+            ("corp-lun-0-restore-x", None)
         );
         let labels = spec
             .template
