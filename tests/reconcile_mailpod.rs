@@ -841,3 +841,42 @@ async fn a_field_dropped_from_the_spec_is_removed_from_the_child() {
     reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
     assert_eq!(cpu_limit(&server), None, "{:?}", resources(&server));
 }
+
+/// Someone else changing a child's spec leaves its applied-hash as it was; the controller still notices
+/// (the generation moved since it last applied or saw it) and puts the spec back. A fresh process trusts
+/// the hash and writes nothing.
+#[tokio::test]
+async fn a_child_changed_by_someone_else_is_put_back() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 10).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    sts.patch(
+        "corp-mx",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 5}})),
+    )
+    .await
+    .unwrap();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    assert_eq!(
+        sts.get("corp-mx").await.unwrap().spec.unwrap().replicas,
+        Some(2)
+    );
+
+    let restarted = Arc::new(Context::new(server.client(), RunConfig::default()));
+    server.clear_requests();
+    reconcile_once(&client, &restarted, NS, "corp")
+        .await
+        .unwrap();
+    reconcile_once(&client, &restarted, NS, "corp")
+        .await
+        .unwrap();
+    assert_eq!(
+        server.mutating_requests(),
+        vec![],
+        "a restart writes nothing"
+    );
+}

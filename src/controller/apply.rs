@@ -8,8 +8,13 @@
 //! does to the stored object (`omitempty`, canonical quantities, defaults, list merges, other managers'
 //! fields) cannot make a steady state write, and a field dropped from the desired body changes the hash,
 //! so the apply that removes it is sent.
+//!
+//! A change someone else makes to a child's spec leaves the annotation as it was; [`Seen`] catches it:
+//! it keeps the generation (or, for kinds without one, the resourceVersion) of each child as this
+//! process last applied or found it, and a child whose generation moved since is applied again. After a
+//! restart the first pass only records, so a restart never writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
@@ -101,6 +106,35 @@ pub fn applied_with(live: &Value, hash: &str) -> bool {
         .and_then(|a| a.get(APPLIED_HASH))
         .and_then(Value::as_str)
         == Some(hash)
+}
+
+/// Per owner UID, per child UID: the child's generation (`g:N`) or resourceVersion (`rv:N`) as this
+/// process last applied or found it up to date.
+#[derive(Debug, Default)]
+pub struct Seen(std::sync::Mutex<std::collections::HashMap<String, BTreeMap<String, String>>>);
+
+impl Seen {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, BTreeMap<String, String>>>
+    {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets an owner (it is gone).
+    pub fn forget(&self, owner_uid: &str) {
+        self.lock().remove(owner_uid);
+    }
+}
+
+/// What [`Seen`] remembers of an object: its generation, or its resourceVersion for kinds without one
+/// (their only writers are the owner and people).
+fn marker(meta: &kube::api::ObjectMeta) -> Option<String> {
+    match (meta.generation, &meta.resource_version) {
+        (Some(g), _) => Some(format!("g:{g}")),
+        (None, Some(rv)) => Some(format!("rv:{rv}")),
+        (None, None) => None,
+    }
 }
 
 /// The kinds a MailPod owns directly, with the API resource to reach them.
@@ -220,16 +254,29 @@ pub fn apply_body(child: &Child) -> Value {
     body
 }
 
-/// Applies `children` in order with one field manager; a child whose live object was last applied with
-/// the body desired now gets no request at all, so a steady-state reconcile writes nothing.
+/// Applies `children` of the owner `owner_uid` in order with one field manager; a child whose live object
+/// was last applied with the body desired now, and that nobody changed since (`seen`), gets no request at
+/// all, so a steady-state reconcile writes nothing.
 pub async fn apply_children(
     client: &Client,
     namespace: &str,
     children: &[Child],
     live: &LiveChildren,
+    seen: &Seen,
+    owner_uid: &str,
 ) -> Result<ApplyReport> {
     let mut report = ApplyReport::default();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
+    // Children gone since the last pass are forgotten.
+    let live_uids: BTreeSet<&str> = live
+        .objects
+        .values()
+        .filter_map(|o| o.metadata.uid.as_deref())
+        .collect();
+    seen.lock()
+        .entry(owner_uid.to_string())
+        .or_default()
+        .retain(|uid, _| live_uids.contains(uid.as_str()));
     for child in children {
         let (body, hash) = with_applied_hash(apply_body(child));
         let kind = child.kind();
@@ -242,19 +289,40 @@ pub async fn apply_children(
                 .and_then(|a| a.get(APPLIED_HASH))
                 == Some(&hash)
         });
-        if up_to_date {
+        let changed_by_others = current.is_some_and(|c| {
+            let (Some(uid), Some(now)) = (c.metadata.uid.as_deref(), marker(&c.metadata)) else {
+                return false;
+            };
+            let mut seen = seen.lock();
+            let last = seen.entry(owner_uid.to_string()).or_default();
+            match last.get(uid) {
+                Some(before) => *before != now,
+                None => {
+                    last.insert(uid.to_string(), now);
+                    false
+                }
+            }
+        });
+        if up_to_date && !changed_by_others {
             report.unchanged += 1;
             continue;
         }
         let ar = api_resource_of(child);
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
-        api.patch(&name, &pp, &Patch::Apply(&body))
+        let applied = api
+            .patch(&name, &pp, &Patch::Apply(&body))
             .await
             .map_err(|source| Error::Apply {
                 kind,
                 name: name.clone(),
                 source,
             })?;
+        if let (Some(uid), Some(m)) = (applied.metadata.uid.clone(), marker(&applied.metadata)) {
+            seen.lock()
+                .entry(owner_uid.to_string())
+                .or_default()
+                .insert(uid, m);
+        }
         let label = format!("{kind}/{name}");
         if current.is_some() {
             report.updated.push(label);

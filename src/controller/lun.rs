@@ -132,7 +132,15 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     } else {
         None
     };
-    let report = apply::apply_children(&ctx.client, &ns, &desired, &live).await?;
+    let report = apply::apply_children(
+        &ctx.client,
+        &ns,
+        &desired,
+        &live,
+        &ctx.applied,
+        &lun.uid().unwrap_or_default(),
+    )
+    .await?;
     ensure_replication_secret(&ctx.client, &ns, &lun).await?;
     if report.changed() {
         let mut parts = vec![];

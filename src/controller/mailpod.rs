@@ -180,6 +180,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     let name = mp.name_any();
     if mp.meta().deletion_timestamp.is_some() {
         // Children go with it through their owner references; nothing to do.
+        ctx.applied.forget(&mp.uid().unwrap_or_default());
         return Ok(Action::await_change());
     }
     let ns = mp
@@ -215,7 +216,15 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     };
 
     // Apply, in the builders' order.
-    let report = apply::apply_children(&ctx.client, &ns, &desired.children, &live).await?;
+    let report = apply::apply_children(
+        &ctx.client,
+        &ns,
+        &desired.children,
+        &live,
+        &ctx.applied,
+        &uid,
+    )
+    .await?;
 
     // Orphans: owned children no longer desired.
     let desired_keys: BTreeSet<(String, String)> = desired
@@ -248,7 +257,9 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
                     .get_or_insert_with(Default::default)
                     .insert(confirm::HELD_MAIL.to_string(), "true".to_string());
                 let emptied = Child::StorageLUN(emptied);
-                let r = apply::apply_children(&ctx.client, &ns, &[emptied], &live).await?;
+                let r =
+                    apply::apply_children(&ctx.client, &ns, &[emptied], &live, &ctx.applied, &uid)
+                        .await?;
                 drained.extend(r.updated);
                 continue;
             }

@@ -235,6 +235,8 @@ pub struct Context {
     pub replication: Arc<dyn lun::reports::ReplicationSource>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The children this controller applied, as it last saw them (see [`apply::Seen`]).
+    pub applied: apply::Seen,
 }
 
 impl Context {
@@ -252,6 +254,7 @@ impl Context {
                 std::time::Duration::from_secs(2),
             )),
             failures: Mutex::new(HashMap::new()),
+            applied: apply::Seen::default(),
         }
     }
 
