@@ -330,7 +330,10 @@ mod tests {
             .iter()
             .find(|m| m.mount_path == paths::MAIL)
             .unwrap();
-        assert_eq!(mail.read_only, None, "Dovecot writes uidlists while it reads");
+        assert_eq!(
+            mail.read_only, None,
+            "Dovecot writes uidlists while it reads"
+        );
         let claim = pod.volumes.as_ref().unwrap()[0]
             .persistent_volume_claim
             .as_ref()
