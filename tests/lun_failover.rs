@@ -405,3 +405,59 @@ async fn the_store_is_not_applied_again_when_the_server_normalises_it() {
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True"));
 }
+
+/// A store StatefulSet the API server refuses (here every PATCH answers 422, as a change to an immutable
+/// field does) must not keep the LUN from failing over: the promotion happens, the failure is reported
+/// in an `ApplyFailed` condition, and the LUN is looked at again no later than the failover wants.
+#[tokio::test]
+async fn a_store_that_cannot_be_applied_still_fails_over() {
+    use mailpod_operator::testkit::{Fault, FaultKind};
+    let (server, ctx, reports) = serving().await;
+    reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
+    // A spec change the StatefulSet cannot take.
+    Api::<StorageLUN>::namespaced(server.client(), NS)
+        .patch(
+            LUN,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"capacity": "2Gi"}})),
+        )
+        .await
+        .unwrap();
+    server.inject(Fault::new(
+        Some(http::Method::PATCH),
+        "/statefulsets/",
+        FaultKind::Status(422),
+        1000,
+    ));
+    set_pod_ready(&server, "corp-lun-0-0", false, &ago(45)).await;
+    let l = Api::<StorageLUN>::namespaced(server.client(), NS)
+        .get(LUN)
+        .await
+        .unwrap();
+    let action = lun::reconcile(Arc::new(l), ctx.clone())
+        .await
+        .expect("the failover runs although the StatefulSet cannot be applied");
+    // The first failure's backoff (0.5 s) is sooner than the promotion's follow-up.
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_millis(500))
+    );
+    let st = Api::<StorageLUN>::namespaced(server.client(), NS)
+        .get(LUN)
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(st.target_active.as_deref(), Some("corp-lun-0-1"));
+    assert_eq!(
+        role(&server, "corp-lun-0-1").await.as_deref(),
+        Some("active")
+    );
+    let failed = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ApplyFailed")
+        .expect("ApplyFailed condition");
+    assert_eq!(failed.status, "True");
+    assert!(failed.message.contains("StatefulSet"), "{}", failed.message);
+}

@@ -98,8 +98,13 @@ const OWNED_STATUS_FIELDS: &[&str] = &[
     "lastPromotion",
 ];
 
-/// Reconciles one StorageLUN.
+/// Reconciles one StorageLUN. The work is boxed: its future is large, and callers (the controller, tests
+/// that drive several sites on one thread) then hold only a pointer to it.
 pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action> {
+    Box::pin(reconcile_lun(lun, ctx)).await
+}
+
+async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.stats.start_reconcile();
     if lun.meta().deletion_timestamp.is_some() {
         ctx.stats
@@ -132,16 +137,33 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     } else {
         None
     };
-    let report = apply::apply_children(
+    // A child that cannot be applied (an immutable field changed, a webhook refusing) must not keep the
+    // failover below from running: the failure is reported and retried, roles are still decided and
+    // moved, and only the steps whose order depends on the apply (the images of a Volume LUN) wait.
+    // Boxed: this future is large and the reconcile's own would carry it across every later await.
+    let applied = match Box::pin(apply::apply_children(
         &ctx.client,
         &ns,
         &desired,
         &live,
         &ctx.applied,
         &lun.uid().unwrap_or_default(),
-    )
-    .await?;
-    ensure_replication_secret(&ctx.client, &ns, &lun).await?;
+    ))
+    .await
+    {
+        Ok(report) => Box::pin(ensure_replication_secret(&ctx.client, &ns, &lun))
+            .await
+            .map(|()| report),
+        Err(e) => Err(e),
+    };
+    // Kept as text: the error itself is large and need not live across the awaits below.
+    let (report, apply_failure) = match applied {
+        Ok(report) => (report, None),
+        Err(e) => (
+            apply::ApplyReport::default(),
+            Some((e.to_string(), e.metric_label())),
+        ),
+    };
     if report.changed() {
         let mut parts = vec![];
         if !report.created.is_empty() {
@@ -162,7 +184,7 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     }
     let replication_issue = match &volume {
         Some(v) => {
-            if let Some(state) = v.plan.images {
+            if let Some(state) = v.plan.images.filter(|_| apply_failure.is_none()) {
                 let written = replication::apply(&ctx.client, &lun, state, &v.replications).await?;
                 if !written.is_empty() {
                     publish(
@@ -246,7 +268,40 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
             .map(|l| replicas::lag_bucket(l, VOLUME_LAG_FLOOR));
     }
     ctx.stats.report_lun_lag(&ns, &name, Some(lag));
+    set_apply_condition(
+        &mut status,
+        apply_failure.as_ref().map(|(e, _)| e.as_str()),
+        lun.metadata.generation,
+        now,
+    );
+    let newly_failing = apply_failure.is_some()
+        && !current
+            .conditions
+            .iter()
+            .any(|c| c.type_ == APPLY_FAILED && c.status == "True");
     let written = write_status(&ctx, &lun, &current, &status).await?;
+    if let Some((e, kind)) = apply_failure {
+        if newly_failing {
+            publish(
+                &ctx,
+                lun.as_ref(),
+                EventType::Warning,
+                "ApplyFailed",
+                "Apply",
+                e.clone(),
+            )
+            .await;
+        }
+        // Retried with the backoff, but never later than the failover decision wants to look again.
+        let delay = super::mailpod::backoff(ctx.record_failure(lun.as_ref()));
+        warn!(lun = %name, error = %e, kind, "children not applied; roles still decided");
+        ctx.stats
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(Action::requeue(
+            decision.requeue_after.map_or(delay, |d| d.min(delay)),
+        ));
+    }
     ctx.reset_failures(lun.as_ref());
     // Status writes do not bring the next reconcile (the LUN watch ignores status-only changes), and
     // the agents' reports are not watch events: the LUN is looked at again on a timer, sooner while a
@@ -258,6 +313,30 @@ pub async fn reconcile(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         None if report.changed() => Action::requeue(Duration::from_secs(5)),
         None => Action::requeue(poll_interval(&lun)),
     })
+}
+
+/// Condition type, present while the LUN's children cannot be applied.
+pub const APPLY_FAILED: &str = "ApplyFailed";
+
+/// Sets or clears the [`APPLY_FAILED`] condition.
+fn set_apply_condition(
+    status: &mut StorageLUNStatus,
+    failure: Option<&str>,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    match failure {
+        Some(e) => set_condition(
+            &mut status.conditions,
+            APPLY_FAILED,
+            true,
+            "ApplyFailed",
+            truncate_note(e),
+            generation,
+            Time(now),
+        ),
+        None => status.conditions.retain(|c| c.type_ != APPLY_FAILED),
+    }
 }
 
 /// Creates the Secret whose doveadm password the LUN's replicas (and its restore jobs) share, once, with a
