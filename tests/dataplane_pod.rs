@@ -241,7 +241,26 @@ fn rendered_mailpod_delivers_and_logs_in_under_pod_conditions() {
                 );
             }
         }
-        Agent::start_with_env(&site, role, sts, ports, &[], &env)
+        // The downward-API files the store reads its role from (the operator labels one replica active).
+        let mut extra = vec![];
+        if role == "store" {
+            let podinfo = site.root.path().join(format!("{sts}-podinfo"));
+            std::fs::create_dir_all(&podinfo).unwrap();
+            std::fs::write(podinfo.join("labels"), "mailpod.io/role=\"active\"\n").unwrap();
+            assert!(mounts_of(c).contains(paths::PODINFO));
+            for (flag, file) in [
+                ("--labels-file", "labels"),
+                ("--annotations-file", "annotations"),
+            ] {
+                extra.push(flag.to_string());
+                extra.push(podinfo.join(file).display().to_string());
+            }
+        }
+        let agent = Agent::start_with_env(&site, role, sts, ports, &extra, &env);
+        if role == "store" {
+            wait_accepts_writes(&agent);
+        }
+        agent
     };
     let store0 = start("store", "corp-lun-0", &store_ports[&0]);
     let store1 = start("store", "corp-lun-1", &store_ports[&1]);

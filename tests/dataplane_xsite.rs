@@ -86,6 +86,7 @@ fn standby_pulls_from_the_annotated_source() {
 
     // 1. Mail delivered to A appears exactly on B, pulled from the annotated source.
     let mut mail: Vec<String> = (0..12).map(|i| format!("xsite-{i:03}")).collect();
+    wait_accepts_writes(&a);
     deliver_lmtp(pa.lmtp, USER, &mail);
     mail.sort();
     wait_for("A to hold the mail", WAIT, || {

@@ -10,7 +10,7 @@
 //! its deadline, so a snapshot job that dies cannot leave a store paused.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,8 @@ pub struct Gate {
     paused_until: Mutex<Option<Instant>>,
     in_transaction: AtomicUsize,
     idle: Notify,
+    /// Whether this store may take writes: false on a replica that is not its LUN's active (agent::role).
+    granted: AtomicBool,
 }
 
 /// Result of a pause request.
@@ -46,7 +48,31 @@ impl Gate {
             paused_until: Mutex::new(None),
             in_transaction: AtomicUsize::new(0),
             idle: Notify::new(),
+            granted: AtomicBool::new(true),
         })
+    }
+
+    /// Grants or revokes writes (see agent::role). Revoked, new sessions and the next `MAIL FROM` of open
+    /// ones get `421`; a transaction already past `MAIL FROM` finishes.
+    pub fn set_granted(&self, granted: bool) {
+        if self.granted.swap(granted, Ordering::SeqCst) != granted {
+            tracing::info!(granted, "LMTP write grant changed");
+        }
+    }
+
+    pub fn is_granted(&self) -> bool {
+        self.granted.load(Ordering::SeqCst)
+    }
+
+    /// The refusal for a new transaction now, if any: paused for a snapshot, or not the active.
+    fn refuse_now(&self) -> Option<String> {
+        if !self.is_granted() {
+            return Some(format!(
+                "421 4.3.2 {} is not the active replica of its LUN, try again later\r\n",
+                self.hostname
+            ));
+        }
+        self.is_paused().then(|| self.refusal())
     }
 
     pub fn is_paused(&self) -> bool {
@@ -164,8 +190,8 @@ enum State {
 }
 
 async fn session(gate: &Gate, mut client: TcpStream) -> std::io::Result<()> {
-    if gate.is_paused() {
-        client.write_all(gate.refusal().as_bytes()).await?;
+    if let Some(refusal) = gate.refuse_now() {
+        client.write_all(refusal.as_bytes()).await?;
         return client.shutdown().await;
     }
     let backend = match UnixStream::connect(&gate.backend).await {
@@ -251,9 +277,9 @@ async fn session(gate: &Gate, mut client: TcpStream) -> std::io::Result<()> {
                     match verb.as_slice() {
                         b"MAIL" => {
                             tx.end();
-                            if gate.is_paused() {
+                            if let Some(refusal) = gate.refuse_now() {
                                 let mut w = client_w.lock().await;
-                                w.write_all(gate.refusal().as_bytes()).await?;
+                                w.write_all(refusal.as_bytes()).await?;
                                 w.shutdown().await?;
                                 return Ok(());
                             }

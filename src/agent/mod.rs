@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod passwd;
 pub mod render;
 pub mod replication;
+pub mod role;
 pub mod supervise;
 
 use std::collections::BTreeMap;
@@ -205,28 +206,41 @@ async fn run(args: AgentArgs) -> Result<()> {
     let queue_dir = role.runs_postfix().then(|| layout.postfix_queue.clone());
     let metrics = metrics::Metrics::new(queue_dir, role == Role::Store);
     let replication = match (&args.lun, &metrics.replication) {
-        (Some(lun), Some(m)) => Some(Arc::new(replication::Replication::new(
-            replication::ReplicationConfig {
-                labels_file: args.labels_file.clone(),
-                annotations_file: args.annotations_file.clone(),
-                lun: lun.clone(),
-                mailpod: inputs.settings.mailpod.clone(),
-                source_host: args.lun_host.clone().unwrap_or_else(|| lun.clone()),
-                source_port: args.lun_doveadm_port,
-                interval: Duration::from_secs(args.sync_interval_seconds),
-                tables_dir: args.tables_dir.clone(),
-                dovecot_conf: layout.dovecot_conf(),
-                users_list: layout.dovecot_config.join("replication-users"),
-                role_file: layout.replica_role_file(),
-            },
-            m.clone(),
-        ))),
+        (Some(lun), Some(m)) => Some(Arc::new(
+            replication::Replication::new(
+                replication::ReplicationConfig {
+                    labels_file: args.labels_file.clone(),
+                    annotations_file: args.annotations_file.clone(),
+                    lun: lun.clone(),
+                    mailpod: inputs.settings.mailpod.clone(),
+                    source_host: args.lun_host.clone().unwrap_or_else(|| lun.clone()),
+                    source_port: args.lun_doveadm_port,
+                    interval: Duration::from_secs(args.sync_interval_seconds),
+                    tables_dir: args.tables_dir.clone(),
+                    dovecot_conf: layout.dovecot_conf(),
+                    users_list: layout.dovecot_config.join("replication-users"),
+                    role_file: layout.replica_role_file(),
+                    layout: layout.clone(),
+                },
+                m.clone(),
+            )
+            .with_gate(gate.clone().expect("stores have an LMTP gate")),
+        )),
         (None, Some(_)) => {
             tracing::warn!("no LUN named (--lun / MAILPOD_LUN): this store does not replicate");
             None
         }
         _ => None,
     };
+    if role == Role::Store {
+        // A replica takes no writes until it has read that it is its LUN's active (agent::role); a store
+        // that does not replicate always does.
+        let writes = replication.is_none();
+        if let Some(g) = &gate {
+            g.set_granted(writes);
+        }
+        role::set_logins(&layout, writes)?;
+    }
     let state = Arc::new(AgentState {
         role,
         layout: layout.clone(),

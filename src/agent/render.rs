@@ -13,7 +13,9 @@ use anyhow::{bail, Context, Result};
 
 use super::passwd;
 
-use crate::mailconfig::dovecot::{doveadm_password_conf, dovecot_conf, proxy_passdb, PROXY_PASSDB};
+use crate::mailconfig::dovecot::{
+    doveadm_password_conf, dovecot_conf, proxy_passdb, store_userdb, PROXY_PASSDB, STORE_USERDB,
+};
 use crate::mailconfig::layout::{Layout, Ports, Role};
 use crate::mailconfig::postfix::{main_cf, map_sources, master_cf};
 use crate::mailconfig::settings::{MailSettings, SETTINGS_KEY};
@@ -147,6 +149,11 @@ pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Res
             )?;
         }
         if role == Role::Store {
+            // Re-read by Dovecot when it changes, like the proxy passdb: no reload.
+            changes.users |= write_if_changed(
+                &layout.dovecot_config.join(STORE_USERDB),
+                &store_userdb(&inputs.tables),
+            )?;
             let password = read_doveadm_password(&layout.doveadm_password_file)?;
             changes.dovecot |= write_private_if_changed(
                 &layout.doveadm_conf(),
@@ -196,8 +203,12 @@ fn write_private_if_changed(path: &Path, text: &str) -> Result<bool> {
 
 /// Copies the mounted users Secret to the private file Dovecot's auth process reads (see [`passwd`]); with
 /// no Secret mounted, an empty one, so that Dovecot starts, delivers mail, and refuses every login until the
-/// Secret appears. True when the private copy changed.
-fn install_users(layout: &Layout) -> Result<bool> {
+/// Secret appears. A store replica that is not its LUN's active gets an empty one too (agent::role).
+/// True when the private copy changed.
+pub fn install_users(layout: &Layout) -> Result<bool> {
+    if super::role::logins_refused(layout) {
+        return passwd::install(&layout.private_users_file(), b"", passwd::dovecot_owner()?);
+    }
     let source = passwd::read_source(&layout.users_file)?;
     if source.is_none() {
         tracing::warn!(

@@ -10,13 +10,16 @@
 //!   used: it keeps destination-only changes, so a standby would slowly diverge (its manual says it
 //!   "doesn't currently work perfectly"), and a standby never legitimately has changes of its own.
 //! - **demoted** (was active, now standby: fenced or switched over): mail delivered to it that never
-//!   reached the new active would be deleted by a one-way backup. So its first pass pushes those
-//!   messages to the new active with `doveadm sync -1` (local -> remote, one-way: the new active gains
-//!   what it lacks and loses nothing, the old active is not modified) — the hand-over its manual gives
-//!   `sync -1` after mail delivery has moved; only then does it mirror with `backup -R`. A two-way
-//!   `sync` is not used here: it renumbers conflicting UIDs on both sides while the new active is taking
-//!   deliveries, and duplicated messages in tests. Its last role is kept on the mail volume so a restart
-//!   in between does not forget it.
+//!   reached the new active would be deleted by a one-way backup. On leaving active it stops taking
+//!   writes at once (agent::role: LMTP refused, logins denied, sessions kicked). Its first passes hand
+//!   what only it has to the new active: every message it holds more often than the new active, compared
+//!   per folder by header block and size, is saved there with its flags (restore::import, the same
+//!   comparison a restore makes), and the pass repeats until one copies nothing; only then does it mirror
+//!   with `backup -R`. `doveadm sync -1` did this before and duplicated mail: while the new active takes
+//!   deliveries, dsync stops with "Mailbox changes caused a desync", and a second `sync -1` copies again
+//!   what the first had copied (UIDs conflict, so the copies are not recognised). A two-way `sync`
+//!   renumbers conflicting UIDs on both sides. Its last role is kept on the mail volume so a restart in
+//!   between does not forget it.
 //! - no role yet (before the operator elects one): nothing.
 //!
 //! A role change away from standby stops a pass in flight at once (the doveadm child is killed).
@@ -35,6 +38,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use std::sync::Arc;
+
+use super::lmtp_gate::Gate;
 use super::metrics::ReplicationMetrics;
 use super::render::read_configmap_dir;
 use crate::mailconfig::tables::AccessTables;
@@ -47,6 +53,9 @@ const ROLE_POLL: Duration = Duration::from_millis(250);
 const IN_SYNC_INTERVALS: u32 = 3;
 /// Longest a single pass may take before it is abandoned and counted as a failure.
 const MAX_PASS: Duration = Duration::from_secs(600);
+/// Hand-over passes in one attempt before giving up until the next interval (with writes refused the
+/// second pass copies nothing).
+const MAX_HAND_OVER_PASSES: usize = 10;
 
 /// This replica's role, from the labels file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -168,6 +177,9 @@ pub struct ReplicationConfig {
     pub users_list: PathBuf,
     /// Last role of this replica, on the mail volume.
     pub role_file: PathBuf,
+    /// The store's files: the login marker and users file the role changes (agent::role), the Maildirs a
+    /// hand-over sets aside.
+    pub layout: crate::mailconfig::layout::Layout,
 }
 
 impl ReplicationConfig {
@@ -229,6 +241,8 @@ pub struct ReplicationReport {
     /// within a few intervals. Active: always true.
     pub in_sync: bool,
     pub last_error: Option<String>,
+    /// Whether this replica takes writes (LMTP, logins) as enforced now: only the active, once enforced.
+    pub accepts_writes: bool,
 }
 
 #[derive(Debug)]
@@ -248,6 +262,10 @@ pub struct Replication {
     pub config: ReplicationConfig,
     state: Mutex<State>,
     metrics: ReplicationMetrics,
+    /// The store's LMTP gate, granted writes only while this replica is active (agent::role).
+    gate: Option<Arc<Gate>>,
+    /// Whether writes are currently allowed as enforced (`None`: not yet enforced).
+    enforced: Mutex<Option<bool>>,
 }
 
 impl Replication {
@@ -263,6 +281,49 @@ impl Replication {
             }),
             config,
             metrics,
+            gate: None,
+            enforced: Mutex::new(None),
+        }
+    }
+
+    /// Enforces the role on `gate` too (see agent::role).
+    pub fn with_gate(mut self, gate: Arc<Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Makes what this replica allows match `role`: writes (LMTP, logins) only while active. On leaving
+    /// active, LMTP is refused first, then logins, then every session is kicked. A step that fails is
+    /// tried again on the next look at the role.
+    async fn enforce(&self, role: ReplicaRole) {
+        let active = role == ReplicaRole::Active;
+        if *self.enforced.lock().expect("replication state") == Some(active) {
+            return;
+        }
+        if !active {
+            if let Some(g) = &self.gate {
+                g.set_granted(false);
+            }
+        }
+        let result = async {
+            super::role::set_logins(&self.config.layout, active)?;
+            if !active {
+                super::role::kick_all_sessions(&self.config.dovecot_conf).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                if active {
+                    if let Some(g) = &self.gate {
+                        g.set_granted(true);
+                    }
+                }
+                tracing::info!(?role, writes = active, "role enforced");
+                *self.enforced.lock().expect("replication state") = Some(active);
+            }
+            Err(e) => tracing::warn!(?role, "enforcing the role: {e:#}"),
         }
     }
 
@@ -284,7 +345,9 @@ impl Replication {
             }
             ReplicaRole::Unassigned => false,
         };
+        let accepts_writes = *self.enforced.lock().expect("replication state") == Some(true);
         let report = ReplicationReport {
+            accepts_writes,
             role: s.role,
             source: (s.role == ReplicaRole::Standby).then(|| s.source.clone()),
             last_sync_unix_seconds: last.map(|d| d.as_secs_f64()),
@@ -313,6 +376,7 @@ impl Replication {
         let mut next_pass = tokio::time::Instant::now();
         loop {
             let role = self.observe_role();
+            self.enforce(role).await;
             if self.observe_source() {
                 next_pass = tokio::time::Instant::now();
             }
@@ -466,7 +530,8 @@ impl Replication {
         }
     }
 
-    /// One pass over every mailbox of the LUN; returns how many there were.
+    /// One pass over every mailbox of the LUN; returns how many there were. A hand-over repeats until a
+    /// pass copies nothing.
     async fn pass(&self, hand_over: bool, source: &str) -> Result<usize> {
         let c = &self.config;
         let users = c.mailboxes()?;
@@ -475,25 +540,102 @@ impl Replication {
         }
         std::fs::write(&c.users_list, users.join("\n") + "\n")
             .with_context(|| format!("writing {}", c.users_list.display()))?;
-        let mut cmd = tokio::process::Command::new("doveadm");
-        cmd.arg("-c").arg(&c.dovecot_conf);
-        if hand_over {
-            tracing::info!(
-                users = users.len(),
-                "first pass after demotion: handing mail only this replica has to the new active"
-            );
-            cmd.args(["sync", "-1"]);
-        } else {
-            cmd.args(["backup", "-R"]);
+        if !hand_over {
+            self.doveadm_pass(&["backup", "-R"], source).await?;
+            self.remove_set_aside(&users);
+            return Ok(users.len());
         }
-        cmd.arg("-F")
+        tracing::info!(
+            users = users.len(),
+            "after demotion: handing mail only this replica has to the new active"
+        );
+        for n in 1..=MAX_HAND_OVER_PASSES {
+            let copied = self.hand_over_once(&users, source).await?;
+            tracing::info!(pass = n, copied, "hand-over pass");
+            if copied == 0 {
+                self.set_aside(&users)?;
+                return Ok(users.len());
+            }
+        }
+        bail!("still copying after {MAX_HAND_OVER_PASSES} hand-over passes; not mirroring yet")
+    }
+
+    /// One hand-over pass: copies to `source` (the new active) every message of the LUN's mailboxes that
+    /// this replica holds more often than it, compared per folder by header block and size (as a restore
+    /// does, see restore::import); returns how many it copied. Unlike `doveadm sync -1`, a repeated pass
+    /// never copies a message twice, so a pass interrupted by mail arriving on the new active (dsync's
+    /// "Mailbox changes caused a desync") can simply run again.
+    async fn hand_over_once(&self, users: &[String], source: &str) -> Result<usize> {
+        let doveadm = crate::restore::doveadm::Doveadm {
+            config: self.config.dovecot_conf.clone(),
+        };
+        let live = crate::restore::doveadm::Side::Live(source.to_string());
+        let users = users.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut copied = 0;
+            for user in &users {
+                let folders =
+                    crate::restore::import::restore_mailbox(&doveadm, &live, user, None, None)
+                        .with_context(|| format!("handing over mailbox {user}"))?;
+                copied += folders.iter().map(|f| f.restored).sum::<usize>();
+            }
+            anyhow::Ok(copied)
+        })
+        .await
+        .context("hand-over task")?
+    }
+
+    /// A user's Maildir on this replica, and where a hand-over sets it aside.
+    fn maildirs(&self, user: &str) -> Option<(PathBuf, PathBuf)> {
+        let (local, domain) = user.split_once('@')?;
+        let home = self.config.layout.mail_root.join(domain).join(local);
+        Some((home.join("Maildir"), home.join("Maildir.handed-over")))
+    }
+
+    /// After a complete hand-over every message here is also on the new active, but under other UIDs;
+    /// `backup -R` cannot repair such a copy (it would delete INBOX, which it cannot). So the handed-over
+    /// Maildirs are set aside and the first mirror pass rebuilds them from the active.
+    fn set_aside(&self, users: &[String]) -> Result<()> {
+        for user in users {
+            let Some((maildir, aside)) = self.maildirs(user) else {
+                continue;
+            };
+            if !maildir.exists() {
+                continue;
+            }
+            let _ = std::fs::remove_dir_all(&aside);
+            std::fs::rename(&maildir, &aside)
+                .with_context(|| format!("setting aside {}", maildir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Once a mirror pass has rebuilt them, the set-aside Maildirs go.
+    fn remove_set_aside(&self, users: &[String]) {
+        for user in users {
+            if let Some((_, aside)) = self.maildirs(user) {
+                if aside.exists() {
+                    if let Err(e) = std::fs::remove_dir_all(&aside) {
+                        tracing::warn!(path = %aside.display(), "removing a handed-over Maildir: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn doveadm_pass(&self, command: &[&str], source: &str) -> Result<()> {
+        let c = &self.config;
+        let out = tokio::process::Command::new("doveadm")
+            .arg("-c")
+            .arg(&c.dovecot_conf)
+            .args(command)
+            .arg("-F")
             .arg(&c.users_list)
             .arg(format!("tcp:{source}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let out = cmd
+            .kill_on_drop(true)
             .spawn()
             .context("starting doveadm")?
             .wait_with_output()
@@ -504,13 +646,13 @@ impl Replication {
             let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
             bail!(
                 "doveadm {} from {} exited with {}: {}",
-                if hand_over { "sync -1" } else { "backup -R" },
+                command.join(" "),
                 source,
                 out.status,
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
             );
         }
-        Ok(users.len())
+        Ok(())
     }
 }
 
@@ -549,6 +691,7 @@ mod tests {
             dovecot_conf: dir.join("dovecot.conf"),
             users_list: dir.join("users"),
             role_file: dir.join("role"),
+            layout: crate::mailconfig::layout::Layout::under(dir),
         }
     }
 

@@ -31,6 +31,19 @@ pub const DEFAULT_CHROOTED_SERVICES: [&str; 9] = [
     "submission-login",
 ];
 
+/// File name (under [`Layout::dovecot_config`]) of the store's iterable userdb: every mailbox of the tables.
+pub const STORE_USERDB: &str = "userdb";
+
+/// The store's userdb file: one passwd-file line per mailbox (uid, gid and home come from the userdb's
+/// `default_fields`).
+pub fn store_userdb(tables: &AccessTables) -> String {
+    let mut out = String::new();
+    for mailbox in tables.mailboxes.keys() {
+        let _ = writeln!(out, "{mailbox}:");
+    }
+    out
+}
+
 /// File name (under [`Layout::dovecot_config`]) of the proxy passdb the imap/pop3 roles render from the tables.
 pub const PROXY_PASSDB: &str = "proxy-passdb";
 
@@ -123,6 +136,16 @@ pub fn dovecot_conf(
         passdb.display()
     );
     let home = layout.mail_root.join("%d").join("%n");
+    if role == Role::Store {
+        // The mailboxes of the tables, so that doveadm can list users (`-F`/`-A` iterate the userdb; the
+        // static one cannot, and doveadm then logs errors and at times aborts).
+        let _ = writeln!(
+            out,
+            "userdb {{\n  driver = passwd-file\n  args = {}\n  default_fields = uid={uid} gid={gid} home={}\n}}",
+            layout.dovecot_config.join(STORE_USERDB).display(),
+            home.display()
+        );
+    }
     // The operator's mailbox table decides who exists; a mailbox routed here without a password entry
     // still receives mail (allow_all_users), it just cannot log in yet.
     let _ = writeln!(

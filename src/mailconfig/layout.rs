@@ -204,6 +204,12 @@ impl Layout {
         self.dovecot_config.join("users.passwd")
     }
 
+    /// Store role: present while this replica is not its LUN's active; its users file is then empty, so
+    /// every login is refused (see agent::role).
+    pub fn logins_refused_marker(&self) -> PathBuf {
+        self.dovecot_config.join("logins-refused")
+    }
+
     /// Unix socket of Dovecot's LMTP service; on the store the agent's pause gate forwards to it.
     pub fn lmtp_socket(&self) -> PathBuf {
         self.dovecot_base.join("lmtp")

@@ -189,7 +189,10 @@ fn bare_id(id: &str) -> &str {
     id.trim().trim_start_matches('<').trim_end_matches('>')
 }
 
-fn restore_mailbox(
+/// Copies into `live` every message of `mailbox` (one folder, one Message-ID, or all) that the side `d`
+/// runs locally on holds more often, as a multiset per folder; running it again copies nothing. Also the
+/// hand-over of a demoted store replica (agent::replication), whose own Dovecot is that local side.
+pub(crate) fn restore_mailbox(
     d: &Doveadm,
     live: &Side,
     mailbox: &str,

@@ -481,6 +481,18 @@ impl Session {
         self.w
     }
 
+    /// The next line, or the error (a closed connection reads as an empty line).
+    pub fn try_line(&mut self) -> std::io::Result<String> {
+        let mut l = String::new();
+        self.r.read_line(&mut l)?;
+        Ok(l)
+    }
+
+    /// Sends `text`; the error when the server has closed the connection.
+    pub fn try_send(&mut self, text: &str) -> std::io::Result<()> {
+        self.w.write_all(text.as_bytes())
+    }
+
     pub fn line(&mut self) -> String {
         let mut l = String::new();
         self.r.read_line(&mut l).expect("reading a reply");
@@ -623,6 +635,18 @@ pub fn deliver_lmtp(port: u16, to: &str, subjects: &[String]) {
 
 pub fn unique(v: &[String]) -> BTreeSet<String> {
     v.iter().cloned().collect()
+}
+
+/// Waits until a store replica takes writes: it has read that it is its LUN's active and enforced it.
+pub fn wait_accepts_writes(store: &Agent) {
+    wait_for(
+        &format!("{} to take writes", store.work.display()),
+        Duration::from_secs(30),
+        || {
+            let (code, body) = store.get("/replication");
+            (code == 200 && body.contains("\"acceptsWrites\":true")).then_some(())
+        },
+    );
 }
 
 /// Base64 (standard alphabet, padded), for SASL PLAIN.
