@@ -570,3 +570,42 @@ fn automatic_failover_without_a_witness_is_refused_unless_accepted() {
     let default = &schema["properties"]["spec"]["properties"]["policy"]["default"];
     assert!(default.get("automaticFailover").is_none(), "{default}");
 }
+
+/// A StatefulSet's volumeClaimTemplates cannot change, so capacity and storage class are fixed once set,
+/// on the LUN and on the MailPod's template: refused at `kubectl apply`, naming the field, instead of
+/// every later apply of the StatefulSet failing.
+#[test]
+fn capacity_and_storage_class_are_fixed_once_set() {
+    let lun = StorageLUN::crd();
+    let lun_obj = |capacity: &str, class: Option<&str>| {
+        let mut o = json!({"apiVersion": "mailpod.io/v1alpha1", "kind": "StorageLUN", "metadata": {"name": "m-lun-0"},
+               "spec": {"mailPod": "m", "index": 0, "capacity": capacity}});
+        if let Some(c) = class {
+            o["spec"]["storageClassName"] = json!(c);
+        }
+        o
+    };
+    let mp = MailPod::crd();
+    let mp_obj = |capacity: &str, class: Option<&str>| {
+        let mut t = json!({"capacity": capacity});
+        if let Some(c) = class {
+            t["storageClassName"] = json!(c);
+        }
+        mailpod(json!({"domains": ["example.com"], "backend": {"lunTemplate": t}}))
+    };
+    for (old, new, ok) in [
+        (("10Gi", Some("fast")), ("10Gi", Some("fast")), true),
+        (("10Gi", None), ("10Gi", None), true),
+        (("10Gi", Some("fast")), ("20Gi", Some("fast")), false),
+        (("10Gi", Some("fast")), ("10Gi", Some("slow")), false),
+        (("10Gi", None), ("10Gi", Some("fast")), false),
+        (("10Gi", Some("fast")), ("10Gi", None), false),
+    ] {
+        let r = cel(&lun, lun_obj(new.0, new.1), Some(lun_obj(old.0, old.1)));
+        assert_eq!(r.is_ok(), ok, "LUN {old:?} -> {new:?}: {r:?}");
+        let r = cel(&mp, mp_obj(new.0, new.1), Some(mp_obj(old.0, old.1)));
+        assert_eq!(r.is_ok(), ok, "MailPod {old:?} -> {new:?}: {r:?}");
+    }
+    // Creation is not a transition.
+    assert!(cel(&lun, lun_obj("10Gi", Some("fast")), None).is_ok());
+}

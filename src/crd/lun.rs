@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{KeyRef, PvcRetention, ReplicationSpec, SnapshotPolicy};
 use super::mailpod::{SiteReplication, MAX_STANDBYS, MAX_USERS_PER_LUN};
-use super::validation::{is_dns_label, parse_bytes, split_address, ValidationErrors};
+use super::validation::{
+    is_dns_label, is_dns_subdomain, parse_bytes, split_address, ValidationErrors,
+};
 
 /// A storage unit of bounded size. Normally created and owned by its MailPod, which places mailboxes on it.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -31,6 +33,7 @@ use super::validation::{is_dns_label, parse_bytes, split_address, ValidationErro
     printcolumn = r#"{"name":"Last-Snapshot","type":"date","jsonPath":".status.lastSnapshot.time"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName)").message("storageClassName cannot be set or unset once the LUN exists").field_path(".storageClassName"))]
 #[x_kube(validation = Rule::new("size(self.mailboxes) <= self.maxUsers").message("more mailboxes than maxUsers").field_path(".mailboxes"))]
 #[serde(rename_all = "camelCase")]
 pub struct StorageLUNSpec {
@@ -41,12 +44,16 @@ pub struct StorageLUNSpec {
     /// Position of this LUN in its MailPod's placement (0, 1, ...).
     #[x_kube(validation = Rule::new("self == oldSelf").message("index is immutable"))]
     pub index: u32,
-    /// Size of each replica's volume.
+    /// Size of each replica's volume. Fixed once set: the store StatefulSet's volumeClaimTemplates cannot
+    /// change (expand the PVCs themselves instead).
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(k|M|G|T|Ki|Mi|Gi|Ti)?$')").message("must be a whole quantity of bytes such as 50Gi"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("capacity is immutable: the store StatefulSet's volumeClaimTemplates cannot change; expand the PVCs instead"))]
     #[schemars(length(max = 32))]
     pub capacity: String,
-    /// StorageClass; the cluster's default when unset.
+    /// StorageClass; the cluster's default when unset. Fixed once the LUN exists, as `capacity` is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("storageClassName is immutable: the store StatefulSet's volumeClaimTemplates cannot change"))]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
     /// Most mailboxes this LUN may hold.
     #[serde(default = "default_max_users")]
@@ -210,6 +217,14 @@ impl StorageLUNSpec {
         let mut errs = ValidationErrors::default();
         if !is_dns_label(&self.mail_pod) {
             errs.push("spec.mailPod", "must be the name of a MailPod");
+        }
+        if let Some(sc) = &self.storage_class_name {
+            if !is_dns_subdomain(sc) {
+                errs.push(
+                    "spec.storageClassName",
+                    format!("`{sc}` is not a StorageClass name"),
+                );
+            }
         }
         if self.capacity.len() > MAX_QUANTITY_LEN || parse_bytes(&self.capacity).is_none() {
             errs.push(

@@ -291,17 +291,23 @@ impl Default for Backend {
     }
 }
 
-/// The volume of each store replica.
+/// The volume of each store replica (and the storage class of the mx queue). Fixed once the MailPod
+/// exists: StatefulSets' volumeClaimTemplates cannot change, so a change would leave every store
+/// StatefulSet refusing its apply.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName)").message("lunTemplate.storageClassName cannot be set or unset once the MailPod exists").field_path(".storageClassName"))]
 pub struct LunTemplate {
-    /// Size of each replica's volume (default `50Gi`).
+    /// Size of each replica's volume (default `50Gi`); expand the PVCs themselves to grow a LUN.
     #[serde(default = "default_capacity")]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(k|M|G|T|Ki|Mi|Gi|Ti)?$')").message("must be a whole quantity of bytes such as 50Gi"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("lunTemplate.capacity is immutable: the store StatefulSets' volumeClaimTemplates cannot change; expand the PVCs instead"))]
     #[schemars(length(max = 32))]
     pub capacity: String,
     /// StorageClass; the cluster's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("lunTemplate.storageClassName is immutable: the StatefulSets' volumeClaimTemplates cannot change"))]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
 }
 
@@ -594,6 +600,14 @@ impl MailPodSpec {
                 "spec.backend.maxUsersPerLun",
                 format!("must be between 1 and {MAX_USERS_PER_LUN}"),
             );
+        }
+        if let Some(sc) = &b.lun_template.storage_class_name {
+            if !is_dns_subdomain_name(sc) {
+                errs.push(
+                    "spec.backend.lunTemplate.storageClassName",
+                    format!("`{sc}` is not a StorageClass name"),
+                );
+            }
         }
         if b.lun_template.capacity.len() > MAX_QUANTITY_LEN
             || parse_bytes(&b.lun_template.capacity).is_none()
