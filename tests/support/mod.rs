@@ -38,14 +38,19 @@ pub fn mail_software_present(test: &str) -> bool {
         );
         return false;
     }
-    // With the mail software there, a test never runs without the pod conditions, nor skips silently.
+    // A test never runs without the pod conditions. Without their tools it skips with a message, and in CI
+    // (`CI` set, as .ci/run does) it fails, like every test that needs a tool.
     let tools = pod::missing_tools();
-    assert!(
-        tools.is_empty(),
+    if tools.is_empty() {
+        return true;
+    }
+    let why = format!(
         "{test}: the pod conditions need {} (apt-get install -y dnsmasq util-linux)",
         tools.join(", ")
     );
-    true
+    assert!(std::env::var_os("CI").is_none(), "{why}");
+    eprintln!("SKIPPED {why}");
+    false
 }
 
 pub fn free_port() -> u16 {
