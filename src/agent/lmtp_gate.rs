@@ -376,6 +376,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn without_the_write_grant_new_sessions_and_cached_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("lmtp");
+        let store = fake_store(sock.clone()).await;
+        let gate = Gate::new(sock, "store.test".into());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(gate.clone(), listener));
+
+        // A cached session opened while this store was the active.
+        let (r, mut w) = TcpStream::connect(addr).await.unwrap().into_split();
+        let mut r = BufReader::new(r);
+        expect(&mut r, "220").await;
+        w.write_all(b"LHLO mx\r\n").await.unwrap();
+        expect(&mut r, "250-store").await;
+        expect(&mut r, "250-X-MAILPOD-GATE").await;
+        expect(&mut r, "250 ENHANCED").await;
+        // Demoted: its next transaction is refused, and so is a new session.
+        gate.set_granted(false);
+        w.write_all(b"MAIL FROM:<a@x>\r\n").await.unwrap();
+        let refusal = expect(&mut r, "421 4.3.2").await;
+        assert!(refusal.contains("not the active replica"), "{refusal}");
+        let seen = String::from_utf8(store.await.unwrap()).unwrap();
+        assert!(!seen.contains("MAIL FROM"), "{seen}");
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut greeting = String::new();
+        s.read_to_string(&mut greeting).await.unwrap();
+        assert!(
+            greeting.starts_with("421 4.3.2 store.test is not the active"),
+            "{greeting}"
+        );
+    }
+
+    #[tokio::test]
     async fn relays_hides_pipelining_and_refuses_next_transaction_when_paused() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("lmtp");
