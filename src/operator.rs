@@ -81,7 +81,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(OperatorMetrics::default());
     // Health and metrics first, so a standby replica answers its probes while it waits for the Lease.
     let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
-    let client = kube::Client::try_default().await.map_err(|e| {
+    let client = controller::client::operator_client().await.map_err(|e| {
         anyhow::anyhow!("cannot configure a Kubernetes client (kubeconfig or in-cluster): {e}")
     })?;
     let namespaces: Vec<Option<String>> = if args.watch_namespaces.is_empty() {

@@ -1,17 +1,22 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so only one operator replica reconciles at a time.
 //!
-//! The holder renews the Lease every `renew_every`; another replica takes it over only once it has not been
-//! renewed for `lease_duration`. Every write is a PUT with the resourceVersion just read, so two replicas
-//! racing for an expired Lease cannot both win. A leader that cannot renew within `lease_duration` steps
-//! down (its controllers stop) before anyone else may take over; on a clean shutdown it releases the Lease
-//! so a successor starts at once.
+//! The holder renews the Lease every `renew_every`. Expiry is decided as client-go's leaderelection does:
+//! from when this process last saw the Lease's record change, by its own monotonic clock, never by
+//! comparing the holder's `renewTime` (another machine's clock) with the local one; a replica that first
+//! sees a held Lease therefore waits a whole `lease_duration` before it may take it over. Every write is a
+//! PUT with the resourceVersion just read, so two replicas racing for an expired Lease cannot both win.
+//! Every call is bounded by a timeout: a leader whose renewal has not succeeded by `lease_duration -
+//! renew_every` after the last good one (a hung call included) steps down (its controllers stop) before
+//! anyone else may take over; on a clean shutdown it releases the Lease so a successor starts at once.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// Where the Lease is and who this replica is.
@@ -39,16 +44,53 @@ impl LeaseConfig {
             renew_every: Duration::from_secs(5),
         }
     }
+
+    /// How long after its last good renewal a leader still leads: one renewal period short of the
+    /// lease, so it has stopped before any other replica can see the Lease expire.
+    pub fn renew_deadline(&self) -> Duration {
+        self.lease_duration
+            .saturating_sub(self.renew_every)
+            .max(self.renew_every / 2)
+    }
+}
+
+/// The Lease record as last seen, and when (by this process's monotonic clock) it last changed.
+#[derive(Debug)]
+struct Observed {
+    record: String,
+    at: Instant,
 }
 
 /// One replica's side of the election.
 pub struct LeaderElector {
     api: Api<Lease>,
     config: LeaseConfig,
+    observed: Mutex<Option<Observed>>,
 }
 
 fn now() -> MicroTime {
     MicroTime(jiff::Timestamp::now())
+}
+
+/// What identifies one write of the Lease by its holder (client-go compares the whole record).
+fn record_of(spec: &LeaseSpec) -> String {
+    format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}",
+        spec.holder_identity,
+        spec.acquire_time.as_ref().map(|t| t.0),
+        spec.renew_time.as_ref().map(|t| t.0),
+        spec.lease_transitions,
+        spec.lease_duration_seconds,
+    )
+}
+
+/// Why an attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    #[error("the API server did not answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 impl LeaderElector {
@@ -56,6 +98,7 @@ impl LeaderElector {
         Self {
             api: Api::namespaced(client, &config.namespace),
             config,
+            observed: Mutex::new(None),
         }
     }
 
@@ -63,8 +106,36 @@ impl LeaderElector {
         &self.config.identity
     }
 
-    /// One attempt to acquire or renew. `Ok(true)`: this replica holds the Lease now.
-    pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+    /// Notes the record just read; returns how long ago (locally) it last changed.
+    fn observe(&self, spec: &LeaseSpec) -> Duration {
+        let record = record_of(spec);
+        let mut observed = self.observed.lock().expect("lease observation lock");
+        match observed.as_ref() {
+            Some(o) if o.record == record => o.at.elapsed(),
+            _ => {
+                *observed = Some(Observed {
+                    record,
+                    at: Instant::now(),
+                });
+                Duration::ZERO
+            }
+        }
+    }
+
+    /// One attempt to acquire or renew, bounded by `lease_duration`. `Ok(true)`: this replica holds the
+    /// Lease now.
+    pub async fn try_acquire_or_renew(&self) -> Result<bool, LeaseError> {
+        self.try_within(self.config.lease_duration).await
+    }
+
+    async fn try_within(&self, limit: Duration) -> Result<bool, LeaseError> {
+        match tokio::time::timeout(limit, self.attempt()).await {
+            Ok(r) => r.map_err(LeaseError::from),
+            Err(_) => Err(LeaseError::TimedOut(limit)),
+        }
+    }
+
+    async fn attempt(&self) -> Result<bool, kube::Error> {
         let me = self.config.identity.clone();
         let duration = self.config.lease_duration.as_secs().max(1) as i32;
         let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
@@ -90,14 +161,12 @@ impl LeaderElector {
             };
         };
         let spec = lease.spec.get_or_insert_with(Default::default);
+        let unchanged_for = self.observe(spec);
         let holder = spec.holder_identity.clone().unwrap_or_default();
         if holder != me {
-            let held_for = spec.lease_duration_seconds.unwrap_or(duration).max(1) as i64;
-            let expired = match &spec.renew_time {
-                Some(t) => jiff::Timestamp::now().as_second() - t.0.as_second() > held_for,
-                None => true,
-            };
-            if !holder.is_empty() && !expired {
+            let held_for =
+                Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration).max(1) as u64);
+            if !holder.is_empty() && unchanged_for < held_for {
                 return Ok(false);
             }
             spec.holder_identity = Some(me);
@@ -123,7 +192,11 @@ impl LeaderElector {
         tokio::pin!(shutdown);
         let mut logged = false;
         loop {
-            match self.try_acquire_or_renew().await {
+            let attempt = tokio::select! {
+                _ = &mut shutdown => return false,
+                r = self.try_acquire_or_renew() => r,
+            };
+            match attempt {
                 Ok(true) => {
                     info!(identity = %self.config.identity, lease = %self.config.name, "leading");
                     return true;
@@ -142,31 +215,43 @@ impl LeaderElector {
         }
     }
 
-    /// Renews until a renewal has not succeeded for `lease_duration` (or another replica holds the Lease),
-    /// then returns: the caller must stop reconciling. Never returns while leadership holds.
+    /// Renews until a renewal has not succeeded by [`LeaseConfig::renew_deadline`] after the last good one
+    /// (or another replica holds the Lease), then returns: the caller must stop reconciling. A renewal
+    /// that hangs is abandoned at that deadline. Never returns while leadership holds.
     pub async fn hold(&self) {
-        let mut last_ok = tokio::time::Instant::now();
+        // Counted from when the last good renewal was sent: the holder's renewTime is not later than that.
+        let mut last_ok = Instant::now();
         loop {
-            tokio::time::sleep(self.config.renew_every).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
+            let step_down_at = last_ok + self.config.renew_deadline();
+            tokio::time::sleep_until((Instant::now() + self.config.renew_every).min(step_down_at))
+                .await;
+            let sent = Instant::now();
+            let left = step_down_at.saturating_duration_since(sent);
+            if left.is_zero() {
+                warn!(identity = %self.config.identity, "lease not renewed in time; stepping down");
+                return;
+            }
+            match self.try_within(left).await {
+                Ok(true) => last_ok = sent,
                 Ok(false) => {
                     warn!(identity = %self.config.identity, "another replica took the lease; stepping down");
                     return;
                 }
+                Err(LeaseError::TimedOut(_)) => {
+                    warn!(identity = %self.config.identity, "lease renewal did not answer in time; stepping down");
+                    return;
+                }
                 Err(e) => warn!(error = %e, "cannot renew the leader lease"),
-            }
-            // Step down before the lease can expire in anyone else's eyes.
-            if last_ok.elapsed() + self.config.renew_every >= self.config.lease_duration {
-                warn!(identity = %self.config.identity, "lease not renewed in time; stepping down");
-                return;
             }
         }
     }
 
     /// Gives the Lease up (clean shutdown), so a successor need not wait for it to expire.
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else {
+        let limit = self.config.renew_every;
+        let Ok(Ok(Some(mut lease))) =
+            tokio::time::timeout(limit, self.api.get_opt(&self.config.name)).await
+        else {
             return;
         };
         let spec = lease.spec.get_or_insert_with(Default::default);
@@ -175,12 +260,20 @@ impl LeaderElector {
         }
         spec.holder_identity = None;
         spec.renew_time = None;
-        if let Err(e) = self
-            .api
-            .replace(&self.config.name, &PostParams::default(), &lease)
-            .await
+        match tokio::time::timeout(
+            limit,
+            self.api
+                .replace(&self.config.name, &PostParams::default(), &lease),
+        )
+        .await
         {
-            warn!(error = %e, "cannot release the leader lease; the next leader waits for it to expire");
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot release the leader lease; the next leader waits for it to expire")
+            }
+            Err(_) => warn!(
+                "releasing the leader lease did not answer in time; the next leader waits for it to expire"
+            ),
         }
     }
 }
@@ -188,7 +281,7 @@ impl LeaderElector {
 #[cfg(all(test, feature = "testkit"))]
 mod tests {
     use super::*;
-    use crate::testkit::ApiServer;
+    use crate::testkit::{ApiServer, Fault, FaultKind};
 
     fn config(identity: &str) -> LeaseConfig {
         LeaseConfig {
@@ -227,13 +320,97 @@ mod tests {
         let a = LeaderElector::new(server.client(), config("a"));
         let b = LeaderElector::new(server.client(), config("b"));
         assert!(a.try_acquire_or_renew().await.unwrap());
-        // a stops renewing (say it hangs); after the lease duration b takes over.
-        tokio::time::sleep(Duration::from_millis(3100)).await;
+        assert!(!b.try_acquire_or_renew().await.unwrap(), "b sees a's lease");
+        // a stops renewing (say it hangs); once b has seen no change for the lease duration it takes over.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
         assert!(b.try_acquire_or_renew().await.unwrap());
         // a, resuming, sees it has lost the lease and returns from hold().
         tokio::time::timeout(Duration::from_secs(2), a.hold())
             .await
             .expect("a steps down");
+    }
+
+    #[tokio::test]
+    async fn a_renewal_that_hangs_steps_down_before_the_lease_expires() {
+        let server = ApiServer::new();
+        let a = LeaderElector::new(server.client(), config("a"));
+        assert!(a.try_acquire_or_renew().await.unwrap());
+        let started = Instant::now();
+        // From now on the API server takes every Lease request and never answers.
+        server.inject(Fault::new(None, "/leases/", FaultKind::Hang, usize::MAX));
+        tokio::time::timeout(Duration::from_secs(2), a.hold())
+            .await
+            .expect("a hung renewal steps down within the lease duration");
+        let held = started.elapsed();
+        assert!(
+            held <= config("a").renew_deadline() + Duration::from_millis(100),
+            "stepped down after {held:?}, later than the renew deadline"
+        );
+    }
+
+    /// Writes a Lease held by `holder` whose renewTime is `skew` away from this machine's clock, as a
+    /// holder with a wrong clock writes it.
+    async fn skewed_lease(server: &ApiServer, holder: &str, skew_seconds: i64) {
+        let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(skew_seconds);
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some("mailpod-operator".into()),
+                namespace: Some("ops".into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                lease_duration_seconds: Some(2),
+                acquire_time: Some(MicroTime(at)),
+                renew_time: Some(MicroTime(at)),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        let leases: Api<Lease> = Api::namespaced(server.client(), "ops");
+        match leases.get_opt("mailpod-operator").await.unwrap() {
+            Some(old) => {
+                let mut lease = lease;
+                lease.metadata.resource_version = old.metadata.resource_version;
+                leases
+                    .replace("mailpod-operator", &PostParams::default(), &lease)
+                    .await
+                    .unwrap()
+            }
+            None => leases.create(&PostParams::default(), &lease).await.unwrap(),
+        };
+    }
+
+    #[tokio::test]
+    async fn a_live_holder_whose_clock_is_behind_keeps_the_lease() {
+        let server = ApiServer::new();
+        let b = LeaderElector::new(server.client(), config("b"));
+        // The holder's clock is an hour behind: its renewTime looks long expired here, yet it renews.
+        skewed_lease(&server, "a", -3600).await;
+        assert!(!b.try_acquire_or_renew().await.unwrap());
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            skewed_lease(&server, "a", -3600 + 1).await;
+            skewed_lease(&server, "a", -3600).await;
+            assert!(
+                !b.try_acquire_or_renew().await.unwrap(),
+                "a renewing holder keeps its lease whatever its clock says"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_holder_whose_clock_is_ahead_loses_the_lease_after_the_duration() {
+        let server = ApiServer::new();
+        let b = LeaderElector::new(server.client(), config("b"));
+        // The holder's clock is an hour ahead, and it has stopped renewing.
+        skewed_lease(&server, "a", 3600).await;
+        assert!(!b.try_acquire_or_renew().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(
+            b.try_acquire_or_renew().await.unwrap(),
+            "unchanged for the lease duration as seen here: expired"
+        );
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! uses; [`status`] computes conditions; [`error`] is the one error type.
 
 pub mod apply;
+pub mod client;
 pub mod confirm;
 pub mod error;
 pub mod failover;

@@ -78,6 +78,8 @@ pub enum FaultKind {
     Status(u16),
     /// Fail at the transport level, as a timed-out connection does.
     Timeout,
+    /// Never answer, as a server behind a dead connection: only a client-side timeout ends the call.
+    Hang,
 }
 
 /// Fails the next `remaining` requests that match.
@@ -269,6 +271,18 @@ impl ApiServer {
     ) -> Result<Response<ResponseBody>, kube::Error> {
         let (parts, body) = req.into_parts();
         let body = body.collect_bytes().await?;
+        match self.answer(parts, body) {
+            Some(answer) => answer,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The answer to one request; `None` for a request that is never answered (an injected hang).
+    fn answer(
+        &self,
+        parts: http::request::Parts,
+        body: Bytes,
+    ) -> Option<Result<Response<ResponseBody>, kube::Error>> {
         let method = parts.method.clone();
         let path = parts.uri.path().to_string();
         let query_str = parts.uri.query().unwrap_or_default().to_string();
@@ -311,11 +325,15 @@ impl ApiServer {
             changed: false,
         };
         match fault {
+            Some(FaultKind::Hang) => {
+                state.log.push(record);
+                return None;
+            }
             Some(FaultKind::Timeout) => {
                 state.log.push(record);
-                return Err(kube::Error::Service(
+                return Some(Err(kube::Error::Service(
                     "injected fault: request timed out".into(),
-                ));
+                )));
             }
             Some(FaultKind::Status(code)) => {
                 record.status = code;
@@ -331,7 +349,7 @@ impl ApiServer {
                     },
                     message: format!("injected fault: HTTP {code}"),
                 };
-                return Ok(error_response(&err));
+                return Some(Ok(error_response(&err)));
             }
             None => {}
         }
@@ -370,7 +388,7 @@ impl ApiServer {
             }
         };
         state.log.push(record);
-        Ok(response)
+        Some(Ok(response))
     }
 
     fn route(
