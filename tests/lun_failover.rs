@@ -461,3 +461,51 @@ async fn a_store_that_cannot_be_applied_still_fails_over() {
     assert_eq!(failed.status, "True");
     assert!(failed.message.contains("StatefulSet"), "{}", failed.message);
 }
+
+/// Two leaders (or one acting on a stale cache) must never promote different replicas: the decision is
+/// recorded by compare-and-swap, and a conflict makes the controller read what was recorded and decide
+/// again from it instead of overwriting it.
+#[tokio::test]
+async fn a_conflicting_promotion_is_decided_again_not_overwritten() {
+    let (server, ctx, reports) = serving().await;
+    create_pod(&server, LUN, 2, true, Some("standby")).await;
+    // Replica 1 is the most up to date as this controller sees it.
+    reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
+    reports.set("corp-lun-0-2", standby_report(5.0, 1, true));
+    set_pod_ready(&server, "corp-lun-0-0", false, &ago(45)).await;
+    let luns = Api::<StorageLUN>::namespaced(server.client(), NS);
+    let stale = luns.get(LUN).await.unwrap();
+    // Meanwhile another leader promoted replica 2 and recorded it.
+    set_lun_status(
+        &server,
+        LUN,
+        json!({"targetActive": "corp-lun-0-2", "needsResync": ["corp-lun-0-0"]}),
+    )
+    .await;
+    for (pod, role) in [("corp-lun-0-2", "active"), ("corp-lun-0-0", "standby")] {
+        Api::<Pod>::namespaced(server.client(), NS)
+            .patch(
+                pod,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"mailpod.io/role": role}}})),
+            )
+            .await
+            .unwrap();
+    }
+    lun::reconcile(Arc::new(stale), ctx.clone()).await.unwrap();
+    let st = luns.get(LUN).await.unwrap().status.unwrap();
+    assert_eq!(
+        st.target_active.as_deref(),
+        Some("corp-lun-0-2"),
+        "the recorded decision stands"
+    );
+    assert_eq!(
+        role(&server, "corp-lun-0-1").await.as_deref(),
+        Some("standby"),
+        "a second replica is never promoted"
+    );
+    assert_eq!(
+        role(&server, "corp-lun-0-2").await.as_deref(),
+        Some("active")
+    );
+}

@@ -34,6 +34,9 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The failover decision could not be recorded: the LUN kept changing under the compare-and-swap.
+    #[error("StorageLUN {0} changed under every attempt to record the failover decision")]
+    DecisionConflict(String),
     /// A stored object does not have the shape of its kind.
     #[error("reading {what}: {source}")]
     Decode {
@@ -60,6 +63,7 @@ impl Error {
             Error::Apply { .. } => "apply",
             Error::Delete { .. } => "delete",
             Error::Status { .. } => "status",
+            Error::DecisionConflict(_) => "decision_conflict",
             Error::Decode { .. } => "decode",
             Error::MissingNamespace(_) => "missing_namespace",
             Error::Random(_) => "random",

@@ -2,9 +2,12 @@
 //! what is already as desired) -> observe the store pods -> move the `mailpod.io/role` label as the
 //! failover decision says -> write status, only when it changed.
 //!
-//! Status is written by JSON merge patch of the fields this controller owns, with explicit nulls for
-//! cleared ones: the snapshot job owns `snapshots` and `lastSnapshot` and writes them with its own patch,
-//! so neither overwrites the other and no resourceVersion race arises.
+//! The failover decision (`targetActive`, `currentActive`, `needsResync`, `lastPromotion`) is recorded
+//! before the role labels move, by a merge patch with the resourceVersion read as precondition: on a
+//! conflict the LUN is read again and the decision made again from what is recorded. The other fields
+//! this controller owns are written by JSON merge patch, with explicit nulls for cleared ones: the
+//! snapshot job owns `snapshots` and `lastSnapshot` and writes them with its own patch, so neither
+//! overwrites the other.
 
 pub mod failover;
 pub mod replicas;
@@ -85,18 +88,72 @@ pub fn lun_child_kinds() -> Vec<ApiResource> {
     ]
 }
 
-/// Status fields this controller owns (everything but the snapshot job's).
+/// Status fields this controller owns (everything but the snapshot job's) and writes by merge patch.
 const OWNED_STATUS_FIELDS: &[&str] = &[
     "conditions",
     "observedGeneration",
     "users",
+    "replicas",
+    "replicationLagSeconds",
+];
+
+/// Status fields that record the failover decision: written only by compare-and-swap
+/// ([`record_decision`]), never by the merge patch of the other fields, which could carry a stale one.
+const DECISION_STATUS_FIELDS: &[&str] = &[
     "targetActive",
     "currentActive",
     "needsResync",
-    "replicas",
-    "replicationLagSeconds",
     "lastPromotion",
 ];
+
+/// How often one reconcile reads the LUN again after a conflicting decision write before it gives up
+/// (and is retried with the backoff).
+const DECISION_ATTEMPTS: u32 = 3;
+
+/// Whether `d` records anything other than what `current` holds.
+fn changes_decision(current: &StorageLUNStatus, d: &Decision) -> bool {
+    current.target_active != d.target_active
+        || current.current_active != d.current_active
+        || current.needs_resync != d.needs_resync
+        || current.last_promotion != d.last_promotion
+}
+
+/// Writes the decision part of status with the resourceVersion of `lun` as a precondition. `Ok(false)`:
+/// the LUN changed since it was read (409), nothing was written.
+async fn record_decision(ctx: &Context, lun: &StorageLUN, d: &Decision) -> Result<bool> {
+    let mut status = lun.status.clone().unwrap_or_default();
+    status.target_active = d.target_active.clone();
+    status.current_active = d.current_active.clone();
+    status.needs_resync = d.needs_resync.clone();
+    status.last_promotion = d.last_promotion.clone();
+    let mut body = serde_json::to_value(&status).map_err(|source| Error::Decode {
+        what: format!("status of StorageLUN {}", lun.name_any()),
+        source,
+    })?;
+    let obj = body.as_object_mut().expect("status is an object");
+    obj.retain(|k, _| DECISION_STATUS_FIELDS.contains(&k.as_str()));
+    for field in DECISION_STATUS_FIELDS {
+        obj.entry(field.to_string()).or_insert(Value::Null);
+    }
+    let patch = json!({
+        "metadata": { "resourceVersion": lun.resource_version() },
+        "status": body,
+    });
+    let api: Api<StorageLUN> =
+        Api::namespaced(ctx.client.clone(), &lun.namespace().unwrap_or_default());
+    match api
+        .patch_status(
+            &lun.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(source) => Err(Error::Status { source }),
+    }
+}
 
 /// Reconciles one StorageLUN. The work is boxed: its future is large, and callers (the controller, tests
 /// that drive several sites on one thread) then hold only a pointer to it.
@@ -225,18 +282,51 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         lun.spec.replication.sync_interval_seconds,
         now,
     );
-    let current = lun.status.clone().unwrap_or_default();
-    let mut decision = failover::decide(&lun.spec, &current, &observed, now);
-    if let Some(v) = &volume {
-        if let Some(condition) = &v.plan.condition {
-            decision.degraded = Some(condition.clone());
+    let decide = |lun: &StorageLUN, current: &StorageLUNStatus| {
+        let mut decision = failover::decide(&lun.spec, current, &observed, now);
+        if let Some(v) = &volume {
+            if let Some(condition) = &v.plan.condition {
+                decision.degraded = Some(condition.clone());
+            }
+            if v.plan.waiting {
+                decision.requeue_after = Some(
+                    decision
+                        .requeue_after
+                        .map_or(volume::WAIT, |d| d.min(volume::WAIT)),
+                );
+            }
         }
-        if v.plan.waiting {
-            decision.requeue_after = Some(
-                decision
-                    .requeue_after
-                    .map_or(volume::WAIT, |d| d.min(volume::WAIT)),
-            );
+        decision
+    };
+    let mut lun = lun;
+    let mut current = lun.status.clone().unwrap_or_default();
+    let mut decision = decide(&lun, &current);
+    // A decision is recorded before it is acted on, by compare-and-swap on the LUN's resourceVersion: a
+    // second leader (or one acting on a stale cache) that decided otherwise gets a conflict, reads the
+    // recorded decision and decides again from it, so two leaders never promote different replicas.
+    let mut recorded = false;
+    let mut attempts = 0;
+    while changes_decision(&current, &decision) {
+        attempts += 1;
+        match record_decision(&ctx, &lun, &decision).await? {
+            true => {
+                current.target_active = decision.target_active.clone();
+                current.current_active = decision.current_active.clone();
+                current.needs_resync = decision.needs_resync.clone();
+                current.last_promotion = decision.last_promotion.clone();
+                recorded = true;
+            }
+            false if attempts < DECISION_ATTEMPTS => {
+                let api: Api<StorageLUN> = Api::namespaced(ctx.client.clone(), &ns);
+                let fresh = api.get(&name).await.map_err(|source| Error::Read {
+                    what: format!("StorageLUN {name}"),
+                    source,
+                })?;
+                lun = Arc::new(fresh);
+                current = lun.status.clone().unwrap_or_default();
+                decision = decide(&lun, &current);
+            }
+            false => return Err(Error::DecisionConflict(name)),
         }
     }
     actuate(&pods, &decision).await?;
@@ -306,7 +396,7 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     // Status writes do not bring the next reconcile (the LUN watch ignores status-only changes), and
     // the agents' reports are not watch events: the LUN is looked at again on a timer, sooner while a
     // promotion is under way.
-    let promoting = written && status.target_active != status.current_active;
+    let promoting = (written || recorded) && status.target_active != status.current_active;
     Ok(match decision.requeue_after {
         Some(d) => Action::requeue(d),
         None if promoting => Action::requeue(Duration::from_secs(1)),

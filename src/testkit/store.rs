@@ -551,6 +551,16 @@ impl Store {
             return Ok(Written { obj, changed: true });
         };
         let old = current.value();
+        // A resourceVersion in a merge patch is a precondition, as on the real API server.
+        if let (PatchKind::Merge, Some(rv)) = (&kind, patch["metadata"]["resourceVersion"].as_str())
+        {
+            if Some(rv) != old["metadata"]["resourceVersion"].as_str() {
+                return Err(ApiError::conflict(format!(
+                    "Operation cannot be fulfilled on {resource} \"{name}\": the object has been modified; \
+                     please apply your changes to the latest version and try again"
+                )));
+            }
+        }
         let new = match kind {
             PatchKind::Merge => {
                 let mut v = old.clone();

@@ -366,6 +366,37 @@ async fn watch_from_an_expired_version_is_gone() {
 }
 
 #[tokio::test]
+async fn a_merge_patch_with_a_resource_version_is_a_precondition() {
+    let server = ApiServer::new();
+    let api: Api<ConfigMap> = Api::namespaced(server.client(), "ns");
+    let created = api
+        .create(&PostParams::default(), &cm("c", &[("k", "1")]))
+        .await
+        .unwrap();
+    let rv = created.metadata.resource_version.clone().unwrap();
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"resourceVersion": rv}, "data": {"k": "2"}})),
+    )
+    .await
+    .unwrap();
+    let err = api
+        .patch(
+            "c",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"resourceVersion": rv}, "data": {"k": "3"}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409),
+        "{err}"
+    );
+    assert_eq!(api.get("c").await.unwrap().data.unwrap()["k"], "2");
+}
+
+#[tokio::test]
 async fn injected_faults_fail_matching_requests_then_stop() {
     let server = ApiServer::new();
     let api: Api<ConfigMap> = Api::namespaced(server.client(), "ns");
