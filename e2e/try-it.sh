@@ -16,7 +16,7 @@ say() { echo "try-it: $*" >&2; }
 
 if [ -z "${KUBECONFIG:-}" ]; then
   [ "$(id -u)" = 0 ] || { say "the local cluster needs root (or export KUBECONFIG for a cluster of yours)"; exit 1; }
-  missing=$(grep -hv '^\s*#' mail-image/packages.txt e2e/packages.txt | xargs -n1 | while read -r p; do
+  missing=$(grep -hv '^\s*#' mail-image/packages.txt tests/packages.txt e2e/packages.txt | xargs -n1 | while read -r p; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
   if [ -n "$missing" ]; then
     say "installing Debian packages: $(echo $missing)"

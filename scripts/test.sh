@@ -31,7 +31,7 @@ install_listed() {
       --no-install-recommends "${missing[@]}" >/dev/null
   fi
 }
-lists=(mail-image/packages.txt)
+lists=(mail-image/packages.txt tests/packages.txt)
 [ "$E2E" = local ] && lists+=(e2e/packages.txt)
 install_listed "${lists[@]}"
 

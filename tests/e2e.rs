@@ -603,6 +603,30 @@ fn killed_active_store_is_replaced_by_its_standby() {
     });
 
     let old = sc.active().unwrap();
+    // Replication to the standby is asynchronous (a pass every few seconds): the mail a promotion can
+    // promise is what the standby holds when the active is lost. Wait until it holds this message.
+    let standby = if old.ends_with("-0") {
+        format!("{LUN}-1")
+    } else {
+        format!("{LUN}-0")
+    };
+    wait_for("the standby to hold the message", || {
+        kubectl(
+            &[
+                "exec",
+                "-n",
+                &sc.ns,
+                &standby,
+                "--",
+                "grep",
+                "-rlF",
+                &subject,
+                "/var/mail/store",
+            ],
+            None,
+        )
+        .map(|_| ())
+    });
     // The active replica's node is lost: cordoned, so the StatefulSet's replacement pod cannot start there
     // (on a one-node cluster it would otherwise be back within the failover threshold, and rightly no
     // failover would happen), and the pod deleted without grace, so it is really gone.
@@ -1081,7 +1105,17 @@ fn imap_subjects(ns: &str, user: &str, folder: &str, prefix: &str) -> Result<Vec
     if !greeting.starts_with("* OK") {
         return Err(format!("greeting {greeting:?}"));
     }
-    s.imap("a", &format!("LOGIN {user} {PASSWORD}"));
+    // A store that just became active may refuse logins for a moment (it re-reads its users file).
+    s.send(&format!("a LOGIN {user} {PASSWORD}"));
+    loop {
+        let l = s.line();
+        if l.starts_with("a ") {
+            if !l.starts_with("a OK") {
+                return Err(format!("LOGIN {user}: {l}"));
+            }
+            break;
+        }
+    }
     s.send(&format!("b SELECT \"{folder}\""));
     let mut selected = String::new();
     loop {
@@ -1203,6 +1237,10 @@ fn snapshot_now(sc: &Scenario) -> String {
         .unwrap_or_else(|| panic!("kubectl mailpod snapshot printed {out:?}"))
         .to_string();
     wait_job(&sc.ns, &job);
+    let log = kubectl(&["logs", "-n", &sc.ns, &format!("job/{job}")], None).unwrap_or_default();
+    if let Some(line) = log.lines().find(|l| l.contains("delivery paused")) {
+        eprintln!("snapshot job {job}: {line}");
+    }
     let name = wait_for("a new status.lastSnapshot", || {
         let lun = get_json(&sc.ns, &["storagelun", LUN]).ok_or("no LUN")?;
         lun["status"]["lastSnapshot"]["name"]
@@ -1370,5 +1408,165 @@ fn a_mailbox_and_a_folder_are_restored_from_a_snapshot() {
         imap_subjects(&sc.ns, "alice@example.com", "INBOX", &prefix).unwrap(),
         inbox,
         "a second restore duplicates nothing"
+    );
+}
+
+/// `kind/name version` of every child of the MailPod, to show that nothing was written.
+fn child_versions(sc: &Scenario) -> Vec<String> {
+    let mut out = vec![];
+    for kind in [
+        "statefulsets",
+        "services",
+        "configmaps",
+        "storageluns",
+        "cronjobs",
+    ] {
+        let list = get_json(
+            &sc.ns,
+            &[kind, "-l", &format!("mailpod.io/mailpod={MAILPOD}")],
+        )
+        .unwrap_or_else(|| json!({"items": []}));
+        for o in list["items"].as_array().unwrap() {
+            // The spec's generation where the kind has one (status writes by the controllers that run
+            // these objects change resourceVersion, not generation), else the resourceVersion.
+            let version = o["metadata"]["generation"]
+                .as_i64()
+                .map(|g| format!("generation {g}"))
+                .unwrap_or_else(|| {
+                    format!(
+                        "resourceVersion {}",
+                        o["metadata"]["resourceVersion"].as_str().unwrap()
+                    )
+                });
+            out.push(format!(
+                "{kind}/{} {version}",
+                o["metadata"]["name"].as_str().unwrap()
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn an_invalid_change_is_refused_or_reported_and_changes_nothing() {
+    if !cluster_given("an_invalid_change_is_refused_or_reported_and_changes_nothing") {
+        return;
+    }
+    let sc = Scenario::new("invalid");
+    sc.apply_small(5);
+    sc.wait_ready();
+    let before = child_versions(&sc);
+
+    // The API server refuses what the schema rules out, naming the field.
+    let refused = kubectl(
+        &[
+            "patch",
+            "mailpod",
+            MAILPOD,
+            "-n",
+            &sc.ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"backend":{"standbys":9}}}"#,
+        ],
+        None,
+    )
+    .expect_err("standbys: 9 accepted");
+    assert!(refused.contains("spec.backend.standbys"), "{refused}");
+
+    // A mailbox of a domain this MailPod does not serve: refused by the API server (CEL) or, if the
+    // schema lets it through, reported as InvalidSpec by the operator; either way naming the field.
+    let patched = kubectl(
+        &[
+            "patch",
+            "mailpod",
+            MAILPOD,
+            "-n",
+            &sc.ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"mailboxes":{"inline":["alice@example.com","bob@example.com","carol@example.com","dave@other.org"]}}}"#,
+        ],
+        None,
+    );
+    match patched {
+        Err(e) => assert!(e.contains("spec.mailboxes"), "{e}"),
+        Ok(_) => {
+            let message = wait_for("Ready=False with reason InvalidSpec", || {
+                let mp = get_json(&sc.ns, &["mailpod", MAILPOD]).ok_or("no MailPod")?;
+                let ready = mp["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["type"] == "Ready")
+                    .cloned()
+                    .unwrap_or_default();
+                (ready["reason"] == "InvalidSpec")
+                    .then(|| ready["message"].as_str().unwrap_or_default().to_string())
+                    .ok_or_else(|| format!("Ready: {ready}"))
+            });
+            assert!(message.contains("spec.mailboxes.inline[3]"), "{message}");
+        }
+    }
+    // Nothing the MailPod runs was written, and mail still flows.
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(
+        child_versions(&sc),
+        before,
+        "children written after an invalid change"
+    );
+    let subject = format!("e2e-invalid-{}", sc.ns);
+    send_mail(&sc.ns, "bob@example.com", &subject);
+    wait_for("mail delivered while the spec is invalid", || {
+        imap_has(&sc.ns, "bob@example.com", &subject)
+    });
+}
+
+#[test]
+fn a_fenced_lun_serves_nobody_and_its_mail_waits_in_the_queue() {
+    if !cluster_given("a_fenced_lun_serves_nobody_and_its_mail_waits_in_the_queue") {
+        return;
+    }
+    let sc = Scenario::new("fence");
+    sc.apply_small(5);
+    sc.wait_ready();
+    let status = plugin(&["-n", &sc.ns, "status", MAILPOD]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.contains(LUN), "kubectl mailpod status: {status}");
+
+    plugin(&["-n", &sc.ns, "fence", LUN]).unwrap_or_else(|e| panic!("{e}"));
+    // Fenced: no replica is an endpoint of the LUN's Service, so no store takes mail or logins.
+    wait_for("the LUN Service to have no endpoint", || {
+        let ep = get_json(&sc.ns, &["endpoints", LUN]).ok_or("no Endpoints")?;
+        let ready: usize = ep["subsets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["addresses"].as_array().map_or(0, Vec::len))
+            .sum();
+        (ready == 0)
+            .then_some(())
+            .ok_or_else(|| format!("{ready} ready endpoints"))
+    });
+    let prefix = format!("e2e-fence-{}-", sc.ns);
+    for i in 0..3 {
+        send_mail(&sc.ns, "alice@example.com", &format!("{prefix}{i}"));
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    plugin(&["-n", &sc.ns, "unfence", LUN]).unwrap_or_else(|e| panic!("{e}"));
+    let want: Vec<String> = (0..3).map(|i| format!("{prefix}{i}")).collect();
+    let unfenced = Instant::now();
+    wait_for("the queued mail delivered once after unfencing", || {
+        let got = imap_subjects(&sc.ns, "alice@example.com", "INBOX", &prefix)?;
+        assert!(got.len() <= 3, "duplicates: {got:?}");
+        (got == want)
+            .then_some(())
+            .ok_or_else(|| format!("{got:?}"))
+    });
+    eprintln!(
+        "queued mail delivered {:?} after unfencing",
+        unfenced.elapsed()
     );
 }
