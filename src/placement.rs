@@ -5,6 +5,10 @@
 //! depend on input order) fill the lowest-indexed LUN with room; a new LUN is created only when every
 //! existing one is full. The current placement is read back from the StorageLUNs themselves, so it survives
 //! operator restarts and needs no other state.
+//!
+//! A removed mailbox's Maildir stays on its LUN's volumes, so each LUN also remembers (in the
+//! [`REMOVED_MAILBOXES`] annotation, at most [`REMEMBERED_PER_LUN`], newest last) the mailboxes that left
+//! it; one that comes back returns to that LUN when it has room, instead of starting empty elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -69,9 +73,172 @@ pub fn place(
         .collect()
 }
 
+/// Annotation on a StorageLUN: the mailboxes removed from it whose mail it still holds, a JSON array.
+pub const REMOVED_MAILBOXES: &str = "mailpod.io/removed-mailboxes";
+
+/// How many removed mailboxes one LUN remembers (about 30 KiB of annotation for typical addresses).
+pub const REMEMBERED_PER_LUN: usize = 1000;
+
+/// The removed mailboxes a LUN remembers, from its annotation's value (nothing when unreadable).
+pub fn parse_remembered(annotation: Option<&str>) -> Vec<String> {
+    annotation
+        .and_then(|a| serde_json::from_str(a).ok())
+        .unwrap_or_default()
+}
+
+/// The annotation's value for `remembered`, `None` when there is nothing to remember.
+pub fn format_remembered(remembered: &[String]) -> Option<String> {
+    (!remembered.is_empty())
+        .then(|| serde_json::to_string(remembered).expect("a list of strings serialises"))
+}
+
+/// Puts each mailbox of `wanted` that no LUN holds but one remembers back on that LUN, while it has room
+/// under `max_users`, so that [`place`] keeps it there. When several LUNs remember it, the lowest with room
+/// takes it.
+pub fn return_remembered(
+    existing: &mut [LunAssignment],
+    remembered: &BTreeMap<u32, Vec<String>>,
+    wanted: &BTreeSet<String>,
+    max_users: u32,
+) {
+    let placed: BTreeSet<String> = existing
+        .iter()
+        .flat_map(|a| a.mailboxes.iter().cloned())
+        .collect();
+    let mut returned: BTreeSet<String> = BTreeSet::new();
+    for lun in existing.iter_mut() {
+        let Some(names) = remembered.get(&lun.index) else {
+            continue;
+        };
+        let mut back: Vec<&String> = names
+            .iter()
+            .filter(|m| wanted.contains(*m) && !placed.contains(*m) && !returned.contains(*m))
+            .collect();
+        back.sort();
+        for m in back {
+            if lun.mailboxes.len() >= max_users as usize {
+                break;
+            }
+            lun.mailboxes.insert(m.clone());
+            returned.insert(m.clone());
+        }
+    }
+}
+
+/// What each LUN remembers after one placement: what it remembered before and the mailboxes that left
+/// it between `before` and `after`, less every mailbox `after` places anywhere (its mail goes with it, or
+/// it starts anew elsewhere), newest last and at most [`REMEMBERED_PER_LUN`]. LUNs `after` drops (emptied
+/// on their way out) are included.
+pub fn remember_removed(
+    before: &[LunAssignment],
+    remembered: &BTreeMap<u32, Vec<String>>,
+    after: &[LunAssignment],
+) -> BTreeMap<u32, Vec<String>> {
+    let placed: BTreeSet<&str> = after
+        .iter()
+        .flat_map(|a| a.mailboxes.iter().map(String::as_str))
+        .collect();
+    let mut out: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let indices: BTreeSet<u32> = before
+        .iter()
+        .map(|a| a.index)
+        .chain(after.iter().map(|a| a.index))
+        .chain(remembered.keys().copied())
+        .collect();
+    for index in indices {
+        let mut list: Vec<String> = remembered
+            .get(&index)
+            .into_iter()
+            .flatten()
+            .filter(|m| !placed.contains(m.as_str()))
+            .cloned()
+            .collect();
+        let left = before
+            .iter()
+            .filter(|a| a.index == index)
+            .flat_map(|a| a.mailboxes.iter())
+            .filter(|m| !placed.contains(m.as_str()));
+        for m in left {
+            list.retain(|r| r != m);
+            list.push(m.clone());
+        }
+        if list.len() > REMEMBERED_PER_LUN {
+            list.drain(..list.len() - REMEMBERED_PER_LUN);
+        }
+        if !list.is_empty() {
+            out.insert(index, list);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_removed_and_re_added_mailbox_returns_to_its_lun() {
+        let first = place(&[], &names(0..12), 4);
+        let moved = "user00005@example.com".to_string();
+        assert_eq!(where_is(&first)[&moved], 1);
+        // user00005 is removed from LUN 1.
+        let without: BTreeSet<String> = names(0..12).into_iter().filter(|m| *m != moved).collect();
+        let second = place(&first, &without, 4);
+        let memory = remember_removed(&first, &BTreeMap::new(), &second);
+        assert_eq!(memory.get(&1), Some(&vec![moved.clone()]));
+        // Then LUN 0 loses one too, so the lowest LUN with room is no longer where its mail is.
+        let mut third_wanted = without.clone();
+        third_wanted.remove("user00002@example.com");
+        let third = place(&second, &third_wanted, 4);
+        let memory = remember_removed(&second, &memory, &third);
+        let mut wanted = third_wanted.clone();
+        wanted.insert(moved.clone());
+        assert_eq!(
+            where_is(&place(&third, &wanted, 4))[&moved],
+            0,
+            "without memory it would start empty on LUN 0"
+        );
+        let mut back = third.clone();
+        return_remembered(&mut back, &memory, &wanted, 4);
+        let fourth = place(&back, &wanted, 4);
+        assert_eq!(
+            where_is(&fourth)[&moved],
+            1,
+            "back on the LUN with its Maildir"
+        );
+        let memory = remember_removed(&third, &memory, &fourth);
+        assert_eq!(memory.get(&1), None, "placed again: forgotten");
+        assert_eq!(
+            memory.get(&0),
+            Some(&vec!["user00002@example.com".to_string()])
+        );
+    }
+
+    #[test]
+    fn memory_is_bounded_and_keeps_the_newest() {
+        let first = place(&[], &names(0..1500), 2000);
+        let second = place(&first, &BTreeSet::new(), 2000);
+        let memory = remember_removed(&first, &BTreeMap::new(), &second);
+        let list = &memory[&0];
+        assert_eq!(list.len(), REMEMBERED_PER_LUN);
+        let again = remember_removed(&second, &memory, &second);
+        assert_eq!(&again[&0], list, "nothing new: unchanged");
+        let text = format_remembered(list).unwrap();
+        assert_eq!(&parse_remembered(Some(&text)), list);
+        assert!(parse_remembered(Some("not json")).is_empty());
+    }
+
+    #[test]
+    fn a_full_lun_takes_no_returning_mailbox() {
+        let first = place(&[], &names(0..4), 4);
+        let mut memory = BTreeMap::new();
+        memory.insert(0, vec!["back@example.com".to_string()]);
+        let mut existing = first.clone();
+        let mut wanted = names(0..4);
+        wanted.insert("back@example.com".into());
+        return_remembered(&mut existing, &memory, &wanted, 4);
+        assert_eq!(existing, first);
+    }
 
     fn names(range: std::ops::Range<u32>) -> BTreeSet<String> {
         range.map(|i| format!("user{i:05}@example.com")).collect()

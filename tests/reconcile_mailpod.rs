@@ -610,6 +610,65 @@ async fn placement_is_stable_as_mailboxes_come_and_go() {
     assert_eq!(mp.status.unwrap().lun_count, 3);
 }
 
+/// A removed mailbox's Maildir stays on its LUN: when the mailbox comes back it returns there, not to
+/// the lowest LUN that happens to have room; once placed again the LUN forgets it.
+#[tokio::test]
+async fn a_removed_and_re_added_mailbox_goes_back_to_its_maildir() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 2500).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let moved = "user001500@corp.example";
+    assert_eq!(placement(&server, "corp")[moved], 1);
+    let users = |skip: &[usize]| -> String {
+        fixtures::mailbox_lines("corp.example", 0, 2500)
+            .lines()
+            .enumerate()
+            .filter(|(i, _)| !skip.contains(i))
+            .map(|(_, l)| format!("{l}\n"))
+            .collect()
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let set_users = |text: String| {
+        let cms = cms.clone();
+        async move {
+            cms.patch(
+                "corp-users",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"users": text}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // Removed from LUN 1; then one from LUN 0 frees a slot lower down.
+    set_users(users(&[1500])).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    set_users(users(&[1500, 10])).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let lun1: StorageLUN = server.get(NS, "corp-lun-1").unwrap();
+    assert_eq!(
+        lun1.annotations()
+            .get("mailpod.io/removed-mailboxes")
+            .map(String::as_str),
+        Some(r#"["user001500@corp.example"]"#),
+        "the LUN remembers whose mail it still holds"
+    );
+    // It comes back.
+    set_users(users(&[10])).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let now = placement(&server, "corp");
+    assert_eq!(now[moved], 1, "back on the LUN that holds its Maildir");
+    assert!(!now.contains_key("user000010@corp.example"));
+    let lun1: StorageLUN = server.get(NS, "corp-lun-1").unwrap();
+    assert!(!lun1
+        .annotations()
+        .contains_key("mailpod.io/removed-mailboxes"));
+    let lun0: StorageLUN = server.get(NS, "corp-lun-0").unwrap();
+    assert!(lun0.annotations()["mailpod.io/removed-mailboxes"].contains("user000010@corp.example"));
+}
+
 /// An emptied mailbox list (a blank ConfigMap key) would drain every LUN: it is held with a clear
 /// condition and nothing changes, instead of within seconds losing every mailbox.
 #[tokio::test]

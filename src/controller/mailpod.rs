@@ -23,7 +23,7 @@ use super::status::{self, Observed};
 use super::Context;
 use crate::crd::{MailPod, MailPodStatus, MailboxSource, StorageLUN, ValidationErrors};
 use crate::names::{labels, FIELD_MANAGER};
-use crate::placement::LunAssignment;
+use crate::placement::{self, LunAssignment};
 use crate::resources::{self, lun::assignments, mailboxes, Child};
 
 /// How often a converged MailPod is looked at again even with no event (a safety net, not the trigger).
@@ -209,11 +209,39 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         return hold_removal(&ctx, &mp, removal).await;
     }
 
+    // A re-added mailbox goes back to the LUN that still holds its Maildir.
+    let remembered: BTreeMap<u32, Vec<String>> = live_luns
+        .iter()
+        .map(|l| {
+            let list = placement::parse_remembered(
+                l.annotations()
+                    .get(placement::REMOVED_MAILBOXES)
+                    .map(String::as_str),
+            );
+            (l.spec.index, list)
+        })
+        .filter(|(_, list)| !list.is_empty())
+        .collect();
+    let mut returning = existing.clone();
+    placement::return_remembered(
+        &mut returning,
+        &remembered,
+        &wanted,
+        mp.spec.backend.max_users_per_lun,
+    );
+
     // Build (pure).
-    let desired = match resources::mailpod::build(&mp, &wanted, &existing, &ctx.config.defaults()) {
-        Ok(d) => d,
-        Err(errs) => return reject(&ctx, &mp, errs).await,
-    };
+    let mut desired =
+        match resources::mailpod::build(&mp, &wanted, &returning, &ctx.config.defaults()) {
+            Ok(d) => d,
+            Err(errs) => return reject(&ctx, &mp, errs).await,
+        };
+    let memory = placement::remember_removed(&existing, &remembered, &desired.placement);
+    for child in &mut desired.children {
+        if let Child::StorageLUN(lun) = child {
+            remember_on(lun, &memory);
+        }
+    }
 
     // Apply, in the builders' order.
     let report = apply::apply_children(
@@ -250,6 +278,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
                 };
                 let bctx = resources::mailpod::Context::new(&mp, &ctx.config.defaults());
                 let mut emptied = resources::lun::build(&bctx, &empty);
+                remember_on(&mut emptied, &memory);
                 // Its volumes keep the mail: deleting it later needs a person's confirmation.
                 emptied
                     .metadata
@@ -367,6 +396,20 @@ fn condition_message(status: Option<&MailPodStatus>, type_: &str) -> Option<Stri
         .iter()
         .find(|c| c.type_ == type_)
         .map(|c| c.message.clone())
+}
+
+/// Writes on `lun` the removed mailboxes it remembers (see [`placement::REMOVED_MAILBOXES`]).
+fn remember_on(lun: &mut StorageLUN, memory: &BTreeMap<u32, Vec<String>>) {
+    let Some(value) = memory
+        .get(&lun.spec.index)
+        .and_then(|list| placement::format_remembered(list))
+    else {
+        return;
+    };
+    lun.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(placement::REMOVED_MAILBOXES.to_string(), value);
 }
 
 /// Transient failures (API errors, timeouts) are retried with a per-object exponential backoff.
