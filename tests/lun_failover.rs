@@ -509,3 +509,76 @@ async fn a_conflicting_promotion_is_decided_again_not_overwritten() {
         Some("active")
     );
 }
+
+/// Lowering `standbys` removes the highest ordinals: when the active is one of them the LUN switches
+/// over first, keeps the demoted replica until it has handed its mail over, and only then scales down.
+#[tokio::test]
+async fn lowering_standbys_switches_over_first_and_never_removes_the_active() {
+    let server = ApiServer::new();
+    let mut l = lun(LUN, &["a@corp.example"], 10);
+    l.spec.standbys = 2;
+    create_lun(&server, &l).await;
+    let reports = Arc::new(StaticReports::default());
+    let ctx = Arc::new(
+        Context::new(server.client(), RunConfig::default())
+            .with_replication_source(reports.clone()),
+    );
+    create_pod(&server, LUN, 0, true, Some("standby")).await;
+    create_pod(&server, LUN, 1, true, Some("standby")).await;
+    create_pod(&server, LUN, 2, true, Some("active")).await;
+    set_lun_status(
+        &server,
+        LUN,
+        json!({"targetActive": "corp-lun-0-2", "currentActive": "corp-lun-0-2"}),
+    )
+    .await;
+    reports.set("corp-lun-0-0", standby_report(0.3, 1, true));
+    reports.set("corp-lun-0-1", standby_report(0.2, 1, true));
+    let replicas = |server: &ApiServer| {
+        let sts: StatefulSet = server.get(NS, LUN).unwrap();
+        sts.spec.unwrap().replicas
+    };
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-2"));
+    assert_eq!(replicas(&server), Some(3));
+
+    Api::<StorageLUN>::namespaced(server.client(), NS)
+        .patch(
+            LUN,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"standbys": 0}})),
+        )
+        .await
+        .unwrap();
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(replicas(&server), Some(3), "the active is never removed");
+    assert_eq!(st.target_active.as_deref(), Some("corp-lun-0-0"));
+    assert_eq!(st.needs_resync, ["corp-lun-0-2"]);
+    assert_eq!(
+        role(&server, "corp-lun-0-0").await.as_deref(),
+        Some("active")
+    );
+    assert_eq!(
+        role(&server, "corp-lun-0-2").await.as_deref(),
+        Some("standby")
+    );
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-0"));
+    assert_eq!(
+        replicas(&server),
+        Some(3),
+        "the demoted replica is kept until it has handed over"
+    );
+
+    // The demoted replica reports a complete pass as standby after the switchover.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    reports.set("corp-lun-0-2", standby_report(0.1, 0, true));
+    let st = reconcile(&server, &ctx).await;
+    assert!(st.needs_resync.is_empty(), "{:?}", st.needs_resync);
+    reconcile(&server, &ctx).await;
+    assert_eq!(replicas(&server), Some(1));
+    assert_eq!(
+        role(&server, "corp-lun-0-0").await.as_deref(),
+        Some("active")
+    );
+}

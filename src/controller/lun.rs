@@ -13,6 +13,7 @@ pub mod failover;
 pub mod replicas;
 pub mod replication;
 pub mod reports;
+pub mod scale;
 pub mod volume;
 
 use crate::controller::publish;
@@ -194,6 +195,20 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     } else {
         None
     };
+    // A lowered `standbys` waits while it would remove the active (or a replica being promoted or
+    // handing over); the switchover it needs is decided below.
+    let desired_replicas = 1 + lun.spec.standbys as i32;
+    let live_replicas = live
+        .get("StatefulSet", &name)
+        .and_then(|o| o.data["spec"]["replicas"].as_i64())
+        .map(|r| r as i32);
+    if volume.is_none() {
+        let status = lun.status.clone().unwrap_or_default();
+        let allowed = scale::allowed_replicas(&name, desired_replicas, live_replicas, &status);
+        if allowed != desired_replicas {
+            store::set_store_replicas(&mut desired, allowed);
+        }
+    }
     // A child that cannot be applied (an immutable field changed, a webhook refusing) must not keep the
     // failover below from running: the failure is reported and retried, roles are still decided and
     // moved, and only the steps whose order depends on the apply (the images of a Volume LUN) wait.
@@ -284,6 +299,15 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     );
     let decide = |lun: &StorageLUN, current: &StorageLUNStatus| {
         let mut decision = failover::decide(&lun.spec, current, &observed, now);
+        if volume.is_none() {
+            scale::switch_over(
+                &name,
+                desired_replicas,
+                live_replicas,
+                &mut decision,
+                &observed,
+            );
+        }
         if let Some(v) = &volume {
             if let Some(condition) = &v.plan.condition {
                 decision.degraded = Some(condition.clone());
