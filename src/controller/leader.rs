@@ -66,6 +66,8 @@ pub struct LeaderElector {
     api: Api<Lease>,
     config: LeaseConfig,
     observed: Mutex<Option<Observed>>,
+    /// When the last attempt that left this replica holding the Lease was sent.
+    held_since: Mutex<Option<Instant>>,
 }
 
 fn now() -> MicroTime {
@@ -99,6 +101,7 @@ impl LeaderElector {
             api: Api::namespaced(client, &config.namespace),
             config,
             observed: Mutex::new(None),
+            held_since: Mutex::new(None),
         }
     }
 
@@ -129,10 +132,15 @@ impl LeaderElector {
     }
 
     async fn try_within(&self, limit: Duration) -> Result<bool, LeaseError> {
-        match tokio::time::timeout(limit, self.attempt()).await {
-            Ok(r) => r.map_err(LeaseError::from),
-            Err(_) => Err(LeaseError::TimedOut(limit)),
+        let sent = Instant::now();
+        let held = match tokio::time::timeout(limit, self.attempt()).await {
+            Ok(r) => r.map_err(LeaseError::from)?,
+            Err(_) => return Err(LeaseError::TimedOut(limit)),
+        };
+        if held {
+            *self.held_since.lock().expect("lease lock") = Some(sent);
         }
+        Ok(held)
     }
 
     async fn attempt(&self) -> Result<bool, kube::Error> {
@@ -219,8 +227,13 @@ impl LeaderElector {
     /// (or another replica holds the Lease), then returns: the caller must stop reconciling. A renewal
     /// that hangs is abandoned at that deadline. Never returns while leadership holds.
     pub async fn hold(&self) {
-        // Counted from when the last good renewal was sent: the holder's renewTime is not later than that.
-        let mut last_ok = Instant::now();
+        // Counted from when the last good renewal (or the acquisition) was sent: the renewTime others saw
+        // change is not earlier than that.
+        let mut last_ok = self
+            .held_since
+            .lock()
+            .expect("lease lock")
+            .unwrap_or_else(Instant::now);
         loop {
             let step_down_at = last_ok + self.config.renew_deadline();
             tokio::time::sleep_until((Instant::now() + self.config.renew_every).min(step_down_at))
@@ -232,7 +245,7 @@ impl LeaderElector {
                 return;
             }
             match self.try_within(left).await {
-                Ok(true) => last_ok = sent,
+                Ok(true) => last_ok = sent.max(last_ok),
                 Ok(false) => {
                     warn!(identity = %self.config.identity, "another replica took the lease; stepping down");
                     return;
@@ -345,6 +358,23 @@ mod tests {
         assert!(
             held <= config("a").renew_deadline() + Duration::from_millis(100),
             "stepped down after {held:?}, later than the renew deadline"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_renew_deadline_counts_from_the_acquisition_not_from_when_holding_starts() {
+        let server = ApiServer::new();
+        let a = LeaderElector::new(server.client(), config("a"));
+        let acquired = Instant::now();
+        assert!(a.try_acquire_or_renew().await.unwrap());
+        // Controllers take a while to start before hold() runs; meanwhile the API server hangs.
+        server.inject(Fault::new(None, "/leases/", FaultKind::Hang, usize::MAX));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        a.hold().await;
+        let held = acquired.elapsed();
+        assert!(
+            held <= config("a").renew_deadline() + Duration::from_millis(100),
+            "led for {held:?} after the last good renewal"
         );
     }
 
