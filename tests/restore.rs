@@ -209,7 +209,7 @@ async fn creates_exactly_the_clone_and_the_job() {
         &[
             "restore-import",
             "--target",
-            "corp-lun-0:12345",
+            "corp-lun-0.mail.svc.cluster.local:12345",
             "--mail-root",
             "/var/mail/store",
             "--work-dir",
@@ -227,7 +227,8 @@ async fn creates_exactly_the_clone_and_the_job() {
         .iter()
         .find(|m| m.mount_path == "/var/mail/store")
         .unwrap();
-    assert_eq!(mail.read_only, Some(true));
+    // Read-write: the clone is the Job's own copy, and Dovecot writes uidlists while it reads.
+    assert_eq!(mail.read_only, None);
     let volume = pod
         .volumes
         .as_ref()
@@ -238,7 +239,7 @@ async fn creates_exactly_the_clone_and_the_job() {
     let claim = volume.persistent_volume_claim.as_ref().unwrap();
     assert_eq!(
         (claim.claim_name.as_str(), claim.read_only),
-        (pvc.as_str(), Some(true))
+        (pvc.as_str(), None)
     );
 
     let pvc_obj = Api::<PersistentVolumeClaim>::namespaced(server.client(), NS)
