@@ -1249,6 +1249,11 @@ fn snapshot_now(sc: &Scenario) -> String {
             .map(String::from)
             .ok_or_else(|| format!("lastSnapshot {}", lun["status"]["lastSnapshot"]))
     });
+    let lun = get_json(&sc.ns, &["storagelun", LUN]).unwrap();
+    eprintln!(
+        "snapshot {name}: delivery paused {} ms",
+        lun["status"]["lastSnapshot"]["pauseMillis"]
+    );
     wait_for("the snapshot to be ready to use", || {
         let s = get_json(&sc.ns, &["volumesnapshot", &name]).ok_or("no VolumeSnapshot")?;
         (s["status"]["readyToUse"] == true)
@@ -1569,4 +1574,83 @@ fn a_fenced_lun_serves_nobody_and_its_mail_waits_in_the_queue() {
         "queued mail delivered {:?} after unfencing",
         unfenced.elapsed()
     );
+}
+
+#[test]
+fn standbys_are_added_and_removed_and_capacity_is_fixed() {
+    if !cluster_given("standbys_are_added_and_removed_and_capacity_is_fixed") {
+        return;
+    }
+    let sc = Scenario::new("scale");
+    sc.apply_small(5);
+    sc.wait_ready();
+    let subject = format!("e2e-scale-{}", sc.ns);
+    send_mail(&sc.ns, "alice@example.com", &subject);
+    wait_for("mail delivered", || {
+        imap_has(&sc.ns, "alice@example.com", &subject)
+    });
+    let active = sc.active().unwrap();
+    let ready_replicas = |want: i64| {
+        wait_for(&format!("{want} ready store replicas"), || {
+            let s = get_json(&sc.ns, &["statefulset", LUN]).ok_or("no StatefulSet")?;
+            let (spec, ready) = (
+                s["spec"]["replicas"].as_i64(),
+                s["status"]["readyReplicas"].as_i64().unwrap_or(0),
+            );
+            (spec == Some(want) && ready == want)
+                .then_some(())
+                .ok_or_else(|| format!("replicas {spec:?}, ready {ready}"))
+        })
+    };
+
+    // docs/operations.md: capacity is fixed once set; the API server refuses the change, naming it.
+    let refused = kubectl(
+        &[
+            "patch",
+            "mailpod",
+            MAILPOD,
+            "-n",
+            &sc.ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"backend":{"lunTemplate":{"capacity":"2Gi"}}}}"#,
+        ],
+        None,
+    )
+    .expect_err("a capacity change was accepted");
+    assert!(refused.contains("capacity"), "{refused}");
+
+    // A second standby: three replicas, the active unchanged.
+    must(&[
+        "patch",
+        "mailpod",
+        MAILPOD,
+        "-n",
+        &sc.ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"backend":{"standbys":2}}}"#,
+    ]);
+    ready_replicas(3);
+    assert_eq!(sc.active().as_deref(), Some(active.as_str()));
+    // Back to one: the highest ordinal goes, never the active, and the mail stays readable.
+    must(&[
+        "patch",
+        "mailpod",
+        MAILPOD,
+        "-n",
+        &sc.ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"backend":{"standbys":1}}}"#,
+    ]);
+    ready_replicas(2);
+    let now_active = sc.active().unwrap();
+    assert_ne!(now_active, format!("{LUN}-2"), "the active was removed");
+    wait_for("mail readable after scaling", || {
+        imap_has(&sc.ns, "alice@example.com", &subject)
+    });
 }

@@ -53,12 +53,32 @@ pub fn mail_software_present(test: &str) -> bool {
     false
 }
 
+/// A port no server of this test process has been given, free on 127.0.0.1 when asked.
+///
+/// Taken below the kernel's ephemeral range (32768-60999 by default): a port the kernel hands out for
+/// `bind(0)` is released before the server binds it, and in between any outgoing connection on the
+/// machine (Postfix's LMTP client, doveadm) may take it, or the next `bind(0)` may return it again.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::Mutex;
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let mut x = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+    for _ in 0..SPAN {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let port = (LOW + (x >> 8) % SPAN) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {LOW} and {}", LOW + SPAN);
 }
 
 /// Polls `f` until it returns Some, or panics after `timeout` naming `what`.
