@@ -7,9 +7,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 : "${KUBECONFIG:?export KUBECONFIG (e2e/cluster-up.sh prints it)}"
 KUBECTL=${KUBECTL:-$(command -v kubectl || echo "$ROOT/target/e2e/bin/kubectl")}
-cargo build --locked --no-default-features --bin mailpod-operator
-mkdir -p target/e2e && strip -o target/e2e/mailpod-operator target/debug/mailpod-operator
-bash e2e/build-images.sh --binary target/e2e/mailpod-operator --only mail,operator >/dev/null
+bash e2e/build-operator-images.sh --only mail,operator
 bash e2e/load-images.sh
 "$KUBECTL" -n "${RELEASE_NAMESPACE:-mailpod-system}" rollout restart deployment/mailpod-operator
 "$KUBECTL" -n "${RELEASE_NAMESPACE:-mailpod-system}" rollout status deployment/mailpod-operator --timeout=180s

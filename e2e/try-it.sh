@@ -27,9 +27,7 @@ if [ -z "${KUBECONFIG:-}" ]; then
   say "building the cluster's programs (first time: about 11 minutes)"
   bash e2e/build-cluster.sh
   say "building the operator and the images"
-  cargo build --locked --no-default-features --bin mailpod-operator
-  mkdir -p target/e2e && strip -o target/e2e/mailpod-operator target/debug/mailpod-operator
-  bash e2e/build-images.sh --binary target/e2e/mailpod-operator >/dev/null
+  bash e2e/build-operator-images.sh
   eval "$(bash e2e/cluster-up.sh | grep '^export KUBECONFIG=')"
   export KUBECONFIG
   export PATH=$ROOT/target/e2e/bin:$PATH

@@ -61,11 +61,7 @@ esac
 phase "building the cluster's programs"
 bash e2e/build-cluster.sh
 phase "building the operator binary and the images"
-# The image carries the dev-profile binary: the release profile's LTO build would double the run's build
-# time; the code and the image's contents are otherwise those of a release.
-cargo build --locked --no-default-features --bin mailpod-operator
-mkdir -p target/e2e && strip -o target/e2e/mailpod-operator target/debug/mailpod-operator
-bash e2e/build-images.sh --binary target/e2e/mailpod-operator >/dev/null
+bash e2e/build-operator-images.sh
 
 phase "cluster up"
 down() {

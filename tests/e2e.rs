@@ -57,8 +57,9 @@ fn kubectl_bin() -> String {
     std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_string())
 }
 
-fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    let mut child = Command::new(kubectl_bin())
+/// Runs `program` with `args` (and `stdin`), returning its output, or its error output when it fails.
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    let mut child = Command::new(program)
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -68,7 +69,7 @@ fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run kubectl: {e}"))?;
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
     if let Some(input) = stdin {
         child
             .stdin
@@ -82,11 +83,15 @@ fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
-            "kubectl {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    run(&kubectl_bin(), args, stdin)
 }
 
 fn must(args: &[&str]) -> String {
@@ -902,36 +907,9 @@ fn steady_state_sends_no_writes_in_a_quiet_minute() {
 /// Runs curl (SMTP, IMAP and POP3 over STARTTLS with certificate checks off: the certificate is the test's
 /// own self-signed one) and returns its output, or curl's error.
 fn curl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    let mut child = Command::new("curl")
-        .args(["-sS", "--max-time", "30"])
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run curl: {e}"))?;
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "curl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let mut all = vec!["-sS", "--max-time", "30"];
+    all.extend(args);
+    run("curl", &all, stdin)
 }
 
 /// The `host:port` of a Service's ClusterIP (curl connects there directly).
