@@ -706,19 +706,7 @@ fn snapshots_are_taken_and_pruned_to_retain() {
             &job,
             "--from=cronjob/small-lun-0-snapshot",
         ]);
-        wait_for(&format!("Job {job} to complete"), || {
-            let j = get_json(&sc.ns, &["job", &job]).ok_or("no Job")?;
-            if j["status"]["failed"].as_i64().unwrap_or(0) > 2 {
-                panic!(
-                    "snapshot Job {job} failed: {}",
-                    kubectl(&["logs", "-n", &sc.ns, &format!("job/{job}")], None)
-                        .unwrap_or_default()
-                );
-            }
-            (condition(&j, "Complete").as_deref() == Some("True"))
-                .then_some(())
-                .ok_or_else(|| format!("status {}", j["status"]))
-        });
+        wait_job(&sc.ns, &job);
         let last = wait_for("status.lastSnapshot on the StorageLUN", || {
             let lun = get_json(&sc.ns, &["storagelun", LUN]).ok_or("no LUN")?;
             lun["status"]["lastSnapshot"]["name"]
@@ -1289,6 +1277,33 @@ fn mail_sent_across_a_snapshot_pause_is_delivered_once() {
     );
 }
 
+/// Restores `mailbox` (one `folder` of it, if given) from `snapshot` with `kubectl mailpod restore --wait`,
+/// printing how long it took.
+fn restore_with_plugin(sc: &Scenario, snapshot: &str, mailbox: &str, folder: Option<&str>) {
+    let mut args = vec![
+        "-n",
+        &sc.ns,
+        "restore",
+        "--lun",
+        LUN,
+        "--snapshot",
+        snapshot,
+        "--mailbox",
+        mailbox,
+    ];
+    if let Some(f) = folder {
+        args.extend(["--folder", f]);
+    }
+    args.extend(["--wait", "--timeout", "600"]);
+    let started = Instant::now();
+    let out = plugin(&args).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "restore of {mailbox} {}: {:?}\n{out}",
+        folder.unwrap_or("(every folder)"),
+        started.elapsed()
+    );
+}
+
 #[test]
 fn a_mailbox_and_a_folder_are_restored_from_a_snapshot() {
     if !cluster_given("a_mailbox_and_a_folder_are_restored_from_a_snapshot") {
@@ -1324,69 +1339,21 @@ fn a_mailbox_and_a_folder_are_restored_from_a_snapshot() {
         Vec::<String>::new()
     );
 
-    let started = Instant::now();
-    let out = plugin(&[
-        "-n",
-        &sc.ns,
-        "restore",
-        "--lun",
-        LUN,
-        "--snapshot",
-        &snapshot,
-        "--mailbox",
-        "alice@example.com",
-        "--wait",
-        "--timeout",
-        "600",
-    ])
-    .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("restore of one mailbox: {:?}\n{out}", started.elapsed());
+    restore_with_plugin(&sc, &snapshot, "alice@example.com", None);
     assert_eq!(
         imap_subjects(&sc.ns, "alice@example.com", "INBOX", &prefix).unwrap(),
         inbox,
         "alice's INBOX restored"
     );
 
-    let started = Instant::now();
-    let out = plugin(&[
-        "-n",
-        &sc.ns,
-        "restore",
-        "--lun",
-        LUN,
-        "--snapshot",
-        &snapshot,
-        "--mailbox",
-        "bob@example.com",
-        "--folder",
-        "Projects",
-        "--wait",
-        "--timeout",
-        "600",
-    ])
-    .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("restore of one folder: {:?}\n{out}", started.elapsed());
+    restore_with_plugin(&sc, &snapshot, "bob@example.com", Some("Projects"));
     assert_eq!(
         imap_subjects(&sc.ns, "bob@example.com", "Projects", &prefix).unwrap(),
         [project],
         "bob's Projects folder restored"
     );
     // Restoring again copies nothing twice.
-    plugin(&[
-        "-n",
-        &sc.ns,
-        "restore",
-        "--lun",
-        LUN,
-        "--snapshot",
-        &snapshot,
-        "--mailbox",
-        "alice@example.com",
-        "--wait",
-        "--timeout",
-        "600",
-    ])
-    .unwrap_or_else(|e| panic!("{e}"));
+    restore_with_plugin(&sc, &snapshot, "alice@example.com", None);
     assert_eq!(
         imap_subjects(&sc.ns, "alice@example.com", "INBOX", &prefix).unwrap(),
         inbox,
