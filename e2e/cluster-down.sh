@@ -12,23 +12,15 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STATE=${STATE:-/var/lib/mailpod-e2e}
 BIN_DIR=${BIN_DIR:-$ROOT/target/e2e/bin}
 BRIDGE=${BRIDGE:-mailpod0}
-RUN=/run/mailpod-e2e
-SOCK=$RUN/containerd.sock
-say() { echo "cluster-down: $*" >&2; }
-[ "$(id -u)" = 0 ] || { say "must run as root"; exit 1; }
+SOCK=/run/mailpod-e2e/containerd.sock
+NAME=cluster-down
+# shellcheck source=e2e/lib.sh
+. "$ROOT/e2e/lib.sh"
+[ "$(id -u)" = 0 ] || die "must run as root"
+stop() { stop_component "$1"; }
 
-pid_of() { [ -f "$STATE/pids/$1" ] && cat "$STATE/pids/$1"; }
-# Stops a component by its recorded PID (its whole session), waiting up to 10 s before SIGKILL.
-stop() {
-  local pid; pid=$(pid_of "$1") || return 0
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
-  fi
-  rm -f "$STATE/pids/$1"
-}
-
+# The sites of e2e/sites-up.sh, if any: their operator first, then their control planes.
+for c in west-operator kube-controller-manager-west kube-apiserver-west kube-apiserver-witness; do stop "$c"; done
 # The kubelet first, so nothing restarts what is removed next.
 stop kubelet
 for c in snapshot-controller csi-snapshotter csi-resizer csi-provisioner coredns kube-proxy \
@@ -53,17 +45,19 @@ done
 stop containerd
 stop csi-hostpath
 stop kube-apiserver
+# Anything else recorded (a component started by hand with e2e/component.sh), then etcd last.
+for f in "$STATE"/pids/*; do [ -e "$f" ] && [ "${f##*/}" != etcd ] && stop "${f##*/}"; done
 stop etcd
 
 # iptables: kube-proxy's chains, the portmap plugin's, and the forwarding chain.
 if [ -x "$BIN_DIR/kube-proxy" ]; then "$BIN_DIR/kube-proxy" --cleanup >/dev/null 2>&1; fi
 for table in nat filter mangle; do
-  for ch in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && ($2 ~ /^KUBE-/ || $2 ~ /^CNI-/ || $2 == "MAILPOD-E2E-FORWARD") {print $2}'); do
+  for ch in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && ($2 ~ /^KUBE-/ || $2 ~ /^CNI-/ || $2 ~ /^MAILPOD-E2E-/) {print $2}'); do
     iptables -t "$table" -S 2>/dev/null | awk -v c="$ch" '$1 == "-A" && $0 ~ ("-j " c "( |$)") {sub(/^-A/, "-D"); print}' |
       while read -r rule; do eval "iptables -t $table $rule" 2>/dev/null; done
     iptables -t "$table" -F "$ch" 2>/dev/null
   done
-  for ch in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && ($2 ~ /^KUBE-/ || $2 ~ /^CNI-/ || $2 == "MAILPOD-E2E-FORWARD") {print $2}'); do
+  for ch in $(iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && ($2 ~ /^KUBE-/ || $2 ~ /^CNI-/ || $2 ~ /^MAILPOD-E2E-/) {print $2}'); do
     iptables -t "$table" -X "$ch" 2>/dev/null
   done
 done

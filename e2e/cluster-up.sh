@@ -28,13 +28,14 @@ API_SERVICE_IP=${API_SERVICE_IP:-10.96.0.1}
 NODE_NAME=${NODE_NAME:-mailpod-node}
 CLUSTER_DOMAIN=cluster.local
 API_PORT=6443
+API_URL=https://$NODE_IP:$API_PORT
 RUN=/run/mailpod-e2e
-PKI=$STATE/pki
 KUBECONFIG_OUT=$STATE/admin.kubeconfig
 start=$(date +%s)
 
-say() { echo "cluster-up: $*" >&2; }
-die() { say "$*"; exit 1; }
+NAME=cluster-up
+# shellcheck source=e2e/lib.sh
+. "$ROOT/e2e/lib.sh"
 [ "$(id -u)" = 0 ] || die "must run as root (kubelet, containerd, mounts, iptables)"
 for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl coredns \
   csi-hostpath csi-provisioner csi-resizer csi-snapshotter snapshot-controller; do
@@ -48,26 +49,6 @@ KUBECTL=$BIN_DIR/kubectl
 export KUBECONFIG=$KUBECONFIG_OUT
 
 mkdir -p "$STATE"/{pids,logs,pki,kubelet,cni/net.d,cni/ipam,csi-data,etcd,containerd,audit} "$RUN"
-
-alive() { [ -f "$STATE/pids/$1" ] && kill -0 "$(cat "$STATE/pids/$1")" 2>/dev/null; }
-# Starts a component in its own session, logging to $STATE/logs/NAME.log; a running one is kept.
-launch() {
-  local name=$1; shift
-  if alive "$name"; then return; fi
-  setsid "$@" >>"$STATE/logs/$name.log" 2>&1 </dev/null &
-  echo $! >"$STATE/pids/$name"
-}
-# Waits (bounded) until a command succeeds; on timeout shows the component's log.
-wait_for() {
-  local what=$1 log=$2 tries=$3; shift 3
-  for _ in $(seq "$tries"); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 1
-  done
-  say "timed out waiting for $what; last lines of $log:"
-  tail -n 30 "$STATE/logs/$log.log" >&2 || true
-  exit 1
-}
 
 # ---- network: the bridge, forwarding limited to it ----
 if [ ! -f "$STATE/ip_forward.before" ]; then cat /proc/sys/net/ipv4/ip_forward >"$STATE/ip_forward.before"; fi
@@ -89,50 +70,6 @@ iptables -C FORWARD -j "$chain" 2>/dev/null || iptables -I FORWARD 1 -j "$chain"
 echo 1 >/proc/sys/net/ipv4/ip_forward
 
 # ---- certificates ----
-gen_ca() {
-  [ -f "$PKI/ca.crt" ] && return
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=mailpod-e2e-ca" \
-    -keyout "$PKI/ca.key" -out "$PKI/ca.crt" 2>/dev/null
-}
-# cert NAME CN [O] [SANs]: a certificate signed by the cluster CA.
-cert() {
-  local name=$1 cn=$2 org=${3:-} sans=${4:-}
-  [ -f "$PKI/$name.crt" ] && return
-  local subj="/CN=$cn"; [ -n "$org" ] && subj="/O=$org$subj"
-  openssl req -newkey rsa:2048 -nodes -subj "$subj" -keyout "$PKI/$name.key" -out "$PKI/$name.csr" 2>/dev/null
-  {
-    echo "basicConstraints=CA:FALSE"
-    echo "keyUsage=digitalSignature,keyEncipherment"
-    if [ -n "$sans" ]; then echo "extendedKeyUsage=serverAuth,clientAuth"; echo "subjectAltName=$sans";
-    else echo "extendedKeyUsage=clientAuth"; fi
-  } >"$PKI/$name.ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$PKI/$name.ext" -out "$PKI/$name.crt" 2>/dev/null
-  rm -f "$PKI/$name.csr" "$PKI/$name.ext"
-}
-# kubeconfig NAME CERT: a kubeconfig for the API server with a client certificate.
-kubeconfig() {
-  local file=$STATE/$1.kubeconfig
-  [ -f "$file" ] && return
-  cat >"$file" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: mailpod-e2e
-  cluster:
-    server: https://$NODE_IP:$API_PORT
-    certificate-authority: $PKI/ca.crt
-users:
-- name: $1
-  user:
-    client-certificate: $PKI/$2.crt
-    client-key: $PKI/$2.key
-contexts:
-- name: mailpod-e2e
-  context: {cluster: mailpod-e2e, user: $1}
-current-context: mailpod-e2e
-EOF
-}
 gen_ca
 cert apiserver kube-apiserver "" \
   "IP:$NODE_IP,IP:$API_SERVICE_IP,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.$CLUSTER_DOMAIN,DNS:localhost"
@@ -142,12 +79,12 @@ cert controller-manager system:kube-controller-manager
 cert scheduler system:kube-scheduler
 cert kube-proxy system:kube-proxy
 cert kubelet "system:node:$NODE_NAME" system:nodes
-[ -f "$PKI/sa.key" ] || { openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null; openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null; }
-kubeconfig admin admin
-kubeconfig controller-manager controller-manager
-kubeconfig scheduler scheduler
-kubeconfig kube-proxy kube-proxy
-kubeconfig kubelet kubelet
+service_account_key sa
+kubeconfig "$STATE/admin.kubeconfig" "$API_URL" admin admin
+kubeconfig "$STATE/controller-manager.kubeconfig" "$API_URL" controller-manager controller-manager
+kubeconfig "$STATE/scheduler.kubeconfig" "$API_URL" scheduler scheduler
+kubeconfig "$STATE/kube-proxy.kubeconfig" "$API_URL" kube-proxy kube-proxy
+kubeconfig "$STATE/kubelet.kubeconfig" "$API_URL" kubelet kubelet
 
 # ---- etcd, API server, controllers ----
 launch etcd etcd --name mailpod-e2e --data-dir "$STATE/etcd" \

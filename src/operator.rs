@@ -89,12 +89,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         args.watch_namespaces.iter().cloned().map(Some).collect()
     };
-    for ns in &namespaces {
-        controller::check_crds(&client, ns.as_deref()).await?;
-    }
-    metrics.set_ready(true);
     // One shutdown signal for every controller, each finishing its in-flight work.
     let shutdown = shutdown_signal().boxed().shared();
+    if !controller::wait_for_crds(&client, &namespaces, shutdown.clone()).await? {
+        server.abort();
+        return Ok(());
+    }
+    metrics.set_ready(true);
 
     let run_controllers =
         |stop: futures::future::Shared<futures::future::BoxFuture<'static, ()>>| {

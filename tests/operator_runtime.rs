@@ -154,3 +154,55 @@ async fn missing_crds_stop_the_operator_with_a_hint() {
         "{err}"
     );
 }
+
+/// An API server that does not answer at start-up is waited for: the operator starts once it answers,
+/// instead of exiting into the kubelet's growing restart back-off.
+#[tokio::test]
+async fn an_unreachable_api_server_is_waited_for_at_start() {
+    use mailpod_operator::testkit::{Fault, FaultKind};
+    let server = ApiServer::new();
+    server.inject(Fault::new(
+        Some(http::Method::GET),
+        "/mailpods",
+        FaultKind::Timeout,
+        2,
+    ));
+    let started = std::time::Instant::now();
+    let ready = mailpod_operator::controller::wait_for_crds(
+        &server.client(),
+        &[Some("mail".to_string())],
+        std::future::pending::<()>(),
+    )
+    .await
+    .expect("waits, then finds the CRDs");
+    assert!(ready);
+    // Two failed checks: one pause of 1 s, one of 2 s.
+    assert!(started.elapsed() >= std::time::Duration::from_secs(3));
+
+    // A missing CRD is not waited for.
+    server.inject(Fault::new(
+        Some(http::Method::GET),
+        "/sitefailovers",
+        FaultKind::Status(404),
+        1,
+    ));
+    let err = mailpod_operator::controller::wait_for_crds(
+        &server.client(),
+        &[Some("mail".to_string())],
+        std::future::pending::<()>(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("is not installed"), "{err}");
+
+    // Shut down while waiting: returns false.
+    server.inject(Fault::new(None, "/mailpods", FaultKind::Timeout, 100));
+    let ready = mailpod_operator::controller::wait_for_crds(
+        &server.client(),
+        &[Some("mail".to_string())],
+        tokio::time::sleep(std::time::Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    assert!(!ready);
+}

@@ -312,6 +312,15 @@ pub async fn publish<K>(
     }
 }
 
+/// [`check_crds`] could not get an answer from the API server (as opposed to an answer that refuses).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the API server to list {what}")]
+pub struct ApiUnreachable {
+    what: String,
+    #[source]
+    source: kube::Error,
+}
+
 /// In `namespace` when the operator watches only some namespaces (its Roles are namespaced there).
 pub async fn check_crds(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
     async fn one<K>(client: &Client, namespace: Option<&str>) -> anyhow::Result<()>
@@ -336,16 +345,47 @@ pub async fn check_crds(client: &Client, namespace: Option<&str>) -> anyhow::Res
                 K::plural(&()),
                 s.message
             ),
-            Err(e) => Err(anyhow::Error::new(e).context(format!(
-                "cannot reach the API server to list {}",
-                K::plural(&())
-            ))),
+            Err(e) => Err(anyhow::Error::new(ApiUnreachable {
+                what: K::plural(&()).to_string(),
+                source: e,
+            })),
         }
     }
     one::<MailPod>(client, namespace).await?;
     one::<StorageLUN>(client, namespace).await?;
     one::<SiteFailover>(client, namespace).await?;
     Ok(())
+}
+
+/// Checks that the CRDs are installed. A missing CRD or a refusal ends the process with a hint; an API
+/// server that does not answer (restarting, or this site cut off from it) is waited for, so the operator
+/// starts by itself when it returns instead of crash-looping into an ever longer restart back-off.
+/// Returns false when shut down while waiting.
+pub async fn wait_for_crds(
+    client: &Client,
+    namespaces: &[Option<String>],
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<bool> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut pause = std::time::Duration::from_secs(1);
+    'again: loop {
+        for ns in namespaces {
+            match check_crds(client, ns.as_deref()).await {
+                Ok(()) => {}
+                Err(e) if e.is::<ApiUnreachable>() => {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?pause, "waiting for the API server");
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(false),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(std::time::Duration::from_secs(10));
+                    continue 'again;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(true);
+    }
 }
 
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
