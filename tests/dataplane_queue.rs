@@ -1,4 +1,6 @@
-//! A paused or stopped store defers mail; when it returns, every message is delivered exactly once.
+//! A paused or stopped store defers mail; when it returns, every message is delivered exactly once, at
+//! once (the agent retries the mail that waited for a store; nobody runs `postqueue -f`), while retries
+//! to the internet keep Postfix's default schedule.
 //! Also: the SMTP codes for failed authentication (535) and oversized messages (552).
 
 mod support;
@@ -8,6 +10,9 @@ use std::time::Duration;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
+/// How soon mail that waited for a store must arrive once the store takes deliveries again: well below
+/// any Postfix backoff (the agent looks every 2 s).
+const PROMPT: Duration = Duration::from_secs(8);
 const N: usize = 5;
 
 fn deferred_in_queue(mx: &Agent) -> usize {
@@ -61,8 +66,8 @@ fn paused_or_stopped_store_defers_then_delivers_all_exactly_once() {
     );
 
     assert_eq!(store.post("/resume").0, 200);
-    mx.flush_queue();
-    wait_for("paused mail delivered", WAIT, || {
+    let resumed = std::time::Instant::now();
+    wait_for("paused mail delivered", PROMPT, || {
         (maildir_subjects(&store, "carol@example.com").len() >= N).then_some(())
     });
     // Give a duplicate a chance to show up before counting.
@@ -70,6 +75,10 @@ fn paused_or_stopped_store_defers_then_delivers_all_exactly_once() {
     let got = maildir_subjects(&store, "carol@example.com");
     assert_eq!(got.len(), N, "none lost, none duplicated: {got:?}");
     assert_eq!(unique(&got).len(), N);
+    eprintln!(
+        "{N} messages held by a pause delivered {:?} after resume",
+        resumed.elapsed()
+    );
     wait_for("empty queue", WAIT, || {
         (deferred_in_queue(&mx) == 0).then_some(())
     });
@@ -93,8 +102,7 @@ fn paused_or_stopped_store_defers_then_delivers_all_exactly_once() {
         (deferred_in_queue(&mx) == N).then_some(())
     });
     let store = Agent::start(&site, "store", "store", &ps);
-    mx.flush_queue();
-    wait_for("mail delivered after the store returned", WAIT, || {
+    wait_for("mail delivered after the store returned", PROMPT, || {
         (maildir_subjects(&store, "carol@example.com").len() >= 2 * N).then_some(())
     });
     std::thread::sleep(Duration::from_millis(500));
@@ -111,6 +119,79 @@ fn paused_or_stopped_store_defers_then_delivers_all_exactly_once() {
             .unwrap()
             >= (2 * N) as f64
     );
+}
+
+/// `postconf -h NAME` of a pod's rendered Postfix configuration, as Postfix itself reads it.
+fn postconf(agent: &Agent, name: &str) -> String {
+    let out = std::process::Command::new("postconf")
+        .arg("-c")
+        .arg(agent.work.join("postfix"))
+        .args(["-h", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "postconf {name}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn internet_retries_keep_postfix_defaults_while_a_store_gets_its_mail_at_once() {
+    if !mail_software_present(
+        "internet_retries_keep_postfix_defaults_while_a_store_gets_its_mail_at_once",
+    ) {
+        return;
+    }
+    let mut site = Site::new(1_000_000);
+    let ps = Ports::free();
+    site.lun(0, &ps);
+    site.mailbox("frank@example.com", 0, "pw");
+    site.publish();
+    let store = Agent::start(&site, "store", "store", &ps);
+    let mx = Agent::start(&site, "mx", "mx", &Ports::free());
+    let sub = Agent::start(&site, "submission", "submission", &Ports::free());
+    // One schedule per Postfix instance, for every destination: the internet gets Postfix's own.
+    for agent in [&mx, &sub] {
+        assert_eq!(postconf(agent, "minimal_backoff_time"), "300s");
+        assert_eq!(postconf(agent, "maximal_backoff_time"), "4000s");
+        assert_eq!(postconf(agent, "queue_run_delay"), "300s");
+    }
+
+    // A snapshot-length pause: mail deferred, then delivered within seconds of the resume, with no
+    // `postqueue -f` from anyone (Postfix alone would wait its 300 s backoff).
+    assert_eq!(store.post("/pause?seconds=60").0, 200);
+    for i in 0..2 {
+        assert_eq!(
+            send_mail(
+                mx.ports.smtp,
+                "x@remote.test",
+                &["frank@example.com"],
+                &format!("held-{i}"),
+                50
+            )
+            .0,
+            250
+        );
+    }
+    wait_for("the held mail deferred", WAIT, || {
+        (deferred_in_queue(&mx) == 2).then_some(())
+    });
+    // Still paused: nothing is pushed at a store that refuses.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(deferred_in_queue(&mx), 2);
+    let log = std::fs::read_to_string(mx.work.join("log/postfix.log")).unwrap();
+    assert_eq!(
+        log.matches("status=deferred").count(),
+        2,
+        "one attempt per message while the store is paused:\n{log}"
+    );
+    assert_eq!(store.post("/resume").0, 200);
+    let resumed = std::time::Instant::now();
+    wait_for("the held mail delivered after resume", PROMPT, || {
+        (maildir_subjects(&store, "frank@example.com").len() == 2).then_some(())
+    });
+    eprintln!("held mail delivered {:?} after resume", resumed.elapsed());
+    wait_for("an empty queue", WAIT, || {
+        (deferred_in_queue(&mx) == 0).then_some(())
+    });
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! daemons as supervised children ([`supervise`]), applies ConfigMap changes without restarting them,
 //! tails the mail logs into its own output and into [`metrics`], serves [`http`] health, readiness,
 //! metrics and (stores) pause/resume, and on stores owns the LMTP port through the pause gate
-//! ([`lmtp_gate`]).
+//! ([`lmtp_gate`]). Where mail is queued (mx, submission) it retries the mail that waited for a store as
+//! soon as the store takes deliveries again ([`store_flush`]).
 
 pub mod apply;
 pub mod http;
@@ -14,6 +15,7 @@ pub mod passwd;
 pub mod render;
 pub mod replication;
 pub mod role;
+pub mod store_flush;
 pub mod supervise;
 
 use std::collections::BTreeMap;
@@ -306,6 +308,14 @@ async fn run(args: AgentArgs) -> Result<()> {
         });
     }
     tokio::spawn(tail_logs(layout.clone(), state.clone()));
+    if role.runs_postfix() {
+        tokio::spawn(store_flush::run(
+            layout.postfix_config.clone(),
+            layout.postfix_queue.clone(),
+            args.config_dir.clone(),
+            args.tables_dir.clone(),
+        ));
+    }
     if let Some(r) = replication {
         tokio::spawn(async move { r.run().await });
     }

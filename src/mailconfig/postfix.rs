@@ -180,10 +180,9 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
         ("message_size_limit", settings.max_message_bytes.to_string()),
         ("mailbox_size_limit", "0".into()),
         ("virtual_mailbox_limit", "0".into()),
-        // Stores pause for seconds during snapshots: retry deferred mail soon rather than after the default 5 min.
-        ("queue_run_delay", "30s".into()),
-        ("minimal_backoff_time", "30s".into()),
-        ("maximal_backoff_time", "300s".into()),
+        // Retry timing stays Postfix's default (one schedule for every transport, sane for the internet);
+        // mail that waited for a paused or absent store is retried by the agent when it returns
+        // (agent::store_flush).
         (
             "virtual_mailbox_domains",
             map(maps::VIRTUAL_MAILBOX_DOMAINS),
