@@ -16,16 +16,19 @@ use super::tables::AccessTables;
 /// the passwd-file.
 pub const DOVECOT_INTERNAL_USER: &str = "dovecot";
 
-/// The services Dovecot 2.3 chroots by default (`doveconf -d`). A chroot needs CAP_SYS_CHROOT, which mail
-/// pods drop, and `anvil` or a login process that cannot chroot exits with `Operation not permitted`: each
-/// is rendered with `chroot =`. The pod is the sandbox, as for Postfix (master.cf renders no chroot).
-pub const DEFAULT_CHROOTED_SERVICES: [&str; 9] = [
+/// The services Dovecot 2.3 chroots by default (`doveconf -d`), Pigeonhole's `managesieve-login`
+/// (Debian's dovecot-managesieved) included. A chroot needs CAP_SYS_CHROOT, which mail pods drop, and
+/// `anvil` or a login process that cannot chroot exits with `Operation not permitted`: each is rendered
+/// with `chroot =`. The pod is the sandbox, as for Postfix (master.cf renders no chroot). A block for a
+/// service whose package is not installed is harmless (Dovecot starts nothing for it).
+pub const DEFAULT_CHROOTED_SERVICES: [&str; 10] = [
     "aggregator",
     "anvil",
     "director",
     "imap-login",
     "imap-urlauth-login",
     "ipc",
+    "managesieve-login",
     "old-stats",
     "pop3-login",
     "submission-login",
