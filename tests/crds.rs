@@ -219,6 +219,23 @@ fn cel_rules_agree_with_rust_validation() {
             json!({"domains": ["example.com"], "protection": {"maxMessageSize": "lots"}}),
             false,
         ),
+        (
+            json!({"domains": ["example.com"], "quota": {"storage": "2Gi", "messages": 5000, "overQuota": "Refuse",
+                   "overrides": [{"mailbox": "a@example.com", "storage": "10Gi"}, {"mailbox": "b@example.com", "messages": 9}]}}),
+            true,
+        ),
+        (
+            json!({"domains": ["example.com"], "quota": {"storage": "2 GB"}}),
+            false,
+        ),
+        (
+            json!({"domains": ["example.com"], "quota": {"storage": "2Gi", "overrides": [{"mailbox": "a@example.com"}]}}),
+            false,
+        ),
+        (
+            json!({"domains": ["example.com"], "quota": {"storage": "2Gi", "overrides": [{"mailbox": "a@example.com", "storage": "lots"}]}}),
+            false,
+        ),
     ];
     for (spec, ok) in cases {
         let obj = mailpod(spec.clone());

@@ -182,6 +182,13 @@ impl Metrics {
         }
     }
 
+    /// Registers a store's mailbox quota series, which the quota poller keeps current (agent::quota).
+    pub fn register_quota(&mut self) -> super::quota::QuotaMetrics {
+        let q = super::quota::QuotaMetrics::default();
+        q.register(&mut self.registry);
+        q
+    }
+
     pub fn set_tables_hash(&self, hash: &str) {
         let mut current = self.current_hash.lock().expect("metrics lock");
         if *current != hash {

@@ -12,6 +12,7 @@ pub mod http;
 pub mod lmtp_gate;
 pub mod metrics;
 pub mod passwd;
+pub mod quota;
 pub mod render;
 pub mod replication;
 pub mod role;
@@ -127,6 +128,10 @@ pub struct AgentArgs {
     #[arg(long, env = "MAILPOD_SYNC_INTERVAL_SECONDS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub sync_interval_seconds: u64,
+    /// Store: seconds between polls of the mailboxes' quota usage for /metrics (see [`quota`]).
+    #[arg(long, env = "MAILPOD_QUOTA_INTERVAL_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub quota_interval_seconds: u64,
 }
 
 impl AgentArgs {
@@ -206,7 +211,13 @@ async fn run(args: AgentArgs) -> Result<()> {
     let gate = (role == Role::Store)
         .then(|| lmtp_gate::Gate::new(layout.lmtp_socket(), inputs.settings.hostname.clone()));
     let queue_dir = role.runs_postfix().then(|| layout.postfix_queue.clone());
-    let metrics = metrics::Metrics::new(queue_dir, role == Role::Store);
+    let mut metrics = metrics::Metrics::new(queue_dir, role == Role::Store);
+    let quota = (role == Role::Store).then(|| quota::QuotaPoller {
+        dovecot_conf: layout.dovecot_conf(),
+        config_dir: args.config_dir.clone(),
+        interval: Duration::from_secs(args.quota_interval_seconds),
+        metrics: metrics.register_quota(),
+    });
     let replication = match (&args.lun, &metrics.replication) {
         (Some(lun), Some(m)) => Some(Arc::new(
             replication::Replication::new(
@@ -318,6 +329,9 @@ async fn run(args: AgentArgs) -> Result<()> {
     }
     if let Some(r) = replication {
         tokio::spawn(async move { r.run().await });
+    }
+    if let Some(q) = quota {
+        tokio::spawn(q.run());
     }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -75,6 +75,9 @@ pub struct MailPodSpec {
     /// TLS certificate for SMTP, submission, IMAP and POP3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// Mailbox quotas: a default for every mailbox and per-mailbox overrides. No quota when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<super::QuotaSpec>,
 }
 
 /// The front-end services. Each runs as its own StatefulSet behind its own Service.
@@ -684,6 +687,16 @@ impl MailPodSpec {
             }
         }
         self.snapshots.validate("spec.snapshots", &mut errs);
+        if let Some(q) = &self.quota {
+            q.validate("spec.quota", &mut errs);
+            // Its domain must be hosted here (its address is checked above).
+            for (i, o) in q.overrides.iter().enumerate() {
+                if split_address(&o.mailbox).is_some() {
+                    let path = format!("spec.quota.overrides[{i}].mailbox");
+                    self.check_mailbox(&o.mailbox, &path, &mut errs);
+                }
+            }
+        }
         if let Some(tls) = &self.tls {
             if !is_dns_subdomain_name(&tls.secret_name) {
                 errs.push("spec.tls.secretName", "must be a Secret name");

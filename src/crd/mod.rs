@@ -8,12 +8,14 @@ mod common;
 mod failover;
 mod lun;
 mod mailpod;
+mod store_features;
 mod validation;
 
 pub use common::*;
 pub use failover::*;
 pub use lun::*;
 pub use mailpod::*;
+pub use store_features::*;
 pub use validation::{parse_bytes as validation_bytes, FieldError, ValidationErrors};
 
 use kube::CustomResourceExt;

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::layout::{Layout, Ports, Role};
-use super::settings::MailSettings;
+use super::settings::{MailSettings, QuotaSettings};
 use super::tables::AccessTables;
 
 /// The user Dovecot's internal services run as (`default_internal_user`), among them auth, which opens
@@ -38,13 +38,56 @@ pub const DEFAULT_CHROOTED_SERVICES: [&str; 10] = [
 pub const STORE_USERDB: &str = "userdb";
 
 /// The store's userdb file: one passwd-file line per mailbox (uid, gid and home come from the userdb's
-/// `default_fields`).
+/// `default_fields`); a mailbox with a quota override carries it as userdb fields, which replace the
+/// default rules of the same name (`quota_rule` storage, `quota_rule2` messages).
 pub fn store_userdb(tables: &AccessTables) -> String {
     let mut out = String::new();
     for mailbox in tables.mailboxes.keys() {
-        let _ = writeln!(out, "{mailbox}:");
+        match tables.quotas.get(mailbox) {
+            // Every field present: passwd-file reads a shorter line as a user it cannot find, and
+            // `doveadm -A` (quota get) then skips the mailbox as one that "no longer exists".
+            None => {
+                let _ = writeln!(out, "{mailbox}:::::::");
+            }
+            Some(q) => {
+                let mut fields = Vec::new();
+                if let Some(b) = q.storage_bytes {
+                    fields.push(format!("userdb_quota_rule=*:storage={b}B"));
+                }
+                if let Some(n) = q.messages {
+                    fields.push(format!("userdb_quota_rule2=*:messages={n}"));
+                }
+                let _ = writeln!(out, "{mailbox}:::::::{}", fields.join(" "));
+            }
+        }
     }
     out
+}
+
+/// The quota plugin on a store. The `count` backend: usage comes from the mailbox indexes Dovecot keeps
+/// anyway, so there is no `maildirsize` file to drift (the `maildir` backend's, which dsync does not
+/// replicate and which goes stale when files are added or removed behind Dovecot's back, as a restore
+/// does) and nothing to recalculate after a failover. `quota_vsizes` makes sizes the virtual (CRLF) sizes
+/// that count expects. Over quota at RCPT (`lmtp_rcpt_check_quota`) or DATA, LMTP answers 452 4.2.2 with
+/// `quota_full_tempfail`, 552 5.2.2 without; IMAP APPEND gets `NO [OVERQUOTA]`.
+fn quota_conf(out: &mut String, quota: &QuotaSettings) {
+    out.push_str("mail_plugins = $mail_plugins quota\n");
+    let _ = writeln!(
+        out,
+        "quota_full_tempfail = {}",
+        if quota.tempfail { "yes" } else { "no" }
+    );
+    out.push_str("lmtp_rcpt_check_quota = yes\n");
+    out.push_str("protocol imap {\n  mail_plugins = $mail_plugins imap_quota\n}\n");
+    let _ = write!(
+        out,
+        "plugin {{\n  quota = count:User quota\n  quota_vsizes = yes\n  quota_rule = *:storage={}B\n",
+        quota.storage_bytes
+    );
+    if let Some(n) = quota.messages {
+        let _ = writeln!(out, "  quota_rule2 = *:messages={n}");
+    }
+    out.push_str("}\n");
 }
 
 /// File name (under [`Layout::dovecot_config`]) of the proxy passdb the imap/pop3 roles render from the tables.
@@ -160,6 +203,9 @@ pub fn dovecot_conf(
         Role::Store => {
             out.push_str("mail_location = maildir:~/Maildir\n");
             out.push_str("pop3_uidl_format = %08Xu%08Xv\n");
+            if let Some(q) = &settings.features.quota {
+                quota_conf(&mut out, q);
+            }
             let _ = writeln!(
                 out,
                 "protocol lmtp {{\n  postmaster_address = postmaster@{}\n}}",
@@ -229,6 +275,7 @@ mod tests {
             dnsbl: vec![],
             dnsbl_threshold: 1,
             tls,
+            features: Default::default(),
         }
     }
 
@@ -286,6 +333,62 @@ mod tests {
             "service doveadm {\n  inet_listener {\n    port = 12345\n  }\n}\n\
              !include_try /var/lib/mailpod/dovecot/doveadm.conf\n"
         ));
+    }
+
+    #[test]
+    fn store_quota_default_and_overrides() {
+        use crate::mailconfig::settings::QuotaSettings;
+        use crate::mailconfig::tables::MailboxQuota;
+        let mut s = settings(false);
+        let plain = dovecot_conf(
+            Role::Store,
+            &s,
+            &Layout::default(),
+            &Ports::default(),
+            Path::new("/u"),
+        );
+        assert!(!plain.contains("quota"), "no quota unless the spec asks");
+        s.features.quota = Some(QuotaSettings {
+            storage_bytes: 1 << 30,
+            messages: Some(5000),
+            tempfail: true,
+        });
+        let conf = dovecot_conf(
+            Role::Store,
+            &s,
+            &Layout::default(),
+            &Ports::default(),
+            Path::new("/u"),
+        );
+        assert!(conf.contains(
+            "mail_plugins = $mail_plugins quota\nquota_full_tempfail = yes\nlmtp_rcpt_check_quota = yes\n\
+             protocol imap {\n  mail_plugins = $mail_plugins imap_quota\n}\n\
+             plugin {\n  quota = count:User quota\n  quota_vsizes = yes\n  quota_rule = *:storage=1073741824B\n  quota_rule2 = *:messages=5000\n}\n"
+        ), "{conf}");
+        s.features.quota.as_mut().unwrap().tempfail = false;
+        let imap = dovecot_conf(
+            Role::Imap,
+            &s,
+            &Layout::default(),
+            &Ports::default(),
+            Path::new("/u"),
+        );
+        assert!(!imap.contains("quota"), "proxies enforce no quota");
+
+        let mut t = AccessTables::default();
+        t.mailboxes.insert("a@example.com".into(), 0);
+        t.mailboxes.insert("b@example.com".into(), 0);
+        t.quotas.insert(
+            "b@example.com".into(),
+            MailboxQuota {
+                storage_bytes: Some(0),
+                messages: Some(10),
+            },
+        );
+        assert_eq!(
+            store_userdb(&t),
+            "a@example.com:::::::\nb@example.com:::::::userdb_quota_rule=*:storage=0B userdb_quota_rule2=*:messages=10\n"
+        );
     }
 
     #[test]

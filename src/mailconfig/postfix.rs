@@ -347,6 +347,7 @@ mod tests {
             dnsbl: vec!["zen.spamhaus.org*2".into(), "bl.spamcop.net".into()],
             dnsbl_threshold: 2,
             tls: true,
+            features: Default::default(),
         }
     }
 

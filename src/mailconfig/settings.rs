@@ -27,6 +27,36 @@ pub struct MailSettings {
     pub dnsbl_threshold: u32,
     /// Whether a TLS certificate is mounted at the agent's TLS directory.
     pub tls: bool,
+    /// What Dovecot gives each mailbox beyond storage (quota); absent from settings.yaml when nothing is on.
+    #[serde(default, skip_serializing_if = "StoreFeatures::is_off")]
+    pub features: StoreFeatures,
+}
+
+/// Dovecot features of the stores (and the proxies in front of them).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreFeatures {
+    /// Stores: the default mailbox quota (per-mailbox overrides are in the access tables); none when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaSettings>,
+}
+
+impl StoreFeatures {
+    pub fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The default quota of every mailbox of a store.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaSettings {
+    /// Bytes; 0: no storage limit.
+    pub storage_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<u64>,
+    /// Over quota, LMTP answers 452 (true) rather than 552.
+    pub tempfail: bool,
 }
 
 impl MailSettings {
@@ -44,6 +74,13 @@ impl MailSettings {
             dnsbl: spec.protection.dnsbl.clone(),
             dnsbl_threshold: spec.protection.dnsbl_threshold,
             tls: spec.tls.is_some(),
+            features: StoreFeatures {
+                quota: spec.quota.as_ref().map(|q| QuotaSettings {
+                    storage_bytes: q.storage_bytes(),
+                    messages: q.messages,
+                    tempfail: q.over_quota == crate::crd::OverQuota::Defer,
+                }),
+            },
         }
     }
 

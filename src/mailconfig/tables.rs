@@ -24,6 +24,9 @@ pub mod keys {
     pub const SENDER_ACCESS: &str = "sender_access";
     pub const RECIPIENT_BCC: &str = "recipient_bcc";
     pub const SENDER_BCC: &str = "sender_bcc";
+    /// Per-mailbox quota overrides; present only when there are any, so tables without them (and their
+    /// hash, which the sites compare) are what they were before quotas existed.
+    pub const QUOTAS: &str = "quotas";
 }
 
 /// Largest rendered size the operator accepts, leaving room for metadata under the 1 MiB object limit.
@@ -58,6 +61,14 @@ pub struct AccessEntry {
     pub action: String,
 }
 
+/// One mailbox's own quota limits (`None`: the MailPod's default).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MailboxQuota {
+    /// Bytes; 0: no storage limit.
+    pub storage_bytes: Option<u64>,
+    pub messages: Option<u64>,
+}
+
 /// Everything the front ends need to route and filter mail, in one value that hashes and round-trips.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccessTables {
@@ -75,6 +86,8 @@ pub struct AccessTables {
     /// Pattern -> archive address.
     pub recipient_bcc: BTreeMap<String, String>,
     pub sender_bcc: BTreeMap<String, String>,
+    /// Mailbox -> its quota override (the stores render it into their userdb).
+    pub quotas: BTreeMap<String, MailboxQuota>,
 }
 
 /// A line of the ConfigMap that cannot be read.
@@ -144,6 +157,18 @@ impl AccessTables {
             sender_access: access(&t.sender_access),
             recipient_bcc: bcc(ArchiveDirection::Inbound),
             sender_bcc: bcc(ArchiveDirection::Outbound),
+            quotas: spec
+                .quota
+                .iter()
+                .flat_map(|q| q.overrides.iter())
+                .map(|o| {
+                    let quota = MailboxQuota {
+                        storage_bytes: o.storage.as_deref().and_then(crate::crd::validation_bytes),
+                        messages: o.messages,
+                    };
+                    (o.mailbox.clone(), quota)
+                })
+                .collect(),
         }
     }
 
@@ -212,6 +237,21 @@ impl AccessTables {
             keys::SENDER_BCC,
             lines(self.sender_bcc.iter().map(|(p, b)| format!("{p} {b}"))),
         );
+        if !self.quotas.is_empty() {
+            put(
+                keys::QUOTAS,
+                lines(self.quotas.iter().map(|(m, q)| {
+                    let mut line = m.clone();
+                    if let Some(b) = q.storage_bytes {
+                        let _ = write!(line, " storage={b}");
+                    }
+                    if let Some(n) = q.messages {
+                        let _ = write!(line, " messages={n}");
+                    }
+                    line
+                })),
+            );
+        }
         data
     }
 
@@ -295,6 +335,31 @@ impl AccessTables {
                 }
                 map.insert(p.to_string(), b.to_string());
             }
+        }
+        for (n, line) in entries(data, keys::QUOTAS) {
+            let bad = || {
+                err(
+                    keys::QUOTAS,
+                    n,
+                    "expected `address [storage=BYTES] [messages=N]`",
+                )
+            };
+            let mut fields = line.split_whitespace();
+            let mailbox = fields.next().ok_or_else(bad)?;
+            let mut quota = MailboxQuota::default();
+            for f in fields {
+                match f.split_once('=') {
+                    Some(("storage", v)) => {
+                        quota.storage_bytes = Some(v.parse().map_err(|_| bad())?)
+                    }
+                    Some(("messages", v)) => quota.messages = Some(v.parse().map_err(|_| bad())?),
+                    _ => return Err(bad()),
+                }
+            }
+            if quota == MailboxQuota::default() {
+                return Err(bad());
+            }
+            t.quotas.insert(mailbox.to_string(), quota);
         }
         Ok(t)
     }
@@ -422,6 +487,36 @@ mod tests {
         let mut other = t.clone();
         other.mailboxes.insert("d@example.com".into(), 1);
         assert_ne!(other.hash(), t.hash());
+    }
+
+    #[test]
+    fn quota_overrides_round_trip_and_are_absent_without_any() {
+        let wanted = ["a@example.com", "b@example.org"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let placement = place(&[], &wanted, 2);
+        let endpoint = |i| LunEndpoint::in_cluster(format!("corp-lun-{i}"));
+        let mut spec = spec();
+        let plain = AccessTables::build(&spec, &placement, endpoint);
+        assert!(!plain.to_data().contains_key(keys::QUOTAS));
+        spec.quota = Some(
+            serde_yaml::from_str(
+                "storage: 1Gi\noverrides: [{mailbox: a@example.com, storage: 2Ki}, {mailbox: b@example.org, messages: 7}]",
+            )
+            .unwrap(),
+        );
+        let t = AccessTables::build(&spec, &placement, endpoint);
+        let data = t.to_data();
+        assert_eq!(
+            data[keys::QUOTAS],
+            "a@example.com storage=2048\nb@example.org messages=7\n"
+        );
+        assert_eq!(AccessTables::from_data(&data).unwrap(), t);
+        assert_ne!(t.hash(), plain.hash());
+        let mut bad = data.clone();
+        bad.insert(keys::QUOTAS.into(), "a@example.com size=3\n".into());
+        assert_eq!(AccessTables::from_data(&bad).unwrap_err().key, "quotas");
     }
 
     #[test]

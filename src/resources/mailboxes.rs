@@ -67,6 +67,20 @@ pub fn resolve(
             );
         }
     }
+    // A quota override for an address that has no mailbox would silently do nothing.
+    for (i, o) in spec
+        .quota
+        .iter()
+        .flat_map(|q| q.overrides.iter())
+        .enumerate()
+    {
+        if !seen.contains_key(&o.mailbox) {
+            errs.push(
+                format!("spec.quota.overrides[{i}].mailbox"),
+                format!("`{}` is not a mailbox of this MailPod", o.mailbox),
+            );
+        }
+    }
     errs.into_result()?;
     Ok(seen.into_keys().collect())
 }
@@ -146,6 +160,25 @@ mailboxes:
         assert!(
             err.contains("spec.mailboxes.from[1]: Secret passwd key passwd not found"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn quota_override_must_name_a_mailbox() {
+        let mut spec = spec();
+        spec.mailboxes.from.clear();
+        spec.quota = Some(
+            serde_yaml::from_str(
+                "storage: 1Gi\noverrides: [{mailbox: alice@example.com, storage: 2Gi}, {mailbox: zed@example.com, messages: 9}]",
+            )
+            .unwrap(),
+        );
+        let err = resolve(&spec, &|_: &MailboxSource| None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "spec.quota.overrides[1].mailbox: `zed@example.com` is not a mailbox of this MailPod"
         );
     }
 }

@@ -136,6 +136,7 @@ impl Site {
             dnsbl: vec![],
             dnsbl_threshold: 1,
             tls: false,
+            features: Default::default(),
         };
         let dns = ClusterDns::start(&root.path().join("dns"));
         let users = KubeletVolume::new(root.path().join("users-secret"), rendered_secret_mode());
