@@ -20,7 +20,8 @@ NAME=cluster-down
 stop() { stop_component "$1"; }
 
 # The sites of e2e/sites-up.sh, if any: their operator first, then their control planes.
-for c in west-operator kube-controller-manager-west kube-apiserver-west kube-apiserver-witness; do stop "$c"; done
+for c in west-operator kube-controller-manager-west kube-controller-manager-witness kube-apiserver-west \
+  kube-apiserver-witness; do stop "$c"; done
 # The kubelet first, so nothing restarts what is removed next.
 stop kubelet
 for c in snapshot-controller csi-snapshotter csi-resizer csi-provisioner coredns kube-proxy \

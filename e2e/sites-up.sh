@@ -6,8 +6,8 @@
 #                no node: the standby site's control plane. The chart is installed there with Helm (its
 #                ServiceAccount and RBAC; no operator replica can run without a node), and the operator runs
 #                on the host as that ServiceAccount, with --site west, under its own user id WEST_UID.
-#   witness:     kube-apiserver on NODE_IP:8443 (etcd prefix /registry-witness): the third cluster that
-#                holds the witness Lease.
+#   witness:     kube-apiserver on NODE_IP:8443 (etcd prefix /registry-witness) and kube-controller-manager:
+#                the third cluster, which holds the witness Lease.
 #
 # The local cluster is the primary site (its operator runs in it with --site e2e). Each API server signs its
 # own ServiceAccount tokens; all three share the local cluster's CA and etcd. e2e/partition.sh cuts the
@@ -63,16 +63,21 @@ WITNESS=$SITES/witness-admin.kubeconfig
 wait_for "the west API server" kube-apiserver-west 120 "$KUBECTL" --kubeconfig "$WEST" get --raw /readyz
 wait_for "the witness API server" kube-apiserver-witness 120 "$KUBECTL" --kubeconfig "$WITNESS" get --raw /readyz
 
-# The west site's controllers (StatefulSets, garbage collection, namespaces, ServiceAccount tokens); with no
-# node its pods stay Pending, as on a standby site without capacity.
-kubeconfig "$SITES/west-controller-manager.kubeconfig" "https://$NODE_IP:$WEST_PORT" controller-manager controller-manager
-launch kube-controller-manager-west "$BIN_DIR/kube-controller-manager" \
-  --kubeconfig "$SITES/west-controller-manager.kubeconfig" \
-  --authentication-kubeconfig "$SITES/west-controller-manager.kubeconfig" \
-  --authorization-kubeconfig "$SITES/west-controller-manager.kubeconfig" \
-  --bind-address 127.0.0.1 --secure-port 10357 --leader-elect=false --use-service-account-credentials \
-  --service-account-private-key-file "$PKI/sa-west.key" --root-ca-file "$PKI/ca.crt" \
-  --service-cluster-ip-range 10.97.0.0/16 --controllers '*,-csrsigning,-nodeipam' --v 1
+# Each control plane's controllers (StatefulSets, garbage collection, namespaces, ServiceAccount tokens); with
+# no node the west site's pods stay Pending, as on a standby site without capacity.
+controllers() {
+  local name=$1 port=$2 secure_port=$3 cidr=$4
+  kubeconfig "$SITES/$name-controller-manager.kubeconfig" "https://$NODE_IP:$port" controller-manager controller-manager
+  launch "kube-controller-manager-$name" "$BIN_DIR/kube-controller-manager" \
+    --kubeconfig "$SITES/$name-controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$SITES/$name-controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$SITES/$name-controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$secure_port" --leader-elect=false --use-service-account-credentials \
+    --service-account-private-key-file "$PKI/sa-$name.key" --root-ca-file "$PKI/ca.crt" \
+    --service-cluster-ip-range "$cidr" --controllers '*,-csrsigning,-nodeipam' --v 1
+}
+controllers west "$WEST_PORT" 10357 10.97.0.0/16
+controllers witness "$WITNESS_PORT" 10358 10.98.0.0/16
 
 # The standby site as a user installs it: the CRDs (and the snapshot CRDs its StorageLUNs use), then the chart.
 "$KUBECTL" --kubeconfig "$WEST" apply --server-side --force-conflicts -f "$ROOT/charts/mailpod-operator/crds/" >/dev/null
@@ -124,6 +129,7 @@ MAILPOD_E2E_WEST_SERVER=https://$NODE_IP:$WEST_PORT
 MAILPOD_E2E_WITNESS_SERVER=https://$NODE_IP:$WITNESS_PORT
 MAILPOD_E2E_PRIMARY_SERVER=https://$NODE_IP:6443
 MAILPOD_E2E_CA_FILE=$PKI/ca.crt
+MAILPOD_E2E_WEST_AUDIT_LOG=$STATE/audit-west/audit.log
 EOF
 say "up in $(($(date +%s) - start)) s"
 sed 's/^/export /' "$SITES/env"

@@ -211,8 +211,13 @@ fn rendered_children() -> Vec<Value> {
 /// What the controllers write outside the builders (so `render` cannot show it), with the verbs they use.
 /// Kept beside the reason; docs/security.md explains each.
 const CONTROLLER_WRITES: &[(&str, &str, &[&str])] = &[
-    // The resources themselves: watched, finalizers added and removed, status written.
-    ("mailpod.io", "mailpods", &["get", "list", "watch", "patch"]),
+    // The resources themselves: watched, finalizers added and removed, status written; a standby site's
+    // mirror applies MailPods that do not exist there yet (found by tests/e2e_sites.rs on a real API server).
+    (
+        "mailpod.io",
+        "mailpods",
+        &["get", "list", "watch", "create", "patch"],
+    ),
     (
         "mailpod.io",
         "sitefailovers",
@@ -234,8 +239,9 @@ const CONTROLLER_WRITES: &[(&str, &str, &[&str])] = &[
     // The standby's PersistentVolumes pointing at the images the storage mirrors (cluster-scoped).
     ("", "persistentvolumes", &["get", "create"]),
     ("batch", "jobs", &["get", "list", "watch", "create"]),
-    // Mailbox lists, the peer kubeconfig, the LUN replication password.
-    ("", "secrets", &["get", "list", "watch", "create"]),
+    // Mailbox lists, the peer kubeconfig, the LUN replication password; a standby's copies of the active
+    // site's passwd files and replication passwords (applied: create and patch).
+    ("", "secrets", &["get", "list", "watch", "create", "patch"]),
     // kube-runtime's event Recorder writes events.k8s.io/v1 Events.
     ("events.k8s.io", "events", &["create", "patch"]),
     (
@@ -614,8 +620,9 @@ fn cluster_wide_rbac_covers_what_the_operator_writes_and_nothing_wild() {
     let verbs = |group: &str, res: &str| g[&(group.to_string(), res.to_string())].clone();
     assert_eq!(
         verbs("", "secrets"),
-        BTreeSet::from(["get", "list", "watch", "create"].map(String::from)),
-        "Secrets: read, and create the LUN replication password; never change or delete one"
+        BTreeSet::from(["get", "list", "watch", "create", "patch"].map(String::from)),
+        "Secrets: read, create the LUN replication password, keep the standby's copies current; never \
+         update or delete one"
     );
     for (group, res) in [
         ("", "persistentvolumeclaims"),

@@ -397,3 +397,67 @@ async fn a_restart_in_the_middle_of_a_failover_finishes_it() {
         Some(f64::from(THRESHOLD - 1) * INTERVAL as f64 + 1.0)
     );
 }
+
+/// A Secret at the standby that the mirror did not make is never overwritten; the failed mirror step is
+/// reported and holds up nothing else: with the primary's front ends down (its API still answering) the
+/// standby promotes at the threshold.
+#[tokio::test]
+async fn a_secret_the_mirror_did_not_make_is_left_alone_and_promotion_goes_on() {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::events::v1::Event;
+    let sites = converged().await;
+    let secret = |ns_data: &str| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": "corp-lun-0-replication", "namespace": NS},
+            "data": {"doveadm-password": ns_data}
+        }))
+        .unwrap()
+    };
+    Api::<Secret>::namespaced(sites.east.server.client(), NS)
+        .create(&Default::default(), &secret("c2VjcmV0LW9mLWVhc3Q="))
+        .await
+        .unwrap();
+    let west_secrets = Api::<Secret>::namespaced(sites.west.server.client(), NS);
+    west_secrets
+        .create(&Default::default(), &secret("bWFkZS1ieS1oYW5k"))
+        .await
+        .unwrap();
+    sites.advance(INTERVAL);
+    sites.west.try_tick().await.expect("the tick goes on");
+    let kept = west_secrets.get("corp-lun-0-replication").await.unwrap();
+    assert_eq!(
+        kept.data.unwrap()["doveadm-password"].0,
+        b"made-by-hand".to_vec()
+    );
+    let events = Api::<Event>::namespaced(sites.west.server.client(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let failed: Vec<_> = events
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("MirrorFailed"))
+        .filter_map(|e| e.note.clone())
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|m| m.contains("Secret corp-lun-0-replication")
+                || m.contains("corp-lun-0-replication")),
+        "{failed:?}"
+    );
+
+    sites.east.frontends_up.store(false, Ordering::SeqCst);
+    for _ in 0..THRESHOLD {
+        sites.advance(INTERVAL);
+        sites.west.try_tick().await.expect("the tick goes on");
+        sites.east.tick().await;
+    }
+    let w = sites.west.status();
+    assert_eq!(w.active_site.as_deref(), Some("west"), "{w:?}");
+    assert!(sites.west.serving());
+    assert!(
+        !sites.east.serving(),
+        "the new active site fenced the old one"
+    );
+}

@@ -63,6 +63,9 @@ pub enum Error {
     Conflict(String),
     #[error("SiteFailover {0} has no namespace")]
     MissingNamespace(String),
+    /// A ConfigMap or Secret to mirror exists at this site with other data, and the mirror did not make it.
+    #[error("{0} exists at this site with other data and was not made by the mirror; make it equal to the active site's, or delete it so the mirror can create it")]
+    NotMirrored(String),
 }
 
 /// Current time, injectable so tests drive probes and RTO without sleeping.
@@ -479,6 +482,11 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
             Err(e @ Error::Superseded { .. }) => return Err(e),
             Err(e) if action.best_effort(phase) => {
                 info!(sitefailover = %key, action = ?action, error = %e, "peer step skipped (peer presumed lost)");
+            }
+            // Mirroring is for the tables of a later promotion; it never holds up this tick's other steps.
+            Err(e) if *action == Action::MirrorFromPeer => {
+                warn!(sitefailover = %key, error = %e, "mirroring from the peer failed");
+                ctx.note(&sf, true, "MirrorFailed", e.to_string()).await;
             }
             Err(e) => return Err(e),
         }

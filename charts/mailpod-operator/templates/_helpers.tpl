@@ -61,9 +61,13 @@ Rules on namespaced objects: everything the controllers read and write in the na
 docs/security.md gives the reason for each rule. No wildcards.
 */}}
 {{- define "mailpod-operator.namespacedRules" -}}
-# The three resources: watched, finalized, status written.
+# The three resources: watched, finalized, status written. A standby site creates the MailPods it mirrors
+# from the active site (Server-Side Apply of an absent object needs create).
 - apiGroups: ["mailpod.io"]
-  resources: ["mailpods", "sitefailovers"]
+  resources: ["mailpods"]
+  verbs: ["get", "list", "watch", "create", "patch", "update"]
+- apiGroups: ["mailpod.io"]
+  resources: ["sitefailovers"]
   verbs: ["get", "list", "watch", "patch", "update"]
 # StorageLUNs are children of MailPods: applied, and deleted when orphaned.
 - apiGroups: ["mailpod.io"]
@@ -109,10 +113,12 @@ docs/security.md gives the reason for each rule. No wildcards.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create"]
-# Mailbox lists and passwd files, the peer site's kubeconfig (read); each LUN's replication password (created once).
+# Mailbox lists and passwd files, the peer site's kubeconfig (read); each LUN's replication password (created
+# once); at a standby site, the copies of the active site's passwd files and replication passwords (patch: the
+# mirror updates only copies it made, never a Secret someone else made).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Events on the resources. Core events: create only, because the snapshot jobs' Role grants it and RBAC lets
 # the operator grant only what it holds.
 - apiGroups: ["events.k8s.io"]

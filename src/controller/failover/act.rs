@@ -145,7 +145,7 @@ pub async fn mirror(sides: &Sides<'_>) -> Result<Vec<String>, Error> {
     for (name, theirs) in &peer_state.mailpods {
         let Some(theirs) = theirs else { continue };
         for (kind, src) in referenced_sources(theirs) {
-            if copy_source(local, ns, peer, peer_ns, kind, &src, timeout).await? {
+            if copy_source(sides, kind, &src).await? {
                 changed.push(format!("{kind}/{src}"));
             }
         }
@@ -185,7 +185,7 @@ pub async fn mirror(sides: &Sides<'_>) -> Result<Vec<String>, Error> {
         // The replicas of both sites share the primary's doveadm password, and this site's (fenced) replicas
         // pull from the primary's exposed replication Service when it has one.
         let secret = crate::resources::store::replication_secret(&lname);
-        if copy_source(local, ns, peer, peer_ns, "Secret", &secret, timeout).await? {
+        if copy_source(sides, "Secret", &secret).await? {
             changed.push(format!("Secret/{secret}"));
         }
         let source = peer_replication_address(peer, peer_ns, &lname, timeout).await?;
@@ -268,22 +268,23 @@ fn referenced_sources(mp: &MailPod) -> Vec<(&'static str, String)> {
 }
 
 /// Copies the data of one ConfigMap or Secret from the peer when it differs. Returns whether it wrote.
-async fn copy_source(
-    local: &Client,
-    ns: &str,
-    peer: &Client,
-    peer_ns: &str,
-    kind: &'static str,
-    name: &str,
-    timeout: Duration,
-) -> Result<bool, Error> {
+async fn copy_source(sides: &Sides<'_>, kind: &'static str, name: &str) -> Result<bool, Error> {
+    let Sides {
+        local,
+        ns,
+        peer,
+        peer_ns,
+        peer_site,
+        timeout,
+        ..
+    } = *sides;
     async fn data<K>(
         client: &Client,
         ns: &str,
         name: &str,
         t: Duration,
         what: String,
-    ) -> Result<Option<Value>, Error>
+    ) -> Result<Option<(Value, bool)>, Error>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
             + Clone
@@ -294,8 +295,18 @@ async fn copy_source(
         let api: Api<K> = Api::namespaced(client.clone(), ns);
         let obj = timed(what, t, api.get_opt(name)).await?;
         Ok(obj.map(|o| {
+            // Made by the mirror: it says so, or (a copy made before it said so) its fields are the mirror's.
+            let mirrored = o.annotations().contains_key(MIRRORED_FROM)
+                || o.meta()
+                    .managed_fields
+                    .iter()
+                    .flatten()
+                    .any(|m| m.manager.as_deref() == Some(FIELD_MANAGER));
             let v = serde_json::to_value(o).unwrap_or_default();
-            json!({"data": v.get("data").cloned().unwrap_or(json!({}))})
+            (
+                json!({"data": v.get("data").cloned().unwrap_or(json!({}))}),
+                mirrored,
+            )
         }))
     }
     let (theirs, ours) = if kind == "ConfigMap" {
@@ -323,16 +334,19 @@ async fn copy_source(
             data::<Secret>(local, ns, name, timeout, format!("Secret {ns}/{name}")).await?,
         )
     };
-    let Some(theirs) = theirs else {
+    let Some((theirs, _)) = theirs else {
         return Ok(false);
     };
-    if Some(&theirs) == ours.as_ref() {
-        return Ok(false);
+    match &ours {
+        Some((ours, _)) if *ours == theirs => return Ok(false),
+        // A credential or list someone else made here is never overwritten.
+        Some((_, false)) => return Err(Error::NotMirrored(format!("{kind} {ns}/{name}"))),
+        _ => {}
     }
     let body = json!({
         "apiVersion": "v1",
         "kind": kind,
-        "metadata": {"name": name},
+        "metadata": {"name": name, "annotations": {MIRRORED_FROM: peer_site}},
         "data": theirs["data"],
     });
     let what = format!("{kind} {ns}/{name} (mirrored)");
