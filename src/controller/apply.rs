@@ -281,7 +281,11 @@ pub async fn apply_children(
         let (body, hash) = with_applied_hash(apply_body(child));
         let kind = child.kind();
         let name = child.name();
-        let current = live.get(kind, &name);
+        let mut current = live.get(kind, &name);
+        if let Some(c) = current.filter(|c| claim_templates_differ(c, &body)) {
+            replace_statefulset(client, namespace, c).await?;
+            current = None;
+        }
         let up_to_date = current.is_some_and(|c| {
             c.metadata
                 .annotations
@@ -331,6 +335,56 @@ pub async fn apply_children(
         }
     }
     Ok(report)
+}
+
+/// Names of a StatefulSet's `spec.volumeClaimTemplates` (empty for any other object).
+fn claim_template_names(obj: &Value) -> Vec<&str> {
+    obj.pointer("/spec/volumeClaimTemplates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.pointer("/metadata/name").and_then(Value::as_str))
+        .collect()
+}
+
+/// Whether the live StatefulSet `live` has other claim templates (by name) than `desired`. The API server
+/// refuses any change of `volumeClaimTemplates` (422), so such a StatefulSet is replaced, not patched.
+fn claim_templates_differ(live: &DynamicObject, desired: &Value) -> bool {
+    if desired["kind"] != "StatefulSet" {
+        return false;
+    }
+    let live = serde_json::to_value(live).unwrap_or_default();
+    claim_template_names(&live) != claim_template_names(desired)
+}
+
+/// Deletes the StatefulSet `obj` with its pods orphaned, so it can be created anew with other claim
+/// templates (a submission StatefulSet gaining its queue volume): the pods keep serving, the new StatefulSet
+/// adopts them (same name and selector) and rolls them onto its template one at a time. While the old one
+/// is still being deleted the create fails and the reconcile is retried.
+async fn replace_statefulset(client: &Client, namespace: &str, obj: &DynamicObject) -> Result<()> {
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    tracing::info!(statefulset = %name, "claim templates changed: replacing the StatefulSet, its pods kept");
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &ApiResource::erase::<StatefulSet>(&()),
+    );
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: obj.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::orphan()
+    };
+    match api.delete(&name, &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(Error::Delete {
+            kind: "StatefulSet".into(),
+            name,
+            source,
+        }),
+    }
 }
 
 /// Deletes one child, only if it is still the object with `uid` (a recreated namesake is left alone).

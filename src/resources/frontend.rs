@@ -18,8 +18,13 @@ use super::{labels, selector, Child};
 use crate::crd::{ExposeType, ServiceKind};
 use crate::names;
 
-/// Size of each mx pod's queue volume.
-pub const MX_QUEUE_CAPACITY: &str = "5Gi";
+/// Size of each mx and submission pod's queue volume.
+pub const QUEUE_CAPACITY: &str = "5Gi";
+
+/// Whether pods of `kind` keep a Postfix queue (mx: inbound; submission: outbound) and so a queue PVC each.
+pub fn has_queue(kind: ServiceKind) -> bool {
+    matches!(kind, ServiceKind::Mx | ServiceKind::Submission)
+}
 
 /// Named ports a front-end service listens on.
 pub fn service_ports(kind: ServiceKind) -> Vec<(&'static str, i32)> {
@@ -147,7 +152,7 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
                 env.push(pod::users_file(passwd, &mut mounts, &mut volumes_));
             }
         }
-        if kind == ServiceKind::Mx {
+        if has_queue(kind) {
             mounts.push(pod::mount(volumes::QUEUE, paths::QUEUE, false));
         }
         pod::agent_container(
@@ -170,14 +175,14 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
                 match_labels: Some(selector(ctx.name(), kind.as_str())),
                 ..Default::default()
             },
-            // Queued mail is data: an mx queue volume outlives its pod and its StatefulSet.
-            persistent_volume_claim_retention_policy: (kind == ServiceKind::Mx).then(|| {
+            // Queued mail is data: a queue volume outlives its pod and its StatefulSet.
+            persistent_volume_claim_retention_policy: has_queue(kind).then(|| {
                 StatefulSetPersistentVolumeClaimRetentionPolicy {
                     when_deleted: Some("Retain".into()),
                     when_scaled: Some("Retain".into()),
                 }
             }),
-            volume_claim_templates: (kind == ServiceKind::Mx).then(|| vec![queue_claim(ctx)]),
+            volume_claim_templates: has_queue(kind).then(|| vec![queue_claim(ctx, kind)]),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels_),
@@ -195,11 +200,11 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
     }
 }
 
-fn queue_claim(ctx: &Context) -> PersistentVolumeClaim {
+fn queue_claim(ctx: &Context, kind: ServiceKind) -> PersistentVolumeClaim {
     pod::claim_template(
         volumes::QUEUE,
-        labels(ctx.name(), ServiceKind::Mx.as_str()),
-        MX_QUEUE_CAPACITY,
+        labels(ctx.name(), kind.as_str()),
+        QUEUE_CAPACITY,
         ctx.spec().backend.lun_template.storage_class_name.clone(),
     )
 }
@@ -226,5 +231,64 @@ fn webmail_container(
         readiness_probe: Some(probe.clone()),
         liveness_probe: Some(probe),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::MailPod;
+    use crate::resources::Defaults;
+
+    fn statefulsets(mp: &MailPod) -> Vec<StatefulSet> {
+        let ctx = Context::new(mp, &Defaults::image("mail:1"));
+        ServiceKind::ALL
+            .into_iter()
+            .map(|kind| statefulset(&ctx, kind))
+            .collect()
+    }
+
+    #[test]
+    fn mx_and_submission_keep_their_queue_on_a_retained_volume() {
+        let spec = serde_json::from_value(serde_json::json!({"domains": ["example.com"]})).unwrap();
+        let mut mp = MailPod::new("corp", spec);
+        mp.metadata.namespace = Some("mail".into());
+        for sts in statefulsets(&mp) {
+            let name = sts.metadata.name.clone().unwrap();
+            let spec = sts.spec.unwrap();
+            let pod = spec.template.spec.unwrap();
+            let queue_mount = pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == volumes::QUEUE)
+                .map(|m| (m.mount_path.clone(), m.read_only.unwrap_or(false)));
+            let claims: Vec<String> = spec
+                .volume_claim_templates
+                .iter()
+                .flatten()
+                .filter_map(|c| c.metadata.name.clone())
+                .collect();
+            if name == "corp-mx" || name == "corp-submission" {
+                assert_eq!(
+                    queue_mount,
+                    Some((paths::QUEUE.to_string(), false)),
+                    "{name}"
+                );
+                assert_eq!(claims, [volumes::QUEUE], "{name}");
+                let retention = spec.persistent_volume_claim_retention_policy.unwrap();
+                assert_eq!(retention.when_deleted.as_deref(), Some("Retain"), "{name}");
+                assert_eq!(retention.when_scaled.as_deref(), Some("Retain"), "{name}");
+                // The claim is the pod's volume: no pod volume of that name shadows it.
+                assert!(pod
+                    .volumes
+                    .iter()
+                    .flatten()
+                    .all(|v| v.name != volumes::QUEUE));
+            } else {
+                assert_eq!(queue_mount, None, "{name}");
+                assert!(claims.is_empty(), "{name}");
+            }
+        }
     }
 }

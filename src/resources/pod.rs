@@ -20,7 +20,7 @@ pub mod paths {
     pub const SETTINGS: &str = "/etc/mailpod/settings";
     pub const TLS: &str = "/etc/mailpod/tls";
     pub const PASSWD: &str = "/etc/mailpod/passwd";
-    /// Postfix queue of mx pods (a PVC, so queued mail survives restarts).
+    /// Postfix queue of mx and submission pods (a PVC, so queued mail survives restarts).
     pub const QUEUE: &str = "/var/spool/postfix";
     /// Maildirs of store pods (the LUN's PVC).
     pub const MAIL: &str = "/var/mail/store";
