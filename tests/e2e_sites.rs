@@ -310,7 +310,7 @@ fn lease_holder(s: &Sites) -> Result<(String, String), String> {
 
 /// `verb resource ns/name (user)` of each request of `users` that `audit_log` records as refused by
 /// authorization (403).
-fn refused(audit_log: &str, users: &[String]) -> Vec<String> {
+fn refused(audit_log: &str, users: &[String], from: jiff::Timestamp) -> Vec<String> {
     let text = std::fs::read_to_string(audit_log).unwrap_or_else(|e| panic!("{audit_log}: {e}"));
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -322,6 +322,12 @@ fn refused(audit_log: &str, users: &[String]) -> Vec<String> {
                 .is_some_and(|c| c.iter().any(|c| c["reason"] == "NamespaceTerminating"))
         })
         .filter(|e| users.iter().any(|u| e["user"]["username"] == u.as_str()))
+        .filter(|e| {
+            e["requestReceivedTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .is_some_and(|t| t >= from)
+        })
         .map(|e| {
             let o = &e["objectRef"];
             format!(
@@ -352,6 +358,7 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
         return;
     };
     let west = Some(s.west.as_str());
+    let started = jiff::Timestamp::now();
     must(&["create", "namespace", &s.ns]);
     let _cleanup = Cleanup(&s);
     must(&[
@@ -664,7 +671,7 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
     ] {
         match log {
             Some(log) => {
-                let r = refused(&log, &users);
+                let r = refused(&log, &users, started);
                 assert!(r.is_empty(), "refused at the {site} site: {r:#?}");
             }
             None => eprintln!("no audit log for the {site} site: RBAC refusals not checked"),
