@@ -23,7 +23,9 @@ pub mod maps {
     pub const SENDER_ACCESS: &str = "sender_access";
     pub const RECIPIENT_BCC: &str = "recipient_bcc";
     pub const SENDER_BCC: &str = "sender_bcc";
-    pub const ALL: [&str; 9] = [
+    /// Envelope sender -> the SASL logins that may use it (submission's `smtpd_sender_login_maps`).
+    pub const SENDER_LOGIN: &str = "sender_login";
+    pub const ALL: [&str; 10] = [
         VIRTUAL_MAILBOX_DOMAINS,
         VIRTUAL_MAILBOX_MAPS,
         VIRTUAL_ALIAS_MAPS,
@@ -33,6 +35,7 @@ pub mod maps {
         SENDER_ACCESS,
         RECIPIENT_BCC,
         SENDER_BCC,
+        SENDER_LOGIN,
     ];
 }
 
@@ -125,7 +128,39 @@ pub fn map_sources(tables: &AccessTables) -> BTreeMap<&'static str, String> {
             .map(|(p, b)| format!("{p} {b}"))
             .collect(),
     );
+    put(maps::SENDER_LOGIN, sender_logins(tables));
     out
+}
+
+/// Who may send as whom on submission: a mailbox as itself (its login is its address), an alias as each
+/// mailbox it delivers to. An alias for a whole domain (`@example.com`) gives nobody that domain, and an
+/// address with no line here is nobody's: `reject_sender_login_mismatch` refuses it to every login.
+fn sender_logins(tables: &AccessTables) -> Vec<String> {
+    let mut owners: BTreeMap<&str, Vec<&str>> = tables
+        .mailboxes
+        .keys()
+        .map(|m| (m.as_str(), vec![m.as_str()]))
+        .collect();
+    for (alias, targets) in &tables.aliases {
+        if alias.starts_with('@') {
+            continue;
+        }
+        let logins: Vec<&str> = targets
+            .iter()
+            .map(String::as_str)
+            .filter(|t| tables.mailboxes.contains_key(*t))
+            .collect();
+        if !logins.is_empty() {
+            let e = owners.entry(alias.as_str()).or_default();
+            e.extend(logins);
+            e.sort_unstable();
+            e.dedup();
+        }
+    }
+    owners
+        .into_iter()
+        .map(|(address, logins)| format!("{address} {}", logins.join(", ")))
+        .collect()
 }
 
 /// main.cf for `role` (mx or submission).
@@ -245,6 +280,16 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
             }
         }
         Role::Submission => {
+            // An authenticated user sends only as its own mailbox or an alias that delivers to it. Not
+            // `reject_known_sender_login_mismatch`: that lets any login use every address absent from the
+            // map, such as another domain's.
+            p.push(("smtpd_sender_login_maps", map(maps::SENDER_LOGIN)));
+            if let Some((_, v)) = p
+                .iter_mut()
+                .find(|(k, _)| *k == "smtpd_sender_restrictions")
+            {
+                *v = format!("reject_sender_login_mismatch, {v}");
+            }
             p.push(("smtpd_sasl_auth_enable", "yes".into()));
             p.push(("smtpd_sasl_type", "dovecot".into()));
             p.push((
@@ -406,6 +451,50 @@ mod tests {
         assert_eq!(m[maps::RECIPIENT_BCC], "@example.com archive@example.com\n");
         assert_eq!(m[maps::SENDER_BCC], "");
         assert_eq!(m.len(), maps::ALL.len());
+    }
+
+    #[test]
+    fn each_address_is_owned_by_its_mailbox_or_the_mailboxes_its_alias_reaches() {
+        let mut t = tables();
+        t.aliases.insert(
+            "sales@example.com".into(),
+            vec![
+                "b@example.com".into(),
+                "a@example.com".into(),
+                "x@remote.test".into(),
+            ],
+        );
+        t.aliases
+            .insert("fwd@example.com".into(), vec!["x@remote.test".into()]);
+        t.aliases
+            .insert("@example.com".into(), vec!["a@example.com".into()]);
+        // An alias with the name of a mailbox adds owners to it.
+        t.aliases
+            .insert("c@example.com".into(), vec!["a@example.com".into()]);
+        assert_eq!(
+            map_sources(&t)[maps::SENDER_LOGIN],
+            "a@example.com a@example.com\n\
+             b@example.com b@example.com\n\
+             c@example.com a@example.com, c@example.com\n\
+             sales@example.com a@example.com, b@example.com\n"
+        );
+        let cf = main_cf(
+            Role::Submission,
+            &settings(),
+            &Layout::default(),
+            &Ports::default(),
+        );
+        for line in [
+            "smtpd_sender_login_maps = lmdb:/var/lib/mailpod/postfix/maps/sender_login",
+            "smtpd_sender_restrictions = reject_sender_login_mismatch, check_sender_access lmdb:/var/lib/mailpod/postfix/maps/sender_access",
+        ] {
+            assert!(cf.lines().any(|l| l == line), "missing `{line}` in\n{cf}");
+        }
+        let mx = main_cf(Role::Mx, &settings(), &Layout::default(), &Ports::default());
+        assert!(
+            !mx.contains("sender_login"),
+            "mx takes mail from the internet: {mx}"
+        );
     }
 
     #[test]
