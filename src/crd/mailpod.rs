@@ -462,8 +462,12 @@ pub struct Protection {
     #[serde(default = "default_rate")]
     #[schemars(range(min = 0, max = 100000))]
     pub connection_rate_limit: u32,
-    /// DNS blocklists for postscreen, with optional weight (`zen.spamhaus.org*2`).
+    /// DNS blocklists for postscreen: `name=filter` with an optional weight, such as
+    /// `zen.spamhaus.org=127.0.0.[2..11]*2`. The reply filter is required: without one any answer counts,
+    /// and Spamhaus answers `127.255.255.254` for every client to queries through public resolvers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 300)))]
+    #[x_kube(validation = Rule::new(DNSBL_CEL).message("each DNSBL needs a reply filter, such as zen.spamhaus.org=127.0.0.[2..11] with an optional *weight"))]
     pub dnsbl: Vec<String>,
     /// Summed DNSBL weight at which postscreen rejects a client (default 1).
     #[serde(default = "default_dnsbl_threshold")]
@@ -474,6 +478,65 @@ pub struct Protection {
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(k|M|G|Ki|Mi|Gi)?$')").message("must be a whole quantity of bytes such as 25Mi"))]
     #[schemars(length(max = 32))]
     pub max_message_size: String,
+}
+
+/// The CEL form of [`dnsbl_entry_problem`]: a DNS name, `=`, four octets each a number or a bracketed list
+/// of numbers and ranges, an optional `*weight`.
+const DNSBL_CEL: &str = r"self.all(s, s.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+=([0-9]{1,3}|\\[[0-9]{1,3}(\\.\\.[0-9]{1,3})?(;[0-9]{1,3}(\\.\\.[0-9]{1,3})?)*\\])(\\.([0-9]{1,3}|\\[[0-9]{1,3}(\\.\\.[0-9]{1,3})?(;[0-9]{1,3}(\\.\\.[0-9]{1,3})?)*\\])){3}(\\*-?[0-9]+)?$'))";
+
+/// What is wrong with one `spec.protection.dnsbl` entry, if anything: Postfix's
+/// `name=d.d.d.d*weight`, where each `d` is a number or a bracketed `;` list of numbers and `n..m` ranges.
+pub fn dnsbl_entry_problem(entry: &str) -> Option<String> {
+    let (site, weight) = match entry.rsplit_once('*') {
+        Some((site, w)) => (site, Some(w)),
+        None => (entry, None),
+    };
+    if weight.is_some_and(|w| w.strip_prefix('-').unwrap_or(w).parse::<u16>().is_err()) {
+        return Some(format!(
+            "`{entry}`: the weight after `*` must be a whole number"
+        ));
+    }
+    let Some((name, filter)) = site.split_once('=') else {
+        return Some(format!(
+            "`{entry}` has no reply filter: any answer would count, and public resolvers get \
+             127.255.255.254 from Spamhaus for every client; write `{site}=127.0.0.[2..11]` (the codes \
+             the list documents)"
+        ));
+    };
+    if !is_mail_domain(name) {
+        return Some(format!("`{entry}`: `{name}` is not a DNS name"));
+    }
+    let number = |n: &str| !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit());
+    let octet = |o: &str| {
+        number(o)
+            || o.strip_prefix('[')
+                .and_then(|o| o.strip_suffix(']'))
+                .is_some_and(|list| {
+                    list.split(';').all(|item| match item.split_once("..") {
+                        Some((lo, hi)) => number(lo) && number(hi),
+                        None => number(item),
+                    })
+                })
+    };
+    let octets: Vec<&str> = filter.split('.').collect();
+    // `..` inside brackets splits too: join the pieces of each bracketed octet back.
+    let mut joined: Vec<String> = vec![];
+    for o in octets {
+        match joined.last_mut() {
+            Some(last) if last.starts_with('[') && !last.ends_with(']') => {
+                last.push('.');
+                last.push_str(o);
+            }
+            _ => joined.push(o.to_string()),
+        }
+    }
+    if joined.len() != 4 || !joined.iter().all(|o| octet(o)) {
+        return Some(format!(
+            "`{entry}`: the reply filter `{filter}` must be four octets, each a number or a bracketed \
+             list such as [2..11] or [2;4]"
+        ));
+    }
+    None
 }
 
 fn default_rate() -> u32 {
@@ -678,12 +741,8 @@ impl MailPodSpec {
             );
         }
         for (i, site) in p.dnsbl.iter().enumerate() {
-            let (name, weight) = site.split_once('*').unwrap_or((site.as_str(), "1"));
-            if !is_mail_domain(name) || weight.parse::<i32>().is_err() {
-                errs.push(
-                    format!("spec.protection.dnsbl[{i}]"),
-                    format!("`{site}` must be a DNS name with an optional `*weight`"),
-                );
+            if let Some(problem) = dnsbl_entry_problem(site) {
+                errs.push(format!("spec.protection.dnsbl[{i}]"), problem);
             }
         }
         self.snapshots.validate("spec.snapshots", &mut errs);

@@ -389,7 +389,10 @@ mod tests {
             hostname: "mail.example.com".into(),
             max_message_bytes: 1000,
             connection_rate_limit: 30,
-            dnsbl: vec!["zen.spamhaus.org*2".into(), "bl.spamcop.net".into()],
+            dnsbl: vec![
+                "zen.spamhaus.org=127.0.0.[2..11]*2".into(),
+                "bl.spamcop.net=127.0.0.2".into(),
+            ],
             dnsbl_threshold: 2,
             tls: true,
             features: Default::default(),
@@ -503,7 +506,7 @@ mod tests {
         for line in [
             "message_size_limit = 1000",
             "smtpd_client_connection_rate_limit = 30",
-            "postscreen_dnsbl_sites = zen.spamhaus.org*2, bl.spamcop.net",
+            "postscreen_dnsbl_sites = zen.spamhaus.org=127.0.0.[2..11]*2, bl.spamcop.net=127.0.0.2",
             "postscreen_dnsbl_threshold = 2",
             "transport_maps = lmdb:/var/lib/mailpod/postfix/maps/transport",
             "smtpd_recipient_restrictions = check_recipient_access lmdb:/var/lib/mailpod/postfix/maps/recipient_access",
