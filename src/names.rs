@@ -14,6 +14,11 @@ pub mod labels {
     pub const MAILPOD: &str = "mailpod.io/mailpod";
     /// The StorageLUN an object belongs to.
     pub const LUN: &str = "mailpod.io/lun";
+    /// `"true"` on the ConfigMaps and Secrets that MailPods read mailboxes from (`spec.mailboxes.from`,
+    /// passwd-file Secrets listed there too): the operator watches only these, so a change to one
+    /// reconciles its MailPods at once. An unlabelled source is still read, on each reconcile, and
+    /// reported in the MailPod's `MailboxSourcesWatched` condition.
+    pub const MAILBOX_SOURCE: &str = "mailpod.io/mailbox-source";
     /// `active` or `standby` on store pods; the LUN's Service selects `active`.
     pub const ROLE: &str = "mailpod.io/role";
     pub const ROLE_ACTIVE: &str = "active";

@@ -35,6 +35,11 @@ pub struct RunArgs {
     /// MailPods reconciled at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: u16,
+    /// Watch Secrets labelled `mailpod.io/mailbox-source=true`, so a change to a Secret mailbox list is
+    /// applied at once. `false` needs no list/watch on Secrets: Secret sources are read by name on each
+    /// reconcile and their changes seen at the next resync.
+    #[arg(long, env = "MAILPOD_WATCH_SECRET_SOURCES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch_secret_sources: bool,
     /// This cluster's site name: starts the SiteFailover controller for SiteFailovers whose
     /// `spec.localSite` is this name. Without it SiteFailovers are left alone.
     #[arg(long, env = "MAILPOD_SITE")]
@@ -104,6 +109,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let (site, image, concurrency) =
                 (args.site.clone(), args.mail_image.clone(), args.concurrency);
             let cluster_domain = args.cluster_domain.clone();
+            let watch_secret_sources = args.watch_secret_sources;
             let namespaces = namespaces.clone();
             async move {
                 // One set of controllers per watched namespace; all of them stop together.
@@ -113,6 +119,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         default_image: image.clone(),
                         cluster_domain: cluster_domain.clone(),
                         concurrency,
+                        watch_secret_sources,
                         metrics: Some(metrics.clone()),
                     };
                     controller::run_all(client.clone(), config, site.clone(), stop.clone())

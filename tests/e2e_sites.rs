@@ -458,6 +458,19 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
         mirrored["metadata"]["annotations"]["mailpod.io/mirrored-from"], PRIMARY,
         "{mirrored}"
     );
+    // Both sites' replicas share the primary's doveadm password (the standby's own is replaced).
+    wait_for(
+        "the standby holding the primary's replication password",
+        || {
+            let secret = format!("{LUN}-replication");
+            let ours = get_json(&s.ns, &["secret", &secret]).ok_or("no Secret at the primary")?;
+            let theirs = get_json_at(&s.west, &s.ns, &["secret", &secret])
+                .ok_or("no Secret at the standby")?;
+            (ours["data"] == theirs["data"])
+                .then_some(())
+                .ok_or_else(|| "the passwords differ".to_string())
+        },
+    );
     wait_for("the witness Lease held by the primary", || {
         let (holder, _) = lease_holder(&s)?;
         (holder == PRIMARY).then_some(()).ok_or(holder)

@@ -150,6 +150,18 @@ async fn standby_luns_pull_from_the_primarys_replication_service() {
     .unwrap();
     let services = Api::<Service>::namespaced(east.clone(), NS);
     services.create(&Default::default(), &svc).await.unwrap();
+    // The standby's own LUN controller made a password of its own first (as on a real cluster); the
+    // primary's replaces it.
+    let own: Secret = serde_json::from_value(json!({
+        "metadata": {"name": format!("{lun}-replication"), "namespace": NS,
+                     "labels": {"app.kubernetes.io/managed-by": "mailpod-operator"}},
+        "data": {"doveadm-password": "b3duLW9mLXdlc3Q="}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(sites.west.server.client(), NS)
+        .create(&Default::default(), &own)
+        .await
+        .unwrap();
 
     // No load-balancer address yet: nothing to point at.
     sites.advance(INTERVAL);

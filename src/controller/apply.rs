@@ -220,7 +220,7 @@ impl LiveChildren {
 }
 
 /// What one apply pass did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct ApplyReport {
     /// `Kind/name` of children created.
     pub created: Vec<String>,
@@ -228,6 +228,8 @@ pub struct ApplyReport {
     pub updated: Vec<String>,
     /// Children already as desired (no request made).
     pub unchanged: usize,
+    /// The applied children as the API server returned them, for a cache of children to hold at once.
+    pub applied: Vec<DynamicObject>,
 }
 
 impl ApplyReport {
@@ -327,6 +329,7 @@ pub async fn apply_children(
                 .or_default()
                 .insert(uid, m);
         }
+        report.applied.push(applied);
         let label = format!("{kind}/{name}");
         if current.is_some() {
             report.updated.push(label);

@@ -819,14 +819,18 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let store_pods = watcher::Config::default()
-        .labels(&format!("{}={}", l::COMPONENT, store::COMPONENT))
+    // Only what this operator labels: its StatefulSets, and pods of a StorageLUN (whatever else in the
+    // cluster is called a "store").
+    let store_pods = watcher::Config::default().labels(l::LUN).any_semantic();
+    let own_statefulsets = watcher::Config::default()
+        .labels(&format!("{}={}", l::MANAGED_BY, l::MANAGER))
         .any_semantic();
     // The LUN's own status writes (and the snapshot job's) do not bring another reconcile; the agents
     // are polled on the requeue timer instead.
     let (cache, writer) = kube::runtime::reflector::store();
     let own = super::changes_that_matter(
         watcher(luns, watcher::Config::default().any_semantic())
+            .modify(super::strip_managed_fields)
             .default_backoff()
             .reflect(writer),
         super::spec_and_metadata,
@@ -834,7 +838,7 @@ pub async fn run(
     let controller = Controller::for_stream(own, cache.clone());
     ctx.stats.set_managed(move || cache.state().len());
     controller
-        .owns(statefulsets, watcher::Config::default().any_semantic())
+        .owns(statefulsets, own_statefulsets)
         .watches(pods, store_pods, |pod: Pod| {
             let lun = pod.labels().get(l::LUN).cloned();
             lun.map(|name| ObjectRef::new(&name).within(&pod.namespace().unwrap_or_default()))

@@ -33,10 +33,21 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// Key: (`ConfigMap`|`Secret`, name, key); `None` when the object or key does not exist.
 type Sources = BTreeMap<(&'static str, String, String), Option<String>>;
 
-async fn fetch_sources(ctx: &Context, ns: &str, mp: &MailPod) -> Result<Sources> {
+/// Whether a mailbox source carries [`labels::MAILBOX_SOURCE`], without which the operator does not watch it.
+fn watched(meta: &kube::api::ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(labels::MAILBOX_SOURCE))
+        .is_some_and(|v| v == "true")
+}
+
+/// The referenced sources' text, and those that exist but are not labelled to be watched
+/// (`ConfigMap name`, `Secret name`): read all the same, by name, on every reconcile.
+async fn fetch_sources(ctx: &Context, ns: &str, mp: &MailPod) -> Result<(Sources, Vec<String>)> {
     let mut objects: BTreeMap<(&'static str, String), Option<BTreeMap<String, String>>> =
         BTreeMap::new();
     let mut sources = Sources::new();
+    let mut unwatched = vec![];
     for src in &mp.spec.mailboxes.from {
         let (kind, r) = match (&src.config_map, &src.secret) {
             (Some(r), _) => ("ConfigMap", r),
@@ -54,7 +65,12 @@ async fn fetch_sources(ctx: &Context, ns: &str, mp: &MailPod) -> Result<Sources>
                             what: format!("ConfigMap {}", r.name),
                             source,
                         })?
-                        .map(|cm| cm.data.unwrap_or_default())
+                        .map(|cm| {
+                            if !watched(&cm.metadata) {
+                                unwatched.push(format!("ConfigMap {}", r.name));
+                            }
+                            cm.data.unwrap_or_default()
+                        })
                 }
                 _ => {
                     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -65,6 +81,14 @@ async fn fetch_sources(ctx: &Context, ns: &str, mp: &MailPod) -> Result<Sources>
                             source,
                         })?
                         .map(|s| {
+                            if !ctx.config.watch_secret_sources {
+                                unwatched.push(format!(
+                                    "Secret {} (Secrets are not watched: --watch-secret-sources=false)",
+                                    r.name
+                                ));
+                            } else if !watched(&s.metadata) {
+                                unwatched.push(format!("Secret {}", r.name));
+                            }
                             s.data
                                 .unwrap_or_default()
                                 .into_iter()
@@ -78,7 +102,40 @@ async fn fetch_sources(ctx: &Context, ns: &str, mp: &MailPod) -> Result<Sources>
         let text = objects[&key].as_ref().and_then(|d| d.get(&r.key).cloned());
         sources.insert((kind, r.name.clone(), r.key.clone()), text);
     }
-    Ok(sources)
+    Ok((sources, unwatched))
+}
+
+/// Sets the [`status::SOURCES_WATCHED`] condition: false, naming the label to add, while a source is
+/// read only by name.
+fn set_sources_watched(status: &mut MailPodStatus, unwatched: &[String], mp: &MailPod) {
+    let (ok, reason, message) = if unwatched.is_empty() {
+        (
+            true,
+            "Labelled",
+            "every mailbox source is watched".to_string(),
+        )
+    } else {
+        (
+            false,
+            status::REASON_SOURCE_NOT_LABELLED,
+            format!(
+                "not watched: {}; read on each reconcile, but a change is seen only at the next resync \
+                 (up to {} s); label mailbox sources {}=true so changes apply at once",
+                unwatched.join(", "),
+                RESYNC.as_secs(),
+                labels::MAILBOX_SOURCE,
+            ),
+        )
+    };
+    crate::crd::set_condition(
+        &mut status.conditions,
+        status::SOURCES_WATCHED,
+        ok,
+        reason,
+        message,
+        mp.metadata.generation,
+        now(),
+    );
 }
 
 fn lookup(sources: &Sources) -> impl Fn(&MailboxSource) -> Option<String> + '_ {
@@ -189,7 +246,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     let uid = mp.uid().unwrap_or_default();
 
     // Dereference and validate.
-    let sources = fetch_sources(&ctx, &ns, &mp).await?;
+    let (sources, unwatched) = fetch_sources(&ctx, &ns, &mp).await?;
     let wanted = match mailboxes::validate_and_resolve(&mp, &lookup(&sources)) {
         Ok(m) => m,
         Err(errs) => return reject(&ctx, &mp, errs).await,
@@ -198,7 +255,12 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     // Current children, and the placement they record.
     let selector = format!("{}={name}", labels::MAILPOD);
     let kinds = apply::mailpod_child_kinds();
-    let live = LiveChildren::list(&ctx.client, &ns, &kinds, &selector, &uid).await?;
+    // From the controller's cache once it holds every kind; listed when there is none yet.
+    let cache = ctx.children.get().filter(|c| c.synced());
+    let live = match cache {
+        Some(c) => c.live(&uid, &kinds),
+        None => LiveChildren::list(&ctx.client, &ns, &kinds, &selector, &uid).await?,
+    };
     let live_luns: Vec<StorageLUN> = live.typed()?;
     let existing = assignments(&live_luns);
     let current: BTreeSet<String> = existing
@@ -253,6 +315,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         &uid,
     )
     .await?;
+    remember_applied(cache, &report);
 
     // Orphans: owned children no longer desired.
     let desired_keys: BTreeSet<(String, String)> = desired
@@ -289,6 +352,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
                 let r =
                     apply::apply_children(&ctx.client, &ns, &[emptied], &live, &ctx.applied, &uid)
                         .await?;
+                remember_applied(cache, &r);
                 drained.extend(r.updated);
                 continue;
             }
@@ -299,6 +363,9 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         }
         if apply::delete_child(&ctx.client, &ns, obj).await? {
             deleted.push(format!("{kind}/{child}"));
+        }
+        if let Some(c) = cache {
+            c.remove(kind, child, obj.metadata.uid.as_deref().unwrap_or_default());
         }
     }
 
@@ -345,7 +412,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
 
     // Status from what the cluster reports.
     let statefulsets: Vec<StatefulSet> = live.typed()?;
-    let status = status::compute(
+    let mut status = status::compute(
         &Observed {
             mailpod: &mp,
             placement: &desired.placement,
@@ -361,7 +428,25 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         && condition_message(mp.status.as_ref(), status::AWAITING_CONFIRMATION)
             != condition_message(Some(&status), status::AWAITING_CONFIRMATION);
     let message = condition_message(Some(&status), status::AWAITING_CONFIRMATION);
+    set_sources_watched(&mut status, &unwatched, &mp);
+    let unwatched_message = (!unwatched.is_empty())
+        .then(|| condition_message(Some(&status), status::SOURCES_WATCHED))
+        .flatten()
+        .filter(|m| {
+            condition_message(mp.status.as_ref(), status::SOURCES_WATCHED).as_ref() != Some(m)
+        });
     write_status(&ctx, &mp, status.clone()).await?;
+    if let Some(note) = unwatched_message {
+        publish(
+            &ctx,
+            mp.as_ref(),
+            EventType::Warning,
+            status::REASON_SOURCE_NOT_LABELLED,
+            "Reconcile",
+            note,
+        )
+        .await;
+    }
     if newly_awaiting {
         publish(
             &ctx,
@@ -388,6 +473,26 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     } else {
         Action::requeue(RESYNC)
     })
+}
+
+/// Puts what this reconcile applied into the controller's cache of children, so the next reconcile
+/// does not apply it again before its watch event arrives.
+fn remember_applied(cache: Option<&Arc<super::cache::ChildCache>>, report: &apply::ApplyReport) {
+    let Some(cache) = cache else { return };
+    for obj in &report.applied {
+        let Some(types) = obj.types.as_ref() else {
+            continue;
+        };
+        let Some(ar) = apply::mailpod_child_kinds()
+            .into_iter()
+            .find(|ar| ar.kind == types.kind && ar.api_version == types.api_version)
+        else {
+            continue;
+        };
+        if let Ok(v) = serde_json::to_value(obj) {
+            cache.insert(v, &ar, super::cache::keep_of(&ar.kind));
+        }
+    }
 }
 
 fn condition_message(status: Option<&MailPodStatus>, type_: &str) -> Option<String> {

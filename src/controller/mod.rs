@@ -4,6 +4,7 @@
 //! uses; [`status`] computes conditions; [`error`] is the one error type.
 
 pub mod apply;
+pub mod cache;
 pub mod client;
 pub mod confirm;
 pub mod error;
@@ -19,11 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use futures::TryStreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -47,6 +50,9 @@ pub struct RunConfig {
     pub cluster_domain: String,
     /// MailPods reconciled at once.
     pub concurrency: u16,
+    /// Watch labelled Secret mailbox sources (which needs list/watch on Secrets); without, they are read
+    /// by name on each reconcile only.
+    pub watch_secret_sources: bool,
     /// Where the controllers' counters are reported (`run` sets it; tests and the benchmark need not).
     pub metrics: Option<Arc<crate::metrics::OperatorMetrics>>,
 }
@@ -58,6 +64,7 @@ impl Default for RunConfig {
             default_image: names::DEFAULT_IMAGE.to_string(),
             cluster_domain: crate::resources::DEFAULT_CLUSTER_DOMAIN.to_string(),
             concurrency: 8,
+            watch_secret_sources: true,
             metrics: None,
         }
     }
@@ -238,6 +245,9 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// The children this controller applied, as it last saw them (see [`apply::Seen`]).
     pub applied: apply::Seen,
+    /// The MailPod controller's cache of its children, once [`run_mailpods`] watches them; reconciles
+    /// run without it (tests that call the reconciler directly) list children from the API server.
+    pub children: std::sync::OnceLock<Arc<cache::ChildCache>>,
 }
 
 impl Context {
@@ -256,6 +266,7 @@ impl Context {
             )),
             failures: Mutex::new(HashMap::new()),
             applied: apply::Seen::default(),
+            children: std::sync::OnceLock::new(),
         }
     }
 
@@ -469,10 +480,16 @@ pub async fn run_mailpods(
             names::labels::MANAGER
         ))
         .any_semantic();
+    // Only mailbox lists labelled as such are watched (metadata only: their content is read when a
+    // MailPod that names them is reconciled); an unlabelled one is still read, see `mailpod::fetch_sources`.
+    let sources = watcher::Config::default()
+        .labels(&format!("{}=true", names::labels::MAILBOX_SOURCE))
+        .any_semantic();
     // The MailPod's own status writes do not bring another reconcile.
     let (mailpods, writer) = kube::runtime::reflector::store();
     let own = changes_that_matter(
         watcher(api::<MailPod>(&client, ns), wc.clone())
+            .modify(strip_managed_fields)
             .default_backoff()
             .reflect(writer),
         spec_and_metadata,
@@ -482,22 +499,69 @@ pub async fn run_mailpods(
     ctx.stats.set_managed(move || cache.state().len());
     let for_sources = mailpods.clone();
     let for_secrets = mailpods.clone();
+    let kinds = apply::mailpod_child_kinds();
+    let child_cache = Arc::new(cache::ChildCache::new(&kinds));
+    let _ = ctx.children.set(child_cache.clone());
     let controller = controller
-        .owns(api::<ConfigMap>(&client, ns), children.clone())
-        .owns(api::<NetworkPolicy>(&client, ns), children.clone())
-        .owns(api::<Service>(&client, ns), children.clone())
-        .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
-        .owns(api::<StorageLUN>(&client, ns), children.clone())
-        .owns(api::<StatefulSet>(&client, ns), children)
+        .owns_stream(cached::<PartialObjectMeta<ConfigMap>, ConfigMap>(
+            &client,
+            ns,
+            &children,
+            &child_cache,
+        ))
+        .owns_stream(cached::<PartialObjectMeta<NetworkPolicy>, NetworkPolicy>(
+            &client,
+            ns,
+            &children,
+            &child_cache,
+        ))
+        .owns_stream(cached::<PartialObjectMeta<Service>, Service>(
+            &client,
+            ns,
+            &children,
+            &child_cache,
+        ))
+        .owns_stream(cached::<
+            PartialObjectMeta<PodDisruptionBudget>,
+            PodDisruptionBudget,
+        >(&client, ns, &children, &child_cache))
+        .owns_stream(cached::<StorageLUN, StorageLUN>(
+            &client,
+            ns,
+            &children,
+            &child_cache,
+        ))
+        .owns_stream(cached::<StatefulSet, StatefulSet>(
+            &client,
+            ns,
+            &children,
+            &child_cache,
+        ))
         // Mailbox lists kept in ConfigMaps and Secrets: a change there reconciles the MailPods that use them.
-        .watches(
-            api::<ConfigMap>(&client, ns),
-            wc.clone(),
-            move |cm: ConfigMap| referencing(&for_sources, &cm, |src| src.config_map.as_ref()),
+        .watches_stream(
+            watcher(
+                api::<PartialObjectMeta<ConfigMap>>(&client, ns),
+                sources.clone(),
+            )
+            .default_backoff()
+            .touched_objects(),
+            move |cm: PartialObjectMeta<ConfigMap>| {
+                referencing(&for_sources, &cm, |src| src.config_map.as_ref())
+            },
+        );
+    let controller = if config.watch_secret_sources {
+        controller.watches_stream(
+            watcher(api::<PartialObjectMeta<Secret>>(&client, ns), sources)
+                .default_backoff()
+                .touched_objects(),
+            move |s: PartialObjectMeta<Secret>| {
+                referencing(&for_secrets, &s, |src| src.secret.as_ref())
+            },
         )
-        .watches(api::<Secret>(&client, ns), wc, move |s: Secret| {
-            referencing(&for_secrets, &s, |src| src.secret.as_ref())
-        })
+    } else {
+        controller
+    };
+    let controller = controller
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
         .graceful_shutdown_on(shutdown);
     info!(
@@ -517,6 +581,43 @@ pub async fn run_mailpods(
         .await;
     info!("MailPod controller stopped");
     Ok(())
+}
+
+/// Drops `managedFields` from an object before a reflector caches it: the server-side apply bookkeeping
+/// of every manager, often larger than the object, and never read by the controllers.
+pub fn strip_managed_fields<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
+/// The watch of one kind of children (`W` is the kind, or its metadata only), feeding `cache` and
+/// yielding each changed child for the controller to reconcile its owner.
+fn cached<W, K>(
+    client: &Client,
+    ns: Option<&str>,
+    wc: &watcher::Config,
+    cache: &Arc<cache::ChildCache>,
+) -> impl futures::Stream<Item = Result<W, watcher::Error>> + Send + 'static
+where
+    W: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K: Resource<DynamicType = ()>,
+{
+    let ar = kube::api::ApiResource::erase::<K>(&());
+    let keep = cache::keep_of(&ar.kind);
+    let cache = cache.clone();
+    watcher(api::<W>(client, ns), wc.clone())
+        .default_backoff()
+        .map_ok(move |event| {
+            cache.observe(&event, &ar, keep);
+            event
+        })
+        .touched_objects()
 }
 
 /// Hash of what a controller reacts to on its own objects: the spec (through `generation`), labels,

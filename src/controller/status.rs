@@ -42,6 +42,11 @@ pub struct Observed<'a> {
 /// Condition type, present while emptied LUNs that held mail wait for a person to confirm their deletion.
 pub const AWAITING_CONFIRMATION: &str = "AwaitingConfirmation";
 
+/// Condition type: whether every mailbox source the MailPod reads is labelled to be watched.
+pub const SOURCES_WATCHED: &str = "MailboxSourcesWatched";
+/// Reason (and Event reason) while a mailbox source lacks the `mailpod.io/mailbox-source` label.
+pub const REASON_SOURCE_NOT_LABELLED: &str = "MailboxSourceNotLabelled";
+
 /// A StatefulSet has rolled out its current spec.
 fn rolled_out(sts: &StatefulSet) -> bool {
     let want = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);

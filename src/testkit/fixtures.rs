@@ -23,12 +23,16 @@ pub fn mailbox_lines(domain: &str, first: usize, count: usize) -> String {
         .collect()
 }
 
-/// A ConfigMap holding a mailbox list under `key`.
+/// A ConfigMap holding a mailbox list under `key`, labelled as a mailbox source.
 pub fn mailbox_configmap(ns: &str, name: &str, key: &str, text: String) -> ConfigMap {
     ConfigMap {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(ns.into()),
+            labels: Some(BTreeMap::from([(
+                labels::MAILBOX_SOURCE.to_string(),
+                "true".to_string(),
+            )])),
             ..Default::default()
         },
         data: Some(BTreeMap::from([(key.to_string(), text)])),

@@ -115,10 +115,15 @@ docs/security.md gives the reason for each rule. No wildcards.
   verbs: ["get", "list", "watch", "create"]
 # Mailbox lists and passwd files, the peer site's kubeconfig (read); each LUN's replication password (created
 # once); at a standby site, the copies of the active site's passwd files and replication passwords (patch: the
-# mirror updates only copies it made, never a Secret someone else made).
+# mirror updates only copies it made, never a Secret someone else made). list and watch only to follow
+# Secret mailbox lists labelled mailpod.io/mailbox-source=true (mailboxSources.watchSecrets).
 - apiGroups: [""]
   resources: ["secrets"]
+  {{- if .Values.mailboxSources.watchSecrets }}
   verbs: ["get", "list", "watch", "create", "patch"]
+  {{- else }}
+  verbs: ["get", "create", "patch"]
+  {{- end }}
 # Events on the resources. Core events: create only, because the snapshot jobs' Role grants it and RBAC lets
 # the operator grant only what it holds.
 - apiGroups: ["events.k8s.io"]

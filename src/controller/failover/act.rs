@@ -295,8 +295,12 @@ async fn copy_source(sides: &Sides<'_>, kind: &'static str, name: &str) -> Resul
         let api: Api<K> = Api::namespaced(client.clone(), ns);
         let obj = timed(what, t, api.get_opt(name)).await?;
         Ok(obj.map(|o| {
-            // Made by the mirror: it says so, or (a copy made before it said so) its fields are the mirror's.
+            // The operator's own: the mirror's copy says so, or (made before it said so) its fields are the
+            // mirror's; or it is one the operator made at this site (a LUN's replication password, which the
+            // primary's replaces so both sites' replicas share one).
             let mirrored = o.annotations().contains_key(MIRRORED_FROM)
+                || o.labels().get(names::labels::MANAGED_BY).map(String::as_str)
+                    == Some(names::labels::MANAGER)
                 || o.meta()
                     .managed_fields
                     .iter()
