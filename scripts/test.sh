@@ -5,7 +5,8 @@
 #
 # Steps: packages -> fmt, clippy, go vet -> every cargo test (the e2e ones skip here: no KUBECONFIG) ->
 # the local cluster (e2e/build-cluster.sh, the images, e2e/cluster-up.sh, the chart) -> tests/e2e.rs against
-# it with MAILPOD_E2E_REQUIRED=1 -> e2e/cluster-down.sh.
+# it with MAILPOD_E2E_REQUIRED=1 -> a standby site's control plane and a witness beside it (e2e/sites-up.sh)
+# -> tests/e2e_sites.rs -> e2e/cluster-down.sh.
 #
 # MAILPOD_E2E: `local` (default; needs root) builds and runs the local cluster; `kubeconfig` runs tests/e2e.rs
 # against the cluster KUBECONFIG names (chart installed, e.g. by e2e/kind-up.sh); `skip` runs no cluster test.
@@ -78,4 +79,8 @@ export PATH=$ROOT/target/e2e/bin:$PATH
 export MAILPOD_E2E_AUDIT_LOG=${STATE:-/var/lib/mailpod-e2e}/audit/audit.log MAILPOD_E2E_REQUIRE_AUDIT=1
 bash e2e/install-operator.sh
 run_e2e
+phase "sites up: a standby control plane and a witness"
+eval "$(bash e2e/sites-up.sh | grep '^export ')"
+phase "tests/e2e_sites.rs: site failover against real API servers"
+MAILPOD_E2E_REQUIRED=1 cargo test --locked --test e2e_sites -- --test-threads=1
 phase "done"
