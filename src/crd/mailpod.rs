@@ -78,6 +78,15 @@ pub struct MailPodSpec {
     /// Mailbox quotas: a default for every mailbox and per-mailbox overrides. No quota when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<super::QuotaSpec>,
+    /// The mail servers' host name: the SMTP banner, the name mx and submission give in HELO/EHLO to other
+    /// servers (Postfix `myhostname`), and the host part of bounce senders. Use the name your MX and PTR
+    /// records give, since receivers check it. Default `mail.<first domain>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$")
+    )]
+    pub hostname: Option<String>,
 }
 
 /// The front-end services. Each runs as its own StatefulSet behind its own Service.
@@ -641,6 +650,12 @@ impl MailPodSpec {
                     format!("duplicate domain `{d}`"),
                 );
             }
+        }
+        if let Some(h) = self.hostname.as_deref().filter(|h| !is_mail_domain(h)) {
+            errs.push(
+                "spec.hostname",
+                format!("`{h}` is not a lower-case DNS name with at least two labels"),
+            );
         }
         for (kind, svc) in ServiceKind::ALL.iter().map(|k| (*k, self.frontend.get(*k))) {
             let path = format!("spec.frontend.{}", kind.as_str());

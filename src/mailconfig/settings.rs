@@ -68,7 +68,10 @@ impl MailSettings {
             .unwrap_or("localdomain");
         Self {
             mailpod: mailpod.to_string(),
-            hostname: format!("mail.{first}"),
+            hostname: spec
+                .hostname
+                .clone()
+                .unwrap_or_else(|| format!("mail.{first}")),
             max_message_bytes: spec.protection.max_message_bytes(),
             connection_rate_limit: spec.protection.connection_rate_limit,
             dnsbl: spec.protection.dnsbl.clone(),
