@@ -202,7 +202,10 @@ pub fn dovecot_conf(
     match role {
         Role::Store => {
             out.push_str("mail_location = maildir:~/Maildir\n");
-            out.push_str("pop3_uidl_format = %08Xu%08Xv\n");
+            // POP3 UIDLs are the messages' GUIDs, which dsync carries to every replica, and are saved in
+            // dovecot-uidlist: a hand-over that renumbers UIDs does not make leave-on-server clients
+            // download the mailbox again.
+            out.push_str("pop3_uidl_format = %g\npop3_save_uidl = yes\n");
             if let Some(q) = &settings.features.quota {
                 quota_conf(&mut out, q);
             }
