@@ -144,27 +144,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             identity,
         );
         let elector = Arc::new(leader::LeaderElector::new(client.clone(), lease));
-        if !elector.acquire(shutdown.clone()).await {
-            server.abort();
-            return Ok(());
-        }
-        metrics.set_leader(true);
-        let holder = elector.clone();
-        let lost = async move { holder.hold().await }.boxed().shared();
-        let stop = futures::future::select(shutdown.clone(), lost.clone())
-            .map(|_| ())
-            .boxed()
-            .shared();
-        let result = run_controllers(stop).await;
-        metrics.set_leader(false);
-        if lost.peek().is_some() {
-            // Exit so the restarted process rejoins as a follower with fresh caches.
-            Err(anyhow::anyhow!(
-                "lost the leader lease; stopped reconciling"
-            ))
-        } else {
+        // Leading ends when the Lease cannot be renewed in time (the API server gone, or this replica cut
+        // off from it): every controller stops, then this replica campaigns again and, once it leads,
+        // starts them afresh with new caches. Staying up (rather than exiting) keeps the kubelet's restart
+        // back-off from delaying the return by minutes after a long API outage.
+        loop {
+            if !elector.acquire(shutdown.clone()).await {
+                break Ok(());
+            }
+            metrics.set_leader(true);
+            let holder = elector.clone();
+            let lost = async move { holder.hold().await }.boxed().shared();
+            let stop = futures::future::select(shutdown.clone(), lost.clone())
+                .map(|_| ())
+                .boxed()
+                .shared();
+            let result = run_controllers(stop).await;
+            metrics.set_leader(false);
+            if lost.peek().is_some() && result.is_ok() {
+                tracing::warn!("lost the leader lease; stopped reconciling; campaigning again");
+                continue;
+            }
             elector.release().await;
-            result
+            break result;
         }
     };
     server.abort();
