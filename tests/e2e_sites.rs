@@ -346,6 +346,27 @@ fn refused(audit_log: &str, users: &[String], from: jiff::Timestamp) -> Vec<Stri
         .collect()
 }
 
+/// Container restarts of the primary's operator pods (the chart's Deployment).
+fn operator_restarts() -> i64 {
+    let v = get_json(
+        &setting("MAILPOD_E2E_OPERATOR_NAMESPACE", "mailpod-system"),
+        &["pods", "-l", "app.kubernetes.io/name=mailpod-operator"],
+    )
+    .expect("operator pods");
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            p["status"]["containerStatuses"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|c| c["restartCount"].as_i64().unwrap_or(0))
+        .sum()
+}
+
 fn since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
@@ -513,6 +534,7 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
         .parse::<std::net::SocketAddr>()
         .unwrap(),
     );
+    let restarts = operator_restarts();
     script("component.sh", &["stop", "kube-apiserver"]);
     let down = Instant::now();
     send_mail_via(
@@ -564,6 +586,12 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
         since(back)
     );
     assert_eq!(holder, PRIMARY);
+    // The operator stepped down and campaigned again in the same process: no crash, no restart back-off.
+    assert_eq!(
+        operator_restarts(),
+        restarts,
+        "the primary's operator restarted"
+    );
     wait_for("the primary in quorum again", || {
         let st = status_of(None, &s.ns)?;
         (st["activeSite"] == PRIMARY && st["fenced"] != true && !lun_fenced(None, &s.ns)?)
