@@ -28,6 +28,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// A namespace for one scenario, deleted (with everything in it) when the scenario ends.
 struct Scenario {
     ns: String,
+    started: jiff::Timestamp,
     _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
@@ -56,7 +57,11 @@ impl Scenario {
             &ns,
             "pod-security.kubernetes.io/enforce=baseline",
         ]);
-        Self { ns, _serial: None }
+        Self {
+            ns,
+            started: jiff::Timestamp::now(),
+            _serial: None,
+        }
     }
 
     /// Applies the small example, adapted to the test cluster: a passwd Secret so IMAP can log in, no TLS
@@ -192,6 +197,20 @@ impl Scenario {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
+        // Every scenario is also an RBAC test: nothing the operator or the scenario's own ServiceAccounts
+        // (the snapshot and restore jobs') sent was refused by the chart's or the operator's Roles.
+        if let (Ok(log), false) = (
+            std::env::var("MAILPOD_E2E_AUDIT_LOG"),
+            std::thread::panicking(),
+        ) {
+            let operator = format!(
+                "system:serviceaccount:{}:mailpod-operator",
+                setting("MAILPOD_E2E_OPERATOR_NAMESPACE", "mailpod-system")
+            );
+            let own = format!("system:serviceaccount:{}:", self.ns);
+            let r = refused(&log, |u| u == operator || u.starts_with(&own), self.started);
+            assert!(r.is_empty(), "requests refused by RBAC: {r:#?}");
+        }
         if std::env::var("MAILPOD_E2E_KEEP").as_deref() == Ok("1") {
             eprintln!("keeping namespace {} (MAILPOD_E2E_KEEP=1)", self.ns);
             return;

@@ -342,3 +342,45 @@ pub fn get_json_at(kubeconfig: &str, ns: &str, what: &[&str]) -> Option<Value> {
         .ok()
         .map(|s| serde_json::from_str(&s).expect("kubectl prints JSON"))
 }
+
+/// `verb resource ns/name (user)` of each request by a user `is_user` accepts that `audit_log` records as refused by
+/// authorization (403).
+pub fn refused(
+    audit_log: &str,
+    is_user: impl Fn(&str) -> bool,
+    from: jiff::Timestamp,
+) -> Vec<String> {
+    let text = std::fs::read_to_string(audit_log).unwrap_or_else(|e| panic!("{audit_log}: {e}"));
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["stage"] == "ResponseComplete" && e["responseStatus"]["code"] == 403)
+        // Writes into a namespace being deleted (a finished scenario's) are refused with 403 too; not RBAC.
+        .filter(|e| {
+            !e["responseStatus"]["details"]["causes"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["reason"] == "NamespaceTerminating"))
+        })
+        .filter(|e| e["user"]["username"].as_str().is_some_and(&is_user))
+        .filter(|e| {
+            e["requestReceivedTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .is_some_and(|t| t >= from)
+        })
+        .map(|e| {
+            let o = &e["objectRef"];
+            format!(
+                "{} {}{} {}/{} ({})",
+                e["verb"].as_str().unwrap_or_default(),
+                o["resource"].as_str().unwrap_or_default(),
+                o["subresource"]
+                    .as_str()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default(),
+                o["namespace"].as_str().unwrap_or_default(),
+                o["name"].as_str().unwrap_or_default(),
+                e["user"]["username"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
