@@ -131,7 +131,8 @@ fn pop3_uidls_survive_renumbered_uids() {
     assert_eq!(unique(&before).len(), 3, "{before:?}");
 
     // Renumber: the UID list and indexes are gone (as when a hand-over rebuilds a Maildir), so Dovecot
-    // gives every message a new UID under a new UIDVALIDITY.
+    // gives every message a new UID under a new UIDVALIDITY (taken from the clock: wait for a new second).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let maildir = store.work.join("mail/example.com/finn/Maildir");
     let mut removed = 0;
     for e in std::fs::read_dir(&maildir).unwrap() {
