@@ -163,16 +163,21 @@ fn parse_file(file: &str, text: &str, namespace: &str) -> Result<Vec<Doc>, Vec<R
     }
 }
 
-/// Deserializes, rejecting fields the type does not have (a typo would otherwise be silently ignored).
+/// Deserializes, rejecting fields the type does not have (a typo would otherwise be silently ignored);
+/// an error names the field it is about (`spec.domains: invalid type: integer `17`, expected a sequence`).
 fn strict<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, String> {
     let mut unknown = vec![];
-    let parsed: Result<T, _> = serde_ignored::deserialize(value, |path| {
-        let p = path.to_string();
-        if p != "apiVersion" && p != "kind" && p != "status" && !p.starts_with("status.") {
-            unknown.push(p);
-        }
-    });
-    let parsed = parsed.map_err(|e| e.to_string())?;
+    let parsed: Result<T, _> =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut |path| {
+            let p = path.to_string();
+            if p != "apiVersion" && p != "kind" && p != "status" && !p.starts_with("status.") {
+                unknown.push(p);
+            }
+        }));
+    let parsed = parsed.map_err(|e| match e.path().to_string().as_str() {
+        "." | "" => e.inner().to_string(),
+        path => format!("{path}: {}", e.inner()),
+    })?;
     match unknown.first() {
         Some(p) => Err(format!("{p}: unknown field")),
         None => Ok(parsed),

@@ -51,6 +51,38 @@ fn crds_dir_is_current() {
     );
 }
 
+/// Conditions are a map list keyed by `type`: Server-Side Apply (and kubectl) merge them by type, and two
+/// writers of different conditions never replace each other's list.
+#[test]
+fn conditions_are_map_lists_keyed_by_type() {
+    for crd in all_crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        for version in &crd.spec.versions {
+            let schema = serde_json::to_value(&version.schema).unwrap();
+            let conditions =
+                &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+            assert_eq!(conditions["type"], "array", "{name}: status.conditions");
+            assert_eq!(
+                conditions["x-kubernetes-list-type"], "map",
+                "{name}: status.conditions list type"
+            );
+            assert_eq!(
+                conditions["x-kubernetes-list-map-keys"],
+                json!(["type"]),
+                "{name}: status.conditions keys"
+            );
+            let required = conditions["items"]["required"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                required.contains(&json!("type")),
+                "{name}: a map key must be required: {required:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn crds_command_prints_all_three() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailpod-operator"))

@@ -284,6 +284,25 @@ fn invalid_input_names_file_object_and_field() {
 }
 
 #[test]
+fn type_errors_name_the_field() {
+    let out = render(&["-f", "-"], Some(&format!("{MP}spec: {{domains: 17}}\n")));
+    assert_rejected(
+        &out,
+        &["MailPod bad: spec.domains: invalid type: integer `17`, expected a sequence"],
+    );
+    let nested = render(
+        &["-f", "-"],
+        Some(&format!(
+            "{MP}spec:\n  domains: [example.com]\n  backend:\n    standbys: many\n"
+        )),
+    );
+    assert_rejected(
+        &nested,
+        &["MailPod bad: spec.backend.standbys: invalid type: string \"many\""],
+    );
+}
+
+#[test]
 fn unknown_fields_and_kinds_are_rejected() {
     let typo = render(
         &["-f", "-"],
