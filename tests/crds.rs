@@ -268,6 +268,18 @@ fn cel_rules_agree_with_rust_validation() {
             json!({"domains": ["example.com"], "quota": {"storage": "2Gi", "overrides": [{"mailbox": "a@example.com", "storage": "lots"}]}}),
             false,
         ),
+        (
+            json!({"domains": ["example.com"], "sieve": {"maxScriptSize": "64Ki", "maxScripts": 5, "relayHost": "relay.mail.svc.cluster.local:25"}}),
+            true,
+        ),
+        (
+            json!({"domains": ["example.com"], "sieve": {"relayHost": "relay.mail.svc.cluster.local"}}),
+            false,
+        ),
+        (
+            json!({"domains": ["example.com"], "sieve": {"maxScriptSize": "1Gi"}}),
+            false,
+        ),
     ];
     for (spec, ok) in cases {
         let obj = mailpod(spec.clone());

@@ -57,6 +57,8 @@ fn mail_stage_installs_exactly_the_package_list() {
         "dovecot-imapd",
         "dovecot-pop3d",
         "dovecot-lmtpd",
+        "dovecot-sieve",
+        "dovecot-managesieved",
     ] {
         assert!(
             pkgs.iter().any(|p| p == wanted),

@@ -132,6 +132,9 @@ pub struct AgentArgs {
     #[arg(long, env = "MAILPOD_QUOTA_INTERVAL_SECONDS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub quota_interval_seconds: u64,
+    /// Store and imap: ManageSieve's port.
+    #[arg(long, env = "MAILPOD_SIEVE_PORT", default_value_t = 4190)]
+    pub sieve_port: u16,
 }
 
 impl AgentArgs {
@@ -161,6 +164,7 @@ impl AgentArgs {
             pop3: self.pop3_port,
             lmtp: self.lmtp_port,
             doveadm: self.doveadm_port,
+            sieve: self.sieve_port,
         }
     }
 }

@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 use super::passwd;
 
 use crate::mailconfig::dovecot::{
-    doveadm_password_conf, dovecot_conf, proxy_passdb, store_userdb, PROXY_PASSDB, STORE_USERDB,
+    doveadm_password_conf, dovecot_conf, proxy_passdb, proxy_protocols, store_userdb,
+    PROXY_PASSDB_PREFIX, STORE_USERDB,
 };
 use crate::mailconfig::layout::{Layout, Ports, Role};
 use crate::mailconfig::postfix::{main_cf, map_sources, master_cf};
@@ -142,10 +143,12 @@ pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Res
             &layout.dovecot_conf(),
             &dovecot_conf(role, &inputs.settings, layout, ports, &users),
         )?;
-        if matches!(role, Role::Imap | Role::Pop3) {
+        for protocol in proxy_protocols(role) {
             changes.dovecot |= write_if_changed(
-                &layout.dovecot_config.join(PROXY_PASSDB),
-                &proxy_passdb(role, &inputs.tables),
+                &layout
+                    .dovecot_config
+                    .join(format!("{PROXY_PASSDB_PREFIX}{protocol}")),
+                &proxy_passdb(protocol, &inputs.tables),
             )?;
         }
         if role == Role::Store {

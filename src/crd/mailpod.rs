@@ -78,6 +78,9 @@ pub struct MailPodSpec {
     /// Mailbox quotas: a default for every mailbox and per-mailbox overrides. No quota when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<super::QuotaSpec>,
+    /// Sieve limits and the relay for vacation replies; Sieve and ManageSieve are on with defaults when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sieve: Option<super::SieveSpec>,
     /// The mail servers' host name: the SMTP banner, the name mx and submission give in HELO/EHLO to other
     /// servers (Postfix `myhostname`), and the host part of bounce senders. Use the name your MX and PTR
     /// records give, since receivers check it. Default `mail.<first domain>`.
@@ -763,6 +766,9 @@ impl MailPodSpec {
             }
         }
         self.snapshots.validate("spec.snapshots", &mut errs);
+        if let Some(s) = &self.sieve {
+            s.validate("spec.sieve", &mut errs);
+        }
         if let Some(q) = &self.quota {
             q.validate("spec.quota", &mut errs);
             // Its domain must be hosted here (its address is checked above).

@@ -1,4 +1,5 @@
-//! What the stores give each mailbox beyond storing mail: quotas (Dovecot's quota plugin).
+//! What the stores give each mailbox beyond storing mail: quotas (Dovecot's quota plugin) and Sieve
+//! filtering with ManageSieve and vacation replies (Pigeonhole).
 
 use std::collections::BTreeSet;
 
@@ -125,6 +126,91 @@ fn check_messages(m: Option<u64>, path: &str, errs: &mut ValidationErrors) {
     }
 }
 
+/// Most Sieve scripts one mailbox may keep.
+pub const MAX_SIEVE_SCRIPTS: u32 = 100;
+/// Largest Sieve script a user may upload.
+pub const MAX_SIEVE_SCRIPT_BYTES: u64 = 1 << 20;
+
+/// Sieve filtering (always on: every mailbox may upload scripts through ManageSieve, port 4190 of the imap
+/// Service) and what leaves the stores on a script's behalf.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SieveSpec {
+    /// Largest script a mailbox may upload (default `64Ki`, at most `1Mi`).
+    #[serde(default = "default_max_script_size")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(k|M|Ki|Mi)?$')").message("must be a whole quantity of bytes such as 64Ki"))]
+    #[schemars(length(max = 32))]
+    pub max_script_size: String,
+    /// Most scripts one mailbox may keep (default 10).
+    #[serde(default = "default_max_scripts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_scripts: u32,
+    /// SMTP relay (`host:port`) that takes the stores' vacation replies and redirects, unauthenticated, and
+    /// sends them on: an in-cluster relay or the smarthost. Without it the `vacation` extension and
+    /// `redirect` are off, so a script using them is refused at upload instead of never sending anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?:[0-9]{1,5}$')").message("must be host:port, such as relay.mail.svc.cluster.local:25"))]
+    #[schemars(length(max = 260))]
+    pub relay_host: Option<String>,
+}
+
+fn default_max_script_size() -> String {
+    "64Ki".into()
+}
+fn default_max_scripts() -> u32 {
+    10
+}
+
+impl Default for SieveSpec {
+    fn default() -> Self {
+        Self {
+            max_script_size: default_max_script_size(),
+            max_scripts: default_max_scripts(),
+            relay_host: None,
+        }
+    }
+}
+
+impl SieveSpec {
+    /// `maxScriptSize` in bytes (validated specs only).
+    pub fn max_script_bytes(&self) -> u64 {
+        parse_bytes(&self.max_script_size).unwrap_or(64 << 10)
+    }
+
+    /// The rules the schema states too; `path` is `spec.sieve`.
+    pub fn validate(&self, path: &str, errs: &mut ValidationErrors) {
+        match parse_bytes(&self.max_script_size) {
+            Some(b) if (1..=MAX_SIEVE_SCRIPT_BYTES).contains(&b) => {}
+            _ => errs.push(
+                format!("{path}.maxScriptSize"),
+                format!(
+                    "`{}` must be a whole quantity of bytes from 1 to 1Mi, such as 64Ki",
+                    self.max_script_size
+                ),
+            ),
+        }
+        if !(1..=MAX_SIEVE_SCRIPTS).contains(&self.max_scripts) {
+            errs.push(
+                format!("{path}.maxScripts"),
+                format!("must be between 1 and {MAX_SIEVE_SCRIPTS}"),
+            );
+        }
+        if let Some(relay) = &self.relay_host {
+            let ok = relay.rsplit_once(':').is_some_and(|(host, port)| {
+                super::validation::is_dns_subdomain(host)
+                    && port.len() <= 5
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                errs.push(
+                    format!("{path}.relayHost"),
+                    format!("`{relay}` must be host:port, such as relay.mail.svc.cluster.local:25"),
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +241,30 @@ overrides:
             assert!(text.contains(want), "{want}\nnot in\n{text}");
         }
         assert!(!text.contains("overrides[0]"), "{text}");
+    }
+
+    #[test]
+    fn sieve_errors_name_the_field() {
+        let s: SieveSpec =
+            serde_yaml::from_str("maxScriptSize: 2Mi\nmaxScripts: 0\nrelayHost: relay.example.com")
+                .unwrap();
+        let mut errs = ValidationErrors::default();
+        s.validate("spec.sieve", &mut errs);
+        let text = errs.into_result().unwrap_err().to_string();
+        for want in [
+            "spec.sieve.maxScriptSize: `2Mi` must be a whole quantity of bytes from 1 to 1Mi",
+            "spec.sieve.maxScripts: must be between 1 and 100",
+            "spec.sieve.relayHost: `relay.example.com` must be host:port",
+        ] {
+            assert!(text.contains(want), "{want}\nnot in\n{text}");
+        }
+        let ok: SieveSpec =
+            serde_yaml::from_str("relayHost: relay.mail.svc.cluster.local:25").unwrap();
+        let mut errs = ValidationErrors::default();
+        ok.validate("spec.sieve", &mut errs);
+        assert!(errs.is_empty(), "{errs}");
+        assert_eq!(ok.max_script_bytes(), 65536);
+        assert_eq!(ok.max_scripts, 10);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::layout::{Layout, Ports, Role};
-use super::settings::{MailSettings, QuotaSettings};
+use super::settings::{MailSettings, QuotaSettings, SieveSettings};
 use super::tables::AccessTables;
 
 /// The user Dovecot's internal services run as (`default_internal_user`), among them auth, which opens
@@ -90,19 +90,32 @@ fn quota_conf(out: &mut String, quota: &QuotaSettings) {
     out.push_str("}\n");
 }
 
-/// File name (under [`Layout::dovecot_config`]) of the proxy passdb the imap/pop3 roles render from the tables.
-pub const PROXY_PASSDB: &str = "proxy-passdb";
+/// File names (under [`Layout::dovecot_config`]) of the proxy passdbs the imap/pop3 roles render from the
+/// tables: one per protocol (`proxy-passdb-imap`, `-sieve`, `-pop3`), since each names the store's port for
+/// its protocol; dovecot.conf picks the file with the service name (`%s`).
+pub const PROXY_PASSDB_PREFIX: &str = "proxy-passdb-";
 
-/// The proxy passdb of the imap or pop3 role: one passwd-file line per mailbox whose LUN has an endpoint.
-/// Dovecot re-reads a passwd-file when its modification time changes, so an update needs no reload.
-pub fn proxy_passdb(role: Role, tables: &AccessTables) -> String {
+/// The protocols a proxy role forwards: the imap proxies forward ManageSieve too.
+pub fn proxy_protocols(role: Role) -> &'static [&'static str] {
+    match role {
+        Role::Imap => &["imap", "sieve"],
+        Role::Pop3 => &["pop3"],
+        _ => &[],
+    }
+}
+
+/// The proxy passdb for `protocol` (`imap`, `sieve` or `pop3`): one passwd-file line per mailbox whose LUN
+/// has an endpoint. Dovecot re-reads a passwd-file when its modification time changes, so an update needs
+/// no reload.
+pub fn proxy_passdb(protocol: &str, tables: &AccessTables) -> String {
     let mut out = String::new();
     for (mailbox, lun) in &tables.mailboxes {
         let Some(e) = tables.luns.get(lun) else {
             continue;
         };
-        let port = match role {
-            Role::Pop3 => e.pop3_port,
+        let port = match protocol {
+            "pop3" => e.pop3_port,
+            "sieve" => e.sieve_port,
             _ => e.imap_port,
         };
         let _ = writeln!(
@@ -128,8 +141,8 @@ pub fn dovecot_conf(
         ports.listen.clone()
     };
     let protocols = match role {
-        Role::Store => "imap pop3 lmtp",
-        Role::Imap => "imap",
+        Role::Store => "imap pop3 lmtp sieve",
+        Role::Imap => "imap sieve",
         Role::Pop3 => "pop3",
         Role::Submission | Role::Mx => "none",
     };
@@ -173,7 +186,9 @@ pub fn dovecot_conf(
     set("first_valid_uid", &uid);
     set("first_valid_gid", &gid);
     let passdb = match role {
-        Role::Imap | Role::Pop3 => layout.dovecot_config.join(PROXY_PASSDB),
+        Role::Imap | Role::Pop3 => layout
+            .dovecot_config
+            .join(format!("{PROXY_PASSDB_PREFIX}%s")),
         _ => users.to_path_buf(),
     };
     let _ = writeln!(
@@ -211,13 +226,15 @@ pub fn dovecot_conf(
             }
             let _ = writeln!(
                 out,
-                "protocol lmtp {{\n  postmaster_address = postmaster@{}\n}}",
+                "protocol lmtp {{\n  postmaster_address = postmaster@{}\n  mail_plugins = $mail_plugins sieve\n}}",
                 settings.hostname
             );
             // LMTP answers on a unix socket only; the agent's pause gate owns the TCP port (see agent::lmtp_gate).
             out.push_str("service lmtp {\n  unix_listener lmtp {\n    mode = 0600\n  }\n}\n");
             login_listener(&mut out, "imap", ports.imap);
             login_listener(&mut out, "pop3", ports.pop3);
+            sieve_conf(&mut out, &settings.features.sieve);
+            managesieve_listener(&mut out, ports.sieve);
             // The LUN's standbys pull from the active over doveadm's TCP service (dsync). The password
             // lives in its own 0600 file from the replication Secret; until that exists the service
             // refuses every remote command (Dovecot requires doveadm_password for TCP clients).
@@ -228,7 +245,10 @@ pub fn dovecot_conf(
                 layout.doveadm_conf().display()
             );
         }
-        Role::Imap => login_listener(&mut out, "imap", ports.imap),
+        Role::Imap => {
+            login_listener(&mut out, "imap", ports.imap);
+            managesieve_listener(&mut out, ports.sieve);
+        }
         Role::Pop3 => login_listener(&mut out, "pop3", ports.pop3),
         Role::Submission => {
             let _ = writeln!(
@@ -255,6 +275,34 @@ pub fn doveadm_password_conf(password: Option<&str>) -> String {
         ),
         None => String::new(),
     }
+}
+
+/// Sieve on a store (Pigeonhole): LMTP runs each mailbox's active script; scripts live in the mailbox's
+/// home on the mail volume (`~/sieve`, the active one linked from `~/.dovecot.sieve`) and are managed over
+/// ManageSieve. `fileinto` creates the folder it names. Vacation replies and redirects leave through
+/// `submission_host`, the relay of the spec; without one both are off (`-vacation`, no redirects), so a
+/// script that uses them fails at upload rather than sending nothing.
+fn sieve_conf(out: &mut String, sieve: &SieveSettings) {
+    out.push_str("lda_mailbox_autocreate = yes\nlda_mailbox_autosubscribe = yes\n");
+    if let Some(relay) = &sieve.relay {
+        let _ = writeln!(out, "submission_host = {relay}");
+    }
+    let _ = write!(
+        out,
+        "plugin {{\n  sieve = file:~/sieve;active=~/.dovecot.sieve\n  sieve_max_script_size = {}\n  sieve_quota_max_scripts = {}\n",
+        sieve.max_script_bytes, sieve.max_scripts
+    );
+    if sieve.relay.is_none() {
+        out.push_str("  sieve_extensions = -vacation\n  sieve_max_redirects = 0\n");
+    }
+    out.push_str("}\n");
+}
+
+fn managesieve_listener(out: &mut String, port: u16) {
+    let _ = writeln!(
+        out,
+        "service managesieve-login {{\n  inet_listener sieve {{\n    port = {port}\n  }}\n}}"
+    );
 }
 
 fn login_listener(out: &mut String, protocol: &str, port: u16) {
@@ -296,14 +344,22 @@ mod tests {
                 lmtp_port: 2024,
                 imap_port: 2143,
                 pop3_port: 2110,
+                sieve_port: 2190,
             },
         );
         assert_eq!(
-            proxy_passdb(Role::Imap, &t),
+            proxy_passdb("imap", &t),
             "a@example.com:::::::proxy=y host=corp-lun-0 port=143 nopassword=y\n\
              b@example.com:::::::proxy=y host=10.0.0.2 port=2143 nopassword=y\n"
         );
-        assert!(proxy_passdb(Role::Pop3, &t).contains("host=10.0.0.2 port=2110 nopassword=y"));
+        assert!(proxy_passdb("pop3", &t).contains("host=10.0.0.2 port=2110 nopassword=y"));
+        assert_eq!(
+            proxy_passdb("sieve", &t),
+            "a@example.com:::::::proxy=y host=corp-lun-0 port=4190 nopassword=y\n\
+             b@example.com:::::::proxy=y host=10.0.0.2 port=2190 nopassword=y\n"
+        );
+        assert_eq!(proxy_protocols(Role::Imap), ["imap", "sieve"]);
+        assert_eq!(proxy_protocols(Role::Pop3), ["pop3"]);
     }
 
     #[test]
@@ -316,7 +372,14 @@ mod tests {
             &Ports::default(),
             Path::new("/etc/mailpod/users/users"),
         );
-        assert!(conf.contains("protocols = imap pop3 lmtp\n"));
+        assert!(conf.contains("protocols = imap pop3 lmtp sieve\n"));
+        assert!(conf.contains(
+            "protocol lmtp {\n  postmaster_address = postmaster@mail.example.com\n  mail_plugins = $mail_plugins sieve\n}\n"
+        ));
+        assert!(conf.contains("inet_listener sieve {\n    port = 4190\n"));
+        // No relay: nothing may try to send.
+        assert!(conf.contains("  sieve_extensions = -vacation\n  sieve_max_redirects = 0\n"));
+        assert!(!conf.contains("submission_host"));
         assert!(conf.contains("ssl = no\n"), "stores never terminate TLS");
         assert!(conf.contains("args = /etc/mailpod/users/users\n"));
         assert!(conf.contains("home=/var/mail/store/%d/%n allow_all_users=yes"));
@@ -350,7 +413,10 @@ mod tests {
             &Ports::default(),
             Path::new("/u"),
         );
-        assert!(!plain.contains("quota"), "no quota unless the spec asks");
+        assert!(
+            !plain.contains("quota_rule") && !plain.contains("$mail_plugins quota"),
+            "no quota unless the spec asks"
+        );
         s.features.quota = Some(QuotaSettings {
             storage_bytes: 1 << 30,
             messages: Some(5000),
@@ -395,6 +461,32 @@ mod tests {
     }
 
     #[test]
+    fn sieve_relay_and_imap_proxy_forwards_managesieve() {
+        let mut s = settings(false);
+        s.features.sieve.relay = Some("relay.mail.svc.cluster.local:25".into());
+        let ports = Ports {
+            sieve: 30190,
+            ..Ports::default()
+        };
+        let store = dovecot_conf(Role::Store, &s, &Layout::default(), &ports, Path::new("/u"));
+        assert!(store.contains("submission_host = relay.mail.svc.cluster.local:25\n"));
+        assert!(store.contains(
+            "plugin {\n  sieve = file:~/sieve;active=~/.dovecot.sieve\n  sieve_max_script_size = 65536\n  sieve_quota_max_scripts = 10\n}\n"
+        ));
+        assert!(store.contains("lda_mailbox_autocreate = yes\n"));
+        assert!(store.contains("inet_listener sieve {\n    port = 30190\n"));
+        let imap = dovecot_conf(Role::Imap, &s, &Layout::default(), &ports, Path::new("/u"));
+        assert!(imap.contains("protocols = imap sieve\n"));
+        assert!(imap
+            .contains("service managesieve-login {\n  inet_listener sieve {\n    port = 30190\n"));
+        assert!(imap.contains("args = /var/lib/mailpod/dovecot/proxy-passdb-%s\n"));
+        assert!(
+            !imap.contains("sieve_max_script_size"),
+            "proxies run no scripts"
+        );
+    }
+
+    #[test]
     fn doveadm_password_is_quoted() {
         assert_eq!(doveadm_password_conf(None), "");
         assert_eq!(
@@ -422,7 +514,11 @@ mod tests {
         assert!(conf.contains("listen = 127.0.0.1\n"));
         assert!(conf.contains("ssl = required\nssl_cert = </t/tls/tls.crt\n"));
         assert!(conf.contains("disable_plaintext_auth = yes\n"));
-        assert!(conf.contains("args = /t/dovecot/proxy-passdb\n"));
+        assert!(conf.contains("args = /t/dovecot/proxy-passdb-%s\n"));
+        assert!(
+            !conf.contains("inet_listener sieve"),
+            "pop3 proxies forward no ManageSieve"
+        );
         assert!(conf.contains("port = 30110"));
         assert!(!conf.contains("inet_listener imap "));
     }

@@ -84,6 +84,8 @@ pub struct Ports {
     pub lmtp: u16,
     /// Store role: Dovecot's doveadm TCP service, which the LUN's standbys replicate from.
     pub doveadm: u16,
+    /// Store and imap roles: ManageSieve (the imap proxies forward it to the user's store).
+    pub sieve: u16,
 }
 
 impl Default for Ports {
@@ -96,6 +98,7 @@ impl Default for Ports {
             pop3: 110,
             lmtp: 24,
             doveadm: 12345,
+            sieve: 4190,
         }
     }
 }

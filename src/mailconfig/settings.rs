@@ -39,6 +39,37 @@ pub struct StoreFeatures {
     /// Stores: the default mailbox quota (per-mailbox overrides are in the access tables); none when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaSettings>,
+    /// Stores and the imap proxies: Sieve with ManageSieve (always on; these are its limits).
+    #[serde(default, skip_serializing_if = "SieveSettings::is_default")]
+    pub sieve: SieveSettings,
+}
+
+/// Sieve on the stores.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SieveSettings {
+    pub max_script_bytes: u64,
+    pub max_scripts: u32,
+    /// `host:port` that takes vacation replies and redirects; without it they are off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+}
+
+impl Default for SieveSettings {
+    fn default() -> Self {
+        let spec = crate::crd::SieveSpec::default();
+        Self {
+            max_script_bytes: spec.max_script_bytes(),
+            max_scripts: spec.max_scripts,
+            relay: None,
+        }
+    }
+}
+
+impl SieveSettings {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl StoreFeatures {
@@ -83,6 +114,15 @@ impl MailSettings {
                     messages: q.messages,
                     tempfail: q.over_quota == crate::crd::OverQuota::Defer,
                 }),
+                sieve: spec
+                    .sieve
+                    .as_ref()
+                    .map(|s| SieveSettings {
+                        max_script_bytes: s.max_script_bytes(),
+                        max_scripts: s.max_scripts,
+                        relay: s.relay_host.clone(),
+                    })
+                    .unwrap_or_default(),
             },
         }
     }

@@ -40,16 +40,21 @@ pub struct LunEndpoint {
     pub lmtp_port: u16,
     pub imap_port: u16,
     pub pop3_port: u16,
+    pub sieve_port: u16,
 }
 
+/// ManageSieve's standard port, which a store answers on in a cluster.
+pub const SIEVE_PORT: u16 = 4190;
+
 impl LunEndpoint {
-    /// Standard in-cluster ports of a store: LMTP 24, IMAP 143, POP3 110.
+    /// Standard in-cluster ports of a store: LMTP 24, IMAP 143, POP3 110, ManageSieve 4190.
     pub fn in_cluster(host: impl Into<String>) -> Self {
         Self {
             host: host.into(),
             lmtp_port: 24,
             imap_port: 143,
             pop3_port: 110,
+            sieve_port: SIEVE_PORT,
         }
     }
 }
@@ -188,11 +193,17 @@ impl AccessTables {
         );
         put(
             keys::LUNS,
+            // The ManageSieve port only when it is not the standard one, so that in-cluster tables
+            // read as they did before it existed.
             lines(self.luns.iter().map(|(i, e)| {
-                format!(
+                let mut line = format!(
                     "{i} {} {} {} {}",
                     e.host, e.lmtp_port, e.imap_port, e.pop3_port
-                )
+                );
+                if e.sieve_port != SIEVE_PORT {
+                    let _ = write!(line, " {}", e.sieve_port);
+                }
+                line
             })),
         );
         put(
@@ -278,10 +289,10 @@ impl AccessTables {
                 err(
                     keys::LUNS,
                     n,
-                    "expected `index host lmtp-port imap-port pop3-port`",
+                    "expected `index host lmtp-port imap-port pop3-port [sieve-port]`",
                 )
             };
-            if f.len() != 5 {
+            if !(5..=6).contains(&f.len()) {
                 return Err(bad());
             }
             let port = |s: &str| s.parse::<u16>().map_err(|_| bad());
@@ -292,6 +303,7 @@ impl AccessTables {
                     lmtp_port: port(f[2])?,
                     imap_port: port(f[3])?,
                     pop3_port: port(f[4])?,
+                    sieve_port: f.get(5).map_or(Ok(SIEVE_PORT), |p| port(p))?,
                 },
             );
         }

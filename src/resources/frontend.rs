@@ -34,7 +34,11 @@ pub fn service_ports(kind: ServiceKind) -> Vec<(&'static str, i32)> {
             ("submission", ports::SUBMISSION),
             ("submissions", ports::SUBMISSIONS),
         ],
-        ServiceKind::Imap => vec![("imap", ports::IMAP), ("imaps", ports::IMAPS)],
+        ServiceKind::Imap => vec![
+            ("imap", ports::IMAP),
+            ("imaps", ports::IMAPS),
+            ("sieve", ports::SIEVE),
+        ],
         ServiceKind::Pop3 => vec![("pop3", ports::POP3), ("pop3s", ports::POP3S)],
         ServiceKind::Webmail => vec![("http", ports::HTTP)],
     }

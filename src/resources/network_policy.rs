@@ -90,7 +90,12 @@ pub fn build(ctx: &Context) -> Vec<Child> {
     let mut out = vec![];
     let mut store_rules = vec![
         NetworkPolicyIngressRule {
-            ports: Some(vec![tcp(ports::LMTP), tcp(ports::IMAP), tcp(ports::POP3)]),
+            ports: Some(vec![
+                tcp(ports::LMTP),
+                tcp(ports::IMAP),
+                tcp(ports::POP3),
+                tcp(ports::SIEVE),
+            ]),
             from: Some(vec![pods_of(ctx.name(), &frontends)]),
         },
         // Replication between the replicas of a LUN, and the restore jobs' imports.

@@ -52,6 +52,8 @@ pub mod ports {
     pub const POP3: i32 = 110;
     pub const POP3S: i32 = 995;
     pub const LMTP: i32 = 24;
+    /// ManageSieve, on the stores and (proxied) on the imap front end.
+    pub const SIEVE: i32 = 4190;
     /// doveadm's TCP service, for replication between the replicas of a LUN.
     pub const DOVEADM: i32 = 12345;
     pub const HTTP: i32 = 80;

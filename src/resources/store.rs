@@ -97,6 +97,7 @@ fn store_ports() -> Vec<(&'static str, i32)> {
         ("lmtp", ports::LMTP),
         ("imap", ports::IMAP),
         ("pop3", ports::POP3),
+        ("sieve", ports::SIEVE),
         ("doveadm", ports::DOVEADM),
     ]
 }

@@ -191,6 +191,7 @@ impl Site {
                 lmtp_port: store.lmtp,
                 imap_port: store.imap,
                 pop3_port: store.pop3,
+                sieve_port: store.sieve,
             },
         );
     }
@@ -250,6 +251,7 @@ pub struct Ports {
     pub http: u16,
     pub control: u16,
     pub doveadm: u16,
+    pub sieve: u16,
 }
 
 impl Ports {
@@ -263,6 +265,7 @@ impl Ports {
             http: free_port(),
             control: free_port(),
             doveadm: free_port(),
+            sieve: free_port(),
         }
     }
 }
@@ -340,6 +343,7 @@ impl Agent {
         .args(["--pop3-port", &ports.pop3.to_string()])
         .args(["--lmtp-port", &ports.lmtp.to_string()])
         .args(["--doveadm-port", &ports.doveadm.to_string()])
+        .args(["--sieve-port", &ports.sieve.to_string()])
         .args(["--poll-ms", "200", "--grace-seconds", "5"])
         .args(extra)
         .envs(env.iter().map(|(k, v)| (k, v)))
