@@ -914,6 +914,7 @@ pub async fn run(
     let (store, writer) = kube::runtime::reflector::store();
     let own = super::changes_that_matter(
         watcher(api, watcher::Config::default().any_semantic())
+            .modify(super::strip_managed_fields)
             .default_backoff()
             .reflect(writer),
         tick_relevant,
