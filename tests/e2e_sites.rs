@@ -664,7 +664,7 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
     // Every request of the operators and of the peer identities was allowed: the chart's RBAC and the
     // documented peer Role are enough for all of the above.
     let sa = |ns: &str, name: &str| format!("system:serviceaccount:{ns}:{name}");
-    let users = vec![
+    let users = [
         sa("mailpod-system", "mailpod-operator"),
         sa(&s.ns, "mailpod-peer"),
     ];
