@@ -299,7 +299,9 @@ async fn copy_source(sides: &Sides<'_>, kind: &'static str, name: &str) -> Resul
             // mirror's; or it is one the operator made at this site (a LUN's replication password, which the
             // primary's replaces so both sites' replicas share one).
             let mirrored = o.annotations().contains_key(MIRRORED_FROM)
-                || o.labels().get(names::labels::MANAGED_BY).map(String::as_str)
+                || o.labels()
+                    .get(names::labels::MANAGED_BY)
+                    .map(String::as_str)
                     == Some(names::labels::MANAGER)
                 || o.meta()
                     .managed_fields
