@@ -73,6 +73,10 @@ struct SnapshotArgs {
     /// Seconds to wait for the snapshot to become readyToUse (delivery runs meanwhile).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Do not check the VolumeSnapshotClass first (the snapshot job: its namespaced Role cannot read the
+    /// cluster-scoped classes; the operator checks the class it names).
+    #[arg(long)]
+    skip_class_check: bool,
 }
 
 #[derive(Args)]
@@ -213,6 +217,7 @@ fn run_snapshot(args: SnapshotArgs) -> ExitCode {
     let mut opts = snapshot::Options::new(args.namespace, args.lun);
     opts.volume_snapshot_class = args.volume_snapshot_class;
     opts.timeout = std::time::Duration::from_secs(args.timeout);
+    opts.check_class = !args.skip_class_check;
     let result = job_runtime().block_on(async {
         let client = kube::Client::try_default().await?;
         let agent = snapshot::HttpAgent::new(std::time::Duration::from_secs(10));

@@ -93,6 +93,10 @@ pub struct Options {
     /// How long delivery may stay paused waiting for the cut; three quarters of `maxPauseSeconds` when
     /// unset, so resume always comes before the agent's own deadline.
     pub cut_timeout: Option<Duration>,
+    /// Check that the VolumeSnapshotClass exists before pausing delivery. The snapshot job skips it: its
+    /// namespaced Role cannot read the cluster-scoped classes, the operator checks the class it names, and
+    /// the snapshot controller reports a bad one on the VolumeSnapshot.
+    pub check_class: bool,
 }
 
 impl Options {
@@ -104,6 +108,7 @@ impl Options {
             timeout: Duration::from_secs(600),
             poll: Duration::from_secs(1),
             cut_timeout: None,
+            check_class: true,
         }
     }
 }
@@ -139,7 +144,7 @@ pub async fn run(client: &Client, agent: &dyn StoreAgent, opts: &Options) -> Res
         .volume_snapshot_class_name
         .clone());
     // Nothing below pauses delivery until these pass: a cluster without snapshot support fails here.
-    preflight(client, &opts.namespace, class.as_deref()).await?;
+    preflight(client, &opts.namespace, class.as_deref(), opts.check_class).await?;
     let pod = active_pod(client, &lun).await?;
     let ordinal = crate::controller::lun::replicas::ordinal(&opts.lun, &pod.name_any())
         .expect("active pod is one of the LUN's StatefulSet pods");
@@ -260,13 +265,21 @@ async fn terminated() {
 }
 
 /// The VolumeSnapshot CRDs are served, and the class to use exists.
-async fn preflight(client: &Client, namespace: &str, class: Option<&str>) -> Result<()> {
+async fn preflight(
+    client: &Client,
+    namespace: &str,
+    class: Option<&str>,
+    check_class: bool,
+) -> Result<()> {
     let snapshots: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), namespace, &volume::snapshot_resource());
     match snapshots.list(&ListParams::default().limit(1)).await {
         Err(e) if is_not_found(&e) => return Err(Error::SnapshotCrdMissing),
         r => r.map_err(api("listing VolumeSnapshots"))?,
     };
+    if !check_class {
+        return Ok(());
+    }
     // VolumeSnapshotClasses are cluster-scoped and the snapshot job's Role is namespaced: where it may not
     // read them, the check is left to the snapshot controller, which reports a bad class on the
     // VolumeSnapshot itself (and the job then fails on readyToUse, after resuming delivery).

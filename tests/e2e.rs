@@ -198,21 +198,28 @@ impl Scenario {
 impl Drop for Scenario {
     fn drop(&mut self) {
         // Every scenario is also an RBAC test: nothing the operator or the scenario's own ServiceAccounts
-        // (the snapshot and restore jobs') sent was refused by the chart's or the operator's Roles.
-        if let (Ok(log), false) = (
+        // (the snapshot and restore jobs') sent was refused by the chart's or the operator's Roles. Checked
+        // after the namespace is gone, so a failure here does not leave its pods holding the node.
+        let refusals = match (
             std::env::var("MAILPOD_E2E_AUDIT_LOG"),
             std::thread::panicking(),
         ) {
-            let operator = format!(
-                "system:serviceaccount:{}:mailpod-operator",
-                setting("MAILPOD_E2E_OPERATOR_NAMESPACE", "mailpod-system")
-            );
-            let own = format!("system:serviceaccount:{}:", self.ns);
-            let r = refused(&log, |u| u == operator || u.starts_with(&own), self.started);
-            assert!(r.is_empty(), "requests refused by RBAC: {r:#?}");
-        }
+            (Ok(log), false) => {
+                let operator = format!(
+                    "system:serviceaccount:{}:mailpod-operator",
+                    setting("MAILPOD_E2E_OPERATOR_NAMESPACE", "mailpod-system")
+                );
+                let own = format!("system:serviceaccount:{}:", self.ns);
+                refused(&log, |u| u == operator || u.starts_with(&own), self.started)
+            }
+            _ => vec![],
+        };
         if std::env::var("MAILPOD_E2E_KEEP").as_deref() == Ok("1") {
             eprintln!("keeping namespace {} (MAILPOD_E2E_KEEP=1)", self.ns);
+            assert!(
+                refusals.is_empty(),
+                "requests refused by RBAC: {refusals:#?}"
+            );
             return;
         }
         // PVCs are kept by the operator on purpose; the namespace takes them with it. Waiting for it to be
@@ -226,6 +233,10 @@ impl Drop for Scenario {
                 "--timeout=300s",
             ],
             None,
+        );
+        assert!(
+            refusals.is_empty(),
+            "requests refused by RBAC: {refusals:#?}"
         );
     }
 }

@@ -460,6 +460,24 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
     });
     assert!(!lun_fenced(None, &s.ns).unwrap());
 
+    // 0. A promotion asked while the primary's front ends answer is refused: two sites would write.
+    plugin_at(&s.west, &["promote", SF, "-n", &s.ns]);
+    wait_for("PromoteRefused at the standby", || {
+        let ev = get_json_at(
+            &s.west,
+            &s.ns,
+            &["events", "--field-selector", "reason=PromoteRefused"],
+        )
+        .ok_or("events unreadable")?;
+        (!ev["items"].as_array().unwrap().is_empty())
+            .then_some(())
+            .ok_or("no PromoteRefused Event yet".to_string())
+    });
+    let st = status_of(west, &s.ns).unwrap();
+    assert_eq!(st["activeSite"], PRIMARY, "{st}");
+    assert!(lun_fenced(west, &s.ns).unwrap());
+    assert!(!lun_fenced(None, &s.ns).unwrap());
+
     // 1. The primary's API server stops; its data plane goes on. The standby's probes of the front ends
     //    succeed, so it does not promote: a site whose mail flows is never replaced for losing its API.
     let mx = ServicePort::from(

@@ -375,6 +375,8 @@ fn snapshot_cronjob(ctx: &Context) -> CronJob {
         "snapshot".to_string(),
         "--lun".to_string(),
         ctx.name().to_string(),
+        // Its Role is namespaced; the operator checks the class (see snapshot::Options::check_class).
+        "--skip-class-check".to_string(),
     ];
     if let Some(class) = &policy.volume_snapshot_class_name {
         args.extend(["--volume-snapshot-class".to_string(), class.clone()]);
