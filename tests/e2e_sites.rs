@@ -661,23 +661,38 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
             .ok_or_else(|| st.to_string())
     });
 
-    // 4. A failback asked now waits: the west site has no stores, so nothing can resync, and the roles do
-    //    not move without it (docs/failover-runbook.md, "Failing back").
+    // 4. A failback asked now does not move the roles: the west site has no stores, so nothing can resync
+    //    (docs/failover-runbook.md, "Failing back"). Either it waits for the resync (`FailbackWaiting`), or,
+    //    when the old primary's lag still reads within spec.targets.rpoSeconds, it pauses delivery, waits
+    //    for the final sync for spec.targets.rtoSeconds, gives up and resumes (`FailbackAborted`).
     plugin_at(&s.west, &["failback", SF, "-n", &s.ns]);
-    wait_for("FailbackWaiting at the active site", || {
-        let ev = get_json_at(
-            &s.west,
-            &s.ns,
-            &["events", "--field-selector", "reason=FailbackWaiting"],
-        )
-        .ok_or("events unreadable")?;
-        (!ev["items"].as_array().unwrap().is_empty())
-            .then_some(())
-            .ok_or("no FailbackWaiting Event yet".to_string())
+    let reason = wait_for("the failback held back at the active site", || {
+        for reason in ["FailbackWaiting", "FailbackAborted"] {
+            let ev = get_json_at(
+                &s.west,
+                &s.ns,
+                &["events", "--field-selector", &format!("reason={reason}")],
+            )
+            .ok_or("events unreadable")?;
+            if !ev["items"].as_array().unwrap().is_empty() {
+                return Ok(reason);
+            }
+        }
+        Err("neither FailbackWaiting nor FailbackAborted yet".to_string())
     });
+    eprintln!("failback request: {reason}");
     let st = status_of(west, &s.ns).unwrap();
     assert_eq!(st["activeSite"], STANDBY, "{st}");
+    assert_eq!(st["epoch"], 2, "{st}");
     assert!(lun_fenced(None, &s.ns).unwrap());
+    wait_for(
+        "the active site serving again after the failback gave up",
+        || {
+            (!lun_fenced(west, &s.ns)?)
+                .then_some(())
+                .ok_or_else(|| "the standby's LUN is fenced".to_string())
+        },
+    );
 
     // Every request of the operators and of the peer identities was allowed: the chart's RBAC and the
     // documented peer Role are enough for all of the above.
