@@ -554,26 +554,8 @@ fn operator_writes(audit_log: &str, from: jiff::Timestamp, to: jiff::Timestamp) 
             )
         })
         .filter(|e| e["objectRef"]["resource"] != "leases")
-        .filter(|e| {
-            e["requestReceivedTimestamp"]
-                .as_str()
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                .is_some_and(|t| t >= from && t < to)
-        })
-        .map(|e| {
-            let o = &e["objectRef"];
-            format!(
-                "{} {}{} {}/{}",
-                e["verb"].as_str().unwrap_or_default(),
-                o["resource"].as_str().unwrap_or_default(),
-                o["subresource"]
-                    .as_str()
-                    .map(|s| format!("/{s}"))
-                    .unwrap_or_default(),
-                o["namespace"].as_str().unwrap_or_default(),
-                o["name"].as_str().unwrap_or_default()
-            )
-        })
+        .filter(|e| received(e).is_some_and(|t| t >= from && t < to))
+        .map(|e| request(&e))
         .collect()
 }
 

@@ -361,26 +361,34 @@ pub fn refused(
                 .is_some_and(|c| c.iter().any(|c| c["reason"] == "NamespaceTerminating"))
         })
         .filter(|e| e["user"]["username"].as_str().is_some_and(&is_user))
-        .filter(|e| {
-            e["requestReceivedTimestamp"]
-                .as_str()
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                .is_some_and(|t| t >= from)
-        })
+        .filter(|e| received(e).is_some_and(|t| t >= from))
         .map(|e| {
-            let o = &e["objectRef"];
             format!(
-                "{} {}{} {}/{} ({})",
-                e["verb"].as_str().unwrap_or_default(),
-                o["resource"].as_str().unwrap_or_default(),
-                o["subresource"]
-                    .as_str()
-                    .map(|s| format!("/{s}"))
-                    .unwrap_or_default(),
-                o["namespace"].as_str().unwrap_or_default(),
-                o["name"].as_str().unwrap_or_default(),
-                e["user"]["username"].as_str().unwrap_or_default(),
+                "{} ({})",
+                request(&e),
+                e["user"]["username"].as_str().unwrap_or_default()
             )
         })
         .collect()
+}
+
+/// When the API server received the request of an audit event.
+pub fn received(e: &Value) -> Option<jiff::Timestamp> {
+    e["requestReceivedTimestamp"].as_str()?.parse().ok()
+}
+
+/// `verb resource[/subresource] namespace/name` of an audit event.
+pub fn request(e: &Value) -> String {
+    let o = &e["objectRef"];
+    format!(
+        "{} {}{} {}/{}",
+        e["verb"].as_str().unwrap_or_default(),
+        o["resource"].as_str().unwrap_or_default(),
+        o["subresource"]
+            .as_str()
+            .map(|s| format!("/{s}"))
+            .unwrap_or_default(),
+        o["namespace"].as_str().unwrap_or_default(),
+        o["name"].as_str().unwrap_or_default()
+    )
 }
