@@ -613,16 +613,7 @@ fn curl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
 
 /// The `host:port` of a Service's ClusterIP (curl connects there directly).
 fn service_addr(ns: &str, service: &str, port: u16) -> String {
-    let ip = must(&[
-        "get",
-        "-n",
-        ns,
-        "service",
-        service,
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ]);
-    format!("{}:{port}", ip.trim())
+    format!("{}:{port}", cluster_ip(ns, service))
 }
 
 #[test]

@@ -480,40 +480,15 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
 
     // 1. The primary's API server stops; its data plane goes on. The standby's probes of the front ends
     //    succeed, so it does not promote: a site whose mail flows is never replaced for losing its API.
-    let mx = ServicePort::from(
-        format!(
-            "{}:25",
-            must(&[
-                "get",
-                "svc",
-                "-n",
-                &s.ns,
-                "small-mx",
-                "-o",
-                "jsonpath={.spec.clusterIP}"
-            ])
-            .trim()
+    // Addresses read while the API server answers: the Services keep routing without it.
+    let direct = |service: &str, port: u16| {
+        ServicePort::from(
+            format!("{}:{port}", cluster_ip(&s.ns, service))
+                .parse::<std::net::SocketAddr>()
+                .unwrap(),
         )
-        .parse::<std::net::SocketAddr>()
-        .unwrap(),
-    );
-    let imap = ServicePort::from(
-        format!(
-            "{}:143",
-            must(&[
-                "get",
-                "svc",
-                "-n",
-                &s.ns,
-                "small-imap",
-                "-o",
-                "jsonpath={.spec.clusterIP}"
-            ])
-            .trim()
-        )
-        .parse::<std::net::SocketAddr>()
-        .unwrap(),
-    );
+    };
+    let (mx, imap) = (direct("small-mx", 25), direct("small-imap", 143));
     let restarts = operator_restarts();
     script("component.sh", &["stop", "kube-apiserver"]);
     let down = Instant::now();

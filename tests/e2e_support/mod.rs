@@ -184,18 +184,24 @@ impl From<std::net::SocketAddr> for ServicePort {
     }
 }
 
+/// A Service's ClusterIP, as kubectl prints it.
+pub fn cluster_ip(ns: &str, service: &str) -> String {
+    must(&[
+        "get",
+        "-n",
+        ns,
+        "service",
+        service,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])
+    .trim()
+    .to_string()
+}
+
 impl ServicePort {
     pub fn new(ns: &str, service: &str, port: u16) -> Self {
-        let ip = must(&[
-            "get",
-            "-n",
-            ns,
-            "service",
-            service,
-            "-o",
-            "jsonpath={.spec.clusterIP}",
-        ]);
-        if let Ok(ip) = ip.trim().parse::<std::net::IpAddr>() {
+        if let Ok(ip) = cluster_ip(ns, service).parse::<std::net::IpAddr>() {
             let addr = std::net::SocketAddr::new(ip, port);
             if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok() {
                 return Self::Direct(addr);
