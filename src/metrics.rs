@@ -235,6 +235,22 @@ fn encode_sites(
             }
         }
     }
+    // From the spec, not the status: with the same labels as the lag, so an alert compares the two directly.
+    let mut family = encoder.encode_descriptor(
+        "sitefailover_rpo_target_seconds",
+        "The recovery point objective (spec.targets.rpoSeconds) the replication lag is held to.",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for ((ns, sf), r) in &sites {
+        let labels = [
+            ("namespace", ns.as_str()),
+            ("sitefailover", sf.as_str()),
+            ("site", r.site.as_str()),
+            ("peer", r.peer.as_str()),
+        ];
+        ConstGauge::new(r.rpo_target_seconds).encode(family.encode_family(&labels)?)?;
+    }
     Ok(())
 }
 
@@ -273,6 +289,52 @@ fn encode_lun_lags(
                 ("replica", replica.as_str()),
             ];
             ConstGauge::new(*v).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    encode_lun_health(encoder, &luns)
+}
+
+/// The StorageLUNs' snapshot and promotion record, for the snapshot and promotion alerts.
+fn encode_lun_health(
+    encoder: &mut DescriptorEncoder,
+    luns: &[((String, String), crate::controller::LunLag)],
+) -> Result<(), std::fmt::Error> {
+    use crate::controller::lun::health::LunHealth;
+    type Read = fn(&LunHealth) -> Option<f64>;
+    let gauges: [(&str, &str, Read); 4] = [
+        (
+            "storagelun_snapshot_interval_seconds",
+            "Longest time between two runs of the LUN's snapshot schedule (snapshots enabled only).",
+            |h| h.snapshot_interval_seconds,
+        ),
+        (
+            "storagelun_last_snapshot_timestamp_seconds",
+            "When the newest snapshot the LUN keeps was taken (Unix time).",
+            |h| h.last_snapshot_timestamp,
+        ),
+        (
+            "storagelun_last_snapshot_failed",
+            "1 when the LUN's last snapshot job failed, 0 when it succeeded.",
+            |h| h.last_snapshot_failed.map(|f| if f { 1.0 } else { 0.0 }),
+        ),
+        (
+            "storagelun_last_promotion_timestamp_seconds",
+            "When a standby of the LUN was last promoted to active (Unix time).",
+            |h| h.last_promotion_timestamp,
+        ),
+    ];
+    for (name, help, read) in gauges {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for ((ns, lun), lag) in luns {
+            if let Some(v) = read(&lag.health) {
+                let labels = [("namespace", ns.as_str()), ("storagelun", lun.as_str())];
+                ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+            }
         }
     }
     Ok(())

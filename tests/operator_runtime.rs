@@ -58,7 +58,22 @@ async fn metrics_health_and_readiness() {
         Some(mailpod_operator::controller::SiteReport {
             site: "west".into(),
             peer: "east".into(),
+            rpo_target_seconds: 30.0,
             status,
+        }),
+    );
+    luns.stats.report_lun_lag(
+        "mail",
+        "corp-lun-0",
+        Some(mailpod_operator::controller::LunLag {
+            lag_seconds: Some(2.0),
+            replicas: vec![("corp-lun-0-1".into(), 2.0)],
+            health: mailpod_operator::controller::lun::health::LunHealth {
+                snapshot_interval_seconds: Some(28800.0),
+                last_snapshot_timestamp: Some(1767225600.0),
+                last_snapshot_failed: Some(true),
+                last_promotion_timestamp: Some(1767229200.0),
+            },
         }),
     );
     for _ in 0..3 {
@@ -106,6 +121,12 @@ async fn metrics_health_and_readiness() {
         "mailpod_operator_sitefailover_replication_lag_seconds{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 1.5",
         "mailpod_operator_sitefailover_quorum{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 1.0",
         "mailpod_operator_sitefailover_last_rto_seconds{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 20.0",
+        "mailpod_operator_sitefailover_rpo_target_seconds{namespace=\"mail\",sitefailover=\"corp-geo\",site=\"west\",peer=\"east\"} 30.0",
+        "mailpod_operator_storagelun_replication_lag_seconds{namespace=\"mail\",storagelun=\"corp-lun-0\"} 2.0",
+        "mailpod_operator_storagelun_snapshot_interval_seconds{namespace=\"mail\",storagelun=\"corp-lun-0\"} 28800.0",
+        "mailpod_operator_storagelun_last_snapshot_timestamp_seconds{namespace=\"mail\",storagelun=\"corp-lun-0\"} 1767225600.0",
+        "mailpod_operator_storagelun_last_snapshot_failed{namespace=\"mail\",storagelun=\"corp-lun-0\"} 1.0",
+        "mailpod_operator_storagelun_last_promotion_timestamp_seconds{namespace=\"mail\",storagelun=\"corp-lun-0\"} 1767229200.0",
     ] {
         assert!(
             body.lines().any(|l| l == line),

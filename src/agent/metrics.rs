@@ -1,6 +1,8 @@
-//! Prometheus metrics of a mail pod: queue sizes, deliveries by outcome and delivery latency parsed from the
-//! Postfix maillog, the access-tables hash in use, child restarts and the store's pause state.
+//! Prometheus metrics of a mail pod: queue sizes and the age of each queue's oldest message, deliveries by
+//! outcome and delivery latency parsed from the Postfix maillog, the access-tables hash in use, the TLS
+//! certificate's expiry, child restarts and the store's pause state.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
@@ -36,9 +38,17 @@ pub struct ServiceLabel {
     pub service: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLabel {
+    pub file: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     queue: Family<QueueLabel, Gauge>,
+    oldest_age: Family<QueueLabel, Gauge<f64, AtomicU64>>,
+    /// Oldest arrival (Unix seconds) per queue, as agent::queue_age last listed it.
+    oldest_arrivals: Mutex<BTreeMap<String, f64>>,
     deliveries: Family<StatusLabel, Counter>,
     delivery_seconds: Histogram,
     tables: Family<HashLabel, Gauge>,
@@ -53,6 +63,8 @@ pub struct Metrics {
     /// Stores only.
     pub replication: Option<ReplicationMetrics>,
     queue_dir: Option<PathBuf>,
+    certificate_expiry: Family<FileLabel, Gauge<f64, AtomicU64>>,
+    certificate_file: Option<PathBuf>,
 }
 
 /// A store replica's replication from its LUN's active (see agent::replication).
@@ -75,6 +87,8 @@ impl Metrics {
     pub fn new(queue_dir: Option<PathBuf>, replication: bool) -> Self {
         let mut registry = Registry::with_prefix("mailpod");
         let queue = Family::<QueueLabel, Gauge>::default();
+        let oldest_age = Family::<QueueLabel, Gauge<f64, AtomicU64>>::default();
+        let certificate_expiry = Family::<FileLabel, Gauge<f64, AtomicU64>>::default();
         let deliveries = Family::<StatusLabel, Counter>::default();
         // 10 ms .. ~82 s: from loopback LMTP to a long retry.
         let delivery_seconds = Histogram::new(
@@ -90,6 +104,16 @@ impl Metrics {
             "queue_messages",
             "Messages in each Postfix queue",
             queue.clone(),
+        );
+        registry.register(
+            "queue_oldest_message_age_seconds",
+            "Age of the oldest message in each Postfix queue (0 when it is empty), from its arrival time",
+            oldest_age.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the mounted TLS certificate expires (notAfter, Unix time); absent without a certificate",
+            certificate_expiry.clone(),
         );
         registry.register(
             "deliveries",
@@ -169,6 +193,8 @@ impl Metrics {
             replication,
             registry,
             queue,
+            oldest_age,
+            oldest_arrivals: Mutex::new(BTreeMap::new()),
             deliveries,
             delivery_seconds,
             tables,
@@ -179,7 +205,20 @@ impl Metrics {
             restarts,
             lmtp_paused,
             queue_dir,
+            certificate_expiry,
+            certificate_file: None,
         }
+    }
+
+    /// Reports the expiry of the certificate in `file` (PEM), read at each scrape: a renewed Secret is
+    /// seen at once, and a pod without a certificate reports none.
+    pub fn watch_certificate(&mut self, file: PathBuf) {
+        self.certificate_file = Some(file);
+    }
+
+    /// The oldest arrival per queue name (see agent::queue_age).
+    pub fn set_oldest_arrivals(&self, arrivals: BTreeMap<String, f64>) {
+        *self.oldest_arrivals.lock().expect("metrics lock") = arrivals;
     }
 
     /// Registers a store's mailbox quota series, which the quota poller keeps current (agent::quota).
@@ -222,16 +261,39 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition, with queue sizes counted now.
+    /// Prometheus text exposition, with queue sizes counted, ages and the certificate read now.
     pub fn encode(&self) -> String {
         if let Some(dir) = &self.queue_dir {
+            let now = unix_now();
+            let arrivals = self.oldest_arrivals.lock().expect("metrics lock").clone();
             for q in QUEUES {
                 let n = count_files(&dir.join(q));
-                self.queue
-                    .get_or_create(&QueueLabel {
-                        queue: q.to_string(),
-                    })
-                    .set(n as i64);
+                let label = QueueLabel {
+                    queue: q.to_string(),
+                };
+                self.queue.get_or_create(&label).set(n as i64);
+                // An emptied queue reads 0 at once, not at the next listing.
+                let age = match arrivals.get(q) {
+                    Some(t) if n > 0 => (now - t).max(0.0),
+                    _ => 0.0,
+                };
+                self.oldest_age.get_or_create(&label).set(age);
+            }
+        }
+        if let Some(file) = &self.certificate_file {
+            self.certificate_expiry.clear();
+            match certificate_not_after(file) {
+                Ok(Some(t)) => {
+                    self.certificate_expiry
+                        .get_or_create(&FileLabel {
+                            file: file.display().to_string(),
+                        })
+                        .set(t);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), "reading the TLS certificate: {e}")
+                }
             }
         }
         let mut out = String::new();
@@ -265,6 +327,27 @@ pub fn parse_delivery(line: &str) -> Option<Delivery<'_>> {
         .and_then(|d| d.parse().ok())
         .unwrap_or(0.0);
     Some(Delivery { status, delay })
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The notAfter (Unix seconds) of the first certificate in a PEM file; `None` when there is no file.
+pub fn certificate_not_after(file: &Path) -> Result<Option<f64>, String> {
+    let pem = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| format!("not PEM: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    Ok(Some(cert.validity().not_after.timestamp() as f64))
 }
 
 /// Regular files under `dir`, recursively (Postfix hashes queue files into subdirectories).
@@ -333,5 +416,64 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("aaaa"), "{text}");
+    }
+
+    #[test]
+    fn oldest_message_age_reads_zero_once_its_queue_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("deferred/A")).unwrap();
+        std::fs::write(dir.path().join("deferred/A/ABC"), "").unwrap();
+        let m = Metrics::new(Some(dir.path().to_path_buf()), false);
+        let arrived = unix_now() - 600.0;
+        m.set_oldest_arrivals(BTreeMap::from([
+            ("deferred".to_string(), arrived),
+            ("active".to_string(), arrived),
+        ]));
+        let text = m.encode();
+        let age = |q: &str| -> f64 {
+            let series = format!("mailpod_queue_oldest_message_age_seconds{{queue=\"{q}\"}} ");
+            let line = text.lines().find(|l| l.starts_with(&series)).unwrap();
+            line[series.len()..].parse().unwrap()
+        };
+        assert!((600.0..610.0).contains(&age("deferred")), "{text}");
+        // Listed as holding mail, but its directory is empty now: delivered since.
+        assert_eq!(age("active"), 0.0, "{text}");
+    }
+
+    #[test]
+    fn certificate_expiry_is_read_from_the_mounted_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let crt = dir.path().join("tls.crt");
+        let mut m = Metrics::new(None, false);
+        m.watch_certificate(crt.clone());
+        assert!(
+            !m.encode()
+                .contains("mailpod_tls_certificate_expiry_timestamp_seconds{"),
+            "no certificate, no series"
+        );
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "10",
+            ])
+            .args(["-subj", "/CN=mail.example.com", "-keyout"])
+            .arg(dir.path().join("tls.key"))
+            .arg("-out")
+            .arg(&crt)
+            .output()
+            .expect("openssl (tests/packages.txt)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = m.encode();
+        let series = format!(
+            "mailpod_tls_certificate_expiry_timestamp_seconds{{file=\"{}\"}} ",
+            crt.display()
+        );
+        let line = text.lines().find(|l| l.starts_with(&series)).expect(&text);
+        let not_after: f64 = line[series.len()..].parse().unwrap();
+        let in_ten_days = unix_now() + 10.0 * 86400.0;
+        assert!((not_after - in_ten_days).abs() < 120.0, "{line}");
     }
 }

@@ -12,6 +12,7 @@ pub mod http;
 pub mod lmtp_gate;
 pub mod metrics;
 pub mod passwd;
+pub mod queue_age;
 pub mod quota;
 pub mod render;
 pub mod replication;
@@ -216,6 +217,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         .then(|| lmtp_gate::Gate::new(layout.lmtp_socket(), inputs.settings.hostname.clone()));
     let queue_dir = role.runs_postfix().then(|| layout.postfix_queue.clone());
     let mut metrics = metrics::Metrics::new(queue_dir, role == Role::Store);
+    metrics.watch_certificate(layout.tls_dir.join("tls.crt"));
     let quota = (role == Role::Store).then(|| quota::QuotaPoller {
         dovecot_conf: layout.dovecot_conf(),
         config_dir: args.config_dir.clone(),
@@ -324,6 +326,11 @@ async fn run(args: AgentArgs) -> Result<()> {
     }
     tokio::spawn(tail_logs(layout.clone(), state.clone()));
     if role.runs_postfix() {
+        tokio::spawn(queue_age::run(
+            layout.postfix_config.clone(),
+            layout.postfix_queue.clone(),
+            state.clone(),
+        ));
         tokio::spawn(store_flush::run(
             layout.postfix_config.clone(),
             layout.postfix_queue.clone(),

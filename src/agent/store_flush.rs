@@ -173,7 +173,8 @@ async fn pass(
     Ok(())
 }
 
-async fn postqueue(postfix_config: &Path, args: &[&str]) -> Result<String> {
+/// `postqueue -c DIR ARGS...`: its output, or why it failed.
+pub async fn postqueue(postfix_config: &Path, args: &[&str]) -> Result<String> {
     let out = tokio::process::Command::new("postqueue")
         .arg("-c")
         .arg(postfix_config)

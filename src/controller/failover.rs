@@ -494,6 +494,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
     let report = |status: &SiteFailoverStatus| super::SiteReport {
         site: ctx.site.clone(),
         peer: spec.peer.name.clone(),
+        rpo_target_seconds: f64::from(spec.targets.rpo_seconds),
         status: status.clone(),
     };
     ctx.stats

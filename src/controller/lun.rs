@@ -10,6 +10,7 @@
 //! overwrites the other.
 
 pub mod failover;
+pub mod health;
 pub mod replicas;
 pub mod replication;
 pub mod reports;
@@ -74,6 +75,7 @@ fn measured_lag(status: &StorageLUNStatus, observed: &[failover::Replica]) -> su
     super::LunLag {
         lag_seconds: replicas.iter().map(|(_, l)| *l).reduce(f64::max),
         replicas,
+        health: Default::default(),
     }
 }
 
@@ -381,6 +383,7 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
             .lag_seconds
             .map(|l| replicas::lag_bucket(l, VOLUME_LAG_FLOOR));
     }
+    lag.health = health::of(&lun.spec, lun.status.as_ref(), &status);
     ctx.stats.report_lun_lag(&ns, &name, Some(lag));
     set_apply_condition(
         &mut status,

@@ -104,13 +104,14 @@ pub struct Stats {
 /// once a minute, so only a deleted LUN's figure gets this old.
 pub const LUN_LAG_TTL: std::time::Duration = std::time::Duration::from_secs(180);
 
-/// A StorageLUN's replication lag as last measured, for the metrics.
+/// A StorageLUN's replication lag as last measured, with its snapshot and promotion record, for the metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LunLag {
     /// Largest lag of a standby (or, with method `Volume`, of the other site's copy).
     pub lag_seconds: Option<f64>,
     /// Each standby's lag, by pod name.
     pub replicas: Vec<(String, f64)>,
+    pub health: lun::health::LunHealth,
 }
 
 /// One SiteFailover as the metrics report it.
@@ -118,6 +119,8 @@ pub struct LunLag {
 pub struct SiteReport {
     pub site: String,
     pub peer: String,
+    /// `spec.targets.rpoSeconds`, which the replication-lag alert compares against.
+    pub rpo_target_seconds: f64,
     pub status: crate::crd::SiteFailoverStatus,
 }
 
