@@ -42,6 +42,18 @@ impl AgentClient {
         method: Method,
         path: &str,
     ) -> Result<Answer, String> {
+        self.call_with_token(pod, port, method, path, None).await
+    }
+
+    /// `call` with `Authorization: Bearer <token>` (the control port's LUN token) when one is given.
+    pub async fn call_with_token(
+        &self,
+        pod: &Pod,
+        port: i32,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<Answer, String> {
         let name = pod.name_any();
         let ip = pod
             .status
@@ -53,9 +65,13 @@ impl AgentClient {
         } else {
             format!("{ip}:{port}")
         };
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
-            .uri(format!("http://{authority}{path}"))
+            .uri(format!("http://{authority}{path}"));
+        if let Some(token) = token {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
             .body(Empty::<Bytes>::new())
             .map_err(|e| format!("{name}: {e}"))?;
         let exchange = async {

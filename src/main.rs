@@ -136,6 +136,10 @@ struct RenderArgs {
     #[arg(long, default_value = mailpod_operator::resources::DEFAULT_CLUSTER_DOMAIN,
           value_parser = mailpod_operator::resources::parse_cluster_domain)]
     cluster_domain: String,
+    /// The operator's namespace, as `run --operator-namespace`: the NetworkPolicies admit its pods from
+    /// there. Without it they admit only the MailPod's own jobs to the control port.
+    #[arg(long)]
+    operator_namespace: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -266,6 +270,7 @@ fn run_render(args: RenderArgs) -> ExitCode {
         namespace: args.namespace,
         image: args.image,
         cluster_domain: args.cluster_domain,
+        operator_namespace: args.operator_namespace,
     };
     match render::render(&files, &opts) {
         Ok(yaml) => {

@@ -32,6 +32,10 @@ pub struct RunArgs {
     #[arg(long, env = "MAILPOD_CLUSTER_DOMAIN", default_value = crate::resources::DEFAULT_CLUSTER_DOMAIN,
           value_parser = crate::resources::parse_cluster_domain)]
     pub cluster_domain: String,
+    /// The namespace the operator's pods run in (the chart sets it from the downward API): the mail pods'
+    /// NetworkPolicies admit the operator from this namespace only. Unset outside a cluster.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub operator_namespace: Option<String>,
     /// MailPods reconciled at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: u16,
@@ -109,6 +113,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let (site, image, concurrency) =
                 (args.site.clone(), args.mail_image.clone(), args.concurrency);
             let cluster_domain = args.cluster_domain.clone();
+            let operator_namespace = args.operator_namespace.clone();
             let watch_secret_sources = args.watch_secret_sources;
             let namespaces = namespaces.clone();
             async move {
@@ -118,6 +123,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         namespace,
                         default_image: image.clone(),
                         cluster_domain: cluster_domain.clone(),
+                        operator_namespace: operator_namespace.clone(),
                         concurrency,
                         watch_secret_sources,
                         metrics: Some(metrics.clone()),

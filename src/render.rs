@@ -72,6 +72,8 @@ pub struct Options {
     pub image: String,
     /// The cluster's DNS domain (see `resources::service_host`).
     pub cluster_domain: String,
+    /// The namespace the operator runs in (see `resources::Defaults`).
+    pub operator_namespace: Option<String>,
 }
 
 impl Options {
@@ -79,6 +81,7 @@ impl Options {
         resources::Defaults {
             image: &self.image,
             cluster_domain: &self.cluster_domain,
+            operator_namespace: self.operator_namespace.as_deref(),
         }
     }
 }

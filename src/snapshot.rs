@@ -26,7 +26,7 @@ use serde_json::json;
 
 use crate::crd::{SnapshotRecord, SnapshotResult, StorageLUN};
 use crate::names::{self, labels as l};
-pub use agent::{HttpAgent, StoreAgent};
+pub use agent::{HttpAgent, StoreAgent, CONTROL_TOKEN_ENV};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

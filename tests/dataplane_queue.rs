@@ -215,6 +215,39 @@ fn pause_expires_by_itself() {
     assert_eq!(store.metric("mailpod_lmtp_paused").unwrap(), 0.0);
 }
 
+/// Whoever reaches the control port without the LUN's control token cannot hold the store's mail.
+#[test]
+fn control_requests_without_the_luns_token_hold_no_mail() {
+    if !mail_software_present("control_requests_without_the_luns_token_hold_no_mail") {
+        return;
+    }
+    let mut site = Site::new(1_000_000);
+    let ps = Ports::free();
+    site.lun(0, &ps);
+    site.mailbox("dave@example.com", 0, "pw");
+    site.publish();
+    let store = Agent::start(&site, "store", "store", &ps);
+    for token in [None, Some("guess"), Some("")] {
+        let (code, body) = store.post_as("/pause?seconds=60", token);
+        assert_eq!(code, 401, "token {token:?}: {body}");
+        assert_eq!(store.post_as("/resume", token).0, 401);
+    }
+    assert_eq!(store.metric("mailpod_lmtp_paused").unwrap(), 0.0);
+    let mut s = Session::connect(ps.lmtp);
+    assert!(s.line().starts_with("220"), "LMTP still takes deliveries");
+
+    // Without its token file the port admits nobody, not even the old token.
+    let token_file = site.root.path().join("store.control-token");
+    std::fs::remove_file(&token_file).unwrap();
+    assert_eq!(store.post("/pause?seconds=60").0, 503);
+    // A token mounted later (the Secret created after the pod) is read on the next request.
+    std::fs::write(&token_file, CONTROL_TOKEN).unwrap();
+    assert_eq!(store.post("/pause?seconds=60").0, 200);
+    let mut s = Session::connect(ps.lmtp);
+    assert!(s.line().starts_with("421 4.3.2"), "paused with the token");
+    assert_eq!(store.post("/resume").0, 200);
+}
+
 #[test]
 fn auth_failure_535_and_oversized_552() {
     if !mail_software_present("auth_failure_535_and_oversized_552") {

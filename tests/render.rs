@@ -552,3 +552,90 @@ fn store_and_submission_containers_name_the_mounted_users_file() {
         );
     }
 }
+
+/// The agents' control port (which can hold a LUN's mail) admits this MailPod's jobs and the operator's
+/// pods from the operator's own namespace only, never a look-alike pod elsewhere; stores and snapshot jobs
+/// carry the LUN's control token.
+#[test]
+fn control_port_admits_the_operators_namespace_and_asks_for_the_luns_token() {
+    let control_rule = |d: &[Value]| -> Value {
+        let np = d
+            .iter()
+            .find(|o| o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == "small-store")
+            .expect("the store NetworkPolicy")
+            .clone();
+        np["spec"]["ingress"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|r| r["ports"][0]["port"] == 8081)
+            .expect("a rule for the control port")
+            .clone()
+    };
+    let out = render(
+        &[
+            "-f",
+            "examples/mailpod-small.yaml",
+            "--operator-namespace",
+            "mail-operator",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = docs(&String::from_utf8(out.stdout).unwrap());
+    let from = control_rule(&d)["from"].as_sequence().unwrap().clone();
+    assert_eq!(from.len(), 2, "{from:?}");
+    assert_eq!(
+        from[1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "mail-operator"
+    );
+    assert_eq!(
+        from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "mailpod-operator"
+    );
+    assert!(
+        from.iter()
+            .all(|p| p["namespaceSelector"] != serde_yaml::from_str::<Value>("{}").unwrap()),
+        "no peer admits every namespace: {from:?}"
+    );
+
+    let out = render(&["-f", "examples/mailpod-small.yaml"], None);
+    let d = docs(&String::from_utf8(out.stdout).unwrap());
+    let from = control_rule(&d)["from"].as_sequence().unwrap().clone();
+    assert_eq!(from.len(), 1, "outside a cluster only the jobs: {from:?}");
+    assert!(from[0]["namespaceSelector"].is_null());
+
+    // The LUN's StorageLUN renders separately; its store pods and snapshot jobs get the token.
+    let lun = d
+        .iter()
+        .find(|o| o["kind"] == "StatefulSet" && o["metadata"]["name"] == "small-lun-0")
+        .expect("the store StatefulSet");
+    let pod = &lun["spec"]["template"]["spec"];
+    assert!(pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|v| v["secret"]["secretName"] == "small-lun-0-control"));
+    assert!(pod["containers"][0]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "MAILPOD_CONTROL_TOKEN_FILE"
+            && e["value"] == "/etc/mailpod/control/token"));
+    let cron = d
+        .iter()
+        .find(|o| o["kind"] == "CronJob")
+        .expect("the snapshot CronJob");
+    let env = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(env
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "MAILPOD_CONTROL_TOKEN"
+            && e["valueFrom"]["secretKeyRef"]["name"] == "small-lun-0-control"
+            && e["valueFrom"]["secretKeyRef"]["key"] == "token"));
+}

@@ -51,12 +51,16 @@ pub fn router(state: Arc<AgentState>) -> Router {
 }
 
 /// Pause/resume of delivery, on a port of its own so a NetworkPolicy can open it to the snapshot jobs and
-/// the operator only: whoever reaches it can hold a store's mail.
-pub fn control_router(state: Arc<AgentState>) -> Router {
+/// the operator only, and only with the LUN's control token: whoever reaches it can hold a store's mail.
+pub fn control_router(state: Arc<AgentState>, token: super::control_auth::ControlToken) -> Router {
     Router::new()
         .route("/pause", post(pause))
         .route("/resume", post(resume))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(token),
+            super::control_auth::require_token,
+        ))
 }
 
 async fn healthz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {

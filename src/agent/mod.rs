@@ -8,6 +8,7 @@
 //! soon as the store takes deliveries again ([`store_flush`]).
 
 pub mod apply;
+pub mod control_auth;
 pub mod http;
 pub mod lmtp_gate;
 pub mod metrics;
@@ -76,6 +77,10 @@ pub struct AgentArgs {
     /// Address of the store's control endpoint (`POST /pause?seconds=N`, `POST /resume`).
     #[arg(long, env = "MAILPOD_LISTEN_CONTROL", default_value = "0.0.0.0:8081")]
     pub listen_control: SocketAddr,
+    /// Store: file holding the LUN's control token, which every control request must present
+    /// (`Authorization: Bearer`). A store refuses to start its control endpoint without one.
+    #[arg(long, env = "MAILPOD_CONTROL_TOKEN_FILE")]
+    pub control_token_file: Option<PathBuf>,
     /// Address the mail services listen on.
     #[arg(long, env = "MAILPOD_LISTEN", default_value = "0.0.0.0")]
     pub listen: String,
@@ -282,10 +287,14 @@ async fn run(args: AgentArgs) -> Result<()> {
         }
     });
     if gate.is_some() {
+        let token = args.control_token_file.clone().context(
+            "a store needs --control-token-file (MAILPOD_CONTROL_TOKEN_FILE): its control endpoint admits only requests with that token",
+        )?;
         let control_listener = tokio::net::TcpListener::bind(args.listen_control)
             .await
             .with_context(|| format!("binding the control address {}", args.listen_control))?;
-        let control = http::control_router(state.clone());
+        let control =
+            http::control_router(state.clone(), control_auth::ControlToken { file: token });
         tokio::spawn(async move {
             if let Err(e) = axum::serve(control_listener, control).await {
                 tracing::error!(error = %e, "control endpoint stopped");

@@ -225,7 +225,7 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     ))
     .await
     {
-        Ok(report) => Box::pin(ensure_replication_secret(&ctx.client, &ns, &lun))
+        Ok(report) => Box::pin(ensure_generated_secrets(&ctx.client, &ns, &lun))
             .await
             .map(|()| report),
         Err(e) => Err(e),
@@ -456,16 +456,35 @@ fn set_apply_condition(
     }
 }
 
-/// Creates the Secret whose doveadm password the LUN's replicas (and its restore jobs) share, once, with a
-/// random value. Never updated: a changed password would cut replication until every pod saw it. A
-/// SiteFailover's standby replaces it with the primary's, so both sites' replicas can reach each other.
-async fn ensure_replication_secret(
+/// Creates the LUN's generated Secrets once, each with a random value, and never updates them: a changed
+/// value would cut off every pod that has not seen it yet.
+/// - `<lun>-replication`: the doveadm password the LUN's replicas (and its restore jobs) share. A
+///   SiteFailover's standby replaces it with the primary's, so both sites' replicas can reach each other.
+/// - `<lun>-control`: the token the store agents' control port asks of every request (the snapshot jobs).
+async fn ensure_generated_secrets(client: &kube::Client, ns: &str, lun: &StorageLUN) -> Result<()> {
+    for (name, key) in [
+        (
+            store::replication_secret(&lun.name_any()),
+            store::REPLICATION_SECRET_KEY,
+        ),
+        (
+            store::control_secret(&lun.name_any()),
+            store::CONTROL_SECRET_KEY,
+        ),
+    ] {
+        ensure_generated_secret(client, ns, lun, name, key).await?;
+    }
+    Ok(())
+}
+
+async fn ensure_generated_secret(
     client: &kube::Client,
     ns: &str,
     lun: &StorageLUN,
+    name: String,
+    key: &str,
 ) -> Result<()> {
     use k8s_openapi::api::core::v1::Secret;
-    let name = store::replication_secret(&lun.name_any());
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let read = |source| Error::Read {
         what: format!("Secret {name}"),
@@ -488,13 +507,7 @@ async fn ensure_replication_secret(
             owner_references: Some(vec![crate::resources::owner_reference(lun)]),
             ..Default::default()
         },
-        string_data: Some(
-            [(
-                store::REPLICATION_SECRET_KEY.to_string(),
-                hex::encode(bytes),
-            )]
-            .into(),
-        ),
+        string_data: Some([(key.to_string(), hex::encode(bytes))].into()),
         type_: Some("Opaque".into()),
         ..Default::default()
     };

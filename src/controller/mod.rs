@@ -48,6 +48,8 @@ pub struct RunConfig {
     pub default_image: String,
     /// The cluster's DNS domain, which the builders qualify every Service name a mail daemon looks up with.
     pub cluster_domain: String,
+    /// The operator's own namespace when it runs in the cluster (see `resources::Defaults`).
+    pub operator_namespace: Option<String>,
     /// MailPods reconciled at once.
     pub concurrency: u16,
     /// Watch labelled Secret mailbox sources (which needs list/watch on Secrets); without, they are read
@@ -63,6 +65,7 @@ impl Default for RunConfig {
             namespace: None,
             default_image: names::DEFAULT_IMAGE.to_string(),
             cluster_domain: crate::resources::DEFAULT_CLUSTER_DOMAIN.to_string(),
+            operator_namespace: None,
             concurrency: 8,
             watch_secret_sources: true,
             metrics: None,
@@ -76,6 +79,7 @@ impl RunConfig {
         crate::resources::Defaults {
             image: &self.default_image,
             cluster_domain: &self.cluster_domain,
+            operator_namespace: self.operator_namespace.as_deref(),
         }
     }
 }

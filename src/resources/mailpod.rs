@@ -20,6 +20,7 @@ pub struct Context<'a> {
     owner: OwnerReference,
     image: &'a str,
     cluster_domain: &'a str,
+    operator_namespace: Option<&'a str>,
 }
 
 impl<'a> Context<'a> {
@@ -28,8 +29,14 @@ impl<'a> Context<'a> {
             owner: owner_reference(mailpod),
             image: mailpod.spec.image.as_deref().unwrap_or(defaults.image),
             cluster_domain: defaults.cluster_domain,
+            operator_namespace: defaults.operator_namespace,
             mailpod,
         }
+    }
+
+    /// The namespace the operator's own pods run in, when it runs in the cluster.
+    pub fn operator_namespace(&self) -> Option<&str> {
+        self.operator_namespace
     }
 
     /// Fully qualified name of this MailPod's Service `service` (see [`service_host`]).

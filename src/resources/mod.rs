@@ -37,6 +37,9 @@ pub struct Defaults<'a> {
     pub image: &'a str,
     /// The cluster's DNS domain (`cluster.local`), without a trailing dot.
     pub cluster_domain: &'a str,
+    /// The operator's own namespace, when it runs in the cluster: the NetworkPolicies admit its pods from
+    /// there only.
+    pub operator_namespace: Option<&'a str>,
 }
 
 impl<'a> Defaults<'a> {
@@ -45,6 +48,7 @@ impl<'a> Defaults<'a> {
         Self {
             image,
             cluster_domain: DEFAULT_CLUSTER_DOMAIN,
+            operator_namespace: None,
         }
     }
 }

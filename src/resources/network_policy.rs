@@ -42,10 +42,18 @@ fn pods_of(mailpod: &str, components: &[&str]) -> NetworkPolicyPeer {
     }
 }
 
-/// The operator's own pods, in whatever namespace it runs.
-fn operator_pods() -> NetworkPolicyPeer {
+/// The label the API server sets on every namespace to its own name (immutable, so no tenant can claim
+/// another namespace's name).
+const NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
+
+/// The operator's own pods, in its own namespace only: a pod anywhere else that copies the operator's
+/// labels is not admitted.
+fn operator_pods(namespace: &str) -> NetworkPolicyPeer {
     NetworkPolicyPeer {
-        namespace_selector: Some(LabelSelector::default()),
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some([(NAMESPACE_NAME.to_string(), namespace.to_string())].into()),
+            ..Default::default()
+        }),
         pod_selector: Some(LabelSelector {
             match_labels: Some([(labels::NAME.to_string(), labels::MANAGER.to_string())].into()),
             ..Default::default()
@@ -72,7 +80,8 @@ fn policy(ctx: &Context, component: &str, ingress: Vec<NetworkPolicyIngressRule>
 /// Metrics are scraped from wherever Prometheus runs; the control port is for this MailPod's jobs and
 /// the operator only.
 fn agent_rules(ctx: &Context) -> Vec<NetworkPolicyIngressRule> {
-    let control_peers = vec![pods_of(ctx.name(), JOBS), operator_pods()];
+    let mut control_peers = vec![pods_of(ctx.name(), JOBS)];
+    control_peers.extend(ctx.operator_namespace().map(operator_pods));
     vec![
         NetworkPolicyIngressRule {
             ports: Some(vec![tcp(ports::METRICS)]),

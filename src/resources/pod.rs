@@ -28,6 +28,8 @@ pub mod paths {
     pub const PODINFO: &str = "/etc/podinfo";
     /// The LUN's replication Secret on store pods.
     pub const REPLICATION: &str = "/etc/mailpod/replication";
+    /// The LUN's control Secret on store pods.
+    pub const CONTROL: &str = "/etc/mailpod/control";
 }
 
 /// Volume names.
@@ -40,6 +42,7 @@ pub mod volumes {
     pub const MAIL: &str = "mail";
     pub const PODINFO: &str = "podinfo";
     pub const REPLICATION: &str = "replication";
+    pub const CONTROL: &str = "control";
 }
 
 /// Ports (container and Service).

@@ -202,7 +202,17 @@ fn statefulset(ctx: &Context) -> StatefulSet {
         volumes::REPLICATION,
         &replication_secret(ctx.name()),
     ));
+    // The control port admits only requests with the LUN's control token (see agent::control_auth).
+    mounts.push(pod::mount(volumes::CONTROL, paths::CONTROL, true));
+    volumes_.push(pod::optional_secret_volume(
+        volumes::CONTROL,
+        &control_secret(ctx.name()),
+    ));
     let mut env = vec![
+        pod::value_env(
+            "MAILPOD_CONTROL_TOKEN_FILE",
+            &format!("{}/{}", paths::CONTROL, CONTROL_SECRET_KEY),
+        ),
         pod::value_env("MAILPOD_LUN", ctx.name()),
         // Standbys pull from the LUN's Service by its fully qualified name, like every name a mail
         // daemon looks up (see resources::service_host).
@@ -317,6 +327,15 @@ pub fn replication_secret(lun: &str) -> String {
 /// Key of the doveadm password in the replication Secret.
 pub const REPLICATION_SECRET_KEY: &str = "doveadm-password";
 
+/// Secret holding the token every request to the store agents' control port must carry (created once by
+/// the StorageLUN controller with a random value, like the replication Secret).
+pub fn control_secret(lun: &str) -> String {
+    format!("{lun}-control")
+}
+
+/// Key of the token in the control Secret.
+pub const CONTROL_SECRET_KEY: &str = "token";
+
 /// ServiceAccount (and Role) the snapshot jobs of a LUN run as.
 pub fn snapshot_service_account(lun: &str) -> String {
     format!("{lun}-snapshot")
@@ -385,17 +404,32 @@ fn snapshot_cronjob(ctx: &Context) -> CronJob {
         name: SNAPSHOT_COMPONENT.into(),
         image: Some(ctx.image.to_string()),
         args: Some(args),
-        env: Some(vec![k8s_openapi::api::core::v1::EnvVar {
-            name: "POD_NAMESPACE".into(),
-            value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
-                field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
-                    field_path: "metadata.namespace".into(),
+        env: Some(vec![
+            k8s_openapi::api::core::v1::EnvVar {
+                name: "POD_NAMESPACE".into(),
+                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: "metadata.namespace".into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+            },
+            // The job pauses the stores through their control port, which asks for this token.
+            k8s_openapi::api::core::v1::EnvVar {
+                name: crate::snapshot::CONTROL_TOKEN_ENV.into(),
+                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                    secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                        name: control_secret(ctx.name()),
+                        key: CONTROL_SECRET_KEY.into(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ]),
         security_context: Some(restricted_security_context()),
         ..Default::default()
     };

@@ -19,15 +19,24 @@ pub trait StoreAgent: Send + Sync {
     fn resume<'a>(&'a self, pod: &'a Pod) -> BoxFuture<'a, Result<(), String>>;
 }
 
+/// Environment variable with the LUN's control token, which the snapshot job gets from the LUN's control
+/// Secret and the stores' control port asks of every request.
+pub const CONTROL_TOKEN_ENV: &str = "MAILPOD_CONTROL_TOKEN";
+
 /// The real agent: HTTP to the pod's control port.
 pub struct HttpAgent {
     client: AgentClient,
     port: i32,
+    token: Option<String>,
 }
 
 impl HttpAgent {
+    /// The stores' control port, with the token of [`CONTROL_TOKEN_ENV`].
     pub fn new(timeout: Duration) -> Self {
-        Self::on_port(ports::CONTROL, timeout)
+        let token = std::env::var(CONTROL_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.trim().is_empty());
+        Self::on_port(ports::CONTROL, timeout).with_token(token)
     }
 
     /// An agent whose control endpoint listens on `port` (tests).
@@ -35,13 +44,26 @@ impl HttpAgent {
         Self {
             client: AgentClient::new(timeout),
             port,
+            token: None,
         }
+    }
+
+    /// Sends `token` as the bearer token of every request.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.map(|t| t.trim().to_string());
+        self
     }
 
     async fn post(&self, pod: &Pod, path_and_query: &str) -> Result<(), String> {
         let answer = self
             .client
-            .call(pod, self.port, Method::POST, path_and_query)
+            .call_with_token(
+                pod,
+                self.port,
+                Method::POST,
+                path_and_query,
+                self.token.as_deref(),
+            )
             .await?;
         if (200..300).contains(&answer.status) {
             Ok(())
@@ -82,13 +104,13 @@ mod tests {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = [0u8; 512];
                 let n = s.read(&mut buf).await.unwrap();
-                seen.push(
-                    String::from_utf8_lossy(&buf[..n])
-                        .lines()
-                        .next()
-                        .unwrap()
-                        .to_string(),
-                );
+                let request = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+                let line = request.lines().next().unwrap().to_string();
+                let token = request
+                    .lines()
+                    .find_map(|l| l.strip_prefix("authorization: "))
+                    .map(str::to_string);
+                seen.push((line, token));
                 s.write_all(
                     format!("{answer}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                         .as_bytes(),
@@ -102,14 +124,22 @@ mod tests {
             "metadata": {"name": "corp-lun-0-0"}, "status": {"podIP": "127.0.0.1"}
         }))
         .unwrap();
-        let agent = HttpAgent::on_port(i32::from(port), Duration::from_secs(5));
+        let agent = HttpAgent::on_port(i32::from(port), Duration::from_secs(5))
+            .with_token(Some("tok3n\n".into()));
         agent.pause(&pod, 60).await.unwrap();
         let err = agent.resume(&pod).await.unwrap_err();
         assert!(err.contains("404"), "{err}");
         let seen = server.await.unwrap();
+        let bearer = Some("bearer tok3n".to_string());
         assert_eq!(
             seen,
-            ["POST /pause?seconds=60 HTTP/1.1", "POST /resume HTTP/1.1"]
+            [
+                (
+                    "post /pause?seconds=60 http/1.1".to_string(),
+                    bearer.clone()
+                ),
+                ("post /resume http/1.1".to_string(), bearer)
+            ]
         );
     }
 }

@@ -241,6 +241,9 @@ fn rand_suffix() -> u128 {
         .as_nanos()
 }
 
+/// The control token every test agent is started with.
+pub const CONTROL_TOKEN: &str = "test-control-token";
+
 #[derive(Clone, Debug)]
 pub struct Ports {
     pub smtp: u16,
@@ -323,6 +326,9 @@ impl Agent {
         let log =
             std::fs::File::create(site.root.path().join(format!("{name}.agent.log"))).unwrap();
         let hosts = pod::pod_hosts_file(site.root.path(), name, "127.0.0.1");
+        // The LUN's control token, as the store pods get it from their `<lun>-control` Secret.
+        let control_token = site.root.path().join(format!("{name}.control-token"));
+        std::fs::write(&control_token, CONTROL_TOKEN).unwrap();
         let child = pod::pod_command(
             &site.dns.resolv_conf(),
             &hosts,
@@ -337,6 +343,8 @@ impl Agent {
         .arg(&work)
         .args(["--listen-metrics", &format!("127.0.0.1:{}", ports.http)])
         .args(["--listen-control", &format!("127.0.0.1:{}", ports.control)])
+        .arg("--control-token-file")
+        .arg(&control_token)
         .args(["--smtp-port", &ports.smtp.to_string()])
         .args(["--submission-port", &ports.submission.to_string()])
         .args(["--imap-port", &ports.imap.to_string()])
@@ -394,8 +402,17 @@ impl Agent {
         http(self.ports.http, "GET", path).unwrap()
     }
 
+    /// A control request with the LUN's control token, as the snapshot jobs send it.
     pub fn post(&self, path: &str) -> (u16, String) {
-        http(self.ports.control, "POST", path).unwrap()
+        self.post_as(path, Some(CONTROL_TOKEN))
+    }
+
+    /// A control request with `token` as its bearer token, or with no `Authorization` header.
+    pub fn post_as(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let header = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        http_with(self.ports.control, "POST", path, &header).unwrap()
     }
 
     /// Value of a metric line `name{labels} value` from /metrics.
@@ -472,9 +489,19 @@ pub fn connect_from_client_address(port: u16) -> TcpStream {
 
 /// Minimal HTTP/1.1 request; returns status and body.
 pub fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_with(port, method, path, "")
+}
+
+/// `http` with extra header lines (each ending in CRLF).
+pub fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let status = text
