@@ -3,7 +3,7 @@
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy and kubectl from
 # k8s.io/kubernetes; csi-provisioner, csi-resizer, csi-snapshotter and snapshot-controller from the
 # kubernetes-csi modules; CoreDNS with the cluster-DNS plugins (e2e/cluster/cmd/coredns) and the host-path
-# CSI driver (e2e/cluster/cmd/csi-hostpath). One `go build` for all of them, so shared packages compile once.
+# CSI driver (e2e/cluster/cmd/csi-hostpath); kube-router, for its network policy controller. One `go build` for all of them, so shared packages compile once.
 # Output: $BIN_DIR (target/e2e/bin). Warm (Go build cache filled) it takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/cluster"
@@ -27,6 +27,7 @@ programs=(
   github.com/kubernetes-csi/external-resizer/cmd/csi-resizer
   github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter
   github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller
+  github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
   ./cmd/coredns
   ./cmd/csi-hostpath
 )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Removes everything e2e/cluster-up.sh made: the pods' containers and their shims, the components (by
-# the PIDs cluster-up.sh recorded), kube-proxy's and the CNI plugins' iptables rules, the forwarding chain,
+# the PIDs cluster-up.sh recorded), kube-proxy's, kube-router's and the CNI plugins' iptables rules, kube-router's ipsets, the forwarding chain,
 # the pods' network namespaces, every mount under the state directory, the kubepods cgroups, the bridge,
 # and the state directory itself. ip_forward goes back to what it was. The built programs and images
 # (target/e2e) are kept. Safe to run twice.
@@ -24,7 +24,7 @@ for c in west-operator kube-controller-manager-west kube-controller-manager-witn
   kube-apiserver-witness; do stop "$c"; done
 # The kubelet first, so nothing restarts what is removed next.
 stop kubelet
-for c in snapshot-controller csi-snapshotter csi-resizer csi-provisioner coredns kube-proxy \
+for c in snapshot-controller csi-snapshotter csi-resizer csi-provisioner coredns kube-router kube-proxy \
   kube-scheduler kube-controller-manager; do stop "$c"; done
 
 # Pod containers: kill the tasks through containerd, then the shims (found by this containerd's socket
@@ -62,6 +62,11 @@ for table in nat filter mangle; do
     iptables -t "$table" -X "$ch" 2>/dev/null
   done
 done
+
+# kube-router's ipsets, now that no rule refers to them.
+if command -v ipset >/dev/null 2>&1; then
+  for set in $(ipset list -n 2>/dev/null | grep -E '^(inet6:)?KUBE-'); do ipset destroy "$set" 2>/dev/null; done
+fi
 
 # Network namespaces the CNI plugin made for pods (those that did not exist before cluster-up.sh).
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^cni-'); do

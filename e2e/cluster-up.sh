@@ -4,7 +4,8 @@
 #
 #   etcd (127.0.0.1:2379) -> kube-apiserver (NODE_IP:6443, Node,RBAC, audit log) -> controller-manager,
 #   scheduler; containerd + runc (cgroupfs) -> kubelet (node IP on the bridge) with the CNI bridge plugin;
-#   kube-proxy (iptables); CoreDNS on NODE_IP:53 as the cluster DNS; the host-path CSI driver with
+#   kube-proxy (iptables); kube-router's network policy controller, so NetworkPolicies are enforced
+#   (iptables and ipsets; it neither routes nor proxies); CoreDNS on NODE_IP:53 as the cluster DNS; the host-path CSI driver with
 #   csi-provisioner, csi-resizer, csi-snapshotter and snapshot-controller; StorageClass `csi-hostpath-sc`
 #   and VolumeSnapshotClass `csi-hostpath-snapclass`.
 #
@@ -37,12 +38,12 @@ NAME=cluster-up
 # shellcheck source=e2e/lib.sh
 . "$ROOT/e2e/lib.sh"
 [ "$(id -u)" = 0 ] || die "must run as root (kubelet, containerd, mounts, iptables)"
-for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl coredns \
+for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kube-router kubectl coredns \
   csi-hostpath csi-provisioner csi-resizer csi-snapshotter snapshot-controller; do
   [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b is missing: run e2e/build-cluster.sh"
 done
-for b in etcd containerd runc ctr iptables openssl; do
-  command -v "$b" >/dev/null || die "$b is missing: apt-get install etcd-server containerd runc containernetworking-plugins iptables conntrack openssl"
+for b in etcd containerd runc ctr iptables ipset openssl; do
+  command -v "$b" >/dev/null || die "$b is missing: apt-get install etcd-server containerd runc containernetworking-plugins iptables ipset conntrack openssl"
 done
 [ -x /usr/lib/cni/bridge ] || die "the CNI plugins are missing: apt-get install containernetworking-plugins"
 KUBECTL=$BIN_DIR/kubectl
@@ -217,6 +218,18 @@ launch kube-proxy "$BIN_DIR/kube-proxy" --kubeconfig "$STATE/kube-proxy.kubeconf
   --conntrack-max-per-core 0 --v 1
 wait_for "node $NODE_NAME Ready" kubelet 120 \
   "$KUBECTL" wait --for=condition=Ready "node/$NODE_NAME" --timeout=1s
+
+# ---- NetworkPolicy enforcement ----
+# kube-router's network policy controller alone: pods' traffic on the bridge (br_netfilter, physdev) and
+# from the node passes its KUBE-ROUTER-FORWARD/-OUTPUT chains, which come ahead of MAILPOD-E2E-FORWARD.
+# Traffic from the node itself (kubelet probes, the tests on the host) is admitted, as on real clusters.
+launch kube-router "$BIN_DIR/kube-router" --kubeconfig "$KUBECONFIG_OUT" --hostname-override "$NODE_NAME" \
+  --run-firewall=true --run-router=false --run-service-proxy=false --enable-cni=false \
+  --enable-pod-egress=false --health-port=0 --metrics-port=0 \
+  --service-cluster-ip-range "$SERVICE_CIDR" --v 1
+# Up when its jump is in FORWARD ahead of MAILPOD-E2E-FORWARD (which accepts bridge-to-bridge traffic).
+wait_for "kube-router's firewall chains" kube-router 60 \
+  sh -c "iptables -S FORWARD | awk '/-j KUBE-ROUTER-FORWARD/ {k = NR} /-j MAILPOD-E2E-FORWARD/ {m = NR} END {exit !(k && k < m)}'"
 
 # ---- cluster DNS ----
 cat >"$STATE/Corefile" <<EOF

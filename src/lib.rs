@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod agent_client;
+pub mod backup;
 pub mod controller;
 pub mod crd;
 pub mod mailconfig;

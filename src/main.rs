@@ -224,7 +224,11 @@ fn run_snapshot(args: SnapshotArgs) -> ExitCode {
     opts.check_class = !args.skip_class_check;
     let result = job_runtime().block_on(async {
         let client = kube::Client::try_default().await?;
-        let agent = snapshot::HttpAgent::new(std::time::Duration::from_secs(10));
+        // A job pod that has just started may wait for the stores' NetworkPolicy to admit it.
+        let agent = snapshot::HttpAgent::new(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_secs(20),
+        );
         Ok::<_, anyhow::Error>(snapshot::run(&client, &agent, &opts).await?)
     });
     match result {

@@ -89,6 +89,9 @@ pub mod annotations {
     /// `host:port` of the other site's doveadm endpoint a standby pulls from (read by the agent from its
     /// downward-API annotations file).
     pub const REPLICATION_SOURCE: &str = "mailpod.io/replication-source";
+    /// On a StorageLUN, copied by the operator to its store pods: the id of a replication pass a standby
+    /// refused for deleting too much, which a person lets through (see agent::replication_guard).
+    pub const CONFIRM_REPLICATION_DELETION: &str = "mailpod.io/confirm-replication-deletion";
     /// On a promoted pod: the replica it replaced.
     pub const PROMOTED_FROM: &str = "mailpod.io/promoted-from";
     /// On a promoted pod: when the replica it replaced was first seen unready (RFC 3339).

@@ -21,7 +21,8 @@ fn schema() -> Value {
 
 fn with_dnsbl(dnsbl: &[&str]) -> Value {
     json!({"apiVersion": "mailpod.io/v1alpha1", "kind": "MailPod", "metadata": {"name": "m"},
-           "spec": {"domains": ["example.com"], "protection": {"dnsbl": dnsbl, "dnsblThreshold": 2}}})
+           "spec": {"domains": ["example.com"], "tls": {"secretName": "m-tls"},
+                    "protection": {"dnsbl": dnsbl, "dnsblThreshold": 2}}})
 }
 
 #[test]

@@ -213,8 +213,101 @@ fn cel(
     kube_cel::validate(&schema_of(crd), &obj, old.as_ref()).map_err(|e| format!("{e:?}"))
 }
 
-fn mailpod(spec: Value) -> Value {
+/// A MailPod with `spec`, given a certificate unless the spec says how it handles TLS (the default front
+/// ends take passwords, which need one).
+fn mailpod(mut spec: Value) -> Value {
+    if spec.get("tls").is_none() && spec.get("insecurePlaintextAuth").is_none() {
+        spec["tls"] = json!({"secretName": "m-tls"});
+    }
+    mailpod_as_given(spec)
+}
+
+fn mailpod_as_given(spec: Value) -> Value {
     json!({"apiVersion": "mailpod.io/v1alpha1", "kind": "MailPod", "metadata": {"name": "m"}, "spec": spec})
+}
+
+/// Passwords never cross the network in clear: submission, imap and pop3 need spec.tls unless the spec
+/// opts in to plaintext by name; both validations agree, name the field and accept the trusted proxy
+/// networks only as CIDR ranges.
+#[test]
+fn logins_need_tls_in_rust_and_in_cel() {
+    let crd = MailPod::crd();
+    let off = json!({"replicas": 0});
+    let cases = [
+        (json!({"domains": ["example.com"]}), false),
+        (
+            json!({"domains": ["example.com"], "tls": {"secretName": "t"}}),
+            true,
+        ),
+        (
+            json!({"domains": ["example.com"], "insecurePlaintextAuth": true}),
+            true,
+        ),
+        (
+            json!({"domains": ["example.com"], "insecurePlaintextAuth": false}),
+            false,
+        ),
+        // Only mx: nobody logs in.
+        (
+            json!({"domains": ["example.com"], "frontend": {"submission": off, "imap": off}}),
+            true,
+        ),
+        (
+            json!({"domains": ["example.com"], "frontend": {"submission": {}, "imap": {}}}),
+            true,
+        ),
+        (
+            json!({"domains": ["example.com"], "frontend": {"submission": off}}),
+            false,
+        ),
+        (
+            json!({"domains": ["example.com"], "frontend": {"submission": off, "imap": off, "pop3": {"replicas": 1}}}),
+            false,
+        ),
+        (
+            json!({"domains": ["example.com"], "tls": {"secretName": "t"},
+                   "backend": {"trustedProxyNetworks": ["10.244.0.0/16", "fd00::/8"]}}),
+            true,
+        ),
+        (
+            json!({"domains": ["example.com"], "tls": {"secretName": "t"},
+                   "backend": {"trustedProxyNetworks": []}}),
+            true,
+        ),
+        (
+            json!({"domains": ["example.com"], "tls": {"secretName": "t"},
+                   "backend": {"trustedProxyNetworks": ["the pods"]}}),
+            false,
+        ),
+    ];
+    for (spec, ok) in cases {
+        let obj = mailpod_as_given(spec.clone());
+        let by_cel = cel(&crd, obj.clone(), None);
+        assert_eq!(by_cel.is_ok(), ok, "CEL on {spec}: {by_cel:?}");
+        let typed: MailPod = serde_json::from_value(obj).unwrap();
+        let by_rust = typed.validate();
+        assert_eq!(by_rust.is_ok(), ok, "Rust on {spec}: {by_rust:?}");
+        if let Err(e) = by_rust {
+            let field = if spec["backend"].is_object() {
+                "spec.backend.trustedProxyNetworks[0]"
+            } else {
+                "spec.tls"
+            };
+            assert!(e.to_string().contains(field), "{spec}: {e}");
+        }
+    }
+    let defaulted: MailPod =
+        serde_json::from_value(mailpod(json!({"domains": ["example.com"]}))).unwrap();
+    assert_eq!(
+        defaulted.spec.backend.trusted_proxy_networks,
+        [
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+            "fc00::/7"
+        ]
+    );
 }
 
 /// The CEL rules compile and agree with the Rust validation on the same objects.
@@ -279,6 +372,16 @@ fn cel_rules_agree_with_rust_validation() {
         (
             json!({"domains": ["example.com"], "sieve": {"maxScriptSize": "1Gi"}}),
             false,
+        ),
+        (
+            json!({"domains": ["example.com"], "accessTables": {"relayDomains": [{"domain": "partner.net", "recipients": ["amy@partner.net"]}]}}),
+            true,
+        ),
+        // A relay recipient outside its domain is the operator's check only (see RelayDomain: the API
+        // server refuses a CEL rule for it on cost).
+        (
+            json!({"domains": ["example.com"], "postmaster": "noc@operations.example"}),
+            true,
         ),
     ];
     for (spec, ok) in cases {
@@ -669,4 +772,92 @@ fn capacity_and_storage_class_are_fixed_once_set() {
     }
     // Creation is not a transition.
     assert!(cel(&lun, lun_obj("10Gi", Some("fast")), None).is_ok());
+}
+
+/// `spec.filtering`: the CEL rules (thresholds in order, a claim for offline signatures) and the schema's
+/// ranges agree with the Rust validation, which names the field.
+#[test]
+fn filtering_rules_agree_with_rust_validation() {
+    let crd = MailPod::crd();
+    for (filtering, ok, field) in [
+        (json!({}), true, ""),
+        (
+            json!({"whenDown": "Accept", "timeoutSeconds": 10, "rejectScore": 20, "addHeaderScore": 8, "greylistScore": 5}),
+            true,
+            "",
+        ),
+        (json!({"rejectScore": 0, "addHeaderScore": 30}), true, ""),
+        (
+            json!({"rejectScore": 5}),
+            false,
+            "spec.filtering.addHeaderScore",
+        ),
+        (
+            json!({"rejectScore": 10, "addHeaderScore": 0, "greylistScore": 12}),
+            false,
+            "spec.filtering.greylistScore",
+        ),
+        (
+            json!({"antivirus": {"signatures": "Volume"}}),
+            false,
+            "spec.filtering.antivirus.signaturesClaimName",
+        ),
+        (
+            json!({"antivirus": {"signatures": "Volume", "signaturesClaimName": "clamav-db"}}),
+            true,
+            "",
+        ),
+    ] {
+        let obj = mailpod(
+            json!({"domains": ["example.com"], "tls": {"secretName": "t"}, "filtering": filtering}),
+        );
+        let by_cel = cel(&crd, obj.clone(), None);
+        assert_eq!(by_cel.is_ok(), ok, "CEL on {filtering}: {by_cel:?}");
+        let typed: MailPod = serde_json::from_value(obj).unwrap();
+        let rust = typed.validate();
+        assert_eq!(rust.is_ok(), ok, "Rust on {filtering}: {rust:?}");
+        if let Err(e) = rust {
+            assert!(e.to_string().contains(field), "{field} not named in {e}");
+        }
+    }
+    // Ranges and the mirror's form are OpenAPI bounds (enforced by the API server, not CEL); Rust holds
+    // the same ones.
+    let filtering =
+        schema_of(&crd)["properties"]["spec"]["properties"]["filtering"]["properties"].clone();
+    assert_eq!(filtering["timeoutSeconds"]["minimum"], json!(5.0));
+    assert_eq!(filtering["timeoutSeconds"]["maximum"], json!(120.0));
+    assert!(filtering["antivirus"]["properties"]["mirror"]["pattern"].is_string());
+    for (bad, field) in [
+        (
+            json!({"timeoutSeconds": 1}),
+            "spec.filtering.timeoutSeconds",
+        ),
+        (
+            json!({"antivirus": {"mirror": "http://clamav.example.com"}}),
+            "spec.filtering.antivirus.mirror",
+        ),
+    ] {
+        let typed: MailPod = serde_json::from_value(mailpod(
+            json!({"domains": ["example.com"], "tls": {"secretName": "t"}, "filtering": bad}),
+        ))
+        .unwrap();
+        let e = typed.validate().unwrap_err().to_string();
+        assert!(e.contains(field), "{field} not named in {e}");
+    }
+}
+
+#[test]
+fn a_relay_recipient_outside_its_domain_is_refused_by_the_operator_naming_it() {
+    let obj = mailpod(json!({
+        "domains": ["example.com"],
+        "accessTables": {"relayDomains": [{"domain": "partner.net", "recipients": ["amy@partner.net", "amy@elsewhere.net"]}]},
+    }));
+    let typed: MailPod = serde_json::from_value(obj).unwrap();
+    let err = typed.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("spec.accessTables.relayDomains[0].recipients[1]")
+            && err.contains("partner.net"),
+        "{err}"
+    );
+    assert!(!err.contains("recipients[0]"), "{err}");
 }

@@ -31,7 +31,8 @@ fn the_spec_host_name_is_the_banner_and_the_helo_name() {
         return;
     }
     let spec = mailpod(
-        serde_json::json!({"domains": ["example.com"], "hostname": "mx1.provider.example"}),
+        serde_json::json!({"domains": ["example.com"], "hostname": "mx1.provider.example",
+                           "tls": {"secretName": "corp-tls"}}),
     );
     assert!(spec.validate().is_ok(), "{:?}", spec.validate());
     let mut site = Site::new(1_000_000);

@@ -38,6 +38,9 @@ spec:
     inline: [alice@example.com, bob@example.com, carol@example.com]
     passwdFileSecret: {name: corp-users, key: users}
   backend: {maxUsersPerLun: 2, standbys: 0}
+  postmaster: alice@example.com
+  # The pod conditions are what this test is about; TLS has its own (tests/dataplane_tls.rs).
+  insecurePlaintextAuth: true
   frontend:
     mx: {replicas: 1}
     submission: {replicas: 1}

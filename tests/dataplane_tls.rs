@@ -1,7 +1,8 @@
 //! TLS with the real Postfix and Dovecot: a certificate made in the test (openssl, which Debian's
 //! dovecot-core pulls in through ssl-cert), a rustls client that verifies it. Submission offers STARTTLS,
 //! refuses AUTH and mail before it, and accepts both after; the IMAP proxy refuses LOGIN before STARTTLS
-//! and serves the mailbox after.
+//! and serves the mailbox after. Implicit TLS (RFC 8314: 465, 993, 995) answers with a handshake, and a
+//! certificate renewed in the Secret volume the way the kubelet swaps it is what the next handshake shows.
 
 mod support;
 
@@ -48,10 +49,17 @@ struct TlsSession(BufReader<StreamOwned<ClientConnection, TcpStream>>);
 
 impl TlsSession {
     fn upgrade(tcp: TcpStream, cert: &Path) -> Self {
+        Self::trusting(tcp, &[cert])
+    }
+
+    /// A session that accepts a server presenting any one of `certs`.
+    fn trusting(tcp: TcpStream, certs: &[&Path]) -> Self {
         let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_file(cert).unwrap())
-            .unwrap();
+        for cert in certs {
+            roots
+                .add(CertificateDer::from_pem_file(cert).unwrap())
+                .unwrap();
+        }
         let config =
             ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
@@ -98,6 +106,16 @@ impl TlsSession {
             }
             lines.push(l);
         }
+    }
+
+    /// The certificate the server presented (after the handshake, i.e. once a line was read).
+    fn peer_certificate(&self) -> Vec<u8> {
+        self.0
+            .get_ref()
+            .conn
+            .peer_certificates()
+            .expect("handshake done")[0]
+            .to_vec()
     }
 
     /// The negotiated protocol version: proves the session really is encrypted.
@@ -238,4 +256,134 @@ fn submission_and_imap_require_starttls_before_authentication() {
         "{untagged:?}"
     );
     t.imap("LOGOUT");
+}
+
+/// The DER of the certificate in `pem`.
+fn der(pem: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(pem).unwrap().to_vec()
+}
+
+/// A TLS session opened with the handshake (implicit TLS) to `port`, from the clients' address; its first
+/// line is the server's greeting.
+fn implicit_tls(port: u16, certs: &[&Path]) -> (TlsSession, String) {
+    let tcp = connect_from_other_address(port);
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut t = TlsSession::trusting(tcp, certs);
+    let greeting = t.line();
+    (t, greeting)
+}
+
+/// The certificate a STARTTLS on submission presents.
+fn starttls_certificate(port: u16, certs: &[&Path]) -> Vec<u8> {
+    let mut s = Session::connect(port);
+    assert_eq!(s.smtp_reply().0, 220);
+    assert_eq!(s.smtp("EHLO client.test").0, 250);
+    assert_eq!(s.smtp("STARTTLS").0, 220);
+    let mut t = TlsSession::trusting(s.into_stream(), certs);
+    let (code, _) = t.smtp("EHLO client.test");
+    assert_eq!(code, 250);
+    let c = t.peer_certificate();
+    t.smtp("QUIT");
+    c
+}
+
+#[test]
+fn implicit_tls_listens_and_a_renewed_certificate_reaches_every_handshake() {
+    if !mail_software_present(
+        "implicit_tls_listens_and_a_renewed_certificate_reaches_every_handshake",
+    ) {
+        return;
+    }
+    let mut site = Site::new(1_000_000);
+    site.settings.tls = true;
+    std::fs::write(
+        site.config_dir().join("settings.yaml"),
+        site.settings.to_yaml(),
+    )
+    .unwrap();
+    let (old_dir, new_dir) = (
+        site.root.path().join("cert-1"),
+        site.root.path().join("cert-2"),
+    );
+    make_certificate(&old_dir);
+    make_certificate(&new_dir);
+    let (old, new) = (old_dir.join("tls.crt"), new_dir.join("tls.crt"));
+    let both = [old.as_path(), new.as_path()];
+    // The kubernetes.io/tls Secret as the kubelet mounts it: root-owned files at the rendered mode behind
+    // `..data`.
+    let secret =
+        pod::KubeletVolume::new(site.root.path().join("tls-secret"), rendered_secret_mode());
+    let publish = |dir: &Path| {
+        secret.publish(&std::collections::BTreeMap::from(
+            ["tls.crt", "tls.key"].map(|k| (k.to_string(), std::fs::read(dir.join(k)).unwrap())),
+        ))
+    };
+    publish(&old_dir);
+    let ps = Ports::free();
+    site.lun(0, &ps);
+    site.mailbox("erin@example.com", 0, "erin-pw");
+    site.publish();
+    let tls_args = ["--tls-dir".to_string(), secret.dir.display().to_string()];
+    let _store = Agent::start(&site, "store", "store", &ps);
+    let sub = Agent::start_with(&site, "submission", "submission", &Ports::free(), &tls_args);
+    let imap = Agent::start_with(&site, "imap", "imap", &Ports::free(), &tls_args);
+    let pop3 = Agent::start_with(&site, "pop3", "pop3", &Ports::free(), &tls_args);
+    let implicit = [
+        ("submissions", sub.ports.submissions, "220 "),
+        ("imaps", imap.ports.imaps, "* OK"),
+        ("pop3s", pop3.ports.pop3s, "+OK"),
+    ];
+
+    // Implicit TLS answers with a handshake and the service's greeting, and serves logins.
+    for (name, port, greeting) in implicit {
+        let (t, g) = implicit_tls(port, &[&old]);
+        assert!(g.starts_with(greeting), "{name}: {g:?}");
+        assert_eq!(t.peer_certificate(), der(&old), "{name}");
+    }
+    let (mut t, _) = implicit_tls(sub.ports.submissions, &[&old]);
+    let (code, ehlo) = t.smtp("EHLO client.test");
+    assert!(code == 250 && ehlo.contains("AUTH PLAIN"), "{ehlo}");
+    assert!(!ehlo.contains("STARTTLS"), "already encrypted: {ehlo}");
+    assert_eq!(t.smtp(&auth_plain("erin@example.com", "erin-pw")).0, 235);
+    t.smtp("QUIT");
+    let (mut t, _) = implicit_tls(imap.ports.imaps, &[&old]);
+    let (_, st) = t.imap("LOGIN erin@example.com erin-pw");
+    assert!(st.starts_with("t OK"), "{st}");
+    t.imap("LOGOUT");
+    let (mut t, _) = implicit_tls(pop3.ports.pop3s, &[&old]);
+    t.send("USER erin@example.com\r\n");
+    assert!(t.line().starts_with("+OK"));
+    t.send("PASS erin-pw\r\n");
+    let l = t.line();
+    assert!(l.starts_with("+OK"), "POP3 over implicit TLS: {l}");
+    t.send("QUIT\r\n");
+    assert_eq!(
+        starttls_certificate(sub.ports.submission, &[&old]),
+        der(&old)
+    );
+
+    // Renewal: the kubelet swaps `..data` to a directory with the new pair; the daemons reload.
+    let renewed = std::time::Instant::now();
+    publish(&new_dir);
+    for (name, port, _) in implicit {
+        wait_for(
+            &format!("{name} to present the renewed certificate"),
+            WAIT,
+            || (implicit_tls(port, &both).0.peer_certificate() == der(&new)).then_some(()),
+        );
+    }
+    wait_for(
+        "submission's STARTTLS to present the renewed certificate",
+        WAIT,
+        || (starttls_certificate(sub.ports.submission, &both) == der(&new)).then_some(()),
+    );
+    eprintln!(
+        "renewed certificate presented on 465, 993, 995 and 587 (STARTTLS) {:.1} s after the swap",
+        renewed.elapsed().as_secs_f64()
+    );
+    let (_, st) = {
+        let (mut t, _) = implicit_tls(imap.ports.imaps, &[&new]);
+        t.imap("LOGIN erin@example.com erin-pw")
+    };
+    assert!(st.starts_with("t OK"), "logins after the renewal: {st}");
 }

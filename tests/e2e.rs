@@ -65,8 +65,9 @@ impl Scenario {
     }
 
     /// Applies the small example, adapted to the test cluster: a passwd Secret so IMAP can log in, no TLS
-    /// (certificates are not what these tests are about, and without TLS plain login is allowed), the e2e
-    /// storage and snapshot classes, and `retain` snapshots.
+    /// (certificates are not what these tests are about; the test cluster's network is this machine's own,
+    /// so the spec opts in to plaintext logins by name, `insecurePlaintextAuth`), the e2e storage and
+    /// snapshot classes, and `retain` snapshots.
     fn apply_small(&self, retain: u32) {
         self.apply_small_with(retain, |_| {});
     }
@@ -87,6 +88,7 @@ impl Scenario {
         mp["metadata"]["namespace"] = json!(self.ns);
         let spec = mp["spec"].as_object_mut().unwrap();
         spec.remove("tls");
+        spec.insert("insecurePlaintextAuth".into(), json!(true));
         let mailboxes: Vec<String> = spec["mailboxes"]["inline"]
             .as_array()
             .unwrap()
@@ -320,6 +322,105 @@ fn mailpod_becomes_ready_with_its_children_and_delivers_mail() {
     wait_for("the aliased message in alice's INBOX", || {
         imap_has(&sc.ns, "alice@example.com", &aliased)
     });
+
+    store_ports_admit_only_the_mailpods_own_pods(&sc);
+}
+
+/// A pod that sleeps, with `labels`, in `ns`: the mail image (bash's /dev/tcp makes the connections).
+fn probe_pod(ns: &str, name: &str, labels: Value) {
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{
+                "name": "probe",
+                "image": setting("MAILPOD_E2E_MAIL_IMAGE", "mailpod:e2e"),
+                "imagePullPolicy": "Never",
+                "command": ["sleep", "900"],
+                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+            }],
+        },
+    });
+    kubectl(&["apply", "-f", "-"], Some(&pod.to_string())).unwrap_or_else(|e| panic!("{e}"));
+    must(&[
+        "wait",
+        "-n",
+        ns,
+        "--for=condition=Ready",
+        &format!("pod/{name}"),
+        "--timeout=180s",
+    ]);
+}
+
+/// Whether a TCP connection from the probe pod to `ip:port` is set up within 5 s.
+fn connects(ns: &str, probe: &str, ip: &str, port: i32) -> bool {
+    let script =
+        format!("timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' && echo open || echo closed");
+    let out = kubectl(
+        &["exec", "-n", ns, probe, "--", "bash", "-c", &script],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("exec in {ns}/{probe}: {e}"));
+    out.trim() == "open"
+}
+
+/// docs/security.md: the stores' LMTP port admits this MailPod's front-end pods only, their control port
+/// this MailPod's jobs and the operator's pods in the operator's namespace only. Checked with the cluster
+/// enforcing NetworkPolicies (kube-router on the local cluster): each refusal is shown beside a pod that
+/// is admitted to the same port, so a refusal is the policy's and not a port that is down.
+fn store_ports_admit_only_the_mailpods_own_pods(sc: &Scenario) {
+    let active = sc.active().expect("an active store");
+    let pod = get_json(&sc.ns, &["pod", &active]).expect("the active store's pod");
+    let ip = pod["status"]["podIP"].as_str().expect("podIP").to_string();
+    let (lmtp, control) = (24, 8081);
+    let other = Scenario::namespace("other");
+
+    probe_pod(
+        &sc.ns,
+        "probe-mx",
+        json!({"mailpod.io/mailpod": MAILPOD, "app.kubernetes.io/component": "mx"}),
+    );
+    probe_pod(
+        &sc.ns,
+        "probe-job",
+        json!({"mailpod.io/mailpod": MAILPOD, "app.kubernetes.io/component": "snapshot"}),
+    );
+    probe_pod(&sc.ns, "probe-plain", json!({"app": "probe"}));
+    probe_pod(
+        &other.ns,
+        "probe-operator",
+        json!({"app.kubernetes.io/name": "mailpod-operator"}),
+    );
+
+    assert!(
+        connects(&sc.ns, "probe-mx", &ip, lmtp),
+        "an mx pod reaches the store's LMTP port"
+    );
+    assert!(
+        connects(&sc.ns, "probe-job", &ip, control),
+        "a snapshot job's pod reaches the store's control port"
+    );
+    assert!(
+        !connects(&sc.ns, "probe-plain", &ip, lmtp),
+        "a pod that is not a front end of this MailPod is refused at LMTP"
+    );
+    assert!(
+        !connects(&sc.ns, "probe-plain", &ip, control),
+        "a pod that is not a job of this MailPod is refused at the control port"
+    );
+    assert!(
+        !connects(&other.ns, "probe-operator", &ip, control),
+        "a pod with the operator's labels outside the operator's namespace is refused at the control port"
+    );
+    assert!(
+        !connects(&sc.ns, "probe-mx", &ip, control),
+        "a front-end pod is refused at the control port"
+    );
+    for p in ["probe-mx", "probe-job", "probe-plain"] {
+        let _ = kubectl(&["delete", "pod", "-n", &sc.ns, p, "--wait=false"], None);
+    }
 }
 
 #[test]
@@ -579,13 +680,52 @@ fn steady_state_sends_no_writes_in_a_quiet_minute() {
     second.apply_small(5);
     first.wait_ready();
     second.wait_ready();
-    // Let what follows readiness (status written once, the standby's first sync reported) settle.
-    std::thread::sleep(Duration::from_secs(20));
+    // Steady state begins once every standby's first sync is reported (a new pod's connections are
+    // admitted only once NetworkPolicy knows its address, so that may take a few retries).
+    for sc in [&first, &second] {
+        wait_for("every standby's first sync reported", || {
+            let lun = get_json(&sc.ns, &["storagelun", LUN]).ok_or("no StorageLUN")?;
+            let replicas = lun["status"]["replicas"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let pending: Vec<&Value> = replicas
+                .iter()
+                .filter(|r| r["role"] == "standby" && r["lagSeconds"].is_null())
+                .collect();
+            (replicas.len() == 2 && pending.is_empty())
+                .then_some(())
+                .ok_or_else(|| format!("replicas: {replicas:?}"))
+        });
+    }
+    // Let what follows (the status written for it) settle.
+    std::thread::sleep(Duration::from_secs(10));
+    let statuses = || -> Vec<String> {
+        [&first, &second]
+            .iter()
+            .map(|sc| {
+                let luns = get_json(&sc.ns, &["storageluns"]).unwrap_or_default();
+                format!(
+                    "{}: {}",
+                    sc.ns,
+                    serde_json::to_string(&luns["items"].as_array().map(|items| {
+                        items
+                            .iter()
+                            .map(|l| l["status"].clone())
+                            .collect::<Vec<_>>()
+                    }))
+                    .unwrap()
+                )
+            })
+            .collect()
+    };
+    let before = statuses();
     let from = jiff::Timestamp::now();
     std::thread::sleep(Duration::from_secs(60));
     let to = jiff::Timestamp::now();
     // The audit log is written asynchronously: give the last events time to land.
     std::thread::sleep(Duration::from_secs(2));
+    let after = statuses();
     let writes = operator_writes(&audit_log, from, to);
     let mut counted = std::collections::BTreeMap::<&str, usize>::new();
     for w in &writes {
@@ -597,9 +737,11 @@ fn steady_state_sends_no_writes_in_a_quiet_minute() {
         .collect();
     assert!(
         writes.is_empty(),
-        "{} mutating requests by the operator in a quiet minute:\n{}",
+        "{} mutating requests by the operator in a quiet minute:\n{}\nLUN status before:\n{}\nafter:\n{}",
         writes.len(),
-        summary.join("\n")
+        summary.join("\n"),
+        before.join("\n"),
+        after.join("\n")
     );
 }
 
@@ -625,6 +767,7 @@ fn front_ends_serve_tls_and_auth_and_refuse_unknown_recipients() {
     sc.create_tls_secret();
     sc.apply_small_with(5, |spec| {
         spec.insert("tls".into(), json!({"secretName": "small-tls"}));
+        spec.remove("insecurePlaintextAuth");
         spec.insert("frontend".into(), json!({"pop3": {"replicas": 1}}));
     });
     sc.wait_ready();
@@ -762,6 +905,42 @@ fn front_ends_serve_tls_and_auth_and_refuse_unknown_recipients() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(body.contains(&subject), "POP3 RETR {first}: {body}");
+
+    // Implicit TLS (RFC 8314) answers on 465, 993 and 995 through the Services.
+    let submissions = service_addr(&sc.ns, "small-submission", 465);
+    curl(
+        &[
+            "-k",
+            &format!("smtps://{submissions}"),
+            "-u",
+            &login,
+            "--mail-from",
+            user,
+            "--mail-rcpt",
+            "bob@example.com",
+            "-T",
+            "-",
+        ],
+        Some(&message),
+    )
+    .unwrap_or_else(|e| panic!("submissions (465): {e}"));
+    let imaps = service_addr(&sc.ns, "small-imap", 993);
+    let examined = curl(
+        &[
+            "-k",
+            "-u",
+            &bob,
+            &format!("imaps://{imaps}/INBOX"),
+            "-X",
+            "EXAMINE INBOX",
+        ],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("imaps (993): {e}"));
+    assert!(examined.contains("EXISTS"), "imaps EXAMINE: {examined}");
+    let pop3s = service_addr(&sc.ns, "small-pop3", 995);
+    curl(&["-k", "-u", &bob, &format!("pop3s://{pop3s}/")], None)
+        .unwrap_or_else(|e| panic!("pop3s (995): {e}"));
 }
 
 /// The subjects in `user`'s `folder` that start with `prefix`, one entry per message (so a duplicate shows

@@ -89,6 +89,7 @@ fn standby_report(lag: f64, seconds_ago: i64, in_sync: bool) -> ReplicationRepor
         lag_seconds: Some(lag),
         in_sync,
         last_error: None,
+        deletion_refused: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn report(lag: f64, seconds_ago: i64) -> ReplicationReport {
         lag_seconds: Some(lag),
         in_sync: true,
         last_error: None,
+        deletion_refused: None,
     }
 }
 

@@ -17,7 +17,7 @@ async fn setup() -> (ApiServer, kube::Client) {
     let server = ApiServer::new();
     let client = server.client();
     let mut mp: MailPod = serde_yaml::from_str(
-        "apiVersion: mailpod.io/v1alpha1\nkind: MailPod\nmetadata: {name: corp, namespace: mail}\nspec:\n  domains: [example.com]\n  mailboxes:\n    inline: [a@example.com, b@example.com, c@example.com]\n  backend: {maxUsersPerLun: 2}\n",
+        "apiVersion: mailpod.io/v1alpha1\nkind: MailPod\nmetadata: {name: corp, namespace: mail}\nspec:\n  domains: [example.com]\n  postmaster: a@example.com\n  mailboxes:\n    inline: [a@example.com, b@example.com, c@example.com]\n  backend: {maxUsersPerLun: 2}\n  tls: {secretName: corp-tls}\n",
     )
     .unwrap();
     let mailboxes = resources::mailboxes::resolve(&mp.spec, &|_: &_| None).unwrap();

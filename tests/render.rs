@@ -346,7 +346,7 @@ fn one_bad_document_prints_nothing_for_the_good_ones() {
 #[test]
 fn site_replication_exposes_each_luns_active_replica_to_the_other_site() {
     let mp = format!(
-        "{MP}spec:\n  domains: [example.com]\n  mailboxes:\n    inline: [a@example.com]\n  backend:\n    siteReplication:\n      sourceRanges: [198.51.100.0/24]\n"
+        "{MP}spec:\n  domains: [example.com]\n  tls: {{secretName: t}}\n  postmaster: a@example.com\n  mailboxes:\n    inline: [a@example.com]\n  backend:\n    siteReplication:\n      sourceRanges: [198.51.100.0/24]\n"
     );
     let out = render(&["-f", "-"], Some(&mp));
     assert!(
@@ -478,7 +478,7 @@ fn mount_paths(sts: &Value) -> Vec<String> {
 #[test]
 fn names_daemons_look_up_are_fully_qualified_with_the_cluster_domain() {
     let mp = "apiVersion: mailpod.io/v1alpha1\nkind: MailPod\nmetadata: {name: corp, namespace: mail}\n\
-              spec:\n  domains: [example.com]\n  mailboxes:\n    inline: [a@example.com]\n    \
+              spec:\n  domains: [example.com]\n  tls: {secretName: corp-tls}\n  postmaster: a@example.com\n  mailboxes:\n    inline: [a@example.com]\n    \
               passwdFileSecret: {name: corp-users, key: users}\n  frontend: {pop3: {replicas: 1}}\n";
     let out = render(
         &["-f", "-", "--cluster-domain", "Cluster.Example."],
@@ -525,7 +525,7 @@ fn names_daemons_look_up_are_fully_qualified_with_the_cluster_domain() {
 fn store_and_submission_containers_name_the_mounted_users_file() {
     let mp =
         "apiVersion: mailpod.io/v1alpha1\nkind: MailPod\nmetadata: {name: corp, namespace: mail}\n\
-              spec:\n  domains: [example.com]\n  mailboxes:\n    inline: [a@example.com]\n    \
+              spec:\n  domains: [example.com]\n  tls: {secretName: corp-tls}\n  postmaster: a@example.com\n  mailboxes:\n    inline: [a@example.com]\n    \
               passwdFileSecret: {name: corp-users, key: users}\n";
     let out = render(&["-f", "-"], Some(mp));
     assert!(
@@ -638,4 +638,72 @@ fn control_port_admits_the_operators_namespace_and_asks_for_the_luns_token() {
         .any(|e| e["name"] == "MAILPOD_CONTROL_TOKEN"
             && e["valueFrom"]["secretKeyRef"]["name"] == "small-lun-0-control"
             && e["valueFrom"]["secretKeyRef"]["key"] == "token"));
+}
+
+/// `spec.filtering`: rspamd, clamd and freshclam in each mx pod, the MailPod's Redis behind a policy that
+/// admits only mx, mx's Postfix pointed at the milter with the spec's policy, and the spec's scores in
+/// rspamd's files.
+#[test]
+fn filtering_example_matches_golden() {
+    let out = render(&["-f", "examples/mailpod-filtering.yaml"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    golden("render-filtering.yaml", &yaml);
+    let d = docs(&yaml);
+    let sts = of_kind(&d, "StatefulSet");
+    let mx = sts
+        .iter()
+        .find(|s| s["metadata"]["name"] == "filtered-mx")
+        .unwrap();
+    let containers: Vec<&str> = mx["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(containers, ["mx", "rspamd", "clamd", "freshclam"]);
+    assert!(
+        mx["spec"]["template"]["metadata"]["annotations"]["mailpod.io/filter-config-hash"]
+            .is_string()
+    );
+    let redis = sts
+        .iter()
+        .find(|s| s["metadata"]["name"] == "filtered-filter-redis")
+        .expect("the MailPod's Redis");
+    assert_eq!(redis["spec"]["replicas"], 1);
+    let policy = of_kind(&d, "NetworkPolicy")
+        .into_iter()
+        .find(|p| p["metadata"]["name"] == "filtered-filter-redis")
+        .unwrap();
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+            ["app.kubernetes.io/component"],
+        "mx"
+    );
+    let cms = of_kind(&d, "ConfigMap");
+    let cm = |name: &str| {
+        cms.iter()
+            .find(|c| c["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("ConfigMap {name}"))
+    };
+    let settings = cm("filtered-mail-settings")["data"]["settings.yaml"]
+        .as_str()
+        .unwrap();
+    assert!(
+        settings.contains("milter: 127.0.0.1:11332") && settings.contains("tempfailWhenDown: true"),
+        "{settings}"
+    );
+    let filter = &cm("filtered-filter")["data"];
+    assert_eq!(
+        filter["actions.conf"],
+        "reject = 15;\nadd_header = 6;\ngreylist = 4;\n"
+    );
+    assert!(filter["redis.conf"]
+        .as_str()
+        .unwrap()
+        .contains("filtered-filter-redis.mail.svc.cluster.local:6379"));
 }

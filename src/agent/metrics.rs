@@ -80,6 +80,11 @@ pub struct ReplicationMetrics {
     pub in_sync: Gauge,
     /// 1 while this replica is the LUN's active.
     pub active: Gauge,
+    /// 1 while the last pass was refused for deleting too much (see agent::replication_guard).
+    pub deletion_refused: Gauge,
+    /// Messages the refused pass would have deleted here.
+    pub refused_deletion_messages: Gauge,
+    pub refused_passes: Counter,
 }
 
 impl Metrics {
@@ -186,6 +191,21 @@ impl Metrics {
                 "replication_active",
                 "1 while this replica is its LUN's active",
                 r.active.clone(),
+            );
+            registry.register(
+                "replication_deletion_refused",
+                "1 while this standby refuses a replication pass that would delete more than maxDeletionPercent of its mail, waiting for a person's confirmation",
+                r.deletion_refused.clone(),
+            );
+            registry.register(
+                "replication_refused_deletion_messages",
+                "Messages the refused replication pass would have deleted on this standby",
+                r.refused_deletion_messages.clone(),
+            );
+            registry.register(
+                "replication_refused_passes",
+                "Replication passes refused for deleting too much",
+                r.refused_passes.clone(),
             );
             r
         });

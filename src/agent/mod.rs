@@ -17,6 +17,8 @@ pub mod queue_age;
 pub mod quota;
 pub mod render;
 pub mod replication;
+pub mod replication_guard;
+pub mod replication_mirror;
 pub mod role;
 pub mod store_flush;
 pub mod supervise;
@@ -92,6 +94,13 @@ pub struct AgentArgs {
     pub imap_port: u16,
     #[arg(long, env = "MAILPOD_POP3_PORT", default_value_t = 110)]
     pub pop3_port: u16,
+    /// Implicit-TLS ports (RFC 8314), served only when settings say `tls: true`.
+    #[arg(long, env = "MAILPOD_SUBMISSIONS_PORT", default_value_t = 465)]
+    pub submissions_port: u16,
+    #[arg(long, env = "MAILPOD_IMAPS_PORT", default_value_t = 993)]
+    pub imaps_port: u16,
+    #[arg(long, env = "MAILPOD_POP3S_PORT", default_value_t = 995)]
+    pub pop3s_port: u16,
     #[arg(long, env = "MAILPOD_LMTP_PORT", default_value_t = 24)]
     pub lmtp_port: u16,
     /// Seconds the daemons get to stop after SIGTERM (keep below the pod's terminationGracePeriodSeconds).
@@ -134,6 +143,11 @@ pub struct AgentArgs {
     #[arg(long, env = "MAILPOD_SYNC_INTERVAL_SECONDS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub sync_interval_seconds: u64,
+    /// Store: largest share (percent) of the LUN's messages, or of one mailbox's, a standby's pass may
+    /// delete before it waits for a person (StorageLUN `maxDeletionPercent`; 100: no limit).
+    #[arg(long, env = "MAILPOD_MAX_DELETION_PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_deletion_percent: u32,
     /// Store: seconds between polls of the mailboxes' quota usage for /metrics (see [`quota`]).
     #[arg(long, env = "MAILPOD_QUOTA_INTERVAL_SECONDS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -166,8 +180,11 @@ impl AgentArgs {
             listen: self.listen.clone(),
             smtp: self.smtp_port,
             submission: self.submission_port,
+            submissions: self.submissions_port,
             imap: self.imap_port,
+            imaps: self.imaps_port,
             pop3: self.pop3_port,
+            pop3s: self.pop3s_port,
             lmtp: self.lmtp_port,
             doveadm: self.doveadm_port,
             sieve: self.sieve_port,
@@ -206,6 +223,12 @@ async fn run(args: AgentArgs) -> Result<()> {
     let inputs = render::read_inputs(&args.config_dir, &args.tables_dir)?;
     render::apply(role, &inputs, &layout, &ports)?;
     tracing::info!(%role, tables_hash = %inputs.tables_hash, "configuration rendered");
+    if !inputs.settings.tls && matches!(role, Role::Submission | Role::Imap | Role::Pop3) {
+        tracing::warn!(
+            %role,
+            "INSECURE: no TLS certificate (spec.insecurePlaintextAuth): passwords are taken in clear"
+        );
+    }
 
     let daemons: Vec<Daemon> = [Daemon::Postfix, Daemon::Dovecot]
         .into_iter()
@@ -245,6 +268,7 @@ async fn run(args: AgentArgs) -> Result<()> {
                     users_list: layout.dovecot_config.join("replication-users"),
                     role_file: layout.replica_role_file(),
                     layout: layout.clone(),
+                    max_deletion_percent: args.max_deletion_percent,
                 },
                 m.clone(),
             )
@@ -454,6 +478,10 @@ fn mounted_hash(args: &AgentArgs, layout: &Layout) -> Result<String> {
         if let Ok(p) = std::fs::read_to_string(&layout.doveadm_password_file) {
             all.insert("replication/doveadm-password".to_string(), p);
         }
+    }
+    // The TLS Secret: a renewed certificate must reach every daemon that presents it (render::TLS_DIGEST).
+    if args.role != Role::Store {
+        all.extend(render::tls_files(layout)?);
     }
     // The users Secret, updated by the kubelet like a ConfigMap: its private copy follows (agent::passwd).
     if matches!(args.role, Role::Store | Role::Submission) {

@@ -88,11 +88,11 @@ pub fn read_inputs(config_dir: &Path, tables_dir: &Path) -> Result<Inputs> {
 /// Which rendered files changed in one [`apply`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// main.cf or master.cf: needs `postfix reload` when Postfix runs.
+    /// main.cf, master.cf or the certificate: needs `postfix reload` when Postfix runs.
     pub postfix_config: bool,
     /// lmdb maps recompiled (Postfix picks them up itself).
     pub postfix_maps: Vec<String>,
-    /// dovecot.conf or the proxy passdb: needs `doveadm reload` when Dovecot runs.
+    /// dovecot.conf, the proxy passdb or the certificate: needs `doveadm reload` when Dovecot runs.
     pub dovecot: bool,
     /// The private copy of the users file (Dovecot re-reads it by itself).
     pub users: bool,
@@ -104,9 +104,45 @@ impl Changes {
     }
 }
 
+/// File (beside main.cf, and beside dovecot.conf on the proxies) holding the digest of the certificate
+/// and key the daemon presents: a renewal changes it, and a changed file asks for the daemon's reload.
+pub const TLS_DIGEST: &str = "tls.digest";
+
+/// Whether `role` presents the mounted certificate (stores sit behind the proxies and never do; the
+/// submission pod's Dovecot only authenticates).
+fn presents_certificate(role: Role, settings: &MailSettings) -> bool {
+    settings.tls && role != Role::Store
+}
+
+/// The mounted certificate and key (a kubernetes.io/tls Secret), read through the kubelet's `..data`
+/// symlinks, keyed `tls/<file>`; files not there are left out.
+pub fn tls_files(layout: &Layout) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for key in ["tls.crt", "tls.key"] {
+        let path = layout.tls_dir.join(key);
+        match fs::read(&path) {
+            Ok(b) => {
+                out.insert(
+                    format!("tls/{key}"),
+                    String::from_utf8_lossy(&b).into_owned(),
+                );
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    Ok(out)
+}
+
 /// Writes every file of `role` for `inputs`, compiling changed maps with `postmap`.
 pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Result<Changes> {
     let mut changes = Changes::default();
+    // Postfix and Dovecot read the certificate when they (re)load their configuration only.
+    let tls_digest = if presents_certificate(role, &inputs.settings) {
+        format!("{}\n", data_hash(&tls_files(layout)?))
+    } else {
+        String::new()
+    };
     if role.runs_postfix() {
         let maps_dir = layout.postfix_maps();
         fs::create_dir_all(&maps_dir)
@@ -117,8 +153,10 @@ pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Res
         )?;
         changes.postfix_config |= write_if_changed(
             &layout.postfix_config.join("master.cf"),
-            &master_cf(role, ports),
+            &master_cf(role, ports, inputs.settings.tls),
         )?;
+        changes.postfix_config |=
+            write_if_changed(&layout.postfix_config.join(TLS_DIGEST), &tls_digest)?;
         for (name, text) in map_sources(&inputs.tables) {
             let source = maps_dir.join(name);
             let db = maps_dir.join(format!("{name}.lmdb"));
@@ -143,6 +181,10 @@ pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Res
             &layout.dovecot_conf(),
             &dovecot_conf(role, &inputs.settings, layout, ports, &users),
         )?;
+        if matches!(role, Role::Imap | Role::Pop3) {
+            changes.dovecot |=
+                write_if_changed(&layout.dovecot_config.join(TLS_DIGEST), &tls_digest)?;
+        }
         for protocol in proxy_protocols(role) {
             changes.dovecot |= write_if_changed(
                 &layout

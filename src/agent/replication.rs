@@ -5,8 +5,9 @@
 //!
 //! - **active**: serves, pulls nothing. Its doveadm TCP service answers the standbys.
 //! - **standby**: every interval, for every mailbox the access tables place on this LUN, runs
-//!   `doveadm backup -R -F <users> tcp:<LUN Service>:<doveadm port>`: a one-way pull that makes the
-//!   standby an exact copy of the active, expunges and flag changes included. `doveadm sync -1` is not
+//!   `doveadm backup -R -u <mailbox> tcp:<LUN Service>:<doveadm port>`: a one-way pull that makes the
+//!   standby an exact copy of the active, expunges and flag changes included (mailbox by mailbox, under
+//!   the deletion guard: agent::replication_mirror). `doveadm sync -1` is not
 //!   used: it keeps destination-only changes, so a standby would slowly diverge (its manual says it
 //!   "doesn't currently work perfectly"), and a standby never legitimately has changes of its own.
 //! - **demoted** (was active, now standby: fenced or switched over): mail delivered to it that never
@@ -29,9 +30,12 @@
 //! read from the downward-API annotations file like the role; while it is set, a standby pulls from there
 //! instead of `<lun host>:<lun doveadm port>`. A changed source needs a complete pass before `inSync`; a
 //! malformed value is refused (logged, `lastError`) and the previous source is kept.
+//!
+//! Before each mirror pass a standby checks that the pass would not delete most of what it holds
+//! ([`super::replication_guard`]): an emptied or replaced active volume is refused and reported
+//! (`deletionRefused`, metrics) until a person confirms it.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +47,8 @@ use std::sync::Arc;
 use super::lmtp_gate::Gate;
 use super::metrics::ReplicationMetrics;
 use super::render::read_configmap_dir;
+use super::replication_guard::{self as guard, Guard, Refusal, Refused};
+use super::replication_mirror as mirror;
 use crate::mailconfig::tables::AccessTables;
 use crate::names::annotations;
 use crate::names::labels as l;
@@ -180,6 +186,8 @@ pub struct ReplicationConfig {
     /// The store's files: the login marker and users file the role changes (agent::role), the Maildirs a
     /// hand-over sets aside.
     pub layout: crate::mailconfig::layout::Layout,
+    /// Largest share (percent) of the LUN's messages, or of a mailbox's, one pass may delete unconfirmed.
+    pub max_deletion_percent: u32,
 }
 
 impl ReplicationConfig {
@@ -196,6 +204,12 @@ impl ReplicationConfig {
             Some(v) if !v.trim().is_empty() => parse_source(&v),
             _ => Ok(self.lun_source()),
         }
+    }
+
+    /// The refused pass a person confirmed, from the annotations file.
+    fn confirmation(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.annotations_file).unwrap_or_default();
+        downward_api_value(&text, annotations::CONFIRM_REPLICATION_DELETION)
     }
 
     /// Index of this LUN in the access tables (`<mailpod>-lun-<index>`, see `names::lun`).
@@ -243,6 +257,8 @@ pub struct ReplicationReport {
     pub last_error: Option<String>,
     /// Whether this replica takes writes (LMTP, logins) as enforced now: only the active, once enforced.
     pub accepts_writes: bool,
+    /// The last pass was refused: it would have deleted too much (see agent::replication_guard).
+    pub deletion_refused: Option<Refusal>,
 }
 
 #[derive(Debug)]
@@ -256,6 +272,7 @@ struct State {
     source: String,
     /// The replication-source annotation is malformed (the previous source is kept).
     source_error: Option<String>,
+    deletion_refused: Option<Refusal>,
 }
 
 pub struct Replication {
@@ -266,6 +283,7 @@ pub struct Replication {
     gate: Option<Arc<Gate>>,
     /// Whether writes are currently allowed as enforced (`None`: not yet enforced).
     enforced: Mutex<Option<bool>>,
+    guard: Mutex<Guard>,
 }
 
 impl Replication {
@@ -278,11 +296,13 @@ impl Replication {
                 last_error: None,
                 source: config.lun_source(),
                 source_error: None,
+                deletion_refused: None,
             }),
             config,
             metrics,
             gate: None,
             enforced: Mutex::new(None),
+            guard: Mutex::default(),
         }
     }
 
@@ -360,8 +380,12 @@ impl Replication {
                 (Some(a), Some(b)) => Some(format!("{a}; {b}")),
                 (a, b) => a.clone().or_else(|| b.clone()),
             },
+            deletion_refused: s.deletion_refused.clone(),
         };
         self.metrics.in_sync.set(i64::from(in_sync));
+        self.metrics
+            .deletion_refused
+            .set(i64::from(s.deletion_refused.is_some()));
         self.metrics
             .active
             .set(i64::from(s.role == ReplicaRole::Active));
@@ -414,6 +438,8 @@ impl Replication {
                 s.caught_up = false;
             }
             s.last_error = None;
+            s.deletion_refused = None;
+            *self.guard.lock().expect("replication guard") = Guard::default();
             s.role = role;
         }
         drop(s);
@@ -443,6 +469,8 @@ impl Replication {
                 // A new source needs a complete pass before this replica is in sync with it.
                 s.caught_up = false;
                 s.last_error = None;
+                s.deletion_refused = None;
+                *self.guard.lock().expect("replication guard") = Guard::default();
                 true
             }
             Err(e) => {
@@ -487,6 +515,7 @@ impl Replication {
                 s.last_success = Some(started);
                 s.caught_up = true;
                 s.last_error = None;
+                s.deletion_refused = None;
                 self.metrics.passes.inc();
                 self.metrics.last_success.set(
                     started
@@ -496,9 +525,21 @@ impl Replication {
                 );
             }
             Err(e) => {
-                tracing::warn!(source = %s.source, "replication pass failed: {e:#}");
+                if let Some(Refused(r)) = e.downcast_ref::<Refused>() {
+                    if s.deletion_refused.as_ref().map(|d| &d.id) != Some(&r.id) {
+                        tracing::error!(id = %r.id, deleted = r.deleted_messages, held = r.held_messages, "{}", r.message());
+                    }
+                    s.deletion_refused = Some(r.clone());
+                    self.metrics.deletion_refused.set(1);
+                    self.metrics
+                        .refused_deletion_messages
+                        .set(r.deleted_messages as i64);
+                    self.metrics.refused_passes.inc();
+                } else {
+                    tracing::warn!(source = %s.source, "replication pass failed: {e:#}");
+                    self.metrics.failures.inc();
+                }
                 s.last_error = Some(format!("{e:#}"));
-                self.metrics.failures.inc();
             }
         }
     }
@@ -538,10 +579,12 @@ impl Replication {
         if users.is_empty() {
             return Ok(0);
         }
-        std::fs::write(&c.users_list, users.join("\n") + "\n")
-            .with_context(|| format!("writing {}", c.users_list.display()))?;
         if !hand_over {
-            self.doveadm_pass(&["backup", "-R"], source).await?;
+            let confirmed = self.mirror(&users, source).await?;
+            self.guard
+                .lock()
+                .expect("replication guard")
+                .passed(confirmed);
             self.remove_set_aside(&users);
             return Ok(users.len());
         }
@@ -558,6 +601,43 @@ impl Replication {
             }
         }
         bail!("still copying after {MAX_HAND_OVER_PASSES} hand-over passes; not mirroring yet")
+    }
+
+    /// One mirror pass under the deletion guard (see agent::replication_mirror); true when a person's
+    /// confirmation let deletions beyond the limit through. Only mailboxes that have a Maildir here are
+    /// asked about locally: nothing else can lose mail, and asking doveadm would create them.
+    async fn mirror(&self, users: &[String], source: &str) -> Result<bool> {
+        let c = &self.config;
+        let present: Vec<String> = users
+            .iter()
+            .filter(|u| self.maildirs(u).is_some_and(|(m, _)| m.exists()))
+            .cloned()
+            .collect();
+        let held = if present.is_empty() {
+            guard::Mailboxes::new()
+        } else {
+            std::fs::write(&c.users_list, present.join("\n") + "\n")
+                .with_context(|| format!("writing {}", c.users_list.display()))?;
+            mirror::held(&c.dovecot_conf, &c.users_list).await?
+        };
+        let reference = self.guard.lock().expect("replication guard").reference(
+            &held,
+            users,
+            std::time::Instant::now(),
+        );
+        let pass = mirror::MirrorPass {
+            conf: &c.dovecot_conf,
+            source,
+            users,
+            reference,
+            max_percent: c.max_deletion_percent,
+            confirmation: c.confirmation(),
+        };
+        let confirmed = mirror::mirror(pass, &self.guard).await?;
+        if confirmed {
+            tracing::warn!(%source, "a person confirmed this pass: the source's deletions were mirrored");
+        }
+        Ok(confirmed)
     }
 
     /// One hand-over pass: copies to `source` (the new active) every message of the LUN's mailboxes that
@@ -622,38 +702,6 @@ impl Replication {
             }
         }
     }
-
-    async fn doveadm_pass(&self, command: &[&str], source: &str) -> Result<()> {
-        let c = &self.config;
-        let out = tokio::process::Command::new("doveadm")
-            .arg("-c")
-            .arg(&c.dovecot_conf)
-            .args(command)
-            .arg("-F")
-            .arg(&c.users_list)
-            .arg(format!("tcp:{source}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting doveadm")?
-            .wait_with_output()
-            .await
-            .context("waiting for doveadm")?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-            bail!(
-                "doveadm {} from {} exited with {}: {}",
-                command.join(" "),
-                source,
-                out.status,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            );
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -692,6 +740,7 @@ mod tests {
             users_list: dir.join("users"),
             role_file: dir.join("role"),
             layout: crate::mailconfig::layout::Layout::under(dir),
+            max_deletion_percent: 50,
         }
     }
 

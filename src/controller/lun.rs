@@ -9,6 +9,7 @@
 //! snapshot job owns `snapshots` and `lastSnapshot` and writes them with its own patch, so neither
 //! overwrites the other.
 
+pub mod deletion;
 pub mod failover;
 pub mod health;
 pub mod replicas;
@@ -385,6 +386,12 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     }
     lag.health = health::of(&lun.spec, lun.status.as_ref(), &status);
     ctx.stats.report_lun_lag(&ns, &name, Some(lag));
+    let refusal_note = deletion::set(
+        &mut status,
+        deletion::message(&reports).as_deref(),
+        lun.metadata.generation,
+        now,
+    );
     set_apply_condition(
         &mut status,
         apply_failure.as_ref().map(|(e, _)| e.as_str()),
@@ -397,6 +404,22 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
             .iter()
             .any(|c| c.type_ == APPLY_FAILED && c.status == "True");
     let written = write_status(&ctx, &lun, &current, &status).await?;
+    if let Some((refused, note)) = refusal_note.filter(|_| written) {
+        let type_ = if refused {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(
+            &ctx,
+            lun.as_ref(),
+            type_,
+            deletion::REASON,
+            "Replicate",
+            note,
+        )
+        .await;
+    }
     if let Some((e, kind)) = apply_failure {
         if newly_failing {
             publish(
@@ -525,27 +548,36 @@ async fn ensure_generated_secret(
 
 /// Tells every replica where to pull from: the other site's endpoint while the LUN is fenced and has a
 /// `spec.replicationSource` (a live standby site), otherwise nothing (the agent pulls from its own LUN's
-/// active). Only pods whose annotation differs are patched, so a steady state writes nothing.
+/// active); and which refused pass a person confirmed (the LUN's [`deletion::CONFIRM`]). Only pods whose
+/// annotations differ are patched, so a steady state writes nothing.
 async fn point_replicas(pods: &Api<Pod>, lun: &StorageLUN, current: &[Pod]) -> Result<()> {
-    let want = lun
-        .spec
-        .replication_source
-        .as_deref()
-        .filter(|_| lun.spec.fenced);
+    let want = [
+        (
+            annotations::REPLICATION_SOURCE,
+            lun.spec
+                .replication_source
+                .as_deref()
+                .filter(|_| lun.spec.fenced),
+        ),
+        (
+            deletion::CONFIRM,
+            lun.annotations().get(deletion::CONFIRM).map(String::as_str),
+        ),
+    ];
     for pod in current
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
     {
-        let have = pod
-            .annotations()
-            .get(annotations::REPLICATION_SOURCE)
-            .map(String::as_str);
-        if have == want {
+        let differ: serde_json::Map<String, Value> = want
+            .iter()
+            .filter(|(key, value)| pod.annotations().get(*key).map(String::as_str) != *value)
+            .map(|(key, value)| (key.to_string(), json!(value)))
+            .collect();
+        if differ.is_empty() {
             continue;
         }
         let name = pod.name_any();
-        let patch =
-            json!({ "metadata": { "annotations": { annotations::REPLICATION_SOURCE: want } } });
+        let patch = json!({ "metadata": { "annotations": differ } });
         match pods
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

@@ -66,10 +66,21 @@ pub struct ReplicationSpec {
     #[serde(default = "default_sync_interval")]
     #[schemars(range(min = 1, max = 3600))]
     pub sync_interval_seconds: u32,
+    /// Largest share (percent) of the LUN's messages, or of one mailbox's, that one replication pass may
+    /// delete on a standby before it waits for a person (method `Dovecot`; default 50; 100: no limit). A
+    /// folder replaced at the source (new UIDVALIDITY) counts as deleted whole. A refused pass is reported
+    /// on the LUN (condition `DeletionRefused`) and goes through once the LUN carries the annotation
+    /// `mailpod.io/confirm-replication-deletion` set to the id it names.
+    #[serde(default = "default_max_deletion_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_deletion_percent: u32,
 }
 
 fn default_sync_interval() -> u32 {
     5
+}
+fn default_max_deletion_percent() -> u32 {
+    50
 }
 
 impl Default for ReplicationSpec {
@@ -78,6 +89,7 @@ impl Default for ReplicationSpec {
             method: ReplicationMethod::default(),
             volume_replication_class: None,
             sync_interval_seconds: default_sync_interval(),
+            max_deletion_percent: default_max_deletion_percent(),
         }
     }
 }
@@ -94,6 +106,12 @@ impl ReplicationSpec {
             errs.push(
                 format!("{path}.syncIntervalSeconds"),
                 "must be between 1 and 3600",
+            );
+        }
+        if !(1..=100).contains(&self.max_deletion_percent) {
+            errs.push(
+                format!("{path}.maxDeletionPercent"),
+                "must be between 1 and 100",
             );
         }
     }

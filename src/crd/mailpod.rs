@@ -13,6 +13,12 @@ use super::validation::{
     is_dns_label, is_mail_domain, parse_bytes, split_address, ValidationErrors,
 };
 
+/// Submission, imap and pop3 take passwords: they run only with a certificate, unless the spec opts in
+/// to plaintext by name. A service given without `replicas` has 0; one not given has its default (2 for
+/// submission and imap).
+const LOGINS_NEED_TLS_CEL: &str = "has(self.tls) || (has(self.insecurePlaintextAuth) && self.insecurePlaintextAuth) || (has(self.frontend) && has(self.frontend.submission) && (!has(self.frontend.submission.replicas) || self.frontend.submission.replicas == 0) && has(self.frontend.imap) && (!has(self.frontend.imap.replicas) || self.frontend.imap.replicas == 0) && (!has(self.frontend.pop3) || !has(self.frontend.pop3.replicas) || self.frontend.pop3.replicas == 0))";
+const LOGINS_NEED_TLS: &str = "required while submission, imap or pop3 have replicas: they take passwords, which must not cross the network in clear (set spec.tls.secretName; on a network nobody else can reach, spec.insecurePlaintextAuth: true)";
+
 /// Most standby replicas a LUN may have (the M of N+M).
 pub const MAX_STANDBYS: u32 = 4;
 /// Most mailboxes one LUN may hold: the blast radius of one storage unit stays small.
@@ -41,6 +47,7 @@ const MAX_QUANTITY_LEN: usize = 32;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(LOGINS_NEED_TLS_CEL).message(LOGINS_NEED_TLS).field_path(".tls"))]
 pub struct MailPodSpec {
     /// Mail domains this MailPod hosts mailboxes for. Every mailbox must be in one of them.
     #[schemars(
@@ -72,15 +79,24 @@ pub struct MailPodSpec {
     /// Consistent snapshots of every LUN.
     #[serde(default)]
     pub snapshots: SnapshotPolicy,
-    /// TLS certificate for SMTP, submission, IMAP and POP3.
+    /// TLS certificate for SMTP, submission, IMAP and POP3. Required while submission, imap or pop3 run:
+    /// they take passwords, which never cross the network in clear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// Lets submission, imap and pop3 run without `tls`, taking passwords in clear (AUTH PLAIN, IMAP
+    /// LOGIN, POP3 USER/PASS) from anyone who can reach their Services. Only for a network nobody else
+    /// can reach or read (a test cluster). The agents log a warning at start while it is in use.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_plaintext_auth: bool,
     /// Mailbox quotas: a default for every mailbox and per-mailbox overrides. No quota when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<super::QuotaSpec>,
     /// Sieve limits and the relay for vacation replies; Sieve and ManageSieve are on with defaults when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sieve: Option<super::SieveSpec>,
+    /// Spam and virus filtering on mx (rspamd as a milter, ClamAV); no filtering when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filtering: Option<super::FilteringSpec>,
     /// The mail servers' host name: the SMTP banner, the name mx and submission give in HELO/EHLO to other
     /// servers (Postfix `myhostname`), and the host part of bounce senders. Use the name your MX and PTR
     /// records give, since receivers check it. Default `mail.<first domain>`.
@@ -90,6 +106,12 @@ pub struct MailPodSpec {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$")
     )]
     pub hostname: Option<String>,
+    /// Who receives the mail of `postmaster@` and `abuse@` of every domain that declares no mailbox or
+    /// alias of that name (RFC 5321 and RFC 2142 require both): an address, which in a hosted domain must
+    /// be a mailbox or an alias. Default `postmaster@<first domain>`, which must then be one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 254))]
+    pub postmaster: Option<String>,
 }
 
 /// The front-end services. Each runs as its own StatefulSet behind its own Service.
@@ -228,7 +250,7 @@ impl Frontend {
 }
 
 /// The back-end: LUNs of at most `maxUsersPerLun` mailboxes, each 1 active + `standbys` replicas.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Backend {
     /// Standby replicas per LUN, kept in sync with the active one (the M of N+M). Default 1.
@@ -259,6 +281,16 @@ pub struct Backend {
     /// from it (doveadm, password-protected; restrict the sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_replication: Option<SiteReplication>,
+    /// Networks the stores trust to be this MailPod's imap and pop3 proxies (Dovecot
+    /// `login_trusted_networks`): a client there may pass on the address of the client it serves, so
+    /// auth penalties and per-IP connection limits apply per client, not per proxy pod. The default is the
+    /// private and shared address ranges pod networks use; the store NetworkPolicy admits only this
+    /// MailPod's front-end pods to the IMAP and POP3 ports. Set the cluster's pod CIDR to narrow it,
+    /// or `[]` to trust nobody (every limit then counts the proxy's address).
+    #[serde(default = "default_trusted_proxy_networks")]
+    #[schemars(length(max = 32), inner(length(max = 43)))]
+    #[x_kube(validation = Rule::new("self.all(n, isCIDR(n))").message("each entry must be a CIDR range such as 10.0.0.0/8"))]
+    pub trusted_proxy_networks: Vec<String>,
 }
 
 /// How a LUN's doveadm service is reached from the other site.
@@ -279,6 +311,20 @@ pub struct SiteReplication {
 
 fn default_replication_expose() -> ExposeType {
     ExposeType::LoadBalancer
+}
+
+/// RFC 1918, RFC 6598 (shared address space, used by several managed clusters' pod networks) and IPv6
+/// unique local addresses.
+pub fn default_trusted_proxy_networks() -> Vec<String> {
+    [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "fc00::/7",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn default_standbys() -> u32 {
@@ -302,6 +348,7 @@ impl Default for Backend {
             failover_threshold_seconds: default_failover_threshold(),
             pvc_retention: PvcRetention::default(),
             site_replication: None,
+            trusted_proxy_networks: default_trusted_proxy_networks(),
         }
     }
 }
@@ -417,14 +464,24 @@ pub struct Alias {
     pub targets: Vec<String>,
 }
 
+// That each recipient is in the domain is the operator's check (InvalidSpec naming the entry), not a CEL
+// rule: over up to 1000 domains of up to 10000 recipients the API server's cost estimate of one exceeds its
+// budget a hundredfold, and it refuses the CRD.
 /// A domain this MailPod accepts mail for and relays to another host.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RelayDomain {
+    #[schemars(length(max = 253))]
     pub domain: String,
     /// Postfix next hop, such as `[mail.internal.example.net]:25`; MX lookup of the domain when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_hop: Option<String>,
+    /// The addresses of this domain that exist (Postfix `relay_recipient_maps`): mx refuses any other at
+    /// RCPT with 550. When empty, mx asks the next hop instead, at RCPT, whether it takes the recipient
+    /// (`reject_unverified_recipient`, answers cached), so no unknown address is accepted and bounced later.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10000), inner(length(max = 254)))]
+    pub recipients: Vec<String>,
 }
 
 /// Which mail an archive rule copies.
@@ -461,6 +518,7 @@ pub struct AccessTables {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<Alias>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
     pub relay_domains: Vec<RelayDomain>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub archive_bcc: Vec<ArchiveRule>,
@@ -656,6 +714,16 @@ impl MailPodSpec {
                 );
             }
         }
+        if let Some(p) = self
+            .postmaster
+            .as_deref()
+            .filter(|p| split_address(p).is_none())
+        {
+            errs.push(
+                "spec.postmaster",
+                format!("`{p}` is not a lower-case mail address"),
+            );
+        }
         if let Some(h) = self.hostname.as_deref().filter(|h| !is_mail_domain(h)) {
             errs.push(
                 "spec.hostname",
@@ -714,6 +782,14 @@ impl MailPodSpec {
         }
         b.replication
             .validate("spec.backend.replication", &mut errs);
+        for (i, n) in b.trusted_proxy_networks.iter().enumerate() {
+            if !is_cidr(n) {
+                errs.push(
+                    format!("spec.backend.trustedProxyNetworks[{i}]"),
+                    format!("`{n}` is not a CIDR range such as 10.0.0.0/8"),
+                );
+            }
+        }
         if let Some(sr) = &b.site_replication {
             for (i, r) in sr.source_ranges.iter().enumerate() {
                 if !is_cidr(r) {
@@ -769,6 +845,9 @@ impl MailPodSpec {
         if let Some(s) = &self.sieve {
             s.validate("spec.sieve", &mut errs);
         }
+        if let Some(f) = &self.filtering {
+            f.validate("spec.filtering", &mut errs);
+        }
         if let Some(q) = &self.quota {
             q.validate("spec.quota", &mut errs);
             // Its domain must be hosted here (its address is checked above).
@@ -783,8 +862,28 @@ impl MailPodSpec {
             if !is_dns_subdomain_name(&tls.secret_name) {
                 errs.push("spec.tls.secretName", "must be a Secret name");
             }
+        } else if !self.insecure_plaintext_auth && self.serves_logins() {
+            errs.push("spec.tls", LOGINS_NEED_TLS);
         }
         errs.into_result()
+    }
+
+    /// Where `postmaster@` and `abuse@` mail goes when a domain declares neither (see `postmaster`).
+    pub fn postmaster_address(&self) -> String {
+        self.postmaster.clone().unwrap_or_else(|| {
+            format!(
+                "postmaster@{}",
+                self.domains.first().map_or("", String::as_str)
+            )
+        })
+    }
+
+    /// Whether a front end that takes passwords runs (submission, imap, pop3).
+    pub fn serves_logins(&self) -> bool {
+        let f = &self.frontend;
+        [&f.submission, &f.imap, &f.pop3]
+            .iter()
+            .any(|s| s.replicas > 0)
     }
 
     /// An address is valid and in one of `domains`.
@@ -873,6 +972,14 @@ impl MailPodSpec {
                     errs.push(
                         format!("spec.accessTables.relayDomains[{i}].nextHop"),
                         "must be a host, [host] or [host]:port",
+                    );
+                }
+            }
+            for (j, rcpt) in r.recipients.iter().enumerate() {
+                if split_address(rcpt).is_none_or(|(_, d)| d != r.domain) {
+                    errs.push(
+                        format!("spec.accessTables.relayDomains[{i}].recipients[{j}]"),
+                        format!("`{rcpt}` is not a lower-case address in `{}`", r.domain),
                     );
                 }
             }

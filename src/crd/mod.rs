@@ -6,6 +6,7 @@
 
 mod common;
 mod failover;
+mod filtering;
 mod lun;
 mod mailpod;
 mod store_features;
@@ -13,10 +14,13 @@ mod validation;
 
 pub use common::*;
 pub use failover::*;
+pub use filtering::*;
 pub use lun::*;
 pub use mailpod::*;
 pub use store_features::*;
-pub use validation::{parse_bytes as validation_bytes, FieldError, ValidationErrors};
+pub use validation::{
+    parse_bytes as validation_bytes, split_address, FieldError, ValidationErrors,
+};
 
 use kube::CustomResourceExt;
 

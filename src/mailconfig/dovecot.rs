@@ -231,8 +231,9 @@ pub fn dovecot_conf(
             );
             // LMTP answers on a unix socket only; the agent's pause gate owns the TCP port (see agent::lmtp_gate).
             out.push_str("service lmtp {\n  unix_listener lmtp {\n    mode = 0600\n  }\n}\n");
-            login_listener(&mut out, "imap", ports.imap);
-            login_listener(&mut out, "pop3", ports.pop3);
+            login_listener(&mut out, "imap", ports.imap, None);
+            login_listener(&mut out, "pop3", ports.pop3, None);
+            trusted_proxies(&mut out, &settings.features.trusted_proxy_networks);
             sieve_conf(&mut out, &settings.features.sieve);
             managesieve_listener(&mut out, ports.sieve);
             // The LUN's standbys pull from the active over doveadm's TCP service (dsync). The password
@@ -246,10 +247,20 @@ pub fn dovecot_conf(
             );
         }
         Role::Imap => {
-            login_listener(&mut out, "imap", ports.imap);
+            login_listener(
+                &mut out,
+                "imap",
+                ports.imap,
+                tls_front.then_some(ports.imaps),
+            );
             managesieve_listener(&mut out, ports.sieve);
         }
-        Role::Pop3 => login_listener(&mut out, "pop3", ports.pop3),
+        Role::Pop3 => login_listener(
+            &mut out,
+            "pop3",
+            ports.pop3,
+            tls_front.then_some(ports.pop3s),
+        ),
         Role::Submission => {
             let _ = writeln!(
                 out,
@@ -305,11 +316,27 @@ fn managesieve_listener(out: &mut String, port: u16) {
     );
 }
 
-fn login_listener(out: &mut String, protocol: &str, port: u16) {
+/// The login service of `protocol` on `port`, and implicit TLS (`imaps`, `pop3s`) on `tls_port` when the
+/// role has a certificate; otherwise nothing listens for implicit TLS.
+fn login_listener(out: &mut String, protocol: &str, port: u16, tls_port: Option<u16>) {
+    let tls = match tls_port {
+        Some(p) => format!("port = {p}\n    ssl = yes"),
+        None => "port = 0".into(),
+    };
     let _ = writeln!(
         out,
-        "service {protocol}-login {{\n  inet_listener {protocol} {{\n    port = {port}\n  }}\n  inet_listener {protocol}s {{\n    port = 0\n  }}\n}}"
+        "service {protocol}-login {{\n  inet_listener {protocol} {{\n    port = {port}\n  }}\n  inet_listener {protocol}s {{\n    {tls}\n  }}\n}}"
     );
+}
+
+/// A store trusts the proxies' networks (`login_trusted_networks`): the imap and pop3 proxies then pass the
+/// client's address (IMAP `ID x-originating-ip`, POP3 `XCLIENT`), so auth penalties, per-IP connection
+/// limits (`mail_max_userip_connections`) and logs see the client, not the proxy pod. Nothing trusted: every
+/// limit counts the proxy's address.
+fn trusted_proxies(out: &mut String, networks: &[String]) {
+    if !networks.is_empty() {
+        let _ = writeln!(out, "login_trusted_networks = {}", networks.join(" "));
+    }
 }
 
 #[cfg(test)]
@@ -327,6 +354,7 @@ mod tests {
             dnsbl_threshold: 1,
             tls,
             features: Default::default(),
+            filter: None,
         }
     }
 
@@ -387,7 +415,24 @@ mod tests {
         assert!(conf.contains("unix_listener lmtp {"));
         assert!(conf.contains("inet_listener imap {\n    port = 143\n"));
         assert!(conf.contains("inet_listener pop3 {\n    port = 110\n"));
+        assert!(
+            conf.contains("inet_listener imaps {\n    port = 0\n"),
+            "stores never terminate TLS"
+        );
         assert!(!conf.contains("inet_listener lmtp"));
+        assert!(
+            !conf.contains("login_trusted_networks"),
+            "nobody trusted unless the settings name the proxies"
+        );
+        let mut s = settings(true);
+        s.features.trusted_proxy_networks = vec!["10.0.0.0/8".into(), "fc00::/7".into()];
+        let trusting = dovecot_conf(Role::Store, &s, &layout, &Ports::default(), Path::new("/u"));
+        assert!(trusting.contains("\nlogin_trusted_networks = 10.0.0.0/8 fc00::/7\n"));
+        let proxy = dovecot_conf(Role::Imap, &s, &layout, &Ports::default(), Path::new("/u"));
+        assert!(
+            !proxy.contains("login_trusted_networks"),
+            "the proxies trust no client"
+        );
         // The pod drops SYS_CHROOT: nothing may chroot.
         for service in ["anvil", "imap-login", "pop3-login", "ipc"] {
             assert!(
@@ -521,6 +566,21 @@ mod tests {
         );
         assert!(conf.contains("port = 30110"));
         assert!(!conf.contains("inet_listener imap "));
+        assert!(
+            conf.contains("inet_listener pop3s {\n    port = 995\n    ssl = yes\n  }"),
+            "implicit TLS listens with a certificate: {conf}"
+        );
+        let plain = dovecot_conf(
+            Role::Imap,
+            &settings(false),
+            &layout,
+            &ports,
+            Path::new("/u"),
+        );
+        assert!(
+            plain.contains("inet_listener imaps {\n    port = 0\n  }"),
+            "{plain}"
+        );
     }
 
     #[test]

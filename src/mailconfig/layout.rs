@@ -78,8 +78,12 @@ pub struct Ports {
     pub listen: String,
     pub smtp: u16,
     pub submission: u16,
+    /// Implicit TLS (RFC 8314): submissions, imaps, pop3s. Served only with a certificate.
+    pub submissions: u16,
     pub imap: u16,
+    pub imaps: u16,
     pub pop3: u16,
+    pub pop3s: u16,
     /// Store role: the LMTP port Postfix delivers to (answered by the agent's pause gate).
     pub lmtp: u16,
     /// Store role: Dovecot's doveadm TCP service, which the LUN's standbys replicate from.
@@ -94,8 +98,11 @@ impl Default for Ports {
             listen: "0.0.0.0".into(),
             smtp: 25,
             submission: 587,
+            submissions: 465,
             imap: 143,
+            imaps: 993,
             pop3: 110,
+            pop3s: 995,
             lmtp: 24,
             doveadm: 12345,
             sieve: 4190,

@@ -8,5 +8,6 @@
 pub mod dovecot;
 pub mod layout;
 pub mod postfix;
+pub mod rspamd;
 pub mod settings;
 pub mod tables;

@@ -25,7 +25,12 @@ pub mod maps {
     pub const SENDER_BCC: &str = "sender_bcc";
     /// Envelope sender -> the SASL logins that may use it (submission's `smtpd_sender_login_maps`).
     pub const SENDER_LOGIN: &str = "sender_login";
-    pub const ALL: [&str; 10] = [
+    /// The recipients relay domains take (`relay_recipient_maps`): listed addresses, and `@domain` for a
+    /// relay domain whose recipients its next hop verifies.
+    pub const RELAY_RECIPIENTS: &str = "relay_recipients";
+    /// Relay domain -> `reject_unverified_recipient`, for relay domains with no recipient list.
+    pub const RELAY_VERIFY: &str = "relay_verify";
+    pub const ALL: [&str; 12] = [
         VIRTUAL_MAILBOX_DOMAINS,
         VIRTUAL_MAILBOX_MAPS,
         VIRTUAL_ALIAS_MAPS,
@@ -36,13 +41,17 @@ pub mod maps {
         RECIPIENT_BCC,
         SENDER_BCC,
         SENDER_LOGIN,
+        RELAY_RECIPIENTS,
+        RELAY_VERIFY,
     ];
 }
 
 /// The source text of every lookup table, keyed by file name (each is `key value` lines for `postmap`).
 ///
-/// A mailbox whose LUN has no endpoint in the tables goes to Postfix's `retry` transport, so its mail waits
-/// in the queue instead of bouncing until the LUN's store is known.
+/// A mailbox whose LUN has no endpoint in the tables is routed to an LMTP socket that does not exist: mx
+/// accepts its mail (the `retry` transport would answer 450 at RCPT and leave it in the sender's queue),
+/// and each attempt defers with a temporary `connect ... No such file` (4.4.1), so the mail waits in our
+/// queue until the LUN has an endpoint and the agent retries it there (agent::store_flush).
 pub fn map_sources(tables: &AccessTables) -> BTreeMap<&'static str, String> {
     let mut out = BTreeMap::new();
     let mut put = |name: &'static str, lines: Vec<String>| {
@@ -69,7 +78,7 @@ pub fn map_sources(tables: &AccessTables) -> BTreeMap<&'static str, String> {
         .iter()
         .map(|(m, lun)| match tables.luns.get(lun) {
             Some(e) => format!("{m} lmtp:inet:{}:{}", e.host, e.lmtp_port),
-            None => format!("{m} retry:4.3.0 LUN {lun} has no store endpoint yet"),
+            None => format!("{m} lmtp:unix:lun-{lun}-has-no-store-endpoint-yet"),
         })
         .collect();
     transport.extend(
@@ -86,6 +95,30 @@ pub fn map_sources(tables: &AccessTables) -> BTreeMap<&'static str, String> {
             .relay_domains
             .keys()
             .map(|d| format!("{d} OK"))
+            .collect(),
+    );
+    // A relay domain with a recipient list takes exactly those; one without is asked at RCPT.
+    let listed = |d: &str| {
+        let suffix = format!("@{d}");
+        tables.relay_recipients.iter().any(|r| r.ends_with(&suffix))
+    };
+    let mut relay_recipients: Vec<String> = tables
+        .relay_recipients
+        .iter()
+        .map(|r| format!("{r} OK"))
+        .collect();
+    let verified: Vec<&String> = tables
+        .relay_domains
+        .keys()
+        .filter(|d| !listed(d.as_str()))
+        .collect();
+    relay_recipients.extend(verified.iter().map(|d| format!("@{d} OK")));
+    put(maps::RELAY_RECIPIENTS, relay_recipients);
+    put(
+        maps::RELAY_VERIFY,
+        verified
+            .iter()
+            .map(|d| format!("{d} reject_unverified_recipient"))
             .collect(),
     );
     put(
@@ -224,7 +257,7 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
         ),
         ("virtual_mailbox_maps", map(maps::VIRTUAL_MAILBOX_MAPS)),
         ("virtual_alias_maps", map(maps::VIRTUAL_ALIAS_MAPS)),
-        // Every listed mailbox has its own transport entry (its LUN, or `retry` while the LUN has no
+        // Every listed mailbox has its own transport entry (its LUN, or a missing socket while the LUN has no
         // endpoint); what falls through to the default is no mailbox at all, and smtpd refuses a
         // recipient whose transport is `error` at RCPT (550, no bounce later).
         (
@@ -233,7 +266,10 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
         ),
         ("transport_maps", map(maps::TRANSPORT)),
         ("relay_domains", map(maps::RELAY_DOMAINS)),
-        ("relay_recipient_maps", String::new()),
+        // Unknown recipients of relay domains are refused at RCPT, never accepted and bounced later.
+        ("relay_recipient_maps", map(maps::RELAY_RECIPIENTS)),
+        // A recipient the next hop refuses is refused here for good (Postfix's default is 450).
+        ("unverified_recipient_reject_code", "550".into()),
         ("recipient_bcc_maps", map(maps::RECIPIENT_BCC)),
         ("sender_bcc_maps", map(maps::SENDER_BCC)),
         (
@@ -242,10 +278,18 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
         ),
         (
             "smtpd_recipient_restrictions",
-            format!("check_recipient_access {}", map(maps::RECIPIENT_ACCESS)),
+            format!(
+                "check_recipient_access {}, check_recipient_access {}",
+                map(maps::RECIPIENT_ACCESS),
+                map(maps::RELAY_VERIFY)
+            ),
         ),
         ("smtp_tls_security_level", "may".into()),
         ("lmtp_tls_security_level", "none".into()),
+        // A store that drops packets (its node gone, a LUN Service with no endpoint behind a
+        // NetworkPolicy) would otherwise hold the delivery for the kernel's SYN retries, about two
+        // minutes, out of the deferred queue that the agent retries the moment the store takes mail.
+        ("lmtp_connect_timeout", "10s".into()),
     ];
     if settings.tls {
         let tls = |f: &str| layout.tls_dir.join(f).display().to_string();
@@ -277,6 +321,9 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
                     settings.dnsbl_threshold.max(1).to_string(),
                 ));
                 p.push(("postscreen_dnsbl_action", "enforce".into()));
+            }
+            if let Some(filter) = &settings.filter {
+                p.extend(super::rspamd::milter_params(filter));
             }
         }
         Role::Submission => {
@@ -326,8 +373,10 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
     out
 }
 
-/// master.cf for `role`: the internal services (no chroot: the pod is the sandbox) plus the role's listener.
-pub fn master_cf(role: Role, ports: &Ports) -> String {
+/// master.cf for `role`: the internal services (no chroot: the pod is the sandbox) plus the role's
+/// listeners. With a certificate (`tls`) submission also answers implicit TLS (RFC 8314 `submissions`,
+/// port 465); without one nothing listens there.
+pub fn master_cf(role: Role, ports: &Ports, tls: bool) -> String {
     let endpoint = |port: u16| {
         if ports.listen == "0.0.0.0" {
             port.to_string()
@@ -346,6 +395,12 @@ pub fn master_cf(role: Role, ports: &Ports) -> String {
         Role::Submission => {
             let _ = writeln!(out, "{} inet n - n - - smtpd", endpoint(ports.submission));
             out.push_str("  -o syslog_name=postfix/submission\n");
+            if tls {
+                let _ = writeln!(out, "{} inet n - n - - smtpd", endpoint(ports.submissions));
+                out.push_str(
+                    "  -o syslog_name=postfix/submissions\n  -o smtpd_tls_wrappermode=yes\n  -o smtpd_tls_security_level=encrypt\n",
+                );
+            }
         }
         Role::Imap | Role::Pop3 | Role::Store => {}
     }
@@ -396,6 +451,7 @@ mod tests {
             dnsbl_threshold: 2,
             tls: true,
             features: Default::default(),
+            filter: None,
         }
     }
 
@@ -439,10 +495,30 @@ mod tests {
             m[maps::TRANSPORT],
             "a@example.com lmtp:inet:corp-lun-0.mail.svc.cluster.local:24\n\
              b@example.com lmtp:inet:corp-lun-1.mail.svc.cluster.local:24\n\
-             c@example.com retry:4.3.0 LUN 7 has no store endpoint yet\n\
+             c@example.com lmtp:unix:lun-7-has-no-store-endpoint-yet\n\
              partner.net smtp:[mx.partner.net]:25\n"
         );
         assert_eq!(m[maps::RELAY_DOMAINS], "mx-lookup.net OK\npartner.net OK\n");
+        // No recipient list anywhere: both relay domains are verified with their next hop.
+        assert_eq!(
+            m[maps::RELAY_RECIPIENTS],
+            "@mx-lookup.net OK\n@partner.net OK\n"
+        );
+        assert_eq!(
+            m[maps::RELAY_VERIFY],
+            "mx-lookup.net reject_unverified_recipient\npartner.net reject_unverified_recipient\n"
+        );
+        let mut listed = tables();
+        listed.relay_recipients.insert("amy@partner.net".into());
+        let m = map_sources(&listed);
+        assert_eq!(
+            m[maps::RELAY_RECIPIENTS],
+            "amy@partner.net OK\n@mx-lookup.net OK\n"
+        );
+        assert_eq!(
+            m[maps::RELAY_VERIFY],
+            "mx-lookup.net reject_unverified_recipient\n"
+        );
         assert_eq!(
             m[maps::VIRTUAL_ALIAS_MAPS],
             "sales@example.com a@example.com, b@example.com\n"
@@ -509,7 +585,9 @@ mod tests {
             "postscreen_dnsbl_sites = zen.spamhaus.org=127.0.0.[2..11]*2, bl.spamcop.net=127.0.0.2",
             "postscreen_dnsbl_threshold = 2",
             "transport_maps = lmdb:/var/lib/mailpod/postfix/maps/transport",
-            "smtpd_recipient_restrictions = check_recipient_access lmdb:/var/lib/mailpod/postfix/maps/recipient_access",
+            "smtpd_recipient_restrictions = check_recipient_access lmdb:/var/lib/mailpod/postfix/maps/recipient_access, check_recipient_access lmdb:/var/lib/mailpod/postfix/maps/relay_verify",
+            "relay_recipient_maps = lmdb:/var/lib/mailpod/postfix/maps/relay_recipients",
+            "unverified_recipient_reject_code = 550",
             "maillog_file = /var/log/mailpod/postfix.log",
             "inet_interfaces = all",
             "smtpd_tls_security_level = may",
@@ -519,7 +597,7 @@ mod tests {
         assert!(!cf.contains("smtpd_sasl_auth_enable"));
         assert!(cf.contains("\nmynetworks =\n"), "no network is trusted");
         assert!(!cf.contains("permit_mynetworks"), "{cf}");
-        let master = master_cf(Role::Mx, &Ports::default());
+        let master = master_cf(Role::Mx, &Ports::default(), true);
         assert!(master.starts_with("# service"));
         assert!(master.contains("\n25 inet n - n - 1 postscreen\nsmtpd pass"));
     }
@@ -545,8 +623,15 @@ mod tests {
             assert!(cf.lines().any(|l| l == line), "missing `{line}` in\n{cf}");
         }
         assert!(!cf.contains("postscreen"));
-        let master = master_cf(Role::Submission, &ports);
+        let master = master_cf(Role::Submission, &ports, true);
         assert!(master.contains("127.0.0.1:30587 inet n - n - - smtpd\n"));
+        assert!(master.contains(
+            "127.0.0.1:465 inet n - n - - smtpd\n  -o syslog_name=postfix/submissions\n  -o smtpd_tls_wrappermode=yes\n"
+        ));
+        assert!(
+            !master_cf(Role::Submission, &ports, false).contains("wrappermode"),
+            "no implicit TLS without a certificate"
+        );
         let plain = main_cf(
             Role::Submission,
             &MailSettings {

@@ -30,6 +30,21 @@ pub struct MailSettings {
     /// What Dovecot gives each mailbox beyond storage (quota); absent from settings.yaml when nothing is on.
     #[serde(default, skip_serializing_if = "StoreFeatures::is_off")]
     pub features: StoreFeatures,
+    /// mx: the milter every message passes through before it is queued; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterSettings>,
+}
+
+/// How mx's Postfix talks to the filter (rspamd's milter, see [`super::rspamd`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FilterSettings {
+    /// `host:port` of the milter (rspamd in the same pod: `127.0.0.1:11332`).
+    pub milter: String,
+    /// Seconds Postfix waits for each milter answer.
+    pub timeout_seconds: u32,
+    /// While the milter does not answer: 451 (true) or take the message unscanned (false).
+    pub tempfail_when_down: bool,
 }
 
 /// Dovecot features of the stores (and the proxies in front of them).
@@ -42,6 +57,10 @@ pub struct StoreFeatures {
     /// Stores and the imap proxies: Sieve with ManageSieve (always on; these are its limits).
     #[serde(default, skip_serializing_if = "SieveSettings::is_default")]
     pub sieve: SieveSettings,
+    /// Stores: the networks whose clients (the imap and pop3 proxies) may pass on the address of the
+    /// client they serve (Dovecot `login_trusted_networks`); none when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxy_networks: Vec<String>,
 }
 
 /// Sieve on the stores.
@@ -123,7 +142,13 @@ impl MailSettings {
                         relay: s.relay_host.clone(),
                     })
                     .unwrap_or_default(),
+                trusted_proxy_networks: spec.backend.trusted_proxy_networks.clone(),
             },
+            filter: spec.filtering.as_ref().map(|f| FilterSettings {
+                milter: super::rspamd::MILTER_IN_POD.to_string(),
+                timeout_seconds: f.timeout_seconds,
+                tempfail_when_down: f.when_down == crate::crd::FilterDownPolicy::Tempfail,
+            }),
         }
     }
 

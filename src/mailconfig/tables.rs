@@ -5,7 +5,7 @@
 //! into Postfix transport/virtual maps and Dovecot proxy passdb files, which keeps the ConfigMap far below
 //! the API server's 1 MiB object limit (about 25 bytes a mailbox).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use sha2::{Digest, Sha256};
@@ -27,6 +27,8 @@ pub mod keys {
     /// Per-mailbox quota overrides; present only when there are any, so tables without them (and their
     /// hash, which the sites compare) are what they were before quotas existed.
     pub const QUOTAS: &str = "quotas";
+    /// The listed recipients of relay domains; present only when there are any, as `quotas`.
+    pub const RELAY_RECIPIENTS: &str = "relay_recipients";
 }
 
 /// Largest rendered size the operator accepts, leaving room for metadata under the 1 MiB object limit.
@@ -84,6 +86,8 @@ pub struct AccessTables {
     pub luns: BTreeMap<u32, LunEndpoint>,
     /// Relay domain -> next hop (empty: MX lookup).
     pub relay_domains: BTreeMap<String, String>,
+    /// The recipients relay domains list; a relay domain with none here is verified with its next hop.
+    pub relay_recipients: BTreeSet<String>,
     /// Alias -> targets.
     pub aliases: BTreeMap<String, Vec<String>>,
     pub recipient_access: Vec<AccessEntry>,
@@ -153,11 +157,12 @@ impl AccessTables {
                 .iter()
                 .map(|r| (r.domain.clone(), r.next_hop.clone().unwrap_or_default()))
                 .collect(),
-            aliases: t
-                .aliases
+            relay_recipients: t
+                .relay_domains
                 .iter()
-                .map(|a| (a.address.clone(), a.targets.clone()))
+                .flat_map(|r| r.recipients.iter().cloned())
                 .collect(),
+            aliases: with_role_addresses(spec, placement),
             recipient_access: access(&t.recipient_access),
             sender_access: access(&t.sender_access),
             recipient_bcc: bcc(ArchiveDirection::Inbound),
@@ -248,6 +253,12 @@ impl AccessTables {
             keys::SENDER_BCC,
             lines(self.sender_bcc.iter().map(|(p, b)| format!("{p} {b}"))),
         );
+        if !self.relay_recipients.is_empty() {
+            put(
+                keys::RELAY_RECIPIENTS,
+                lines(self.relay_recipients.iter().cloned()),
+            );
+        }
         if !self.quotas.is_empty() {
             put(
                 keys::QUOTAS,
@@ -310,6 +321,13 @@ impl AccessTables {
         for (_, line) in entries(data, keys::RELAY_DOMAINS) {
             let (d, hop) = split(line);
             t.relay_domains.insert(d.to_string(), hop.to_string());
+        }
+        for (n, line) in entries(data, keys::RELAY_RECIPIENTS) {
+            let (r, rest) = split(line);
+            if !rest.is_empty() {
+                return Err(err(keys::RELAY_RECIPIENTS, n, "expected one address"));
+            }
+            t.relay_recipients.insert(r.to_string());
         }
         for (n, line) in entries(data, keys::ALIASES) {
             let (a, targets) = split(line);
@@ -380,6 +398,31 @@ impl AccessTables {
     pub fn hash(&self) -> String {
         data_hash(&self.to_data())
     }
+}
+
+/// The spec's aliases plus `postmaster@` and `abuse@` of every domain that has neither a mailbox nor an
+/// alias of that name, each to the spec's postmaster (RFC 5321 section 4.5.1, RFC 2142).
+fn with_role_addresses(
+    spec: &MailPodSpec,
+    placement: &[LunAssignment],
+) -> BTreeMap<String, Vec<String>> {
+    let mut aliases: BTreeMap<String, Vec<String>> = spec
+        .access_tables
+        .aliases
+        .iter()
+        .map(|a| (a.address.clone(), a.targets.clone()))
+        .collect();
+    let postmaster = spec.postmaster_address();
+    for domain in &spec.domains {
+        for local in ["postmaster", "abuse"] {
+            let address = format!("{local}@{domain}");
+            let mailbox = placement.iter().any(|l| l.mailboxes.contains(&address));
+            if !mailbox && address != postmaster && !aliases.contains_key(&address) {
+                aliases.insert(address, vec![postmaster.clone()]);
+            }
+        }
+    }
+    aliases
 }
 
 /// Hash of a ConfigMap's data as the operator and the agent compute it (first 16 bytes, hex).
@@ -456,6 +499,7 @@ mod tests {
         spec.access_tables.relay_domains.push(RelayDomain {
             domain: "partner.net".into(),
             next_hop: Some("[mx.partner.net]:25".into()),
+            recipients: vec![],
         });
         spec.access_tables.archive_bcc.push(ArchiveRule {
             pattern: "@example.com".into(),
@@ -529,6 +573,25 @@ mod tests {
         let mut bad = data.clone();
         bad.insert(keys::QUOTAS.into(), "a@example.com size=3\n".into());
         assert_eq!(AccessTables::from_data(&bad).unwrap_err().key, "quotas");
+    }
+
+    #[test]
+    fn relay_recipients_round_trip_and_are_absent_without_any() {
+        let placement = place(&[], &BTreeSet::new(), 2);
+        let endpoint = |i| LunEndpoint::in_cluster(format!("corp-lun-{i}"));
+        let mut spec = spec();
+        let plain = AccessTables::build(&spec, &placement, endpoint);
+        assert!(!plain.to_data().contains_key(keys::RELAY_RECIPIENTS));
+        spec.access_tables.relay_domains[0].recipients =
+            vec!["zed@partner.net".into(), "amy@partner.net".into()];
+        let t = AccessTables::build(&spec, &placement, endpoint);
+        let data = t.to_data();
+        assert_eq!(
+            data[keys::RELAY_RECIPIENTS],
+            "amy@partner.net\nzed@partner.net\n"
+        );
+        assert_eq!(AccessTables::from_data(&data).unwrap(), t);
+        assert_ne!(t.hash(), plain.hash());
     }
 
     #[test]

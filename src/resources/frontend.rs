@@ -26,22 +26,26 @@ pub fn has_queue(kind: ServiceKind) -> bool {
     matches!(kind, ServiceKind::Mx | ServiceKind::Submission)
 }
 
-/// Named ports a front-end service listens on.
-pub fn service_ports(kind: ServiceKind) -> Vec<(&'static str, i32)> {
-    match kind {
+/// Named ports a front-end service listens on. The implicit-TLS ports (RFC 8314: submissions, imaps,
+/// pop3s) only with a certificate (`tls`), since without one nothing answers there.
+pub fn service_ports(kind: ServiceKind, tls: bool) -> Vec<(&'static str, i32)> {
+    let mut out = match kind {
         ServiceKind::Mx => vec![("smtp", ports::SMTP)],
-        ServiceKind::Submission => vec![
-            ("submission", ports::SUBMISSION),
-            ("submissions", ports::SUBMISSIONS),
-        ],
-        ServiceKind::Imap => vec![
-            ("imap", ports::IMAP),
-            ("imaps", ports::IMAPS),
-            ("sieve", ports::SIEVE),
-        ],
-        ServiceKind::Pop3 => vec![("pop3", ports::POP3), ("pop3s", ports::POP3S)],
+        ServiceKind::Submission => vec![("submission", ports::SUBMISSION)],
+        ServiceKind::Imap => vec![("imap", ports::IMAP), ("sieve", ports::SIEVE)],
+        ServiceKind::Pop3 => vec![("pop3", ports::POP3)],
         ServiceKind::Webmail => vec![("http", ports::HTTP)],
+    };
+    let implicit = match kind {
+        ServiceKind::Submission => Some(("submissions", ports::SUBMISSIONS)),
+        ServiceKind::Imap => Some(("imaps", ports::IMAPS)),
+        ServiceKind::Pop3 => Some(("pop3s", ports::POP3S)),
+        ServiceKind::Mx | ServiceKind::Webmail => None,
+    };
+    if let Some(p) = implicit.filter(|_| tls) {
+        out.insert(1, p);
     }
+    out
 }
 
 /// Every object of one enabled front-end service.
@@ -64,7 +68,7 @@ fn headless_service(ctx: &Context, kind: ServiceKind) -> Service {
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             selector: Some(selector(ctx.name(), kind.as_str())),
-            ports: Some(to_service_ports(kind)),
+            ports: Some(to_service_ports(ctx, kind)),
             publish_not_ready_addresses: Some(true),
             ..Default::default()
         }),
@@ -84,7 +88,7 @@ fn client_service(ctx: &Context, kind: ServiceKind) -> Service {
         spec: Some(ServiceSpec {
             type_: Some(svc.service_type.as_str().into()),
             selector: Some(selector(ctx.name(), kind.as_str())),
-            ports: Some(to_service_ports(kind)),
+            ports: Some(to_service_ports(ctx, kind)),
             // Mail filtering (postscreen, rate limits, DNSBLs) needs the client's own address.
             external_traffic_policy: external.then(|| "Local".into()),
             ..Default::default()
@@ -93,8 +97,8 @@ fn client_service(ctx: &Context, kind: ServiceKind) -> Service {
     }
 }
 
-fn to_service_ports(kind: ServiceKind) -> Vec<ServicePort> {
-    service_ports(kind)
+fn to_service_ports(ctx: &Context, kind: ServiceKind) -> Vec<ServicePort> {
+    service_ports(kind, ctx.spec().tls.is_some())
         .into_iter()
         .map(|(name, port)| ServicePort {
             name: Some(name.into()),
@@ -126,7 +130,7 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
     let spec = ctx.spec();
     let svc = spec.frontend.get(kind);
     let image = svc.image.clone().unwrap_or_else(|| ctx.image().to_string());
-    let container_ports: Vec<ContainerPort> = service_ports(kind)
+    let container_ports: Vec<ContainerPort> = service_ports(kind, spec.tls.is_some())
         .into_iter()
         .map(|(name, port)| pod::container_port(name, port))
         .collect();
@@ -169,6 +173,19 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
         )
     };
     let labels_ = labels(ctx.name(), kind.as_str());
+    let mut pod_spec = pod::mail_pod_spec(container, volumes_, selector(ctx.name(), kind.as_str()));
+    let mut annotations = None;
+    if let Some(f) = (kind == ServiceKind::Mx)
+        .then(|| super::filter::mx_parts(ctx, &image))
+        .flatten()
+    {
+        pod_spec.containers.extend(f.containers);
+        pod_spec
+            .volumes
+            .get_or_insert_with(Vec::new)
+            .extend(f.volumes);
+        annotations = Some(f.annotations);
+    }
     StatefulSet {
         metadata: ctx.meta(names::frontend(ctx.name(), kind), kind.as_str()),
         spec: Some(StatefulSetSpec {
@@ -190,13 +207,10 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels_),
+                    annotations,
                     ..Default::default()
                 }),
-                spec: Some(pod::mail_pod_spec(
-                    container,
-                    volumes_,
-                    selector(ctx.name(), kind.as_str()),
-                )),
+                spec: Some(pod_spec),
             },
             ..Default::default()
         }),

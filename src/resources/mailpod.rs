@@ -122,6 +122,7 @@ pub fn build(
         Child::ConfigMap(config_map::mail_settings(&ctx)),
     ];
     children.extend(network_policy::build(&ctx));
+    children.extend(super::filter::build(&ctx));
     children.extend(
         placement
             .iter()

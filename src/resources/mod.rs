@@ -4,6 +4,7 @@
 //! golden files is what reaches the cluster.
 
 pub mod config_map;
+pub mod filter;
 pub mod frontend;
 pub mod lun;
 pub mod mailboxes;

@@ -136,7 +136,7 @@ pub fn build(ctx: &Context) -> Vec<Child> {
     for (kind, _) in ctx.spec().frontend.enabled() {
         let mut rules = vec![NetworkPolicyIngressRule {
             ports: Some(
-                service_ports(kind)
+                service_ports(kind, ctx.spec().tls.is_some())
                     .into_iter()
                     .map(|(_, p)| tcp(p))
                     .collect(),

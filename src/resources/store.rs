@@ -229,6 +229,10 @@ fn statefulset(ctx: &Context) -> StatefulSet {
             &spec.replication.sync_interval_seconds.to_string(),
         ),
         pod::value_env(
+            "MAILPOD_MAX_DELETION_PERCENT",
+            &spec.replication.max_deletion_percent.to_string(),
+        ),
+        pod::value_env(
             "MAILPOD_DOVEADM_PASSWORD_FILE",
             &format!("{}/{}", paths::REPLICATION, REPLICATION_SECRET_KEY),
         ),

@@ -31,12 +31,16 @@ pub struct HttpAgent {
 }
 
 impl HttpAgent {
-    /// The stores' control port, with the token of [`CONTROL_TOKEN_ENV`].
-    pub fn new(timeout: Duration) -> Self {
+    /// The stores' control port, with the token of [`CONTROL_TOKEN_ENV`]. A refused connection is retried
+    /// for `connect_retry`: a job's pod that has just started is admitted by the stores' NetworkPolicy only
+    /// once the policy implementation has learnt its IP.
+    pub fn new(timeout: Duration, connect_retry: Duration) -> Self {
         let token = std::env::var(CONTROL_TOKEN_ENV)
             .ok()
             .filter(|t| !t.trim().is_empty());
-        Self::on_port(ports::CONTROL, timeout).with_token(token)
+        let mut agent = Self::on_port(ports::CONTROL, timeout).with_token(token);
+        agent.client = agent.client.retry_connect_for(connect_retry);
+        agent
     }
 
     /// An agent whose control endpoint listens on `port` (tests).

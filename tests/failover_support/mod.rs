@@ -130,6 +130,8 @@ pub fn mailpod_manifest() -> serde_json::Value {
         "metadata": {"name": "corp", "namespace": NS},
         "spec": {
             "domains": ["corp.example"],
+            "postmaster": "alice@corp.example",
+            "tls": {"secretName": "corp-tls"},
             "frontend": {"mx": {"replicas": 2, "serviceType": "LoadBalancer"}},
             "mailboxes": {"inline": ["alice@corp.example", "bob@corp.example", "carol@corp.example"]},
             "accessTables": {"recipientAccess": [{"pattern": "noreply@corp.example", "action": "REJECT"}]}

@@ -5,6 +5,8 @@
 //! servers' own.
 #![allow(dead_code)]
 
+pub mod downstream;
+pub mod filter;
 pub mod pod;
 
 use std::collections::BTreeSet;
@@ -137,6 +139,7 @@ impl Site {
             dnsbl_threshold: 1,
             tls: false,
             features: Default::default(),
+            filter: None,
         };
         let dns = ClusterDns::start(&root.path().join("dns"));
         let users = KubeletVolume::new(root.path().join("users-secret"), rendered_secret_mode());
@@ -248,8 +251,11 @@ pub const CONTROL_TOKEN: &str = "test-control-token";
 pub struct Ports {
     pub smtp: u16,
     pub submission: u16,
+    pub submissions: u16,
     pub imap: u16,
+    pub imaps: u16,
     pub pop3: u16,
+    pub pop3s: u16,
     pub lmtp: u16,
     pub http: u16,
     pub control: u16,
@@ -262,8 +268,11 @@ impl Ports {
         Self {
             smtp: free_port(),
             submission: free_port(),
+            submissions: free_port(),
             imap: free_port(),
+            imaps: free_port(),
             pop3: free_port(),
+            pop3s: free_port(),
             lmtp: free_port(),
             http: free_port(),
             control: free_port(),
@@ -349,6 +358,9 @@ impl Agent {
         .args(["--submission-port", &ports.submission.to_string()])
         .args(["--imap-port", &ports.imap.to_string()])
         .args(["--pop3-port", &ports.pop3.to_string()])
+        .args(["--submissions-port", &ports.submissions.to_string()])
+        .args(["--imaps-port", &ports.imaps.to_string()])
+        .args(["--pop3s-port", &ports.pop3s.to_string()])
         .args(["--lmtp-port", &ports.lmtp.to_string()])
         .args(["--doveadm-port", &ports.doveadm.to_string()])
         .args(["--sieve-port", &ports.sieve.to_string()])

@@ -36,6 +36,9 @@ pub struct ReplicationReport {
     pub in_sync: bool,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The standby refuses its pass: it would delete too much (see [`super::deletion`]).
+    #[serde(default)]
+    pub deletion_refused: Option<super::deletion::Refusal>,
 }
 
 /// Where replication reports come from.
