@@ -63,6 +63,11 @@ for table in nat filter mangle; do
   done
 done
 
+# e2e/partition.sh's nftables table.
+if command -v nft >/dev/null 2>&1 && nft list table inet mailpod_e2e_cut >/dev/null 2>&1; then
+  nft delete table inet mailpod_e2e_cut
+fi
+
 # kube-router's ipsets, now that no rule refers to them.
 if command -v ipset >/dev/null 2>&1; then
   for set in $(ipset list -n 2>/dev/null | grep -E '^(inet6:)?KUBE-'); do ipset destroy "$set" 2>/dev/null; done

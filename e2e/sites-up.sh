@@ -117,10 +117,8 @@ launch west-operator env -i PATH=/usr/bin:/bin HOME=/nonexistent \
   --mail-image mailpod:e2e --cluster-domain cluster.local --log-format text
 wait_for "the west operator" west-operator 60 curl -fsS http://127.0.0.1:18080/readyz
 
-# Chains e2e/partition.sh fills; empty, they let everything through.
-for ch in MAILPOD-E2E-CUT-IN MAILPOD-E2E-CUT-OUT; do iptables -N "$ch" 2>/dev/null || true; done
-iptables -C INPUT -j MAILPOD-E2E-CUT-IN 2>/dev/null || iptables -I INPUT 1 -j MAILPOD-E2E-CUT-IN
-iptables -C OUTPUT -j MAILPOD-E2E-CUT-OUT 2>/dev/null || iptables -I OUTPUT 1 -j MAILPOD-E2E-CUT-OUT
+# No cut left from an earlier run (e2e/partition.sh keeps its rules in an nftables table of its own).
+bash "$ROOT/e2e/partition.sh" heal 2>/dev/null || true
 
 cat >"$SITES/env" <<EOF
 MAILPOD_E2E_WEST_KUBECONFIG=$WEST
