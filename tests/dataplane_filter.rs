@@ -272,3 +272,103 @@ fn filter_down_tempfails_or_accepts_as_the_spec_says_and_a_hung_filter_is_waited
     wait_delivered(&store, "accepted");
     assert_eq!(maildir_subjects(&store, "dora@example.com"), ["accepted"]);
 }
+
+/// `redis-cli` against the filter's Redis: its output.
+fn redis(filter: &Filter, args: &[&str]) -> String {
+    let (host, port) = filter.ep.redis.rsplit_once(':').unwrap();
+    let out = std::process::Command::new("/usr/bin/redis-cli")
+        .args(["-h", host, "-p", port, "--raw"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("redis-cli: {e}"));
+    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A message rspamd scores without any network check: no Message-ID, no Date, no To header.
+fn suspicious(subject: &str) -> String {
+    format!("From: <x@remote.test>\r\nSubject: {subject}\r\n\r\nbuy now\r\n")
+}
+
+#[test]
+fn a_suspicious_message_is_greylisted_then_taken_on_a_later_retry_with_the_spam_header() {
+    if !filter_software_present("a_suspicious_message_is_greylisted") {
+        return;
+    }
+    let spec: FilteringSpec =
+        serde_yaml::from_str("greylistScore: 3\naddHeaderScore: 4\nrejectScore: 50").unwrap();
+    let (s, store) = site_with_filter("127.0.0.1:1", 30, true);
+    // rspamd's greylisting never greylists a client on a loopback address (any of 127/8, whatever
+    // local_addrs says), and the test's client is on 127.0.0.2: here it is told to, as it would treat a
+    // client from the internet. Nothing else of the rendered files changes.
+    let filter = Filter::start_with(&s, &spec, |files| {
+        files
+            .get_mut("greylist.conf")
+            .expect("greylist.conf rendered")
+            .push_str("check_local = true;\n");
+    });
+    let mut settings = s.settings.clone();
+    settings.filter.as_mut().unwrap().milter = filter.ep.milter.clone();
+    std::fs::write(s.config_dir().join("settings.yaml"), settings.to_yaml()).unwrap();
+    let mx = Agent::start(&s, "mx", "mx", &Ports::free());
+
+    // Clean mail scores under every threshold: taken at once, no spam header.
+    let (code, text) = transaction(
+        mx.ports.smtp,
+        "dora@example.com",
+        &plain("clean", "hello dora"),
+    );
+    assert_eq!(
+        code,
+        250,
+        "clean mail: {text}\n{}",
+        filter.rspamd.log_text()
+    );
+    wait_delivered(&store, "clean");
+    let clean = maildir_file(&store, "clean");
+    assert!(
+        !clean.contains("X-Spam: Yes"),
+        "clean mail marked:\n{clean}"
+    );
+
+    // Over greylistScore: 451 at DATA, and the sender's immediate retry too; mx keeps nothing of it.
+    for attempt in ["first attempt", "immediate retry"] {
+        let (code, text) = transaction(mx.ports.smtp, "dora@example.com", &suspicious("grey"));
+        assert!(
+            (400..500).contains(&code),
+            "{attempt}: greylisting answers 4xx, got {code} {text}\n{}",
+            filter.rspamd.log_text()
+        );
+        assert_eq!(queued_messages(&mx), 0, "{attempt}: nothing queued at mx");
+    }
+    // The record is in the MailPod's Redis (shared by every mx replica): the body and the envelope key.
+    let keys: Vec<String> = redis(&filter, &["KEYS", "rg*"])
+        .lines()
+        .map(str::to_string)
+        .filter(|k| !k.is_empty())
+        .collect();
+    assert_eq!(keys.len(), 2, "greylisting records in Redis: {keys:?}");
+    // Six minutes pass for the records (greylisting waits 5): the sender's next retry is taken, with the
+    // header of the add-header action, and delivered once.
+    let first_seen = jiff::Timestamp::now().as_second() - 360;
+    for k in &keys {
+        redis(&filter, &["SET", k, &first_seen.to_string(), "KEEPTTL"]);
+    }
+    let (code, text) = transaction(mx.ports.smtp, "dora@example.com", &suspicious("grey"));
+    assert_eq!(
+        code,
+        250,
+        "retry after the greylisting delay: {text}\n{}",
+        filter.rspamd.log_text()
+    );
+    wait_delivered(&store, "grey");
+    let grey = maildir_file(&store, "grey");
+    assert!(
+        grey.contains("X-Spam: Yes"),
+        "over addHeaderScore: delivered with `X-Spam: Yes`:\n{grey}"
+    );
+    assert_eq!(
+        maildir_subjects(&store, "dora@example.com"),
+        ["clean", "grey"]
+    );
+}

@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 mod e2e_support;
 use e2e_support::*;
 
+#[path = "support/dkimpy.rs"]
+mod dkimpy;
+
 const EXAMPLE: &str = "examples/mailpod-small.yaml";
 const MAILPOD: &str = "small";
 const LUN: &str = "small-lun-0";
@@ -769,6 +772,7 @@ fn front_ends_serve_tls_and_auth_and_refuse_unknown_recipients() {
         spec.insert("tls".into(), json!({"secretName": "small-tls"}));
         spec.remove("insecurePlaintextAuth");
         spec.insert("frontend".into(), json!({"pop3": {"replicas": 1}}));
+        spec.insert("dkim".into(), json!({}));
     });
     sc.wait_ready();
     if !matches!(
@@ -905,6 +909,24 @@ fn front_ends_serve_tls_and_auth_and_refuse_unknown_recipients() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(body.contains(&subject), "POP3 RETR {first}: {body}");
+
+    // DKIM: the key the operator generated verifies the signature with the record status publishes, as
+    // receivers would check it; `kubectl mailpod status` shows the record.
+    let mp = get_json(&sc.ns, &["mailpod", MAILPOD]).unwrap();
+    let record = mp["status"]["dkim"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["domain"] == "example.com"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no DKIM record for example.com in status: {}", mp["status"]));
+    assert_eq!(record["name"], "mail._domainkey.example.com");
+    let txt = record["txt"].as_str().unwrap();
+    assert!(body.contains("DKIM-Signature:"), "not signed: {body}");
+    if dkimpy::dkimpy_present("front_ends_serve_tls_and_auth_and_refuse_unknown_recipients") {
+        dkimpy::dkimpy_verifies(&body, "example.com", "mail", txt)
+            .unwrap_or_else(|e| panic!("dkimpy: {e}\n{body}"));
+    }
+    let status = plugin(&["-n", &sc.ns, "status", MAILPOD]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.contains(txt), "kubectl mailpod status: {status}");
 
     // Implicit TLS (RFC 8314) answers on 465, 993 and 995 through the Services.
     let submissions = service_addr(&sc.ns, "small-submission", 465);

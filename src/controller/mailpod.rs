@@ -305,6 +305,13 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
 
+    // The DKIM keys before the pods that mount them.
+    let dkim_records = match super::dkim::ensure_keys(&ctx.client, &ns, &mp).await? {
+        super::dkim::Keys::Off => vec![],
+        super::dkim::Keys::Records(r) => r,
+        super::dkim::Keys::Invalid(errs) => return reject(&ctx, &mp, errs).await,
+    };
+
     // Apply, in the builders' order.
     let report = apply::apply_children(
         &ctx.client,
@@ -428,6 +435,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         && condition_message(mp.status.as_ref(), status::AWAITING_CONFIRMATION)
             != condition_message(Some(&status), status::AWAITING_CONFIRMATION);
     let message = condition_message(Some(&status), status::AWAITING_CONFIRMATION);
+    status.dkim = dkim_records;
     set_sources_watched(&mut status, &unwatched, &mp);
     let unwatched_message = (!unwatched.is_empty())
         .then(|| condition_message(Some(&status), status::SOURCES_WATCHED))

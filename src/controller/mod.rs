@@ -7,6 +7,7 @@ pub mod apply;
 pub mod cache;
 pub mod client;
 pub mod confirm;
+pub mod dkim;
 pub mod error;
 pub mod failover;
 pub mod leader;

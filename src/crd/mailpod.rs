@@ -97,6 +97,9 @@ pub struct MailPodSpec {
     /// Spam and virus filtering on mx (rspamd as a milter, ClamAV); no filtering when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filtering: Option<super::FilteringSpec>,
+    /// DKIM signing of the mail submission accepts, one key per domain; no signing when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<super::DkimSpec>,
     /// The mail servers' host name: the SMTP banner, the name mx and submission give in HELO/EHLO to other
     /// servers (Postfix `myhostname`), and the host part of bounce senders. Use the name your MX and PTR
     /// records give, since receivers check it. Default `mail.<first domain>`.
@@ -673,6 +676,9 @@ pub struct MailPodStatus {
     /// SHA-256 of the access tables now applied, so any site can prove it is current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_tables_hash: Option<String>,
+    /// With `spec.dkim`: the TXT record each domain must publish for its signatures to verify.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<super::DkimRecord>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -844,6 +850,9 @@ impl MailPodSpec {
         self.snapshots.validate("spec.snapshots", &mut errs);
         if let Some(s) = &self.sieve {
             s.validate("spec.sieve", &mut errs);
+        }
+        if let Some(d) = &self.dkim {
+            d.validate("spec.dkim", &mut errs);
         }
         if let Some(f) = &self.filtering {
             f.validate("spec.filtering", &mut errs);

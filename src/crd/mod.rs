@@ -5,6 +5,7 @@
 //! API server accept the same things. Errors name the field path.
 
 mod common;
+mod dkim;
 mod failover;
 mod filtering;
 mod lun;
@@ -13,6 +14,7 @@ mod store_features;
 mod validation;
 
 pub use common::*;
+pub use dkim::*;
 pub use failover::*;
 pub use filtering::*;
 pub use lun::*;

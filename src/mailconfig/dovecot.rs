@@ -355,6 +355,7 @@ mod tests {
             tls,
             features: Default::default(),
             filter: None,
+            signer: None,
         }
     }
 

@@ -337,6 +337,9 @@ pub fn main_cf(role: Role, settings: &MailSettings, layout: &Layout, ports: &Por
             {
                 *v = format!("reject_sender_login_mismatch, {v}");
             }
+            if let Some(signer) = &settings.signer {
+                p.extend(super::rspamd::milter_params(signer));
+            }
             p.push(("smtpd_sasl_auth_enable", "yes".into()));
             p.push(("smtpd_sasl_type", "dovecot".into()));
             p.push((
@@ -452,6 +455,7 @@ mod tests {
             tls: true,
             features: Default::default(),
             filter: None,
+            signer: None,
         }
     }
 

@@ -164,6 +164,64 @@ pub fn rspamd_files(
     files
 }
 
+/// Seconds submission waits for each answer of the signer: signing is local work (no DNS, no Redis).
+pub const SIGNER_TIMEOUT_SECONDS: u32 = 30;
+
+/// main.cf settings of submission's signer: rspamd in the pod, and a 451 while it does not answer (the
+/// user's client keeps the message and retries: mail for a domain with a DMARC policy that leaves
+/// unsigned is refused by receivers, so nothing leaves unsigned).
+pub fn signer_settings() -> FilterSettings {
+    FilterSettings {
+        milter: MILTER_IN_POD.into(),
+        timeout_seconds: SIGNER_TIMEOUT_SECONDS,
+        tempfail_when_down: true,
+    }
+}
+
+/// rspamd's `override.d` files for the DKIM signer of submission (`milter`: where it listens): signing
+/// only, with the key of the From domain read from `key_dir/<domain>.<selector>.key` (rspamd's "fallback"
+/// path and selector, so a key added for a new domain is used without a restart); it refuses and marks
+/// nothing, and a domain without a key is sent unsigned (it is not one of the MailPod's).
+pub fn signer_files(selector: &str, key_dir: &str, milter: &str) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::new();
+    let mut put = |name: &str, text: String| {
+        files.insert(name.to_string(), text);
+    };
+    put(
+        "options.inc",
+        "local_addrs = [\"127.0.0.1/32\", \"::1/128\"];\ntask_timeout = 20s;\ndns {\n  timeout = 1s;\n  retransmits = 1;\n}\n"
+            .into(),
+    );
+    put(
+        "logging.inc",
+        "type = \"console\";\nlevel = \"notice\";\nsystemd = false;\n".into(),
+    );
+    put(
+        "worker-proxy.inc",
+        format!(
+            "bind_socket = \"{milter}\";\nmilter = yes;\ntimeout = {SIGNER_TIMEOUT_SECONDS}s;\nupstream \"local\" {{\n  default = yes;\n  self_scan = yes;\n}}\n"
+        ),
+    );
+    put("worker-normal.inc", "enabled = false;\n".into());
+    put("worker-controller.inc", "enabled = false;\n".into());
+    // Outbound mail of authenticated users is not judged here.
+    put(
+        "actions.conf",
+        "reject = null;\nadd_header = null;\ngreylist = null;\nrewrite_subject = null;\n".into(),
+    );
+    put("milter_headers.conf", "use = [];\n".into());
+    put(
+        "dkim_signing.conf",
+        format!(
+            "enabled = true;\npath = \"{key_dir}/$domain.$selector.key\";\nselector = \"{selector}\";\n\
+             sign_authenticated = true;\nsign_local = false;\nsign_inbound = false;\nuse_domain = \"header\";\n\
+             use_esld = false;\nallow_username_mismatch = true;\nallow_hdrfrom_mismatch = false;\n\
+             try_fallback = true;\nuse_redis = false;\n"
+        ),
+    );
+    files
+}
+
 /// clamd.conf: on `clamd` only (`host:port`), signatures in `database_dir`, in the foreground, reloading
 /// signatures freshclam (or whoever fills the volume) replaces.
 pub fn clamd_conf(max_message_bytes: u64, clamd: &str, database_dir: &str) -> String {
@@ -230,6 +288,10 @@ mod tests {
         assert!(files["redis.conf"].contains("servers = \"r.mail.svc.cluster.local:6379\";"));
         assert!(files["antivirus.conf"].contains("servers = \"127.0.0.1:3310\";"));
         assert!(files["options.inc"].contains("task_timeout = 28s;"));
+        let signer = signer_files("s1", "/keys", "127.0.0.1:11332");
+        assert!(signer["dkim_signing.conf"].contains("path = \"/keys/$domain.$selector.key\";"));
+        assert!(signer["dkim_signing.conf"].contains("selector = \"s1\";"));
+        assert!(signer["actions.conf"].contains("reject = null;"));
         let no_av: FilteringSpec = serde_yaml::from_str("antivirus: {enabled: false}").unwrap();
         let files = rspamd_files(&no_av, 1000, &Endpoints::in_pod("r"));
         assert_eq!(files["antivirus.conf"], "");

@@ -33,6 +33,9 @@ pub struct MailSettings {
     /// mx: the milter every message passes through before it is queued; none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<FilterSettings>,
+    /// submission: the milter that DKIM-signs every message before it is queued; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<FilterSettings>,
 }
 
 /// How mx's Postfix talks to the filter (rspamd's milter, see [`super::rspamd`]).
@@ -149,6 +152,7 @@ impl MailSettings {
                 timeout_seconds: f.timeout_seconds,
                 tempfail_when_down: f.when_down == crate::crd::FilterDownPolicy::Tempfail,
             }),
+            signer: spec.dkim.as_ref().map(|_| super::rspamd::signer_settings()),
         }
     }
 

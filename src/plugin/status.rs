@@ -115,6 +115,12 @@ pub async fn status(
             ready
         );
     }
+    if !st.dkim.is_empty() {
+        let _ = writeln!(out, "\nDKIM: publish these TXT records");
+        for r in &st.dkim {
+            let _ = writeln!(out, "{} TXT \"{}\"", r.name, r.txt);
+        }
+    }
     if sites.is_empty() {
         let _ = writeln!(out, "\nSites: no SiteFailover covers this MailPod");
     }

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-    Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
+    Capabilities, ConfigMap, Container, EmptyDirVolumeSource, ExecAction,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -25,9 +25,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::mailpod::Context;
 use super::pod::{self, mount};
 use super::{labels, selector, Child};
-use crate::crd::{FilteringSpec, SignatureSource};
+use crate::crd::{DkimSpec, FilteringSpec, SignatureSource};
 use crate::mailconfig::rspamd::{
-    clamd_conf, freshclam_conf, rspamd_files, Endpoints, CLAMD_PORT, MILTER_PORT, REDIS_PORT,
+    clamd_conf, freshclam_conf, rspamd_files, signer_files, Endpoints, CLAMD_PORT, MILTER_IN_POD,
+    MILTER_PORT, REDIS_PORT,
 };
 use crate::mailconfig::tables::data_hash;
 
@@ -37,7 +38,14 @@ pub const REDIS: &str = "filter-redis";
 /// and clamd read their configuration at start).
 pub const CONFIG_HASH_ANNOTATION: &str = "mailpod.io/filter-config-hash";
 
+/// Annotation on the submission pod template: the signer ConfigMap's hash.
+pub const SIGNER_HASH_ANNOTATION: &str = "mailpod.io/signer-config-hash";
+
 const CONFIG_VOLUME: &str = "filter-config";
+const SIGNER_CONFIG: &str = "signer-config";
+const DKIM_KEYS: &str = "dkim-keys";
+/// The DKIM keys in the signer container: `<domain>.<selector>.key`.
+pub const DKIM_DIR: &str = "/etc/mailpod/dkim";
 const RSPAMD_DATA: &str = "rspamd-data";
 const SIGNATURES: &str = "clamav-signatures";
 /// The filter ConfigMap in every filter container; rspamd reads it as its `override.d`.
@@ -105,31 +113,92 @@ fn data(ctx: &Context, f: &FilteringSpec) -> BTreeMap<String, String> {
     data
 }
 
-/// The MailPod-level objects of filtering: ConfigMap, Redis NetworkPolicy, Service and StatefulSet.
-pub fn build(ctx: &Context) -> Vec<Child> {
-    let Some(f) = filtering(ctx) else {
-        return vec![];
-    };
-    let data = data(ctx, f);
+/// `<mailpod>-signer`: the ConfigMap of the DKIM signer's rspamd files (submission pods).
+pub fn signer_config_map_name(mailpod: &str) -> String {
+    format!("{mailpod}-signer")
+}
+
+fn config_map(ctx: &Context, name: String, data: BTreeMap<String, String>) -> ConfigMap {
+    let hash = data_hash(&data);
     let mut cm = ConfigMap {
-        metadata: ctx.meta(config_map_name(ctx.name()), "config"),
+        metadata: ctx.meta(name, "config"),
         data: Some(data),
         ..Default::default()
     };
-    let hash = data_hash(cm.data.as_ref().expect("set above"));
     cm.metadata
         .annotations
         .get_or_insert_with(Default::default)
         .insert(super::config_map::HASH_ANNOTATION.into(), hash);
-    vec![
-        Child::ConfigMap(cm),
-        Child::NetworkPolicy(redis_policy(ctx)),
-        Child::Service(redis_service(ctx)),
-        Child::StatefulSet(redis_statefulset(ctx)),
-    ]
+    cm
 }
 
-/// What the mx pod gains with filtering: its containers, volumes and the template annotation.
+fn signer_data(d: &DkimSpec) -> BTreeMap<String, String> {
+    signer_files(&d.selector, DKIM_DIR, MILTER_IN_POD)
+}
+
+/// The MailPod-level objects of filtering (ConfigMap, Redis NetworkPolicy, Service and StatefulSet) and
+/// of DKIM signing (the signer's ConfigMap; its keys are [`crate::controller::dkim`]'s).
+pub fn build(ctx: &Context) -> Vec<Child> {
+    let mut out = vec![];
+    if let Some(f) = filtering(ctx) {
+        out.extend([
+            Child::ConfigMap(config_map(ctx, config_map_name(ctx.name()), data(ctx, f))),
+            Child::NetworkPolicy(redis_policy(ctx)),
+            Child::Service(redis_service(ctx)),
+            Child::StatefulSet(redis_statefulset(ctx)),
+        ]);
+    }
+    if let Some(d) = &ctx.spec().dkim {
+        out.push(Child::ConfigMap(config_map(
+            ctx,
+            signer_config_map_name(ctx.name()),
+            signer_data(d),
+        )));
+    }
+    out
+}
+
+/// What the submission pod gains with `spec.dkim`: the signer (rspamd, signing only, on 127.0.0.1) with
+/// the keys mounted read-only in it alone, and the annotation that rolls the pods when its files change.
+pub fn submission_parts(ctx: &Context, image: &str) -> Option<MxFilter> {
+    let d = ctx.spec().dkim.as_ref()?;
+    let hash = data_hash(&signer_data(d));
+    let container = Container {
+        name: "dkim-signer".into(),
+        image: Some(image.into()),
+        command: Some(vec!["rspamd".into()]),
+        args: Some(rspamd_args(RSPAMD_CONFDIR, RSPAMD_DBDIR)),
+        ports: Some(vec![pod::container_port("milter", MILTER_PORT.into())]),
+        volume_mounts: Some(vec![
+            mount(SIGNER_CONFIG, &format!("{RSPAMD_CONFDIR}/override.d"), true),
+            mount(RSPAMD_DATA, RSPAMD_DBDIR, false),
+            mount(DKIM_KEYS, DKIM_DIR, true),
+        ]),
+        resources: Some(sized("50m", "128Mi", "512Mi")),
+        startup_probe: Some(loopback_probe(MILTER_PORT, 10, 30)),
+        liveness_probe: Some(loopback_probe(MILTER_PORT, 20, 3)),
+        security_context: Some(pod::mail_security_context()),
+        ..Default::default()
+    };
+    // rspamd reads a key when it signs, as the unprivileged `_rspamd`, which is in no group of the pod's;
+    // the keys are mounted in this container only. New keys (a domain added) appear without a restart.
+    let mut keys = pod::secret_volume(DKIM_KEYS, &d.secret(ctx.name()));
+    if let Some(s) = keys.secret.as_mut() {
+        s.default_mode = Some(0o444);
+    }
+    Some(MxFilter {
+        containers: vec![container],
+        volumes: vec![
+            pod::config_map_volume(SIGNER_CONFIG, &signer_config_map_name(ctx.name())),
+            empty_dir(RSPAMD_DATA),
+            keys,
+        ],
+        annotations: BTreeMap::from([(SIGNER_HASH_ANNOTATION.to_string(), hash)]),
+    })
+}
+
+/// What an mx pod gains with filtering (or a submission pod with DKIM signing): containers, volumes and
+/// the template annotation.
 pub struct MxFilter {
     pub containers: Vec<Container>,
     pub volumes: Vec<Volume>,
@@ -157,8 +226,8 @@ pub fn mx_parts(ctx: &Context, image: &str) -> Option<MxFilter> {
         ),
         // No readiness probe: whether mx takes mail while rspamd is away is `whenDown`'s to decide, not
         // the Service's. A hung rspamd is restarted.
-        startup_probe: Some(tcp_probe(MILTER_PORT, 10, 30)),
-        liveness_probe: Some(tcp_probe(MILTER_PORT, 20, 3)),
+        startup_probe: Some(loopback_probe(MILTER_PORT, 10, 30)),
+        liveness_probe: Some(loopback_probe(MILTER_PORT, 20, 3)),
         security_context: Some(pod::mail_security_context()),
         ..Default::default()
     }];
@@ -190,8 +259,8 @@ pub fn mx_parts(ctx: &Context, image: &str) -> Option<MxFilter> {
                     .unwrap_or_else(|| sized("100m", "1536Mi", "3Gi")),
             ),
             // The first download of the signatures may take minutes.
-            startup_probe: Some(tcp_probe(CLAMD_PORT, 10, 180)),
-            liveness_probe: Some(tcp_probe(CLAMD_PORT, 20, 3)),
+            startup_probe: Some(loopback_probe(CLAMD_PORT, 10, 180)),
+            liveness_probe: Some(loopback_probe(CLAMD_PORT, 20, 3)),
             security_context: Some(pod::mail_security_context()),
             ..Default::default()
         });
@@ -241,6 +310,25 @@ fn sized(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
             "memory".to_string(),
             Quantity(memory_limit.into()),
         )])),
+        ..Default::default()
+    }
+}
+
+/// A probe of a daemon that listens on 127.0.0.1 only (rspamd's milter, clamd): the kubelet's TCP probes
+/// connect to the pod's address, where nothing listens, so the container connects to itself (bash's
+/// `/dev/tcp`; bash is essential in Debian, so in every image built from mail-image/).
+fn loopback_probe(port: u16, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        exec: Some(ExecAction {
+            command: Some(vec![
+                "bash".into(),
+                "-c".into(),
+                format!("exec 3<>/dev/tcp/127.0.0.1/{port}"),
+            ]),
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failure_threshold),
         ..Default::default()
     }
 }

@@ -175,10 +175,12 @@ fn statefulset(ctx: &Context, kind: ServiceKind) -> StatefulSet {
     let labels_ = labels(ctx.name(), kind.as_str());
     let mut pod_spec = pod::mail_pod_spec(container, volumes_, selector(ctx.name(), kind.as_str()));
     let mut annotations = None;
-    if let Some(f) = (kind == ServiceKind::Mx)
-        .then(|| super::filter::mx_parts(ctx, &image))
-        .flatten()
-    {
+    let extra = match kind {
+        ServiceKind::Mx => super::filter::mx_parts(ctx, &image),
+        ServiceKind::Submission => super::filter::submission_parts(ctx, &image),
+        _ => None,
+    };
+    if let Some(f) = extra {
         pod_spec.containers.extend(f.containers);
         pod_spec
             .volumes

@@ -129,6 +129,15 @@ pub struct Filter {
 
 impl Filter {
     pub fn start(site: &Site, spec: &FilteringSpec) -> Self {
+        Self::start_with(site, spec, |_| {})
+    }
+
+    /// `start`, with `tweak` applied to the rendered files first (what a test must state of itself).
+    pub fn start_with(
+        site: &Site,
+        spec: &FilteringSpec,
+        tweak: impl FnOnce(&mut std::collections::BTreeMap<String, String>),
+    ) -> Self {
         let (milter_port, redis_port, clamd_port) = (free_port(), free_port(), free_port());
         let ep = Endpoints {
             milter: format!("127.0.0.1:{milter_port}"),
@@ -138,7 +147,9 @@ impl Filter {
         let root = site.root.path();
         let confdir = root.join("rspamd");
         std::fs::create_dir_all(confdir.join("override.d")).unwrap();
-        for (name, text) in rspamd_files(spec, site.settings.max_message_bytes, &ep) {
+        let mut files = rspamd_files(spec, site.settings.max_message_bytes, &ep);
+        tweak(&mut files);
+        for (name, text) in files {
             std::fs::write(confdir.join("override.d").join(name), text).unwrap();
         }
         // Writable by the users the daemons drop to, as an emptyDir is.
@@ -222,4 +233,53 @@ fn start_rspamd(site: &Site, confdir: &Path, dbdir: &Path, milter_port: u16) -> 
     // rspamd compiles its rules at start-up; on two busy cores that takes a while.
     d.wait_listening(milter_port, Duration::from_secs(180));
     d
+}
+
+/// submission's DKIM signer: rspamd with the rendered signing-only files, the keys in a directory as the
+/// Secret volume holds them (`<domain>.<selector>.key`, mode 0444).
+pub struct Signer {
+    pub milter: String,
+    pub rspamd: Daemon,
+}
+
+impl Signer {
+    pub fn start(site: &Site, selector: &str, keys: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let milter = format!("127.0.0.1:{port}");
+        let root = site.root.path();
+        let keydir = root.join("dkim");
+        std::fs::create_dir_all(&keydir).unwrap();
+        Command::new("chmod")
+            .arg("755")
+            .arg(&keydir)
+            .status()
+            .unwrap();
+        for (domain, pem) in keys {
+            let path = keydir.join(mailpod_operator::crd::dkim_key_name(domain, selector));
+            std::fs::write(&path, pem).unwrap();
+            Command::new("chmod")
+                .arg("444")
+                .arg(&path)
+                .status()
+                .unwrap();
+        }
+        let confdir = root.join("signer");
+        std::fs::create_dir_all(confdir.join("override.d")).unwrap();
+        for (name, text) in mailpod_operator::mailconfig::rspamd::signer_files(
+            selector,
+            &keydir.display().to_string(),
+            &milter,
+        ) {
+            std::fs::write(confdir.join("override.d").join(name), text).unwrap();
+        }
+        let dbdir = root.join("signer-db");
+        std::fs::create_dir_all(&dbdir).unwrap();
+        Command::new("chmod")
+            .arg("1777")
+            .arg(&dbdir)
+            .status()
+            .unwrap();
+        let rspamd = start_rspamd(site, &confdir, &dbdir, port);
+        Self { milter, rspamd }
+    }
 }

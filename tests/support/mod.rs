@@ -5,6 +5,7 @@
 //! servers' own.
 #![allow(dead_code)]
 
+pub mod dkimpy;
 pub mod downstream;
 pub mod filter;
 pub mod pod;
@@ -140,6 +141,7 @@ impl Site {
             tls: false,
             features: Default::default(),
             filter: None,
+            signer: None,
         };
         let dns = ClusterDns::start(&root.path().join("dns"));
         let users = KubeletVolume::new(root.path().join("users-secret"), rendered_secret_mode());

@@ -114,7 +114,7 @@ docs/security.md gives the reason for each rule. No wildcards.
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create"]
 # Mailbox lists and passwd files, the peer site's kubeconfig (read); each LUN's replication password (created
-# once); at a standby site, the copies of the active site's passwd files and replication passwords (patch: the
+# once) and the DKIM keys of spec.dkim (created, keys the Secret lacks added; never replaced); at a standby site, the copies of the active site's passwd files and replication passwords (patch: the
 # mirror updates only copies it made, never a Secret someone else made). list and watch only to follow
 # Secret mailbox lists labelled mailpod.io/mailbox-source=true (mailboxSources.watchSecrets).
 - apiGroups: [""]
