@@ -169,6 +169,11 @@ fn spam_and_a_test_virus_are_refused_at_data_clean_mail_is_delivered_and_a_filte
         delivered.contains("X-Spam-Status: No"),
         "rspamd's verdict header on delivered mail:\n{delivered}"
     );
+    // SPF, DKIM and DMARC results for the receiver's mail client (offline here: no policy to find).
+    assert!(
+        delivered.contains("Authentication-Results: mail.example.com"),
+        "inbound authentication results on delivered mail:\n{delivered}"
+    );
 
     let (code, text) = transaction(mx.ports.smtp, "dora@example.com", &plain("gtube", GTUBE));
     assert!(
