@@ -30,8 +30,14 @@ fn send_through_dnsbl(list: &str, site: &str, answer: Ipv4Addr) -> (u16, String,
         "hi",
         20,
     );
-    let log = std::fs::read_to_string(mx.work.join("log/postfix.log")).unwrap_or_default();
-    (code, text, log)
+    // postscreen logs its verdict as it answers: give the line a moment to reach the log.
+    let path = mx.work.join("log/postfix.log");
+    let read = || std::fs::read_to_string(&path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while code == 550 && !read().contains("DNSBL rank") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    (code, text, read())
 }
 
 #[test]
