@@ -141,62 +141,6 @@ impl Pair {
 
 /// Removes every message file of a mailbox on a store, as an emptied volume would: Dovecot's indexes and
 /// UIDVALIDITY stay, so the messages look expunged.
-/// The standby's agent stopped (SIGSTOP, by its PID) with no `doveadm` of its own still running, so no
-/// pass is under way until drop (SIGCONT).
-struct HeldPasses(u32);
-
-impl HeldPasses {
-    fn new(agent: &Agent) -> Self {
-        let pid = agent.pid();
-        let signal = |sig: &str| {
-            std::process::Command::new("kill")
-                .args([sig, &pid.to_string()])
-                .status()
-                .unwrap()
-        };
-        assert!(signal("-STOP").success());
-        let held = Self(pid);
-        wait_for("the standby's pass in flight to end", WAIT, || {
-            (!descendants(pid).iter().any(|c| {
-                std::fs::read_to_string(format!("/proc/{c}/comm"))
-                    .is_ok_and(|comm| comm.trim() == "doveadm")
-            }))
-            .then_some(())
-        });
-        held
-    }
-}
-
-impl Drop for HeldPasses {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &self.0.to_string()])
-            .status();
-    }
-}
-
-/// Every process below `pid` (from /proc's children lists).
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    let mut todo = vec![pid];
-    while let Some(p) = todo.pop() {
-        let children = std::fs::read_dir(format!("/proc/{p}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-            .flat_map(|c| {
-                c.split_whitespace()
-                    .filter_map(|x| x.parse::<u32>().ok())
-                    .collect::<Vec<_>>()
-            })
-            .collect::<Vec<_>>();
-        out.extend(&children);
-        todo.extend(children);
-    }
-    out
-}
-
 fn remove_messages(store: &Agent, mailbox: &str) {
     let (user, domain) = mailbox.split_once('@').unwrap();
     let maildir = store
@@ -272,11 +216,14 @@ fn an_emptied_active_is_not_mirrored_until_a_person_confirms() {
     // racing a pass may take the mailboxes being copied at that moment (docs/dataplane.md, "No mass
     // deletion by replication": at most the allowed share plus the mailboxes in flight), which is not
     // what this scenario is about.
-    let held = HeldPasses::new(&p.standby);
+    // A pass has just ended when lastSyncUnixSeconds moves; the next begins one interval (1 s) later.
+    let before = replication(&p.standby)["lastSyncUnixSeconds"].clone();
+    wait_for("a pass of the standby to end", WAIT, || {
+        (replication(&p.standby)["lastSyncUnixSeconds"] != before).then_some(())
+    });
     for u in [&users[0], &users[2], &users[3]] {
         remove_messages(&p.active, u);
     }
-    drop(held);
     let r = p.refusal("the standby to refuse the emptying pass");
     let refused = &r["deletionRefused"];
     assert_eq!(refused["deletedMessages"], 48, "{r}");
