@@ -88,6 +88,25 @@ fn action(score: u32) -> String {
     }
 }
 
+/// The files both rspamd roles share: console logging, and only the proxy worker, as Postfix's milter on
+/// `milter` (it scans by itself; neither the normal worker nor the web controller runs).
+fn milter_worker_files(milter: &str, timeout_seconds: u32) -> [(&'static str, String); 4] {
+    [
+        (
+            "logging.inc",
+            "type = \"console\";\nlevel = \"notice\";\nsystemd = false;\n".into(),
+        ),
+        (
+            "worker-proxy.inc",
+            format!(
+                "bind_socket = \"{milter}\";\nmilter = yes;\ntimeout = {timeout_seconds}s;\nupstream \"local\" {{\n  default = yes;\n  self_scan = yes;\n}}\n"
+            ),
+        ),
+        ("worker-normal.inc", "enabled = false;\n".into()),
+        ("worker-controller.inc", "enabled = false;\n".into()),
+    ]
+}
+
 /// rspamd's `override.d` files (name -> text), which Debian's /etc/rspamd/rspamd.conf reads over its
 /// defaults when rspamd runs with `--var=LOCAL_CONFDIR=<dir>` and these in `<dir>/override.d` (not
 /// `local.d`: that merges lists, so `local_addrs` would keep the private ranges).
@@ -111,20 +130,9 @@ pub fn rspamd_files(
             task_timeout_seconds(spec)
         ),
     );
-    put(
-        "logging.inc",
-        "type = \"console\";\nlevel = \"notice\";\nsystemd = false;\n".into(),
-    );
-    put(
-        "worker-proxy.inc",
-        format!(
-            "bind_socket = \"{}\";\nmilter = yes;\ntimeout = {}s;\nupstream \"local\" {{\n  default = yes;\n  self_scan = yes;\n}}\n",
-            ep.milter, spec.timeout_seconds
-        ),
-    );
-    // The proxy scans by itself; neither the normal worker nor the web controller is needed on mx.
-    put("worker-normal.inc", "enabled = false;\n".into());
-    put("worker-controller.inc", "enabled = false;\n".into());
+    for (name, text) in milter_worker_files(&ep.milter, spec.timeout_seconds) {
+        put(name, text);
+    }
     put(
         "redis.conf",
         format!("servers = \"{}\";\ntimeout = 1s;\n", ep.redis),
@@ -192,18 +200,9 @@ pub fn signer_files(selector: &str, key_dir: &str, milter: &str) -> BTreeMap<Str
         "local_addrs = [\"127.0.0.1/32\", \"::1/128\"];\ntask_timeout = 20s;\ndns {\n  timeout = 1s;\n  retransmits = 1;\n}\n"
             .into(),
     );
-    put(
-        "logging.inc",
-        "type = \"console\";\nlevel = \"notice\";\nsystemd = false;\n".into(),
-    );
-    put(
-        "worker-proxy.inc",
-        format!(
-            "bind_socket = \"{milter}\";\nmilter = yes;\ntimeout = {SIGNER_TIMEOUT_SECONDS}s;\nupstream \"local\" {{\n  default = yes;\n  self_scan = yes;\n}}\n"
-        ),
-    );
-    put("worker-normal.inc", "enabled = false;\n".into());
-    put("worker-controller.inc", "enabled = false;\n".into());
+    for (name, text) in milter_worker_files(milter, SIGNER_TIMEOUT_SECONDS) {
+        put(name, text);
+    }
     // Outbound mail of authenticated users is not judged here.
     put(
         "actions.conf",
