@@ -13,18 +13,6 @@ use support::dkimpy::{dkimpy_present, dkimpy_verifies};
 use support::filter::{filter_software_present, Signer};
 use support::*;
 
-fn logged_in(port: u16, user: &str, password: &str) -> Session {
-    let mut s = Session::connect(port);
-    assert_eq!(s.smtp_reply().0, 220);
-    assert_eq!(s.smtp("EHLO client.test").0, 250);
-    let (code, text) = s.smtp(&format!(
-        "AUTH PLAIN {}",
-        base64(format!("\0{user}\0{password}").as_bytes())
-    ));
-    assert_eq!(code, 235, "login as {user}: {text}");
-    s
-}
-
 /// Sends one message as alice; the first reply that is not the expected one, or the reply to the dot.
 fn send(s: &mut Session, to: &str, subject: &str) -> (u16, String) {
     for (command, want) in [

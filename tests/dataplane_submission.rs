@@ -7,19 +7,6 @@ use std::time::Duration;
 
 use support::*;
 
-/// A session on submission logged in as `user`.
-fn logged_in(port: u16, user: &str, password: &str) -> Session {
-    let mut s = Session::connect(port);
-    assert_eq!(s.smtp_reply().0, 220);
-    assert_eq!(s.smtp("EHLO client.test").0, 250);
-    let (code, text) = s.smtp(&format!(
-        "AUTH PLAIN {}",
-        base64(format!("\0{user}\0{password}").as_bytes())
-    ));
-    assert_eq!(code, 235, "login as {user}: {text}");
-    s
-}
-
 /// The reply to RCPT TO after `MAIL FROM:<from>` (Postfix decides sender restrictions at RCPT), then RSET.
 fn sender_verdict(s: &mut Session, from: &str, to: &str) -> (u16, String) {
     let (code, text) = s.smtp(&format!("MAIL FROM:<{from}>"));

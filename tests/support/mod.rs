@@ -747,3 +747,16 @@ pub fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+/// A session on submission logged in as `user`.
+pub fn logged_in(port: u16, user: &str, password: &str) -> Session {
+    let mut s = Session::connect(port);
+    assert_eq!(s.smtp_reply().0, 220);
+    assert_eq!(s.smtp("EHLO client.test").0, 250);
+    let (code, text) = s.smtp(&format!(
+        "AUTH PLAIN {}",
+        base64(format!("\0{user}\0{password}").as_bytes())
+    ));
+    assert_eq!(code, 235, "login as {user}: {text}");
+    s
+}
