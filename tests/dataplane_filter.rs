@@ -114,6 +114,31 @@ fn maildir_file(store: &Agent, subject: &str) -> String {
     panic!("`{subject}` not delivered");
 }
 
+/// mx with its milter settings pointed at `filter` (whose ports are known only once it runs).
+fn mx_behind(s: &Site, filter: &Filter) -> Agent {
+    let mut settings = s.settings.clone();
+    settings.filter.as_mut().unwrap().milter = filter.ep.milter.clone();
+    std::fs::write(s.config_dir().join("settings.yaml"), settings.to_yaml()).unwrap();
+    Agent::start(s, "mx", "mx", &Ports::free())
+}
+
+/// A clean message through `mx`, taken with 250 and delivered: the delivered file.
+fn clean_mail_delivered(mx: &Agent, store: &Agent, filter: &Filter) -> String {
+    let (code, text) = transaction(
+        mx.ports.smtp,
+        "dora@example.com",
+        &plain("clean", "hello dora"),
+    );
+    assert_eq!(
+        code,
+        250,
+        "clean mail: {text}\n{}",
+        filter.rspamd.log_text()
+    );
+    wait_delivered(&store, "clean");
+    maildir_file(store, "clean")
+}
+
 fn queued_messages(mx: &Agent) -> usize {
     ["incoming", "active", "deferred", "maildrop", "hold"]
         .iter()
@@ -147,24 +172,9 @@ fn spam_and_a_test_virus_are_refused_at_data_clean_mail_is_delivered_and_a_filte
     // mx's settings point at the filter once its ports are known.
     let (s, store) = site_with_filter("127.0.0.1:1", 30, true);
     let mut filter = Filter::start(&s, &spec);
-    let mut settings = s.settings.clone();
-    settings.filter.as_mut().unwrap().milter = filter.ep.milter.clone();
-    std::fs::write(s.config_dir().join("settings.yaml"), settings.to_yaml()).unwrap();
-    let mx = Agent::start(&s, "mx", "mx", &Ports::free());
+    let mx = mx_behind(&s, &filter);
 
-    let (code, text) = transaction(
-        mx.ports.smtp,
-        "dora@example.com",
-        &plain("clean", "hello dora"),
-    );
-    assert_eq!(
-        code,
-        250,
-        "clean mail: {text}\n{}",
-        filter.rspamd.log_text()
-    );
-    wait_delivered(&store, "clean");
-    let delivered = maildir_file(&store, "clean");
+    let delivered = clean_mail_delivered(&mx, &store, &filter);
     assert!(
         delivered.contains("X-Spam-Status: No"),
         "rspamd's verdict header on delivered mail:\n{delivered}"
@@ -312,25 +322,10 @@ fn a_suspicious_message_is_greylisted_then_taken_on_a_later_retry_with_the_spam_
             .expect("greylist.conf rendered")
             .push_str("check_local = true;\n");
     });
-    let mut settings = s.settings.clone();
-    settings.filter.as_mut().unwrap().milter = filter.ep.milter.clone();
-    std::fs::write(s.config_dir().join("settings.yaml"), settings.to_yaml()).unwrap();
-    let mx = Agent::start(&s, "mx", "mx", &Ports::free());
+    let mx = mx_behind(&s, &filter);
 
     // Clean mail scores under every threshold: taken at once, no spam header.
-    let (code, text) = transaction(
-        mx.ports.smtp,
-        "dora@example.com",
-        &plain("clean", "hello dora"),
-    );
-    assert_eq!(
-        code,
-        250,
-        "clean mail: {text}\n{}",
-        filter.rspamd.log_text()
-    );
-    wait_delivered(&store, "clean");
-    let clean = maildir_file(&store, "clean");
+    let clean = clean_mail_delivered(&mx, &store, &filter);
     assert!(
         !clean.contains("X-Spam: Yes"),
         "clean mail marked:\n{clean}"
