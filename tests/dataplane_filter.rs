@@ -135,7 +135,7 @@ fn clean_mail_delivered(mx: &Agent, store: &Agent, filter: &Filter) -> String {
         "clean mail: {text}\n{}",
         filter.rspamd.log_text()
     );
-    wait_delivered(&store, "clean");
+    wait_delivered(store, "clean");
     maildir_file(store, "clean")
 }
 
