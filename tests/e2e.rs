@@ -570,6 +570,47 @@ fn snapshots_are_taken_and_pruned_to_retain() {
             .then_some(())
             .ok_or_else(|| format!("status {}", s["status"]))
     });
+
+    // Snapshots off: the CronJob and the ServiceAccount, Role and RoleBinding it ran with go (with the
+    // chart's RBAC, through the real garbage collector for the Jobs); the snapshot taken stays, and so
+    // does the store.
+    must(&[
+        "patch",
+        "mailpod",
+        MAILPOD,
+        "-n",
+        &sc.ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"snapshots":{"enabled":false}}}"#,
+    ]);
+    let snapshot_children = [
+        "cronjob",
+        "serviceaccount",
+        "role.rbac.authorization.k8s.io",
+        "rolebinding.rbac.authorization.k8s.io",
+    ];
+    wait_for("the snapshot CronJob and its RBAC to be removed", || {
+        let left: Vec<&str> = snapshot_children
+            .iter()
+            .copied()
+            .filter(|kind| get_json(&sc.ns, &[kind, &format!("{LUN}-snapshot")]).is_some())
+            .collect();
+        left.is_empty()
+            .then_some(())
+            .ok_or_else(|| format!("still there: {left:?}"))
+    });
+    wait_for("the snapshot Jobs to be collected", || {
+        let jobs = get_json(&sc.ns, &["jobs"]).ok_or("cannot list Jobs")?;
+        let n = jobs["items"].as_array().map_or(0, Vec::len);
+        (n == 0).then_some(()).ok_or_else(|| format!("{n} Jobs"))
+    });
+    assert!(
+        get_json(&sc.ns, &["volumesnapshot", &taken[1]]).is_some(),
+        "the snapshot outlives the schedule that took it"
+    );
+    assert!(get_json(&sc.ns, &["statefulset", LUN]).is_some());
+    sc.wait_ready();
 }
 
 #[test]

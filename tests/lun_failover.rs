@@ -78,6 +78,15 @@ async fn serving() -> (ApiServer, Arc<Context>, Arc<StaticReports>) {
     (server, ctx, reports)
 }
 
+/// The kubelet marks `pod` unready; the controller sees it once, then `seconds` pass on its clock. The
+/// kubelet's transition time is years old on purpose: the threshold counts from what the controller
+/// saw, on its own clock, never from a time another machine wrote.
+async fn lose_for(server: &ApiServer, ctx: &Arc<Context>, pod: &str, seconds: u64) {
+    set_pod_ready(server, pod, false, "2020-01-01T00:00:00Z").await;
+    reconcile(server, ctx).await;
+    ctx.clock.advance(std::time::Duration::from_secs(seconds));
+}
+
 /// What a standby's agent says after a complete pass `seconds_ago`.
 fn standby_report(lag: f64, seconds_ago: i64, in_sync: bool) -> ReplicationReport {
     ReplicationReport {
@@ -134,12 +143,12 @@ async fn promotes_only_after_the_threshold_in_two_steps_and_never_back_without_r
     let (server, ctx, reports) = serving().await;
     reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
 
-    set_pod_ready(&server, "corp-lun-0-0", false, &ago(10)).await;
+    lose_for(&server, &ctx, "corp-lun-0-0", 10).await;
     let st = reconcile(&server, &ctx).await;
     assert_eq!(
         st.target_active.as_deref(),
         Some("corp-lun-0-0"),
-        "10s < 30s threshold"
+        "10s < 30s threshold, however old the kubelet's transition time"
     );
     assert_eq!(
         role(&server, "corp-lun-0-1").await.as_deref(),
@@ -150,7 +159,7 @@ async fn promotes_only_after_the_threshold_in_two_steps_and_never_back_without_r
         .iter()
         .any(|c| c.type_ == "Degraded" && c.reason == "ActiveUnready"));
 
-    set_pod_ready(&server, "corp-lun-0-0", false, &ago(45)).await;
+    ctx.clock.advance(std::time::Duration::from_secs(35));
     let st = reconcile(&server, &ctx).await;
     assert_eq!(st.target_active.as_deref(), Some("corp-lun-0-1"));
     assert_eq!(
@@ -176,14 +185,14 @@ async fn promotes_only_after_the_threshold_in_two_steps_and_never_back_without_r
         ("corp-lun-0-0", "corp-lun-0-1")
     );
     assert!(
-        (45.0..60.0).contains(&p.seconds),
+        (45.0..50.0).contains(&p.seconds),
         "loss to promoted: {}",
         p.seconds
     );
 
     // The old active comes back; then the new one is lost. The old one has not resynchronised.
     set_pod_ready(&server, "corp-lun-0-0", true, &ago(1)).await;
-    set_pod_ready(&server, "corp-lun-0-1", false, &ago(120)).await;
+    lose_for(&server, &ctx, "corp-lun-0-1", 31).await;
     let st = reconcile(&server, &ctx).await;
     assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-1"));
     assert_eq!(
@@ -415,6 +424,7 @@ async fn a_store_that_cannot_be_applied_still_fails_over() {
     use mailpod_operator::testkit::{Fault, FaultKind};
     let (server, ctx, reports) = serving().await;
     reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
+    lose_for(&server, &ctx, "corp-lun-0-0", 45).await;
     // A spec change the StatefulSet cannot take.
     Api::<StorageLUN>::namespaced(server.client(), NS)
         .patch(
@@ -430,7 +440,6 @@ async fn a_store_that_cannot_be_applied_still_fails_over() {
         FaultKind::Status(422),
         1000,
     ));
-    set_pod_ready(&server, "corp-lun-0-0", false, &ago(45)).await;
     let l = Api::<StorageLUN>::namespaced(server.client(), NS)
         .get(LUN)
         .await
@@ -473,7 +482,7 @@ async fn a_conflicting_promotion_is_decided_again_not_overwritten() {
     // Replica 1 is the most up to date as this controller sees it.
     reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
     reports.set("corp-lun-0-2", standby_report(5.0, 1, true));
-    set_pod_ready(&server, "corp-lun-0-0", false, &ago(45)).await;
+    lose_for(&server, &ctx, "corp-lun-0-0", 45).await;
     let luns = Api::<StorageLUN>::namespaced(server.client(), NS);
     let stale = luns.get(LUN).await.unwrap();
     // Meanwhile another leader promoted replica 2 and recorded it.
@@ -581,5 +590,49 @@ async fn lowering_standbys_switches_over_first_and_never_removes_the_active() {
     assert_eq!(
         role(&server, "corp-lun-0-0").await.as_deref(),
         Some("active")
+    );
+}
+
+/// The loss counts from the controller's first sight of it, and survives the lost pod being deleted (the
+/// StatefulSet recreating it under the same name); a replica that comes back within the threshold
+/// serves again, and a later loss counts afresh.
+#[tokio::test]
+async fn the_threshold_counts_on_the_controllers_clock_across_a_deleted_pod() {
+    let (server, ctx, reports) = serving().await;
+    reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
+    lose_for(&server, &ctx, "corp-lun-0-0", 20).await;
+    Api::<Pod>::namespaced(server.client(), NS)
+        .delete("corp-lun-0-0", &Default::default())
+        .await
+        .unwrap();
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(
+        st.target_active.as_deref(),
+        Some("corp-lun-0-0"),
+        "20 s < 30 s"
+    );
+    ctx.clock.advance(std::time::Duration::from_secs(11));
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(
+        st.target_active.as_deref(),
+        Some("corp-lun-0-1"),
+        "31 s since the controller saw the loss, the pod gone meanwhile"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_back_within_the_threshold_serves_and_a_later_loss_counts_afresh() {
+    let (server, ctx, reports) = serving().await;
+    reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
+    lose_for(&server, &ctx, "corp-lun-0-0", 25).await;
+    set_pod_ready(&server, "corp-lun-0-0", true, &ago(0)).await;
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-0"));
+    lose_for(&server, &ctx, "corp-lun-0-0", 25).await;
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(
+        st.target_active.as_deref(),
+        Some("corp-lun-0-0"),
+        "25 s of the second loss, not 50 s"
     );
 }

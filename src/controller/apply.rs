@@ -219,6 +219,20 @@ impl LiveChildren {
     }
 }
 
+/// Live children that `desired` no longer names, as `(kind, name, object)`.
+pub fn orphans<'a>(
+    live: &'a LiveChildren,
+    desired: &[Child],
+) -> Vec<(&'a str, &'a str, &'a DynamicObject)> {
+    let wanted: std::collections::BTreeSet<(&str, String)> =
+        desired.iter().map(|c| (c.kind(), c.name())).collect();
+    live.objects
+        .iter()
+        .filter(|((kind, name), _)| !wanted.contains(&(kind.as_str(), name.clone())))
+        .map(|((kind, name), obj)| (kind.as_str(), name.as_str(), obj))
+        .collect()
+}
+
 /// What one apply pass did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct ApplyReport {

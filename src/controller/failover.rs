@@ -73,11 +73,15 @@ pub trait Clock: Send + Sync {
     fn now(&self) -> Timestamp;
 }
 
-pub struct SystemClock;
+/// This process's monotonic clock (see [`super::clock`]): probe intervals, the witness Lease's lapse and
+/// the renew deadline are durations between two of its readings, so a step of the wall clock neither
+/// shortens nor stretches them.
+#[derive(Default)]
+pub struct SystemClock(super::clock::Monotonic);
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        Timestamp::now()
+        self.0.now()
     }
 }
 
@@ -150,7 +154,7 @@ impl Context {
             site,
             Box::<peer::KubeconfigPeers>::default(),
             Box::<peer::GreetingProbe>::default(),
-            Box::new(SystemClock),
+            Box::<SystemClock>::default(),
         );
         ctx.fence_guard = true;
         ctx

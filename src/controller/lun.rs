@@ -233,7 +233,10 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     };
     // Kept as text: the error itself is large and need not live across the awaits below.
     let (report, apply_failure) = match applied {
-        Ok(report) => (report, None),
+        Ok(report) => match Box::pin(remove_orphans(&ctx, &lun, &ns, &live, &desired)).await {
+            Ok(()) => (report, None),
+            Err(e) => (report, Some((e.to_string(), e.metric_label()))),
+        },
         Err(e) => (
             apply::ApplyReport::default(),
             Some((e.to_string(), e.metric_label())),
@@ -292,7 +295,7 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
             source,
         })?;
     let reports = reports::collect(ctx.replication.as_ref(), &pod_list.items).await;
-    let now = Timestamp::now();
+    let now = ctx.clock.now();
     let observed = replicas::observe(
         &name,
         &pod_list.items,
@@ -300,8 +303,19 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         lun.spec.replication.sync_interval_seconds,
         now,
     );
+    let loss_key = format!("{ns}/{name}");
     let decide = |lun: &StorageLUN, current: &StorageLUNStatus| {
-        let mut decision = failover::decide(&lun.spec, current, &observed, now);
+        // The threshold counts from this process's first sight of the loss, on its own clock: never from
+        // the kubelet's lastTransitionTime or a time another replica of the operator wrote.
+        let lost_since = match failover::lost_serving(&lun.spec, current, &observed) {
+            Some(replica) => Some(ctx.losses.since(&loss_key, replica, now)),
+            None => {
+                ctx.losses.clear(&loss_key);
+                None
+            }
+        };
+        let observed = resync_passes(&ctx, &loss_key, current, &observed);
+        let mut decision = failover::decide(&lun.spec, current, &observed, lost_since, now);
         if volume.is_none() {
             scale::switch_over(
                 &name,
@@ -453,6 +467,71 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         None if report.changed() => Action::requeue(Duration::from_secs(5)),
         None => Action::requeue(poll_interval(&lun)),
     })
+}
+
+/// `observed` with [`failover::Replica::passed_since_resync`] set: for each replica awaiting resync, this
+/// process remembers the first pass time its agent reported while it waited, and counts a pass only once
+/// the agent reports a later one. A replica no longer awaiting resync is forgotten.
+fn resync_passes(
+    ctx: &Context,
+    lun_key: &str,
+    status: &StorageLUNStatus,
+    observed: &[failover::Replica],
+) -> Vec<failover::Replica> {
+    observed
+        .iter()
+        .map(|r| {
+            let key = format!("{lun_key}/{}", r.name);
+            let mut r = r.clone();
+            if status.needs_resync.contains(&r.name) {
+                let first =
+                    ctx.resyncs
+                        .since(&key, "resync", r.synced_at.unwrap_or(Timestamp::MIN));
+                r.passed_since_resync = r.synced_at.is_some_and(|at| at > first);
+            } else {
+                ctx.resyncs.clear(&key);
+            }
+            r
+        })
+        .collect()
+}
+
+/// Kinds never removed as orphans: the store StatefulSet is the mail service itself and goes only with
+/// its LUN (by garbage collection, its volumes by `pvcRetention`).
+const NEVER_ORPHANED: &[&str] = &["StatefulSet"];
+
+/// Deletes the children the LUN no longer wants: the snapshot CronJob and its ServiceAccount, Role and
+/// RoleBinding once snapshots are off, the doveadm Service once site replication is removed. Only an
+/// object that is still the one listed (same UID) is deleted; each deletion is an Event.
+async fn remove_orphans(
+    ctx: &Context,
+    lun: &StorageLUN,
+    ns: &str,
+    live: &LiveChildren,
+    desired: &[crate::resources::Child],
+) -> Result<()> {
+    let mut deleted = vec![];
+    for (kind, name, obj) in apply::orphans(live, desired) {
+        if NEVER_ORPHANED.contains(&kind) {
+            continue;
+        }
+        if apply::delete_child(&ctx.client, ns, obj).await? {
+            deleted.push(format!("{kind}/{name}"));
+        }
+    }
+    if !deleted.is_empty() {
+        info!(lun = %lun.name_any(), deleted = %deleted.join(", "), "removed children no longer wanted");
+        publish(
+            ctx,
+            lun,
+            EventType::Normal,
+            "Deleted",
+            "Delete",
+            format!("deleted {}", deleted.join(", ")),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 /// Condition type, present while the LUN's children cannot be applied.
@@ -781,7 +860,7 @@ async fn reject(ctx: &Context, lun: &StorageLUN, errs: ValidationErrors) -> Resu
     let generation = lun.metadata.generation;
     status.observed_generation = generation;
     let message = truncate_note(&errs.to_string());
-    let now = Time(Timestamp::now());
+    let now = Time(ctx.clock.now());
     set_condition(
         &mut status.conditions,
         condition::READY,

@@ -325,22 +325,14 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     remember_applied(cache, &report);
 
     // Orphans: owned children no longer desired.
-    let desired_keys: BTreeSet<(String, String)> = desired
-        .children
-        .iter()
-        .map(|c| (c.kind().to_string(), c.name()))
-        .collect();
     let mut deleted = vec![];
     let mut drained = vec![];
     let mut awaiting_deletion = vec![];
-    for ((kind, child), obj) in &live.objects {
-        if desired_keys.contains(&(kind.clone(), child.clone())) {
-            continue;
-        }
+    for (kind, child, obj) in apply::orphans(&live, &desired.children) {
         if kind == "StorageLUN" {
             // A LUN goes only once it holds no mailboxes: first emptied (its store stops being a target),
             // deleted on a later pass. Its PVCs follow the LUN's pvcRetention (kept by default).
-            let lun = live_luns.iter().find(|l| l.name_any() == *child);
+            let lun = live_luns.iter().find(|l| l.name_any() == child);
             if let Some(lun) = lun.filter(|l| !l.spec.mailboxes.is_empty()) {
                 let empty = LunAssignment {
                     index: lun.spec.index,
@@ -364,7 +356,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
                 continue;
             }
             if lun.is_some_and(|l| !confirm::may_delete_lun(l)) {
-                awaiting_deletion.push(child.clone());
+                awaiting_deletion.push(child.to_string());
                 continue;
             }
         }

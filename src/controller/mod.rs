@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod cache;
 pub mod client;
+pub mod clock;
 pub mod confirm;
 pub mod dkim;
 pub mod error;
@@ -256,6 +257,12 @@ pub struct Context {
     /// The MailPod controller's cache of its children, once [`run_mailpods`] watches them; reconciles
     /// run without it (tests that call the reconciler directly) list children from the API server.
     pub children: std::sync::OnceLock<Arc<cache::ChildCache>>,
+    /// The clock every wait is measured on (see [`clock`]).
+    pub clock: clock::Monotonic,
+    /// Per LUN, since when this process has seen the replica it serves from lost.
+    pub losses: clock::FirstSeen,
+    /// Per replica awaiting resync, the first pass time (its agent's clock) this process saw from it.
+    pub resyncs: clock::FirstSeen,
 }
 
 impl Context {
@@ -275,6 +282,9 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             applied: apply::Seen::default(),
             children: std::sync::OnceLock::new(),
+            clock: clock::Monotonic::default(),
+            losses: clock::FirstSeen::default(),
+            resyncs: clock::FirstSeen::default(),
         }
     }
 

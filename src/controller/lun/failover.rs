@@ -12,8 +12,9 @@ use jiff::Timestamp;
 
 use crate::crd::{condition, Promotion, StorageLUNSpec, StorageLUNStatus};
 
-/// Degraded reasons that mean "the active replica is lost"; their condition's lastTransitionTime is when the
-/// operator first saw the loss, which survives the lost pod being deleted.
+/// Degraded reasons that mean "the active replica is lost". Their condition's lastTransitionTime records
+/// when the operator first saw the loss, for people and for the loss-to-promoted figure; the failover
+/// threshold itself counts on the deciding process's own clock (`lost_since` of [`decide`]).
 pub const REASON_ACTIVE_UNREADY: &str = "ActiveUnready";
 pub const REASON_PROMOTING: &str = "Promoting";
 pub const REASON_NO_STANDBY: &str = "NoStandbyAvailable";
@@ -64,14 +65,15 @@ pub struct Replica {
     pub ordinal: i32,
     pub ready: bool,
     pub role: Option<Role>,
-    /// Since when the pod has not been ready (None while ready).
-    pub unready_since: Option<Timestamp>,
     /// Replication lag the agent reports.
     pub lag_seconds: Option<f64>,
     /// The agent reports a complete pass from the current active since it last became a standby, and
     /// when its last pass finished.
     pub in_sync: bool,
     pub synced_at: Option<Timestamp>,
+    /// A pass finished after this process began watching the replica's resync: its `synced_at` moved past
+    /// the one first seen then. Both times are the agent's own, so no two clocks are compared.
+    pub passed_since_resync: bool,
     pub promotion: Option<PromotionMark>,
 }
 
@@ -100,11 +102,8 @@ pub struct Decision {
     pub requeue_after: Option<Duration>,
 }
 
-fn parse_time(s: &str) -> Option<Timestamp> {
-    s.parse().ok()
-}
-
-/// When the operator first saw the active replica lost, if it is still recorded as lost.
+/// When the operator recorded the active replica lost, if it is still recorded as lost: only for the
+/// loss-to-promoted figure of a promotion whose pod carries no mark.
 fn recorded_loss(status: &StorageLUNStatus) -> Option<Timestamp> {
     status
         .conditions
@@ -153,11 +152,31 @@ fn seconds_between(from: Timestamp, to: Timestamp) -> f64 {
     (to.as_millisecond() - from.as_millisecond()).max(0) as f64 / 1000.0
 }
 
-/// Decides roles and the failover part of status for one LUN.
+/// The replica a LUN serves from (or is promoting) when it is lost: not ready, or gone. `None` when it
+/// serves, when none is chosen yet, and when the LUN is fenced.
+pub fn lost_serving<'a>(
+    spec: &StorageLUNSpec,
+    status: &'a StorageLUNStatus,
+    replicas: &[Replica],
+) -> Option<&'a str> {
+    if spec.fenced {
+        return None;
+    }
+    let active = status
+        .target_active
+        .as_deref()
+        .or(status.current_active.as_deref())?;
+    (!replicas.iter().any(|r| r.name == active && r.ready)).then_some(active)
+}
+
+/// Decides roles and the failover part of status for one LUN. `lost_since`: when this process first saw
+/// the replica it serves from lost ([`lost_serving`]), on its own monotonic clock, as `now` is; the
+/// failover threshold counts from there.
 pub fn decide(
     spec: &StorageLUNSpec,
     status: &StorageLUNStatus,
     replicas: &[Replica],
+    lost_since: Option<Timestamp>,
     now: Timestamp,
 ) -> Decision {
     let mut d = Decision {
@@ -204,7 +223,15 @@ pub fn decide(
                 d.requeue_after = Some(FOLLOW_UP);
             }
         }
-        lost => handle_loss(&mut d, spec, status, replicas, &active, lost.copied(), now),
+        _ => handle_loss(
+            &mut d,
+            spec,
+            status,
+            replicas,
+            &active,
+            lost_since.unwrap_or(now),
+            now,
+        ),
     }
     d
 }
@@ -280,16 +307,10 @@ fn handle_loss(
     status: &StorageLUNStatus,
     replicas: &[Replica],
     active: &str,
-    pod: Option<&Replica>,
+    lost_at: Timestamp,
     now: Timestamp,
 ) {
-    // The earliest evidence of the loss: the pod's own Ready transition, or the operator's record of it
-    // (the only evidence left once the pod object is gone).
-    let lost_at = [pod.and_then(|p| p.unready_since), recorded_loss(status)]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(now);
+    let pod = replicas.iter().find(|r| r.name == active);
     let elapsed = seconds_between(lost_at, now);
     let threshold = f64::from(spec.failover_threshold_seconds);
     // Keep labels as they are while waiting: an unready pod has no endpoints anyway, and a pod that comes
@@ -373,20 +394,10 @@ fn clear_resynced(d: &mut Decision, replicas: &[Replica]) {
     let Some(current) = d.current_active.clone() else {
         return;
     };
-    let since = d
-        .last_promotion
-        .as_ref()
-        .filter(|p| p.to == current)
-        .and_then(|p| parse_time(&p.promoted_at));
     let synced: BTreeSet<String> = replicas
         .iter()
         .filter(|r| d.needs_resync.contains(&r.name))
-        .filter(|r| r.in_sync)
-        .filter(|r| match (r.synced_at, since) {
-            (Some(at), Some(since)) => at >= since,
-            (Some(_), None) => true,
-            (None, _) => false,
-        })
+        .filter(|r| r.in_sync && r.passed_since_resync)
         .map(|r| r.name.clone())
         .collect();
     for name in &synced {

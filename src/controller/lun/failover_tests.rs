@@ -1,6 +1,5 @@
 use super::*;
-use crate::crd::{set_condition, StorageLUN};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use crate::crd::StorageLUN;
 
 fn spec() -> StorageLUNSpec {
     let lun: StorageLUN = serde_json::from_value(serde_json::json!({
@@ -23,12 +22,23 @@ fn replica(ordinal: i32, ready: bool, role: Option<Role>) -> Replica {
         ordinal,
         ready,
         role,
-        unready_since: (!ready).then(|| t(0)),
         lag_seconds: None,
         in_sync: false,
         synced_at: None,
+        passed_since_resync: false,
         promotion: None,
     }
+}
+
+/// [`super::decide`] as the controller calls it when it first saw the serving replica lost at `t(0)`.
+fn decide(
+    spec: &StorageLUNSpec,
+    status: &StorageLUNStatus,
+    pods: &[Replica],
+    now: Timestamp,
+) -> Decision {
+    let lost_since = lost_serving(spec, status, pods).map(|_| t(0));
+    super::decide(spec, status, pods, lost_since, now)
 }
 
 fn serving(current: &str) -> StorageLUNStatus {
@@ -158,11 +168,11 @@ fn a_replica_awaiting_resync_is_never_promoted_until_it_reports_sync() {
     });
     let mut old = replica(0, true, Some(Role::Standby));
     old.lag_seconds = Some(0.0);
-    // A pass that finished before the new active was promoted does not count.
+    // A pass that finished before this process began watching its resync does not count.
     old.in_sync = true;
     old.synced_at = Some(t(20));
+    old.passed_since_resync = false;
     let mut pods = vec![old, replica(1, false, Some(Role::Active))];
-    pods[1].unready_since = Some(t(100));
     let d = decide(&spec(), &status, &pods, t(200));
     assert_eq!(
         d.target_active.as_deref(),
@@ -178,6 +188,7 @@ fn a_replica_awaiting_resync_is_never_promoted_until_it_reports_sync() {
 
     // Once it reports a sync pass after the promotion, it is cleared and may take over.
     pods[0].synced_at = Some(t(40));
+    pods[0].passed_since_resync = true;
     let d = decide(&spec(), &status, &pods, t(200));
     assert!(d.needs_resync.contains(&"corp-lun-0-1".to_string()));
     assert!(!d.needs_resync.contains(&"corp-lun-0-0".to_string()));
@@ -185,18 +196,10 @@ fn a_replica_awaiting_resync_is_never_promoted_until_it_reports_sync() {
 }
 
 #[test]
-fn the_loss_time_survives_the_pod_being_deleted() {
-    let mut status = serving("corp-lun-0-0");
-    set_condition(
-        &mut status.conditions,
-        condition::DEGRADED,
-        true,
-        REASON_ACTIVE_UNREADY,
-        "",
-        None,
-        Time(t(0)),
-    );
+fn a_serving_replica_whose_pod_is_gone_is_lost_and_replaced_after_the_threshold() {
+    let status = serving("corp-lun-0-0");
     let pods = vec![replica(1, true, Some(Role::Standby))];
+    assert_eq!(lost_serving(&spec(), &status, &pods), Some("corp-lun-0-0"));
     let d = decide(&spec(), &status, &pods, t(10));
     assert_eq!(
         d.target_active.as_deref(),
@@ -206,6 +209,21 @@ fn the_loss_time_survives_the_pod_being_deleted() {
     let d = decide(&spec(), &status, &pods, t(31));
     assert_eq!(d.target_active.as_deref(), Some("corp-lun-0-1"));
     assert_eq!(d.mark.unwrap().1.lost_at, t(0));
+}
+
+#[test]
+fn the_threshold_counts_from_the_loss_this_process_saw() {
+    let status = serving("corp-lun-0-0");
+    let pods = vec![
+        replica(0, false, Some(Role::Active)),
+        replica(1, true, Some(Role::Standby)),
+    ];
+    // Seen lost 5 s ago, whatever any other clock says: no promotion yet.
+    let d = super::decide(&spec(), &status, &pods, Some(t(95)), t(100));
+    assert_eq!(d.target_active.as_deref(), Some("corp-lun-0-0"));
+    assert_eq!(d.degraded.as_ref().unwrap().0, REASON_ACTIVE_UNREADY);
+    let d = super::decide(&spec(), &status, &pods, Some(t(95)), t(126));
+    assert_eq!(d.target_active.as_deref(), Some("corp-lun-0-1"));
 }
 
 #[test]

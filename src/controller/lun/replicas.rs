@@ -81,12 +81,6 @@ fn replica(
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
     let ready = ready_condition.is_some_and(|c| c.status == "True");
-    let unready_since = (!ready).then(|| {
-        ready_condition
-            .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0))
-            .or(pod.metadata.creation_timestamp.as_ref().map(|t| t.0))
-            .unwrap_or(now)
-    });
     let ann = pod.annotations();
     let time = |key: &str| ann.get(key).and_then(|v| v.parse::<Timestamp>().ok());
     let synced_at = report
@@ -121,10 +115,10 @@ fn replica(
         ordinal,
         ready,
         role: pod.labels().get(l::ROLE).and_then(|r| Role::parse(r)),
-        unready_since,
         lag_seconds,
         in_sync: report.is_some_and(|r| r.in_sync),
         synced_at,
+        passed_since_resync: false,
         promotion,
     })
 }
@@ -166,10 +160,6 @@ mod tests {
         let r = observe("corp-lun-0", &pods, &reports, 5, now);
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].ordinal, r[0].ready), (0, false));
-        assert_eq!(
-            r[0].unready_since,
-            Some("2024-01-01T00:00:00Z".parse().unwrap())
-        );
         assert_eq!(r[1].lag_seconds, Some(1.5));
         assert_eq!(r[1].role, Some(Role::Standby));
         assert!(r[1].in_sync);

@@ -128,10 +128,10 @@ mod tests {
             ordinal,
             ready: true,
             role: Some(role),
-            unready_since: None,
             lag_seconds: Some(lag),
             in_sync,
             synced_at: None,
+            passed_since_resync: false,
             promotion: None,
         }
     }
