@@ -231,6 +231,8 @@ const CONTROLLER_WRITES: &[(&str, &str, &[&str])] = &[
     // Role labels on store pods (promotion); PVC clones for restores and, at a standby site with block
     // replication, claims pre-bound to the mirrored images; restore Jobs.
     ("", "pods", &["get", "list", "watch", "patch"]),
+    // Store pods replaced with a new template, one at a time (never deleted).
+    ("", "pods/eviction", &["create"]),
     (
         "",
         "persistentvolumeclaims",

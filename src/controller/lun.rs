@@ -15,6 +15,7 @@ pub mod health;
 pub mod replicas;
 pub mod replication;
 pub mod reports;
+pub mod roll;
 pub mod scale;
 pub mod volume;
 
@@ -28,7 +29,7 @@ use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ApiResource, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -296,13 +297,24 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         })?;
     let reports = reports::collect(ctx.replication.as_ref(), &pod_list.items).await;
     let now = ctx.clock.now();
-    let observed = replicas::observe(
+    let mut observed = replicas::observe(
         &name,
         &pod_list.items,
         &reports,
         lun.spec.replication.sync_interval_seconds,
         now,
     );
+    // Which pods run the StatefulSet's current template, and whether this LUN's turn to roll has come.
+    mark_updated(
+        &mut observed,
+        live.get("StatefulSet", &name),
+        &pod_list.items,
+    );
+    let roll_gate = if observed.iter().all(|r| r.updated) {
+        true
+    } else {
+        roll_gate_open(&ctx, &lun, &ns).await?
+    };
     let loss_key = format!("{ns}/{name}");
     let decide = |lun: &StorageLUN, current: &StorageLUNStatus| {
         // The threshold counts from this process's first sight of the loss, on its own clock: never from
@@ -324,6 +336,7 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
                 &mut decision,
                 &observed,
             );
+            roll::switch_over(&mut decision, &observed, roll_gate);
         }
         if let Some(v) = &volume {
             if let Some(condition) = &v.plan.condition {
@@ -372,6 +385,26 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     }
     actuate(&pods, &decision).await?;
     point_replicas(&pods, &lun, &pod_list.items).await?;
+    let rolling = match roll::next(&decision, &observed, roll_gate) {
+        roll::Step::Idle => false,
+        roll::Step::Wait(why) => {
+            info!(lun = %name, %why, "new store template: waiting");
+            true
+        }
+        roll::Step::Evict(pod) => {
+            evict(&pods, &pod_list.items, &pod).await?;
+            publish(
+                &ctx,
+                lun.as_ref(),
+                EventType::Normal,
+                "Rolling",
+                "Evict",
+                format!("replacing {pod} with the store's new pod template"),
+            )
+            .await;
+            true
+        }
+    };
     for note in &decision.notes {
         let type_ = if note.warning {
             EventType::Warning
@@ -465,6 +498,7 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         Some(d) => Action::requeue(d),
         None if promoting => Action::requeue(Duration::from_secs(1)),
         None if report.changed() => Action::requeue(Duration::from_secs(5)),
+        None if rolling => Action::requeue(roll::ROLL_POLL),
         None => Action::requeue(poll_interval(&lun)),
     })
 }
@@ -494,6 +528,87 @@ fn resync_passes(
             r
         })
         .collect()
+}
+
+/// Sets [`failover::Replica::updated`]: a pod is on the current template when its
+/// `controller-revision-hash` is the StatefulSet's `updateRevision`. Unknown (no StatefulSet status yet, or
+/// one the StatefulSet controller has not caught up with) counts as updated: nothing is replaced on a guess.
+fn mark_updated(observed: &mut [failover::Replica], sts: Option<&DynamicObject>, pods: &[Pod]) {
+    let Some(sts) = sts else { return };
+    let status = &sts.data["status"];
+    let caught_up =
+        status["observedGeneration"].as_i64().unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
+    let Some(revision) = status["updateRevision"].as_str().filter(|_| caught_up) else {
+        return;
+    };
+    for r in observed {
+        let label = pods
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(r.name.as_str()))
+            .and_then(|p| p.labels().get(STS_REVISION_LABEL).cloned());
+        r.updated = label.is_none_or(|l| l == revision);
+    }
+}
+
+/// The label the StatefulSet controller puts on each pod: the revision of the template it was made from.
+const STS_REVISION_LABEL: &str = "controller-revision-hash";
+
+/// Whether this LUN may replace pods now: every store StatefulSet of its MailPod with a lower LUN index
+/// has all its pods on their template and ready ([`roll`]). Read only while a roll is pending.
+async fn roll_gate_open(ctx: &Context, lun: &StorageLUN, ns: &str) -> Result<bool> {
+    let Some(mine) = roll::lun_index(&lun.name_any()) else {
+        return Ok(true);
+    };
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = format!(
+        "{}={},{}={}",
+        l::MAILPOD,
+        lun.spec.mail_pod,
+        l::COMPONENT,
+        store::COMPONENT
+    );
+    let list = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| Error::Read {
+            what: format!("store StatefulSets of MailPod {}", lun.spec.mail_pod),
+            source,
+        })?;
+    Ok(list
+        .items
+        .iter()
+        .all(|sts| roll::lun_index(&sts.name_any()).is_none_or(|i| i >= mine) || roll::rolled(sts)))
+}
+
+/// Evicts store pod `name` (only the pod listed, by UID): the StatefulSet recreates it from its current
+/// template. An eviction the cluster refuses for now (429, a disruption budget) is tried again later.
+async fn evict(pods: &Api<Pod>, listed: &[Pod], name: &str) -> Result<()> {
+    let uid = listed
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+        .and_then(|p| p.metadata.uid.clone());
+    let params = kube::api::EvictParams {
+        delete_options: Some(kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                uid,
+                resource_version: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    match pods.evict(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if [404, 409, 429].contains(&s.code) => {
+            warn!(pod = %name, code = s.code, message = %s.message, "eviction not done now; tried again");
+            Ok(())
+        }
+        Err(source) => Err(Error::Delete {
+            kind: "Pod".into(),
+            name: name.to_string(),
+            source,
+        }),
+    }
 }
 
 /// Kinds never removed as orphans: the store StatefulSet is the mail service itself and goes only with

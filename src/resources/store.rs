@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+    StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
@@ -262,6 +263,12 @@ fn statefulset(ctx: &Context) -> StatefulSet {
             service_name: Some(names::lun_headless(ctx.name())),
             // Replicas are peers; which one is active is the operator's decision, not the ordinal's.
             pod_management_policy: Some("Parallel".into()),
+            // A new template reaches the pods when the StorageLUN controller replaces them, one LUN at
+            // a time, standbys first, the active after a switchover (controller::lun::roll).
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                rolling_update: None,
+            }),
             selector: LabelSelector {
                 match_labels: Some(ctx.replica_selector()),
                 ..Default::default()

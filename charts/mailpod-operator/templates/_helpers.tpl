@@ -108,6 +108,11 @@ docs/security.md gives the reason for each rule. No wildcards.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "patch"]
+# Store pods are replaced, one at a time and the active after a switchover, by eviction: a new pod
+# template reaches them on the operator's schedule (the store StatefulSets are OnDelete). Never delete.
+- apiGroups: [""]
+  resources: ["pods/eviction"]
+  verbs: ["create"]
 # Restores clone a VolumeSnapshot into a new PVC; a standby site with block replication creates the
 # claims bound to the mirrored images. PVCs are mail: the operator never deletes one.
 - apiGroups: [""]

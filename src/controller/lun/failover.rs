@@ -74,6 +74,9 @@ pub struct Replica {
     /// A pass finished after this process began watching the replica's resync: its `synced_at` moved past
     /// the one first seen then. Both times are the agent's own, so no two clocks are compared.
     pub passed_since_resync: bool,
+    /// The pod runs the StatefulSet's current template (its `controller-revision-hash` is the
+    /// StatefulSet's `updateRevision`); true while that is unknown.
+    pub updated: bool,
     pub promotion: Option<PromotionMark>,
 }
 

@@ -26,6 +26,7 @@ fn replica(ordinal: i32, ready: bool, role: Option<Role>) -> Replica {
         in_sync: false,
         synced_at: None,
         passed_since_resync: false,
+        updated: true,
         promotion: None,
     }
 }

@@ -119,6 +119,7 @@ fn replica(
         in_sync: report.is_some_and(|r| r.in_sync),
         synced_at,
         passed_since_resync: false,
+        updated: true,
         promotion,
     })
 }

@@ -70,7 +70,21 @@ pub fn switch_over(
         .filter(|r| r.ordinal < desired && r.in_sync)
         .cloned()
         .collect();
-    let Some(c) = choose_candidate(&below, &d.needs_resync, Some(&active)).cloned() else {
+    switch_to(d, &active, &below, replicas, |to| {
+        format!("standbys lowered: switching over from {active} to {to} before {active} is removed")
+    });
+}
+
+/// Switches `active` over to the most up-to-date of `candidates` (ready, not awaiting resync): the old
+/// active must resync (hand over) before it may serve again. Without a candidate, looks again soon.
+pub fn switch_to(
+    d: &mut Decision,
+    active: &str,
+    candidates: &[Replica],
+    replicas: &[Replica],
+    why: impl FnOnce(&str) -> String,
+) {
+    let Some(c) = choose_candidate(candidates, &d.needs_resync, Some(active)).cloned() else {
         d.requeue_after = Some(
             d.requeue_after
                 .map_or(RETRY_SWITCHOVER, |t| t.min(RETRY_SWITCHOVER)),
@@ -78,8 +92,8 @@ pub fn switch_over(
         return;
     };
     d.target_active = Some(c.name.clone());
-    if !d.needs_resync.contains(&active) {
-        d.needs_resync.push(active.clone());
+    if !d.needs_resync.iter().any(|n| n == active) {
+        d.needs_resync.push(active.to_string());
     }
     d.roles.clear();
     for r in replicas {
@@ -95,10 +109,7 @@ pub fn switch_over(
     d.notes.push(Note {
         warning: false,
         reason: "Switchover",
-        message: format!(
-            "standbys lowered: switching over from {active} to {} before {active} is removed",
-            c.name
-        ),
+        message: why(&c.name),
     });
     d.degraded = Some((
         REASON_PROMOTING,
@@ -132,6 +143,7 @@ mod tests {
             in_sync,
             synced_at: None,
             passed_since_resync: false,
+            updated: true,
             promotion: None,
         }
     }
