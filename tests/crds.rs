@@ -354,6 +354,18 @@ fn cel_rules_agree_with_rust_validation() {
             false,
         ),
         (
+            json!({"domains": ["example.com"], "backend": {"siteReplication": {}}}),
+            false,
+        ),
+        (
+            json!({"domains": ["example.com"], "backend": {"siteReplication": {"sourceRanges": []}}}),
+            false,
+        ),
+        (
+            json!({"domains": ["example.com"], "backend": {"siteReplication": {"sourceRanges": ["198.51.100.0/24"]}}}),
+            true,
+        ),
+        (
             json!({"domains": ["example.com"], "quota": {"storage": "2Gi", "overrides": [{"mailbox": "a@example.com"}]}}),
             false,
         ),

@@ -389,6 +389,22 @@ fn site_replication_exposes_each_luns_active_replica_to_the_other_site() {
         &bad,
         &["spec.backend.siteReplication.sourceRanges[0]: `anywhere` is not a CIDR range"],
     );
+    // No sources at all would open the doveadm service to any address.
+    for empty in [
+        "siteReplication: {}",
+        "siteReplication:\n      sourceRanges: []",
+    ] {
+        let bad = render(
+            &["-f", "-"],
+            Some(&format!(
+                "{MP}spec:\n  domains: [example.com]\n  backend:\n    {empty}\n"
+            )),
+        );
+        assert_rejected(
+            &bad,
+            &["spec.backend.siteReplication.sourceRanges: must name the other site's egress ranges"],
+        );
+    }
 }
 
 /// Block replication: each store volume gets a csi-addons VolumeReplication, `primary` while its LUN

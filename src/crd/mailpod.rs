@@ -297,8 +297,9 @@ pub struct Backend {
 }
 
 /// How a LUN's doveadm service is reached from the other site.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.sourceRanges) && size(self.sourceRanges) > 0").message("sourceRanges must name the other site's egress ranges: the doveadm service carries mail and a password that authorises every doveadm command, and an empty list would admit any address").field_path(".sourceRanges"))]
 pub struct SiteReplication {
     /// Service type of `<lun>-replication` (default LoadBalancer).
     #[serde(default = "default_replication_expose")]
@@ -307,8 +308,9 @@ pub struct SiteReplication {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub annotations: std::collections::BTreeMap<String, String>,
     /// Client ranges allowed in (the other site's egress addresses): the Service's
-    /// loadBalancerSourceRanges and the store NetworkPolicy's ipBlocks. Any address when empty.
+    /// loadBalancerSourceRanges and the store NetworkPolicy's ipBlocks. Required, at least one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 43)))]
     pub source_ranges: Vec<String>,
 }
 
@@ -797,6 +799,14 @@ impl MailPodSpec {
             }
         }
         if let Some(sr) = &b.site_replication {
+            if sr.source_ranges.is_empty() {
+                errs.push(
+                    "spec.backend.siteReplication.sourceRanges",
+                    "must name the other site's egress ranges: the doveadm service carries mail and a \
+                     password that authorises every doveadm command, and an empty list would admit any \
+                     address",
+                );
+            }
             for (i, r) in sr.source_ranges.iter().enumerate() {
                 if !is_cidr(r) {
                     errs.push(
