@@ -1543,3 +1543,222 @@ fn standbys_are_added_and_removed_and_capacity_is_fixed() {
         imap_has(&sc.ns, "alice@example.com", &subject)
     });
 }
+
+/// One look at the store pods: (LUN, pod, UID, ready, role label, revision label).
+type StoreSample = Vec<(String, String, String, bool, String, String)>;
+
+fn store_sample(ns: &str) -> Option<StoreSample> {
+    let list = get_json(ns, &["pods", "-l", "app.kubernetes.io/component=store"])?;
+    let label = |p: &Value, k: &str| {
+        p["metadata"]["labels"][k]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    Some(
+        list["items"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .map(|p| {
+                let ready = p["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                (
+                    label(p, "mailpod.io/lun"),
+                    p["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                    p["metadata"]["uid"].as_str().unwrap_or("").to_string(),
+                    ready,
+                    label(p, "mailpod.io/role"),
+                    label(p, "controller-revision-hash"),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// A new store pod template (here a change of the stores' resources, as an operator upgrade changes
+/// their image) reaches the pods one LUN at a time, lowest index first; in each LUN the standby is
+/// replaced first and the active only after a switchover, as a standby; no LUN ever has two pods
+/// labelled active; mail sent all along is delivered.
+#[test]
+fn a_new_store_template_rolls_one_lun_at_a_time_standbys_first() {
+    if !cluster_given("a_new_store_template_rolls_one_lun_at_a_time_standbys_first") {
+        return;
+    }
+    let sc = Scenario::new("roll");
+    sc.apply_small_with(5, |spec| {
+        spec["backend"]["maxUsersPerLun"] = json!(2);
+    });
+    sc.wait_ready();
+    let luns = ["small-lun-0", "small-lun-1"];
+    let users = ["alice@example.com", "carol@example.com"];
+    for lun in luns {
+        wait_for(&format!("{lun} serving with its standby in sync"), || {
+            let l = get_json(&sc.ns, &["storagelun", lun]).ok_or("no LUN")?;
+            let replicas = l["status"]["replicas"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let synced = replicas
+                .iter()
+                .filter(|r| {
+                    r["role"] == "standby" && r["ready"] == true && r["lagSeconds"].is_number()
+                })
+                .count();
+            (l["status"]["currentActive"].is_string() && synced == 1)
+                .then_some(())
+                .ok_or_else(|| format!("status {}", l["status"]))
+        });
+    }
+    let before = store_sample(&sc.ns).expect("store pods");
+    assert_eq!(before.len(), 4, "{before:?}");
+    let initial_active = |lun: &str| {
+        before
+            .iter()
+            .find(|p| p.0 == lun && p.4 == "active")
+            .map(|p| p.2.clone())
+            .unwrap_or_else(|| panic!("no active pod of {lun}: {before:?}"))
+    };
+    let old_active = [initial_active(luns[0]), initial_active(luns[1])];
+
+    must(&[
+        "patch",
+        "mailpod",
+        MAILPOD,
+        "-n",
+        &sc.ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"backend":{"resources":{"requests":{"cpu":"50m","memory":"96Mi"}}}}}"#,
+    ]);
+    let started = Instant::now();
+    let old_uids: Vec<String> = before.iter().map(|p| p.2.clone()).collect();
+    // The pods are looked at continuously by a thread of their own while mail is sent from this one.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (ns, done, old_uids) = (sc.ns.clone(), done.clone(), old_uids.clone());
+        let first = before.clone();
+        std::thread::spawn(move || {
+            let mut samples: Vec<(f64, StoreSample)> = vec![(0.0, first)];
+            let deadline = Duration::from_secs(600);
+            while started.elapsed() < deadline {
+                let t = started.elapsed().as_secs_f64();
+                if let Some(s) = store_sample(&ns) {
+                    let finished = s.len() == 4
+                        && s.iter().all(|p| !old_uids.contains(&p.2) && p.3)
+                        && ["small-lun-0", "small-lun-1"]
+                            .iter()
+                            .all(|l| s.iter().any(|p| p.0 == *l && p.4 == "active"));
+                    samples.push((t, s));
+                    if finished {
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            samples
+        })
+    };
+    let mut sent = vec![];
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        // Mail for a mailbox on each LUN all along the roll (the mx queues what a store cannot take).
+        for user in users {
+            let subject = format!("e2e-roll-{}-{}", sent.len(), sc.ns);
+            send_mail(&sc.ns, user, &subject);
+            sent.push((user, subject));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let samples = sampler.join().expect("sampler");
+    let (last_t, last) = samples.last().cloned().unwrap();
+    assert!(
+        last.len() == 4 && last.iter().all(|p| !old_uids.contains(&p.2) && p.3),
+        "the roll did not finish in {last_t:.0} s: {last:?}"
+    );
+    let took = last_t;
+
+    // Never two pods of a LUN labelled active.
+    for (t, s) in &samples {
+        for lun in luns {
+            let actives = s.iter().filter(|p| p.0 == lun && p.4 == "active").count();
+            assert!(
+                actives <= 1,
+                "{lun} at {t:.1} s: {actives} active pods: {s:?}"
+            );
+        }
+    }
+    // When each initial pod was last seen, and when each LUN was first all new and ready.
+    let last_seen = |uid: &str| {
+        samples
+            .iter()
+            .rev()
+            .find_map(|(t, s)| s.iter().find(|p| p.2 == uid).map(|p| (*t, p.clone())))
+    };
+    let first_gone = |lun: &str| {
+        samples
+            .iter()
+            .find(|(_, s)| {
+                before
+                    .iter()
+                    .filter(|p| p.0 == lun)
+                    .any(|p| !s.iter().any(|q| q.2 == p.2))
+            })
+            .map(|(t, _)| *t)
+            .unwrap_or(f64::INFINITY)
+    };
+    let all_new = |lun: &str| {
+        samples
+            .iter()
+            .find(|(_, s)| {
+                let pods: Vec<_> = s.iter().filter(|p| p.0 == lun).collect();
+                pods.len() == 2 && pods.iter().all(|p| !old_uids.contains(&p.2) && p.3)
+            })
+            .map(|(t, _)| *t)
+            .unwrap_or(f64::INFINITY)
+    };
+    let (lun0_done, lun1_start) = (all_new(luns[0]), first_gone(luns[1]));
+    eprintln!(
+        "roll: {took:.1} s; {} started at {:.1} s, all new at {lun0_done:.1} s; {} started at {lun1_start:.1} s, all new at {:.1} s",
+        luns[0],
+        first_gone(luns[0]),
+        luns[1],
+        all_new(luns[1])
+    );
+    assert!(
+        lun1_start >= lun0_done,
+        "{} began before {} was done",
+        luns[1],
+        luns[0]
+    );
+    for (lun, active_uid) in luns.iter().zip(&old_active) {
+        let standby_uid = before
+            .iter()
+            .find(|p| p.0 == *lun && p.2 != *active_uid)
+            .map(|p| p.2.clone())
+            .unwrap();
+        let (standby_last, _) = last_seen(&standby_uid).unwrap();
+        let (active_last, as_seen) = last_seen(active_uid).unwrap();
+        assert!(
+            standby_last < active_last,
+            "{lun}: the standby goes first ({standby_last:.1} s), the active last ({active_last:.1} s)"
+        );
+        assert_eq!(
+            as_seen.4, "standby",
+            "{lun}: the old active is replaced only once switched over: {as_seen:?}"
+        );
+    }
+    for (user, subject) in &sent {
+        wait_for(&format!("{subject} delivered to {user}"), || {
+            imap_has(&sc.ns, user, subject)
+        });
+    }
+    eprintln!(
+        "roll: {} messages sent during the roll, all delivered",
+        sent.len()
+    );
+    sc.wait_ready();
+}

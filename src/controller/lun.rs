@@ -310,6 +310,8 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         live.get("StatefulSet", &name),
         &pod_list.items,
     );
+    // The replicas the StatefulSet runs now (a pod being recreated is missing from the list meanwhile).
+    let roll_expected = live_replicas.unwrap_or(desired_replicas).max(0) as usize;
     let roll_gate = if observed.iter().all(|r| r.updated) {
         true
     } else {
@@ -336,7 +338,7 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
                 &mut decision,
                 &observed,
             );
-            roll::switch_over(&mut decision, &observed, roll_gate);
+            roll::switch_over(&mut decision, &observed, roll_expected, roll_gate);
         }
         if let Some(v) = &volume {
             if let Some(condition) = &v.plan.condition {
@@ -385,7 +387,7 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
     }
     actuate(&pods, &decision).await?;
     point_replicas(&pods, &lun, &pod_list.items).await?;
-    let rolling = match roll::next(&decision, &observed, roll_gate) {
+    let rolling = match roll::next(&decision, &observed, roll_expected, roll_gate) {
         roll::Step::Idle => false,
         roll::Step::Wait(why) => {
             info!(lun = %name, %why, "new store template: waiting");
@@ -794,7 +796,10 @@ async fn point_replicas(pods: &Api<Pod>, lun: &StorageLUN, current: &[Pod]) -> R
 /// the old one is unlabelled only in the sense that both are in one pass; the Service never selects two
 /// ready replicas because the old active is unready by the time it is replaced.
 async fn actuate(pods: &Api<Pod>, d: &Decision) -> Result<()> {
-    for (pod, role) in &d.roles {
+    // Demotions first: the LUN's Service never selects two active replicas, not even between patches.
+    let mut order: Vec<(&String, &Role)> = d.roles.iter().collect();
+    order.sort_by_key(|(_, role)| **role == Role::Active);
+    for (pod, role) in order {
         let mut patch = json!({ "metadata": { "labels": { l::ROLE: role.as_str() } } });
         if let Some((target, mark)) = &d.mark {
             if target == pod && *role == Role::Active {

@@ -70,13 +70,18 @@ fn settled(d: &Decision, gate_open: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// The next step of the roll for a LUN whose failover decision is `d` and whose replicas are `replicas`.
-pub fn next(d: &Decision, replicas: &[Replica], gate_open: bool) -> Step {
+/// The next step of the roll for a LUN whose failover decision is `d`, whose replicas are `replicas` and
+/// whose StatefulSet runs `expected` of them.
+pub fn next(d: &Decision, replicas: &[Replica], expected: usize, gate_open: bool) -> Step {
     if replicas.iter().all(|r| r.updated) {
         return Step::Idle;
     }
     if let Err(why) = settled(d, gate_open) {
         return Step::Wait(why);
+    }
+    // A replica being recreated has no pod for a moment: never mistake the LUN for a smaller one.
+    if replicas.len() < expected {
+        return Step::Wait("a replica is being recreated".into());
     }
     let active = serving(d);
     let standby = |r: &&Replica| Some(r.name.as_str()) != active;
@@ -115,16 +120,16 @@ pub fn next(d: &Decision, replicas: &[Replica], gate_open: bool) -> Step {
     }
     // Only the active is outdated.
     match active {
-        Some(a) if replicas.len() == 1 => Step::Evict(a.to_string()),
+        Some(a) if expected <= 1 => Step::Evict(a.to_string()),
         Some(_) => Step::Wait("switching over before the active is replaced".into()),
         None => Step::Wait("no replica serves yet".into()),
     }
 }
 
-/// Decides the switchover that lets the active be replaced last: when it is the only outdated replica,
-/// the LUN is settled and an updated standby is ready and in sync.
-pub fn switch_over(d: &mut Decision, replicas: &[Replica], gate_open: bool) {
-    if settled(d, gate_open).is_err() {
+/// Decides the switchover that lets the active be replaced last: when it is the only outdated replica of
+/// all `expected`, the LUN is settled and an updated standby is ready and in sync.
+pub fn switch_over(d: &mut Decision, replicas: &[Replica], expected: usize, gate_open: bool) {
+    if settled(d, gate_open).is_err() || replicas.len() < expected {
         return;
     }
     let Some(active) = d.current_active.clone() else {
@@ -184,21 +189,27 @@ mod tests {
     fn standbys_go_first_highest_ordinal_first_one_at_a_time() {
         let pods = vec![replica(0, false), replica(1, false), replica(2, false)];
         assert_eq!(
-            next(&serving_0(), &pods, true),
+            next(&serving_0(), &pods, pods.len(), true),
             Step::Evict("corp-lun-0-2".into())
         );
         // Replica 2 restarting: nothing else goes.
         let mut pods = pods;
         pods[2].ready = false;
         pods[2].updated = true;
-        assert!(matches!(next(&serving_0(), &pods, true), Step::Wait(_)));
+        assert!(matches!(
+            next(&serving_0(), &pods, pods.len(), true),
+            Step::Wait(_)
+        ));
         // Back, but not yet in sync: replica 1 waits for it.
         pods[2].ready = true;
         pods[2].in_sync = false;
-        assert!(matches!(next(&serving_0(), &pods, true), Step::Wait(_)));
+        assert!(matches!(
+            next(&serving_0(), &pods, pods.len(), true),
+            Step::Wait(_)
+        ));
         pods[2].in_sync = true;
         assert_eq!(
-            next(&serving_0(), &pods, true),
+            next(&serving_0(), &pods, pods.len(), true),
             Step::Evict("corp-lun-0-1".into())
         );
     }
@@ -206,26 +217,35 @@ mod tests {
     #[test]
     fn the_active_is_switched_over_never_evicted_while_a_standby_can_serve() {
         let pods = vec![replica(0, false), replica(1, true)];
-        assert!(matches!(next(&serving_0(), &pods, true), Step::Wait(_)));
+        assert!(matches!(
+            next(&serving_0(), &pods, pods.len(), true),
+            Step::Wait(_)
+        ));
         let mut d = serving_0();
-        switch_over(&mut d, &pods, true);
+        switch_over(&mut d, &pods, pods.len(), true);
         assert_eq!(d.target_active.as_deref(), Some("corp-lun-0-1"));
         assert_eq!(d.needs_resync, vec!["corp-lun-0-0".to_string()]);
         // While the switchover completes and the demoted replica hands over, nothing is evicted.
-        assert!(matches!(next(&d, &pods, true), Step::Wait(_)));
+        assert!(matches!(next(&d, &pods, pods.len(), true), Step::Wait(_)));
         let handing_over = Decision {
             target_active: Some("corp-lun-0-1".into()),
             current_active: Some("corp-lun-0-1".into()),
             needs_resync: vec!["corp-lun-0-0".into()],
             ..Default::default()
         };
-        assert!(matches!(next(&handing_over, &pods, true), Step::Wait(_)));
+        assert!(matches!(
+            next(&handing_over, &pods, pods.len(), true),
+            Step::Wait(_)
+        ));
         // Handed over: now a standby like any other, it is replaced.
         let done = Decision {
             needs_resync: vec![],
             ..handing_over
         };
-        assert_eq!(next(&done, &pods, true), Step::Evict("corp-lun-0-0".into()));
+        assert_eq!(
+            next(&done, &pods, pods.len(), true),
+            Step::Evict("corp-lun-0-0".into())
+        );
     }
 
     #[test]
@@ -233,36 +253,50 @@ mod tests {
         let mut pods = vec![replica(0, false), replica(1, true)];
         pods[1].in_sync = false;
         let mut d = serving_0();
-        switch_over(&mut d, &pods, true);
+        switch_over(&mut d, &pods, pods.len(), true);
         assert_eq!(d.target_active.as_deref(), Some("corp-lun-0-0"));
         let pods = vec![replica(0, false), replica(1, false)];
         let mut d = serving_0();
-        switch_over(&mut d, &pods, true);
+        switch_over(&mut d, &pods, pods.len(), true);
         assert_eq!(d.target_active.as_deref(), Some("corp-lun-0-0"));
     }
 
     #[test]
     fn a_closed_gate_or_a_loss_under_way_waits() {
         let pods = vec![replica(0, false), replica(1, false)];
-        assert!(matches!(next(&serving_0(), &pods, false), Step::Wait(_)));
+        assert!(matches!(
+            next(&serving_0(), &pods, pods.len(), false),
+            Step::Wait(_)
+        ));
         let mut d = serving_0();
         d.degraded = Some(("ActiveUnready", "x".into()));
-        assert!(matches!(next(&d, &pods, true), Step::Wait(_)));
+        assert!(matches!(next(&d, &pods, pods.len(), true), Step::Wait(_)));
         let mut d = serving_0();
-        switch_over(&mut d, &[replica(0, false), replica(1, true)], false);
+        switch_over(&mut d, &[replica(0, false), replica(1, true)], 2, false);
         assert_eq!(d.target_active.as_deref(), Some("corp-lun-0-0"));
     }
 
     #[test]
     fn a_single_replica_restarts_in_place_and_an_updated_lun_is_idle() {
         assert_eq!(
-            next(&serving_0(), &[replica(0, false)], true),
+            next(&serving_0(), &[replica(0, false)], 1, true),
             Step::Evict("corp-lun-0-0".into())
         );
         assert_eq!(
-            next(&serving_0(), &[replica(0, true), replica(1, true)], true),
+            next(&serving_0(), &[replica(0, true), replica(1, true)], 2, true),
             Step::Idle
         );
+    }
+
+    /// Found on the real cluster: while the evicted standby is recreated it has no pod, and the LUN must
+    /// not look like a one-replica LUN whose active restarts in place.
+    #[test]
+    fn a_replica_being_recreated_is_waited_for_never_taken_for_a_smaller_lun() {
+        let pods = vec![replica(0, false)];
+        assert!(matches!(next(&serving_0(), &pods, 2, true), Step::Wait(_)));
+        let mut d = serving_0();
+        switch_over(&mut d, &[replica(0, false), replica(1, true)], 3, true);
+        assert_eq!(d.target_active.as_deref(), Some("corp-lun-0-0"));
     }
 
     #[test]
