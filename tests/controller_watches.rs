@@ -260,16 +260,26 @@ async fn an_unlabelled_mailbox_source_is_still_read_and_reported() {
 }
 
 #[tokio::test]
-async fn the_lun_controller_watches_its_own_statefulsets_and_the_pods_of_luns() {
+async fn the_lun_controller_watches_its_own_children_and_the_pods_of_luns() {
     let server = ApiServer::new();
     let ctx = Arc::new(Context::new(server.client(), RunConfig::default()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(lun::run(ctx, Some(NS.into()), async {
         let _ = stopped.await;
     }));
+    let children = [
+        "statefulsets",
+        "services",
+        "cronjobs",
+        "serviceaccounts",
+        "roles",
+        "rolebindings",
+    ];
     eventually("the watches", || {
         !watch_selectors(&server, "pods").is_empty()
-            && !watch_selectors(&server, "statefulsets").is_empty()
+            && children
+                .iter()
+                .all(|c| !watch_selectors(&server, c).is_empty())
     })
     .await;
     for s in watch_selectors(&server, "pods") {
@@ -279,12 +289,19 @@ async fn the_lun_controller_watches_its_own_statefulsets_and_the_pods_of_luns() 
             "pods watched by the LUN label"
         );
     }
-    for s in watch_selectors(&server, "statefulsets") {
-        assert_eq!(
-            s,
-            Some(format!("{}={}", labels::MANAGED_BY, labels::MANAGER)),
-            "only the operator's StatefulSets"
-        );
+    for kind in children {
+        for s in watch_selectors(&server, kind) {
+            assert_eq!(
+                s,
+                Some(format!(
+                    "{},{}={}",
+                    labels::LUN,
+                    labels::MANAGED_BY,
+                    labels::MANAGER
+                )),
+                "only the operator's {kind} of a LUN"
+            );
+        }
     }
     stop.send(()).ok();
     run.await.unwrap();

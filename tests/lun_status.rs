@@ -178,3 +178,84 @@ async fn the_running_controller_goes_quiet() {
     let st = api.get(LUN).await.unwrap().status.unwrap();
     assert_eq!(st.replication_lag_seconds, Some(300.0), "100 s, in steps");
 }
+
+/// With its children cached, a steady-state reconcile reads one thing from the API server: the LUN's
+/// store pods (their readiness is the failover's input). Before the cache it listed six kinds of children
+/// and read two Secrets as well.
+#[tokio::test]
+async fn a_steady_state_reconcile_reads_only_its_pods() {
+    let server = ApiServer::new();
+    create_lun(&server, &lun(LUN, &["a@corp.example"], 10)).await;
+    create_pod(&server, LUN, 0, true, None).await;
+    create_pod(&server, LUN, 1, true, None).await;
+    let reports = Arc::new(StaticReports::default());
+    reports.set("corp-lun-0-0", active_report());
+    reports.set("corp-lun-0-1", report(0.5, 1));
+    let ctx = Arc::new(
+        Context::new(server.client(), RunConfig::default())
+            .with_replication_source(reports.clone()),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(lun::run(ctx.clone(), Some(NS.to_string()), async move {
+        let _ = stopped.await;
+    }));
+    let api = Api::<StorageLUN>::namespaced(server.client(), NS);
+    for _ in 0..100 {
+        let st = api.get(LUN).await.unwrap().status.unwrap_or_default();
+        if st.current_active.is_some() && st.replication_lag_seconds.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each touch of a label nobody reads brings one reconcile with nothing to do.
+    let before = ctx.stats.reconciles();
+    server.clear_requests();
+    for i in 0..5 {
+        let patch = serde_json::json!({"metadata": {"labels": {"touched": i.to_string()}}});
+        api.patch(
+            LUN,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(patch),
+        )
+        .await
+        .unwrap();
+        for _ in 0..100 {
+            if ctx.stats.reconciles() > before + i {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reconciles = ctx.stats.reconciles() - before;
+    let requests = server.requests();
+    let reads: Vec<_> = requests
+        .iter()
+        .filter(|r| !r.is_mutating() && !r.is_watch())
+        .collect();
+    let writes: Vec<_> = requests
+        .iter()
+        .filter(|r| {
+            r.is_mutating()
+                && !r.path.contains("/events")
+                && !r.path.ends_with(&format!("/storageluns/{LUN}"))
+        })
+        .collect();
+    let _ = stop.send(());
+    task.await.unwrap();
+    assert!(reconciles >= 5, "{reconciles} reconciles");
+    assert!(
+        reads.len() as u64 <= reconciles,
+        "{} reads in {reconciles} reconciles: {reads:#?}",
+        reads.len()
+    );
+    assert!(
+        reads.iter().all(|r| r.path.ends_with("/pods")),
+        "only the store pods are read: {reads:#?}"
+    );
+    assert_eq!(
+        writes,
+        Vec::<&mailpod_operator::testkit::RequestRecord>::new()
+    );
+}

@@ -1,5 +1,6 @@
-//! The MailPod controller's cache of the children it owns, fed by the same watches that trigger its
-//! reconciles, so a steady-state reconcile reads its children from memory instead of listing six kinds.
+//! The MailPod and StorageLUN controllers' caches of the children they own, fed by the same watches that
+//! trigger their reconciles, so a steady-state reconcile reads its children from memory instead of
+//! listing six kinds.
 //!
 //! Memory is bounded by keeping only what a reconcile reads: every child without `managedFields` or
 //! `last-applied-configuration`; ConfigMaps, Services, NetworkPolicies and PodDisruptionBudgets as
@@ -258,6 +259,30 @@ impl ChildCache {
             })
             .collect();
         LiveChildren { objects }
+    }
+}
+
+/// Puts what a reconcile applied (`report`, children of `kinds`) into `cache`, so the next reconcile
+/// does not act again on a child whose watch event is still on its way.
+pub fn remember(
+    cache: Option<&std::sync::Arc<ChildCache>>,
+    report: &super::apply::ApplyReport,
+    kinds: &[ApiResource],
+) {
+    let Some(cache) = cache else { return };
+    for obj in &report.applied {
+        let Some(types) = obj.types.as_ref() else {
+            continue;
+        };
+        let Some(ar) = kinds
+            .iter()
+            .find(|ar| ar.kind == types.kind && ar.api_version == types.api_version)
+        else {
+            continue;
+        };
+        if let Ok(v) = serde_json::to_value(obj) {
+            cache.insert(v, ar, keep_of(&ar.kind));
+        }
     }
 }
 

@@ -183,14 +183,14 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
 
     let mut desired = store::build(&lun, &ctx.config.defaults());
     let selector = format!("{}={name}", l::LUN);
-    let live = LiveChildren::list(
-        &ctx.client,
-        &ns,
-        &lun_child_kinds(),
-        &selector,
-        &lun.uid().unwrap_or_default(),
-    )
-    .await?;
+    let uid = lun.uid().unwrap_or_default();
+    let kinds = lun_child_kinds();
+    // From the controller's cache once it holds every kind; listed when there is none yet.
+    let cache = ctx.children.get().filter(|c| c.synced());
+    let live = match cache {
+        Some(c) => c.live(&uid, &kinds),
+        None => LiveChildren::list(&ctx.client, &ns, &kinds, &selector, &uid).await?,
+    };
     // Block replication: whether the stores may run depends on the state of their images.
     let volume = if lun.spec.replication.method == ReplicationMethod::Volume {
         let prepared = volume::prepare(&ctx.client, &lun, &live).await?;
@@ -223,13 +223,16 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         &desired,
         &live,
         &ctx.applied,
-        &lun.uid().unwrap_or_default(),
+        &uid,
     ))
     .await
     {
-        Ok(report) => Box::pin(ensure_generated_secrets(&ctx.client, &ns, &lun))
-            .await
-            .map(|()| report),
+        Ok(report) => {
+            super::cache::remember(cache, &report, &kinds);
+            Box::pin(ensure_generated_secrets(&ctx, &ns, &lun))
+                .await
+                .map(|()| report)
+        }
         Err(e) => Err(e),
     };
     // Kept as text: the error itself is large and need not live across the awaits below.
@@ -635,6 +638,9 @@ async fn remove_orphans(
         if apply::delete_child(&ctx.client, ns, obj).await? {
             deleted.push(format!("{kind}/{name}"));
         }
+        if let Some(c) = ctx.children.get() {
+            c.remove(kind, name, obj.metadata.uid.as_deref().unwrap_or_default());
+        }
     }
     if !deleted.is_empty() {
         info!(lun = %lun.name_any(), deleted = %deleted.join(", "), "removed children no longer wanted");
@@ -680,7 +686,18 @@ fn set_apply_condition(
 /// - `<lun>-replication`: the doveadm password the LUN's replicas (and its restore jobs) share. A
 ///   SiteFailover's standby replaces it with the primary's, so both sites' replicas can reach each other.
 /// - `<lun>-control`: the token the store agents' control port asks of every request (the snapshot jobs).
-async fn ensure_generated_secrets(client: &kube::Client, ns: &str, lun: &StorageLUN) -> Result<()> {
+async fn ensure_generated_secrets(ctx: &Context, ns: &str, lun: &StorageLUN) -> Result<()> {
+    let uid = lun.uid().unwrap_or_default();
+    let seen = ctx
+        .secrets_seen
+        .lock()
+        .expect("secrets-seen lock")
+        .get(&uid)
+        .is_some_and(|at| at.elapsed() < SECRETS_RECHECK);
+    if seen {
+        return Ok(());
+    }
+    let client = &ctx.client;
     for (name, key) in [
         (
             store::replication_secret(&lun.name_any()),
@@ -693,8 +710,16 @@ async fn ensure_generated_secrets(client: &kube::Client, ns: &str, lun: &Storage
     ] {
         ensure_generated_secret(client, ns, lun, name, key).await?;
     }
+    ctx.secrets_seen
+        .lock()
+        .expect("secrets-seen lock")
+        .insert(uid, std::time::Instant::now());
     Ok(())
 }
+
+/// How long a LUN's generated Secrets, once seen, are taken to exist before they are read again (one
+/// deleted by hand is recreated within this time).
+pub const SECRETS_RECHECK: Duration = Duration::from_secs(600);
 
 async fn ensure_generated_secret(
     client: &kube::Client,
@@ -1062,15 +1087,11 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let statefulsets: Api<StatefulSet> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    // Only what this operator labels: its StatefulSets, and pods of a StorageLUN (whatever else in the
-    // cluster is called a "store").
+    // Only what this operator labels as a LUN's: its children, and pods of a StorageLUN (whatever else in
+    // the cluster is called a "store").
     let store_pods = watcher::Config::default().labels(l::LUN).any_semantic();
-    let own_statefulsets = watcher::Config::default()
-        .labels(&format!("{}={}", l::MANAGED_BY, l::MANAGER))
+    let own_children = watcher::Config::default()
+        .labels(&format!("{},{}={}", l::LUN, l::MANAGED_BY, l::MANAGER))
         .any_semantic();
     // The LUN's own status writes (and the snapshot job's) do not bring another reconcile; the agents
     // are polled on the requeue timer instead.
@@ -1084,8 +1105,51 @@ pub async fn run(
     );
     let controller = Controller::for_stream(own, cache.clone());
     ctx.stats.set_managed(move || cache.state().len());
+    // The LUN's children, watched and cached (metadata only but for the StatefulSet), so a steady-state
+    // reconcile lists none of them.
+    let kinds = lun_child_kinds();
+    let child_cache = Arc::new(super::cache::ChildCache::new(&kinds));
+    let _ = ctx.children.set(child_cache.clone());
+    let ns = namespace.as_deref();
+    use super::cached;
+    use kube::core::PartialObjectMeta;
     controller
-        .owns(statefulsets, own_statefulsets)
+        .owns_stream(cached::<PartialObjectMeta<ServiceAccount>, ServiceAccount>(
+            &client,
+            ns,
+            &own_children,
+            &child_cache,
+        ))
+        .owns_stream(cached::<PartialObjectMeta<RbacRole>, RbacRole>(
+            &client,
+            ns,
+            &own_children,
+            &child_cache,
+        ))
+        .owns_stream(cached::<PartialObjectMeta<RoleBinding>, RoleBinding>(
+            &client,
+            ns,
+            &own_children,
+            &child_cache,
+        ))
+        .owns_stream(cached::<PartialObjectMeta<Service>, Service>(
+            &client,
+            ns,
+            &own_children,
+            &child_cache,
+        ))
+        .owns_stream(cached::<PartialObjectMeta<CronJob>, CronJob>(
+            &client,
+            ns,
+            &own_children,
+            &child_cache,
+        ))
+        .owns_stream(cached::<StatefulSet, StatefulSet>(
+            &client,
+            ns,
+            &own_children,
+            &child_cache,
+        ))
         .watches(pods, store_pods, |pod: Pod| {
             let lun = pod.labels().get(l::LUN).cloned();
             lun.map(|name| ObjectRef::new(&name).within(&pod.namespace().unwrap_or_default()))

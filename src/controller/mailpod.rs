@@ -478,21 +478,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
 /// Puts what this reconcile applied into the controller's cache of children, so the next reconcile
 /// does not apply it again before its watch event arrives.
 fn remember_applied(cache: Option<&Arc<super::cache::ChildCache>>, report: &apply::ApplyReport) {
-    let Some(cache) = cache else { return };
-    for obj in &report.applied {
-        let Some(types) = obj.types.as_ref() else {
-            continue;
-        };
-        let Some(ar) = apply::mailpod_child_kinds()
-            .into_iter()
-            .find(|ar| ar.kind == types.kind && ar.api_version == types.api_version)
-        else {
-            continue;
-        };
-        if let Ok(v) = serde_json::to_value(obj) {
-            cache.insert(v, &ar, super::cache::keep_of(&ar.kind));
-        }
-    }
+    super::cache::remember(cache, report, &apply::mailpod_child_kinds());
 }
 
 fn condition_message(status: Option<&MailPodStatus>, type_: &str) -> Option<String> {

@@ -263,6 +263,9 @@ pub struct Context {
     pub losses: clock::FirstSeen,
     /// Per replica awaiting resync, the first pass time (its agent's clock) this process saw from it.
     pub resyncs: clock::FirstSeen,
+    /// Per LUN (UID), when its generated Secrets were last seen to exist: they are read again only after
+    /// [`lun::SECRETS_RECHECK`], not on every reconcile.
+    pub secrets_seen: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Context {
@@ -285,6 +288,7 @@ impl Context {
             clock: clock::Monotonic::default(),
             losses: clock::FirstSeen::default(),
             resyncs: clock::FirstSeen::default(),
+            secrets_seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -609,7 +613,7 @@ pub fn strip_managed_fields<K: Resource>(obj: &mut K) {
 
 /// The watch of one kind of children (`W` is the kind, or its metadata only), feeding `cache` and
 /// yielding each changed child for the controller to reconcile its owner.
-fn cached<W, K>(
+pub(crate) fn cached<W, K>(
     client: &Client,
     ns: Option<&str>,
     wc: &watcher::Config,
