@@ -339,6 +339,60 @@ async fn invalid_spec_reports_the_field_and_touches_no_child() {
     assert_eq!(children_versions(&server, "corp"), before);
 }
 
+/// The store volumes' size and class are fixed once LUNs exist: a changed `lunTemplate` is refused by the
+/// operator too (where the CRD's transition rule is missing, or in `render`), naming the field, and no
+/// child changes.
+#[tokio::test]
+async fn a_changed_lun_capacity_or_class_is_refused_and_touches_no_child() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 50).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let before = children_versions(&server, "corp");
+    let mps: Api<MailPod> = Api::namespaced(client.clone(), NS);
+    for (change, field) in [
+        (
+            json!({"capacity": "999Gi"}),
+            "spec.backend.lunTemplate.capacity",
+        ),
+        (
+            json!({"storageClassName": "other"}),
+            "spec.backend.lunTemplate.storageClassName",
+        ),
+    ] {
+        let original: MailPod = server.get(NS, "corp").unwrap();
+        mps.patch(
+            "corp",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"backend": {"lunTemplate": change}}})),
+        )
+        .await
+        .unwrap();
+        reconcile_once(&client, &ctx, NS, "corp").await.unwrap();
+        let mp: MailPod = server.get(NS, "corp").unwrap();
+        let ready = condition(&mp, condition::READY);
+        assert_eq!(ready.reason, condition::REASON_INVALID_SPEC);
+        assert!(ready.message.contains(field), "{}", ready.message);
+        assert_eq!(
+            children_versions(&server, "corp"),
+            before,
+            "a child changed"
+        );
+        // Set back, it converges again with nothing changed.
+        let template = serde_json::to_value(&original.spec.backend.lun_template).unwrap();
+        mps.patch(
+            "corp",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"backend": {"lunTemplate": {"capacity": template["capacity"], "storageClassName": template.get("storageClassName").cloned().unwrap_or(serde_json::Value::Null)}}}})),
+        )
+        .await
+        .unwrap();
+        reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+        assert_eq!(children_versions(&server, "corp"), before);
+    }
+}
+
 #[tokio::test]
 async fn transient_errors_are_retried_and_converge_without_duplicates() {
     let server = ApiServer::new();

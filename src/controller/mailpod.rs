@@ -180,6 +180,50 @@ async fn write_status(ctx: &Context, mp: &MailPod, status: MailPodStatus) -> Res
 
 /// An invalid spec: report it and leave every child as it is. No error, so no retry: the MailPod (or a
 /// watched mailbox source) changing is what brings the next reconcile.
+/// The LUN template's capacity and storage class as the existing LUNs were made with them: their store
+/// StatefulSets' volumeClaimTemplates cannot change, so a different value is refused here too (the CRD's
+/// transition rules refuse it at the API server, unless the CRDs predate them), naming the field, before
+/// anything is applied. Grow a LUN by expanding its PVCs.
+pub fn volumes_unchanged(
+    mp: &MailPod,
+    luns: &[StorageLUN],
+) -> std::result::Result<(), ValidationErrors> {
+    let t = &mp.spec.backend.lun_template;
+    let mut errs = ValidationErrors::default();
+    if let Some(l) = luns.iter().find(|l| l.spec.capacity != t.capacity) {
+        errs.push(
+            "spec.backend.lunTemplate.capacity",
+            format!(
+                "is {} but StorageLUN {} was made with {}: the store volumes' size cannot change here; \
+                 set it back, and expand the PVCs to grow a LUN",
+                t.capacity,
+                l.name_any(),
+                l.spec.capacity
+            ),
+        );
+    }
+    if let Some(l) = luns
+        .iter()
+        .find(|l| l.spec.storage_class_name != t.storage_class_name)
+    {
+        let show = |c: &Option<String>| c.clone().unwrap_or_else(|| "(the default)".into());
+        errs.push(
+            "spec.backend.lunTemplate.storageClassName",
+            format!(
+                "is {} but StorageLUN {} was made with {}: the store volumes' class cannot change",
+                show(&t.storage_class_name),
+                l.name_any(),
+                show(&l.spec.storage_class_name)
+            ),
+        );
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
+    }
+}
+
 async fn reject(ctx: &Context, mp: &MailPod, errs: ValidationErrors) -> Result<Action> {
     let status = status::invalid(mp, &errs, now());
     let first = errs.first_path().unwrap_or("spec").to_string();
@@ -262,6 +306,9 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
         None => LiveChildren::list(&ctx.client, &ns, &kinds, &selector, &uid).await?,
     };
     let live_luns: Vec<StorageLUN> = live.typed()?;
+    if let Err(errs) = volumes_unchanged(&mp, &live_luns) {
+        return reject(&ctx, &mp, errs).await;
+    }
     let existing = assignments(&live_luns);
     let current: BTreeSet<String> = existing
         .iter()
