@@ -190,6 +190,11 @@ pub fn signer_settings() -> FilterSettings {
 /// only, with the key of the From domain read from `key_dir/<domain>.<selector>.key` (rspamd's "fallback"
 /// path and selector, so a key added for a new domain is used without a restart); it refuses and marks
 /// nothing, and a domain without a key is sent unsigned (it is not one of the MailPod's).
+///
+/// Of rspamd's C modules only `dkim` (whose signing function `dkim_signing` calls) is loaded: the stock
+/// `fuzzy_check` resolves its public servers while the configuration loads, and where cluster DNS cannot
+/// reach the internet each name waits out its timeouts across the pod's search domains, delaying the
+/// signer's start (and every submission pod's readiness) by minutes.
 pub fn signer_files(selector: &str, key_dir: &str, milter: &str) -> BTreeMap<String, String> {
     let mut files = BTreeMap::new();
     let mut put = |name: &str, text: String| {
@@ -197,7 +202,7 @@ pub fn signer_files(selector: &str, key_dir: &str, milter: &str) -> BTreeMap<Str
     };
     put(
         "options.inc",
-        "local_addrs = [\"127.0.0.1/32\", \"::1/128\"];\ntask_timeout = 20s;\ndns {\n  timeout = 1s;\n  retransmits = 1;\n}\n"
+        "filters = \"dkim\";\nlocal_addrs = [\"127.0.0.1/32\", \"::1/128\"];\ntask_timeout = 20s;\ndns {\n  timeout = 1s;\n  retransmits = 1;\n}\n"
             .into(),
     );
     for (name, text) in milter_worker_files(milter, SIGNER_TIMEOUT_SECONDS) {
