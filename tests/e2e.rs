@@ -1751,6 +1751,19 @@ fn a_new_store_template_rolls_one_lun_at_a_time_standbys_first() {
             "{lun}: the old active is replaced only once switched over: {as_seen:?}"
         );
     }
+    // A store takes logins only once its agent has seen its `active` label through the downward API, which
+    // the kubelet rewrites some time after the switchover labelled it; until then the imap proxy gets the
+    // store's refusal (docs/operations.md). How long that took is printed, then every message is read.
+    let settled = Instant::now();
+    for user in users {
+        wait_for(&format!("{user} to log in after the roll"), || {
+            imap_login(&sc.ns, user)
+        });
+    }
+    eprintln!(
+        "roll: logins taken again {:.1} s after the roll ended",
+        settled.elapsed().as_secs_f64()
+    );
     for (user, subject) in &sent {
         wait_for(&format!("{subject} delivered to {user}"), || {
             imap_has(&sc.ns, user, subject)

@@ -129,18 +129,24 @@ async fn waiting_out_the_failover_threshold_writes_status_once() {
     );
 }
 
-/// The controller as `run` starts it: after converging, neither its status writes nor a standby's
-/// ever-growing time since its last pass bring more reconciles; the agents are asked again on a timer.
-#[tokio::test]
-async fn the_running_controller_goes_quiet() {
+/// The controller as `run` starts it, on a LUN serving from replica 0 whose standby last passed
+/// `standby_pass_ago` seconds ago, once it has converged (elected, promoted, status written). Send on
+/// the returned channel to stop it.
+async fn running_and_converged(
+    standby_pass_ago: i64,
+) -> (
+    ApiServer,
+    Arc<Context>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let server = ApiServer::new();
     create_lun(&server, &lun(LUN, &["a@corp.example"], 10)).await;
     create_pod(&server, LUN, 0, true, None).await;
     create_pod(&server, LUN, 1, true, None).await;
     let reports = Arc::new(StaticReports::default());
     reports.set("corp-lun-0-0", active_report());
-    // A report 100 s old: the lag the controller computes from it grows on every pass.
-    reports.set("corp-lun-0-1", report(0.5, 100));
+    reports.set("corp-lun-0-1", report(0.5, standby_pass_ago));
     let ctx = Arc::new(
         Context::new(server.client(), RunConfig::default())
             .with_replication_source(reports.clone()),
@@ -149,7 +155,6 @@ async fn the_running_controller_goes_quiet() {
     let task = tokio::spawn(lun::run(ctx.clone(), Some(NS.to_string()), async move {
         let _ = stopped.await;
     }));
-    // Converge: elected, promoted, status written.
     let api = Api::<StorageLUN>::namespaced(server.client(), NS);
     for _ in 0..100 {
         let st = api.get(LUN).await.unwrap().status.unwrap_or_default();
@@ -159,6 +164,16 @@ async fn the_running_controller_goes_quiet() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    (server, ctx, stop, task)
+}
+
+/// The controller as `run` starts it: after converging, neither its status writes nor a standby's
+/// ever-growing time since its last pass bring more reconciles; the agents are asked again on a timer.
+#[tokio::test]
+async fn the_running_controller_goes_quiet() {
+    // A report 100 s old: the lag the controller computes from it grows on every pass.
+    let (server, ctx, stop, task) = running_and_converged(100).await;
+    let api = Api::<StorageLUN>::namespaced(server.client(), NS);
     let before = ctx.stats.reconciles();
     server.clear_requests();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -184,30 +199,8 @@ async fn the_running_controller_goes_quiet() {
 /// and read two Secrets as well.
 #[tokio::test]
 async fn a_steady_state_reconcile_reads_only_its_pods() {
-    let server = ApiServer::new();
-    create_lun(&server, &lun(LUN, &["a@corp.example"], 10)).await;
-    create_pod(&server, LUN, 0, true, None).await;
-    create_pod(&server, LUN, 1, true, None).await;
-    let reports = Arc::new(StaticReports::default());
-    reports.set("corp-lun-0-0", active_report());
-    reports.set("corp-lun-0-1", report(0.5, 1));
-    let ctx = Arc::new(
-        Context::new(server.client(), RunConfig::default())
-            .with_replication_source(reports.clone()),
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(lun::run(ctx.clone(), Some(NS.to_string()), async move {
-        let _ = stopped.await;
-    }));
+    let (server, ctx, stop, task) = running_and_converged(1).await;
     let api = Api::<StorageLUN>::namespaced(server.client(), NS);
-    for _ in 0..100 {
-        let st = api.get(LUN).await.unwrap().status.unwrap_or_default();
-        if st.current_active.is_some() && st.replication_lag_seconds.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     // Each touch of a label nobody reads brings one reconcile with nothing to do.
     let before = ctx.stats.reconciles();
     server.clear_requests();

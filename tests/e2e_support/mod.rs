@@ -300,6 +300,31 @@ pub fn send_mail_via(port: &ServicePort, to: &str, subject: &str) {
     s.smtp("221");
 }
 
+/// Whether `user` can log in over IMAP through the imap Service now (`Err` with the server's answer if not).
+pub fn imap_login(ns: &str, user: &str) -> Result<(), String> {
+    let mut s = Session::new(ServicePort::new(ns, "small-imap", 143).connect());
+    let greeting = s.line();
+    if !greeting.starts_with("* OK") {
+        return Err(format!("greeting {greeting:?}"));
+    }
+    s.send(&format!("a LOGIN {user} {PASSWORD}"));
+    loop {
+        let l = s.line();
+        if l.is_empty() {
+            return Err("connection closed".into());
+        }
+        if let Some(answer) = l.strip_prefix("a ") {
+            let ok = answer.starts_with("OK");
+            s.send("z LOGOUT");
+            return if ok {
+                Ok(())
+            } else {
+                Err(answer.trim().to_string())
+            };
+        }
+    }
+}
+
 /// Whether `user`'s INBOX holds a message with `subject`, read over IMAP through the imap Service.
 pub fn imap_has(ns: &str, user: &str, subject: &str) -> Result<(), String> {
     imap_has_via(&ServicePort::new(ns, "small-imap", 143), user, subject)
