@@ -1009,23 +1009,8 @@ fn front_ends_serve_tls_and_auth_and_refuse_unknown_recipients() {
 /// The subjects in `user`'s `folder` that start with `prefix`, one entry per message (so a duplicate shows
 /// twice), read over IMAP through the imap Service.
 fn imap_subjects(ns: &str, user: &str, folder: &str, prefix: &str) -> Result<Vec<String>, String> {
-    let pf = ServicePort::new(ns, "small-imap", 143);
-    let mut s = Session::new(pf.connect());
-    let greeting = s.line();
-    if !greeting.starts_with("* OK") {
-        return Err(format!("greeting {greeting:?}"));
-    }
-    // A store that just became active may refuse logins for a moment (it re-reads its users file).
-    s.send(&format!("a LOGIN {user} {PASSWORD}"));
-    loop {
-        let l = s.line();
-        if l.starts_with("a ") {
-            if !l.starts_with("a OK") {
-                return Err(format!("LOGIN {user}: {l}"));
-            }
-            break;
-        }
-    }
+    // A store that just became active may refuse logins for a moment.
+    let mut s = imap_session(ns, user)?;
     s.send(&format!("b SELECT \"{folder}\""));
     let mut selected = String::new();
     loop {

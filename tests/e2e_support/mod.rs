@@ -300,8 +300,9 @@ pub fn send_mail_via(port: &ServicePort, to: &str, subject: &str) {
     s.smtp("221");
 }
 
-/// Whether `user` can log in over IMAP through the imap Service now (`Err` with the server's answer if not).
-pub fn imap_login(ns: &str, user: &str) -> Result<(), String> {
+/// An IMAP session through the imap Service, logged in as `user`; `Err` with the server's answer when the
+/// login is refused (a store that just became active refuses logins until its agent has seen its role).
+pub fn imap_session(ns: &str, user: &str) -> Result<Session, String> {
     let mut s = Session::new(ServicePort::new(ns, "small-imap", 143).connect());
     let greeting = s.line();
     if !greeting.starts_with("* OK") {
@@ -311,18 +312,22 @@ pub fn imap_login(ns: &str, user: &str) -> Result<(), String> {
     loop {
         let l = s.line();
         if l.is_empty() {
-            return Err("connection closed".into());
+            return Err(format!("LOGIN {user}: connection closed"));
         }
-        if let Some(answer) = l.strip_prefix("a ") {
-            let ok = answer.starts_with("OK");
-            s.send("z LOGOUT");
-            return if ok {
-                Ok(())
+        if l.starts_with("a ") {
+            return if l.starts_with("a OK") {
+                Ok(s)
             } else {
-                Err(answer.trim().to_string())
+                Err(format!("LOGIN {user}: {}", l.trim()))
             };
         }
     }
+}
+
+/// Whether `user` can log in over IMAP through the imap Service now.
+pub fn imap_login(ns: &str, user: &str) -> Result<(), String> {
+    imap_session(ns, user)?.send("z LOGOUT");
+    Ok(())
 }
 
 /// Whether `user`'s INBOX holds a message with `subject`, read over IMAP through the imap Service.

@@ -11,6 +11,7 @@
 //!   updated, in-sync standby; the demoted replica hands over what only it holds (`needsResync`), and is
 //!   replaced only after that, as a standby.
 //! - A LUN with no standby restarts its only replica in place; its mail waits in the mx queue meanwhile.
+//! - A fenced LUN (a standby site's) has no writer: its replicas are replaced one at a time like standbys.
 //!
 //! Pods are evicted (the Eviction API), never deleted: an eviction is the voluntary disruption the cluster
 //! knows how to account for, and it needs no right to delete pods.
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 
-use super::failover::{Decision, Replica};
+use super::failover::{Decision, Replica, REASON_FENCED};
 use super::scale;
 
 /// How soon to look again while a roll is under way.
@@ -64,7 +65,14 @@ fn settled(d: &Decision, gate_open: bool) -> Result<(), String> {
     if !gate_open {
         return Err("a LUN with a lower index is still rolling".into());
     }
-    if d.target_active != d.current_active || d.degraded.is_some() {
+    // A fenced LUN (a standby site's) has no active and no writer: its replicas are all replaced like
+    // standbys.
+    let fenced = d.current_active.is_none()
+        && d.target_active.is_none()
+        && d.degraded
+            .as_ref()
+            .is_some_and(|(r, _)| *r == REASON_FENCED);
+    if d.target_active != d.current_active || (d.degraded.is_some() && !fenced) {
         return Err("a promotion or switchover is under way".into());
     }
     Ok(())
@@ -297,6 +305,28 @@ mod tests {
         let mut d = serving_0();
         switch_over(&mut d, &[replica(0, false), replica(1, true)], 3, true);
         assert_eq!(d.target_active.as_deref(), Some("corp-lun-0-0"));
+    }
+
+    #[test]
+    fn a_fenced_lun_replaces_its_replicas_one_at_a_time() {
+        let fenced = Decision {
+            degraded: Some((REASON_FENCED, "fenced".into())),
+            ..Default::default()
+        };
+        let pods = vec![replica(0, false), replica(1, false)];
+        assert_eq!(
+            next(&fenced, &pods, 2, true),
+            Step::Evict("corp-lun-0-1".into())
+        );
+        let mut pods = pods;
+        pods[1].updated = true;
+        pods[1].ready = false;
+        assert!(matches!(next(&fenced, &pods, 2, true), Step::Wait(_)));
+        pods[1].ready = true;
+        assert_eq!(
+            next(&fenced, &pods, 2, true),
+            Step::Evict("corp-lun-0-0".into())
+        );
     }
 
     #[test]
