@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, PostParams};
 use kube::ResourceExt;
 use lun_common::*;
 use mailpod_operator::controller::lun::{self, lun_child_kinds};
@@ -37,17 +37,6 @@ async fn children(server: &ApiServer) -> BTreeSet<String> {
         }
     }
     out
-}
-
-async fn patch_spec(server: &ApiServer, spec: serde_json::Value) {
-    Api::<StorageLUN>::namespaced(server.client(), NS)
-        .patch(
-            LUN,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": spec })),
-        )
-        .await
-        .unwrap();
 }
 
 #[tokio::test]
@@ -92,7 +81,7 @@ async fn children_no_longer_wanted_are_removed_and_the_store_stays() {
     let statefulset = format!("StatefulSet/{LUN}");
     assert!(before.contains(&statefulset), "{before:?}");
 
-    patch_spec(&server, json!({"snapshots": {"enabled": false}})).await;
+    patch_lun_spec(&server, LUN, json!({"snapshots": {"enabled": false}})).await;
     reconcile(&server, &ctx).await;
     let after_snapshots = children(&server).await;
     let gone: Vec<&String> = before.difference(&after_snapshots).collect();
@@ -101,7 +90,7 @@ async fn children_no_longer_wanted_are_removed_and_the_store_stays() {
         "snapshots off removes exactly the snapshot CronJob and its RBAC"
     );
 
-    patch_spec(&server, json!({"siteReplication": null})).await;
+    patch_lun_spec(&server, LUN, json!({"siteReplication": null})).await;
     reconcile(&server, &ctx).await;
     let after = children(&server).await;
     let gone: Vec<&String> = after_snapshots.difference(&after).collect();

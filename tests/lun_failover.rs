@@ -218,14 +218,7 @@ async fn promotes_only_after_the_threshold_in_two_steps_and_never_back_without_r
 #[tokio::test]
 async fn fenced_lun_serves_from_no_replica() {
     let (server, ctx, _) = serving().await;
-    Api::<StorageLUN>::namespaced(server.client(), NS)
-        .patch(
-            LUN,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"fenced": true}})),
-        )
-        .await
-        .unwrap();
+    patch_lun_spec(&server, LUN, json!({"fenced": true})).await;
     let st = reconcile(&server, &ctx).await;
     assert_eq!((st.current_active, st.target_active), (None, None));
     assert_eq!(
@@ -314,15 +307,13 @@ async fn replicas_of_a_fenced_lun_pull_from_the_replication_source() {
 #[tokio::test]
 async fn more_mailboxes_than_max_users_is_reported_and_deletes_nothing() {
     let (server, ctx, _) = serving().await;
-    Api::<StorageLUN>::namespaced(server.client(), NS)
-        .patch(
-            LUN,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"maxUsers": 1,
-            "mailboxes": ["a@corp.example", "b@corp.example"]}})),
-        )
-        .await
-        .unwrap();
+    patch_lun_spec(
+        &server,
+        LUN,
+        json!({"maxUsers": 1,
+            "mailboxes": ["a@corp.example", "b@corp.example"]}),
+    )
+    .await;
     server.clear_requests();
     let st = reconcile(&server, &ctx).await;
     let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
@@ -426,14 +417,7 @@ async fn a_store_that_cannot_be_applied_still_fails_over() {
     reports.set("corp-lun-0-1", standby_report(0.4, 1, true));
     lose_for(&server, &ctx, "corp-lun-0-0", 45).await;
     // A spec change the StatefulSet cannot take.
-    Api::<StorageLUN>::namespaced(server.client(), NS)
-        .patch(
-            LUN,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"capacity": "2Gi"}})),
-        )
-        .await
-        .unwrap();
+    patch_lun_spec(&server, LUN, json!({"capacity": "2Gi"})).await;
     server.inject(Fault::new(
         Some(http::Method::PATCH),
         "/statefulsets/",
@@ -552,14 +536,7 @@ async fn lowering_standbys_switches_over_first_and_never_removes_the_active() {
     assert_eq!(st.current_active.as_deref(), Some("corp-lun-0-2"));
     assert_eq!(replicas(&server), Some(3));
 
-    Api::<StorageLUN>::namespaced(server.client(), NS)
-        .patch(
-            LUN,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"standbys": 0}})),
-        )
-        .await
-        .unwrap();
+    patch_lun_spec(&server, LUN, json!({"standbys": 0})).await;
     let st = reconcile(&server, &ctx).await;
     assert_eq!(replicas(&server), Some(3), "the active is never removed");
     assert_eq!(st.target_active.as_deref(), Some("corp-lun-0-0"));

@@ -61,14 +61,7 @@ fn degraded(st: &StorageLUNStatus) -> (String, String) {
 }
 
 async fn set_fenced(server: &ApiServer, fenced: bool) {
-    Api::<StorageLUN>::namespaced(server.client(), NS)
-        .patch(
-            LUN,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"fenced": fenced}})),
-        )
-        .await
-        .unwrap();
+    patch_lun_spec(server, LUN, json!({"fenced": fenced})).await;
 }
 
 fn context(server: &ApiServer) -> Arc<Context> {

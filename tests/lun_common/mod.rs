@@ -47,6 +47,18 @@ pub async fn set_lun_status(server: &ApiServer, name: &str, status: serde_json::
         .unwrap();
 }
 
+/// Merges `spec` into StorageLUN `name`'s spec, as `kubectl patch --type=merge` would.
+pub async fn patch_lun_spec(server: &ApiServer, name: &str, spec: serde_json::Value) {
+    Api::<StorageLUN>::namespaced(server.client(), NS)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await
+        .unwrap();
+}
+
 /// A store pod of `lun` as the StatefulSet would make it, with the readiness the test wants.
 pub async fn create_pod(
     server: &ApiServer,
