@@ -39,9 +39,8 @@ if [ -S "$SOCK" ]; then
   done
 fi
 for p in /proc/[0-9]*; do
-  if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q -- "-address $SOCK"; then
-    kill -KILL "${p#/proc/}" 2>/dev/null
-  fi
+  cmdline=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
+  case $cmdline in *"-address $SOCK"*) kill -KILL "${p#/proc/}" 2>/dev/null ;; esac
 done
 stop containerd
 stop csi-hostpath

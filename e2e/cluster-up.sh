@@ -180,7 +180,10 @@ for img in "$IMAGES"/*.tar; do
     || die "could not import $img"
 done
 shopt -u nullglob
-ctr --address "$RUN/containerd.sock" -n k8s.io images ls -q | grep -q '^registry.k8s.io/pause:3.10$' \
+# The list is read whole before it is searched: `ctr ... | grep -q` under pipefail fails when grep exits on the
+# first match and ctr is killed by SIGPIPE writing the next line.
+images=$(ctr --address "$RUN/containerd.sock" -n k8s.io images ls -q)
+grep -qx 'registry.k8s.io/pause:3.10' <<<"$images" \
   || die "the pause image is not in containerd: run e2e/build-images.sh first"
 
 cat >"$STATE/kubelet/config.yaml" <<EOF
