@@ -33,6 +33,9 @@ pub mod labels {
 /// Field manager for every Server-Side Apply of this operator.
 pub const FIELD_MANAGER: &str = "mailpod-operator";
 
+/// Field manager of the snapshot Job's status writes (`snapshots`, `lastSnapshot` of its StorageLUN).
+pub const SNAPSHOT_FIELD_MANAGER: &str = "mailpod-operator-snapshot";
+
 /// Default image of mail pods and of the operator's Jobs (the `mail` target of mail-image/Dockerfile; the
 /// chart passes its own with `--mail-image`).
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/mailpod-io/mailpod:", env!("CARGO_PKG_VERSION"));

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -460,10 +460,15 @@ async fn record(
     };
     let luns: Api<StorageLUN> =
         Api::namespaced(client.clone(), &lun.namespace().unwrap_or_default());
-    let patch = json!({ "status": { "snapshots": kept, "lastSnapshot": last } });
-    if let Err(e) = luns
-        .patch_status(&lun_name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
+    let status = json!({ "snapshots": kept, "lastSnapshot": last });
+    if let Err(e) = crate::controller::apply::apply_status(
+        &luns,
+        &lun_name,
+        names::SNAPSHOT_FIELD_MANAGER,
+        &status,
+        &["snapshots", "lastSnapshot"],
+    )
+    .await
     {
         tracing::warn!(error = %e, lun = %lun_name, "recording the snapshot in status");
     }

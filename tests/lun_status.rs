@@ -252,3 +252,43 @@ async fn a_steady_state_reconcile_reads_only_its_pods() {
         Vec::<&mailpod_operator::testkit::RequestRecord>::new()
     );
 }
+
+/// Status is applied with the operator's field manager; a field an older version wrote by merge patch, and
+/// that this status no longer sets, is cleared once (the apply alone cannot remove what it never owned),
+/// and then the controller is quiet again.
+#[tokio::test]
+async fn status_is_applied_and_fields_left_by_a_merge_patch_are_cleared_once() {
+    use kube::api::{Patch, PatchParams};
+    let (server, ctx) = serving(Arc::new(StaticReports::default())).await;
+    let api = Api::<StorageLUN>::namespaced(server.client(), NS);
+    let before = api.get(LUN).await.unwrap().status.unwrap();
+    assert_eq!(before.replication_lag_seconds, None);
+    api.patch_status(
+        LUN,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"replicationLagSeconds": 42.0, "users": 99}})),
+    )
+    .await
+    .unwrap();
+    server.clear_requests();
+    let st = reconcile(&server, &ctx).await;
+    assert_eq!(st.replication_lag_seconds, None, "{st:?}");
+    assert_eq!(st.users, 1);
+    let writes: Vec<_> = server
+        .mutating_requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/status"))
+        .collect();
+    assert!(
+        writes
+            .first()
+            .is_some_and(|r| r.query.contains("fieldManager=mailpod-operator")),
+        "the status is applied first: {writes:?}"
+    );
+    assert_eq!(writes.len(), 2, "one apply, one clearing patch: {writes:?}");
+
+    server.clear_requests();
+    reconcile(&server, &ctx).await;
+    reconcile(&server, &ctx).await;
+    assert_eq!(server.mutating_requests(), vec![]);
+}

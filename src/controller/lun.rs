@@ -42,7 +42,7 @@ use crate::crd::{
     condition, set_condition, ReplicaStatus, ReplicationMethod, StorageLUN, StorageLUNStatus,
     ValidationErrors,
 };
-use crate::names::{annotations, labels as l};
+use crate::names::{annotations, labels as l, FIELD_MANAGER};
 use crate::resources::store;
 use failover::{Decision, Role};
 
@@ -93,7 +93,7 @@ pub fn lun_child_kinds() -> Vec<ApiResource> {
     ]
 }
 
-/// Status fields this controller owns (everything but the snapshot job's) and writes by merge patch.
+/// Status fields this controller owns (everything but the snapshot job's and the decision) and applies.
 const OWNED_STATUS_FIELDS: &[&str] = &[
     "conditions",
     "observedGeneration",
@@ -103,7 +103,7 @@ const OWNED_STATUS_FIELDS: &[&str] = &[
 ];
 
 /// Status fields that record the failover decision: written only by compare-and-swap
-/// ([`record_decision`]), never by the merge patch of the other fields, which could carry a stale one.
+/// ([`record_decision`]), never by the apply of the other fields, which could carry a stale one.
 const DECISION_STATUS_FIELDS: &[&str] = &[
     "targetActive",
     "currentActive",
@@ -966,7 +966,7 @@ fn compute_status(
     s
 }
 
-/// Writes the owned part of `status` when it differs from what is stored.
+/// Writes the owned part of `status` when it differs from what is stored ([`apply::apply_status`]).
 async fn write_status(
     ctx: &Context,
     lun: &StorageLUN,
@@ -976,21 +976,18 @@ async fn write_status(
     if current == status {
         return Ok(false);
     }
-    let mut body = serde_json::to_value(status).map_err(|source| Error::Decode {
+    let body = serde_json::to_value(status).map_err(|source| Error::Decode {
         what: format!("status of StorageLUN {}", lun.name_any()),
         source,
     })?;
-    let obj = body.as_object_mut().expect("status is an object");
-    obj.retain(|k, _| OWNED_STATUS_FIELDS.contains(&k.as_str()));
-    for field in OWNED_STATUS_FIELDS {
-        obj.entry(field.to_string()).or_insert(Value::Null);
-    }
     let api: Api<StorageLUN> =
         Api::namespaced(ctx.client.clone(), &lun.namespace().unwrap_or_default());
-    api.patch_status(
+    apply::apply_status(
+        &api,
         &lun.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": body })),
+        FIELD_MANAGER,
+        &body,
+        OWNED_STATUS_FIELDS,
     )
     .await
     .map_err(|source| Error::Status { source })?;
