@@ -473,3 +473,67 @@ async fn a_secret_the_mirror_did_not_make_is_left_alone_and_promotion_goes_on() 
         "the new active site fenced the old one"
     );
 }
+
+/// The standby signs with the primary's DKIM keys: its own MailPod controller made a key first (as on a real
+/// cluster, where it may run before the first mirror), and the primary's replaces it, so both sites publish
+/// the same record and a promoted standby's mail verifies against the DNS record already out there.
+#[tokio::test]
+async fn the_standby_signs_with_the_primarys_dkim_keys() {
+    use k8s_openapi::api::core::v1::Secret;
+    let mut manifest = failover_support::mailpod_manifest();
+    manifest["spec"]["dkim"] = json!({});
+    let sites = Sites::with_mailpod(manifest).await;
+    for _ in 0..3 {
+        sites.round().await;
+    }
+    let key = |s: &Secret| s.data.as_ref().unwrap()["corp.example.mail.key"].0.clone();
+    let east_secrets = Api::<Secret>::namespaced(sites.east.server.client(), NS);
+    let west_secrets = Api::<Secret>::namespaced(sites.west.server.client(), NS);
+    let east_key = key(&east_secrets.get("corp-dkim").await.unwrap());
+    assert_eq!(
+        key(&west_secrets.get("corp-dkim").await.unwrap()),
+        east_key,
+        "the standby holds the primary's key"
+    );
+    let records = |mp: MailPod| mp.status.unwrap().dkim;
+    let east_records = records(sites.east.mailpod().unwrap());
+    assert_eq!(east_records.len(), 1, "{east_records:?}");
+    assert_eq!(records(sites.west.mailpod().unwrap()), east_records);
+
+    // A key the standby's controller generated itself (labelled as the operator's) is replaced.
+    let own = mailpod_operator::controller::dkim::generate_key().unwrap();
+    west_secrets
+        .patch(
+            "corp-dkim",
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": {"labels": {"app.kubernetes.io/managed-by": "mailpod-operator"}},
+                "data": {"corp.example.mail.key": k8s_openapi::ByteString(own.into_bytes())}
+            })),
+        )
+        .await
+        .unwrap();
+    assert_ne!(key(&west_secrets.get("corp-dkim").await.unwrap()), east_key);
+    sites.round().await;
+    sites.west.settle_mailpod().await;
+    assert_eq!(
+        key(&west_secrets.get("corp-dkim").await.unwrap()),
+        east_key,
+        "the mirror restores the primary's key"
+    );
+    assert_eq!(records(sites.west.mailpod().unwrap()), east_records);
+
+    // Quiet once equal.
+    sites.round().await;
+    sites.west.server.clear_requests();
+    sites.advance(INTERVAL);
+    sites.west.tick().await;
+    let m: Vec<_> = sites
+        .west
+        .server
+        .mutating_requests()
+        .into_iter()
+        .filter(|r| !r.path.contains("/events"))
+        .collect();
+    assert!(m.is_empty(), "steady state wrote {m:?}");
+}

@@ -124,7 +124,8 @@ pub struct Sides<'a> {
     pub timeout: Duration,
 }
 
-/// Gives this site's MailPods the peer's spec, the ConfigMaps and Secrets their mailbox lists name, and
+/// Gives this site's MailPods the peer's spec, the ConfigMaps and Secrets their mailbox lists name, their
+/// DKIM keys, and
 /// the peer's LUN placement, so both sites render the same access tables (equal `accessTablesHash`).
 /// LUNs are only updated, never created (the standby's MailPod controller creates and owns them), except
 /// block-replicated ones, which [`super::volumes`] creates fenced and points at the mirrored images.
@@ -261,6 +262,11 @@ fn referenced_sources(mp: &MailPod) -> Vec<(&'static str, String)> {
     }
     if let Some(r) = &mp.spec.mailboxes.passwd_file_secret {
         out.push(("Secret", r.name.clone()));
+    }
+    // The DKIM keys: a promoted standby signs with the keys whose records are published, not with keys of
+    // its own (receivers would fail DKIM, and DMARC would refuse the mail).
+    if let Some(d) = &mp.spec.dkim {
+        out.push(("Secret", d.secret(&mp.name_any())));
     }
     out.sort();
     out.dedup();
