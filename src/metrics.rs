@@ -157,10 +157,9 @@ fn encode_sites(
         return Ok(());
     }
     let now = jiff::Timestamp::now();
-    let since = move |t: &Option<String>| {
-        t.as_deref()
-            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-            .map(|t| now.duration_since(t).as_secs_f64().max(0.0))
+    let since = move |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime>| {
+        t.as_ref()
+            .map(|t| now.duration_since(t.0).as_secs_f64().max(0.0))
     };
     fn b(v: Option<bool>) -> Option<f64> {
         v.map(|b| if b { 1.0 } else { 0.0 })

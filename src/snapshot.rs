@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -427,9 +428,7 @@ async fn record(
             .filter(|s| s.metadata.deletion_timestamp.is_none())
             .map(|s| SnapshotRecord {
                 name: s.name_any(),
-                created_at: volume::created_at(&s)
-                    .map(|t| t.to_string())
-                    .unwrap_or_default(),
+                created_at: Time(volume::created_at(&s).unwrap_or_default()),
                 ready_to_use: volume::state(&s).ready_to_use,
             })
             .collect(),
@@ -445,14 +444,14 @@ async fn record(
     let last = match outcome {
         Ok(o) => SnapshotResult {
             name: Some(o.name.clone()),
-            time: Timestamp::now().to_string(),
+            time: Time(Timestamp::now()),
             result: "Succeeded".into(),
             message: (!o.pruned.is_empty()).then(|| format!("pruned {}", o.pruned.join(", "))),
             pause_millis,
         },
         Err(e) => SnapshotResult {
             name: Some(name.to_string()),
-            time: Timestamp::now().to_string(),
+            time: Time(Timestamp::now()),
             result: "Failed".into(),
             message: Some(e.to_string()),
             pause_millis,

@@ -57,7 +57,9 @@ async fn setup() -> (ApiServer, kube::Client) {
                 replication_lag_seconds: Some(1.5),
                 last_snapshot: Some(SnapshotResult {
                     name: Some("snap".into()),
-                    time: "2026-11-23T08:00:00Z".into(),
+                    time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        "2026-11-23T08:00:00Z".parse().unwrap(),
+                    ),
                     result: "Succeeded".into(),
                     message: None,
                     pause_millis: Some(120),

@@ -344,12 +344,7 @@ pub async fn reconcile_once(ctx: &Context, ns: &str, name: &str) -> Result<Durat
             }
         }
     }
-    let last_probe = last_probe.max(
-        status
-            .last_probe_time
-            .as_deref()
-            .and_then(|t| t.parse().ok()),
-    );
+    let last_probe = last_probe.max(status.last_probe_time.as_ref().map(|t| t.0));
     let frontend_ok = if !local_active && machine::probe_due(spec, last_probe, now) {
         let result = ctx.probe.check(&targets, timeout).await;
         if let Err(e) = &result {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -275,13 +275,14 @@ pub struct SiteFailoverStatus {
     pub peer_reachable: Option<bool>,
     #[serde(default)]
     pub consecutive_probe_failures: u32,
-    /// RFC 3339 time of the last counted probe of the peer: a probe counts at most once per
-    /// `probeIntervalSeconds`, so extra reconciles (watch events) never hasten a failover.
+    /// Time of the last counted probe of the peer: a probe counts at most once per
+    /// `probeIntervalSeconds`, so extra reconciles (watch events) never hasten a failover. Microseconds, as
+    /// every time of this status: the pacing and the RTO are measured in fractions of a second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_probe_time: Option<String>,
-    /// RFC 3339 time of the first failed probe of the current run of failures; the RTO is measured from it.
+    pub last_probe_time: Option<MicroTime>,
+    /// Time of the first failed probe of the current run of failures; the RTO is measured from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub probe_failing_since: Option<String>,
+    pub probe_failing_since: Option<MicroTime>,
     /// Whether this site's StorageLUNs are fenced (standby, or a site that saw a higher epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<bool>,
@@ -292,9 +293,9 @@ pub struct SiteFailoverStatus {
     pub local_access_tables_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_access_tables_hash: Option<String>,
-    /// RFC 3339 time of the last table sync.
+    /// Time of the last table sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_table_sync: Option<String>,
+    pub last_table_sync: Option<MicroTime>,
     /// Data behind the active site (the RPO if it were lost now). While the figure cannot be read (a
     /// `Volume` LUN's is reported by the active site, which may be unreachable), the last reading plus the
     /// time since: an upper bound.
@@ -323,16 +324,17 @@ pub struct WitnessStatus {
 }
 
 /// One failover or failback, with its measured figures.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailoverRecord {
     pub from: String,
     pub to: String,
     pub epoch: i64,
-    /// RFC 3339.
-    pub started_at: String,
+    /// When it began: the first failed probe of the peer (a failover) or the request (a failback).
+    pub started_at: MicroTime,
+    /// When the new active site served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub completed_at: Option<String>,
+    pub completed_at: Option<MicroTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rto_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

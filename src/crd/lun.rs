@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -174,37 +174,37 @@ pub struct ReplicaStatus {
 }
 
 /// One promotion of a standby.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Promotion {
     pub from: String,
     pub to: String,
-    /// When the old active was first seen unready (RFC 3339).
-    pub lost_at: String,
+    /// When the old active was first seen unready.
+    pub lost_at: Time,
     /// When the new active served.
-    pub promoted_at: String,
+    pub promoted_at: Time,
     /// Loss to promoted, in seconds.
     pub seconds: f64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotRecord {
     /// VolumeSnapshot name.
     pub name: String,
-    /// RFC 3339.
-    pub created_at: String,
+    /// The VolumeSnapshot's creation time.
+    pub created_at: Time,
     #[serde(default)]
     pub ready_to_use: bool,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// RFC 3339.
-    pub time: String,
+    /// When the snapshot Job finished.
+    pub time: Time,
     /// `Succeeded` or `Failed`.
     pub result: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

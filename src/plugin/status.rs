@@ -96,7 +96,7 @@ pub async fn status(
         let snap = s
             .last_snapshot
             .as_ref()
-            .map(|r| format!("{} {}", r.time, r.result))
+            .map(|r| format!("{} {}", r.time.0, r.result))
             .unwrap_or_else(|| "-".into());
         let ready = s
             .conditions
@@ -166,7 +166,7 @@ pub async fn status(
                 f.kind,
                 f.from,
                 f.to,
-                f.started_at,
+                f.started_at.0,
                 f.rto_seconds
                     .map(|r| format!("{r:.1}s"))
                     .unwrap_or_else(|| "-".into()),

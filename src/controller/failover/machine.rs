@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use sha2::{Digest, Sha256};
 
 use failback::{failback_step, start_failback, swap_actions};
@@ -142,12 +142,12 @@ pub const KIND_FAILBACK: &str = "failback";
 /// How soon to look again while a failover or failback is in progress.
 pub const IN_PROGRESS_REQUEUE: Duration = Duration::from_secs(1);
 
-fn rfc3339(t: Timestamp) -> String {
-    t.to_string()
+fn rfc3339(t: Timestamp) -> MicroTime {
+    MicroTime(t)
 }
 
-fn parse(t: &Option<String>) -> Option<Timestamp> {
-    t.as_deref().and_then(|s| s.parse().ok())
+fn parse(t: &Option<MicroTime>) -> Option<Timestamp> {
+    t.as_ref().map(|m| m.0)
 }
 
 fn seconds_between(from: Timestamp, to: Timestamp) -> f64 {
@@ -690,7 +690,7 @@ fn finish(spec: &SiteFailoverSpec, st: &SiteFailoverStatus, now: Timestamp) -> S
     let mut done = st.clone();
     if let Some(rec) = done.last_failover.as_mut() {
         rec.completed_at = Some(rfc3339(now));
-        if let Some(start) = parse(&Some(rec.started_at.clone())) {
+        if let Some(start) = Some(rec.started_at.0) {
             rec.rto_seconds = Some(seconds_between(start, now));
         }
     }

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::crd::{condition, Promotion, StorageLUNSpec, StorageLUNStatus};
 
@@ -298,8 +299,8 @@ fn complete_promotion(d: &mut Decision, r: &Replica, status: &StorageLUNStatus, 
     d.last_promotion = Some(Promotion {
         from,
         to: r.name.clone(),
-        lost_at: lost_at.to_string(),
-        promoted_at: now.to_string(),
+        lost_at: Time(lost_at),
+        promoted_at: Time(now),
         seconds,
     });
 }

@@ -163,8 +163,8 @@ fn a_replica_awaiting_resync_is_never_promoted_until_it_reports_sync() {
     status.last_promotion = Some(Promotion {
         from: "corp-lun-0-0".into(),
         to: "corp-lun-0-1".into(),
-        lost_at: t(0).to_string(),
-        promoted_at: t(30).to_string(),
+        lost_at: Time(t(0)),
+        promoted_at: Time(t(30)),
         seconds: 30.0,
     });
     let mut old = replica(0, true, Some(Role::Standby));

@@ -3,7 +3,7 @@
 
 use croner::parser::{CronParser, Seconds, Year};
 use jiff::civil::DateTime;
-use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::crd::{StorageLUNSpec, StorageLUNStatus};
 
@@ -23,11 +23,8 @@ pub struct LunHealth {
     pub last_promotion_timestamp: Option<f64>,
 }
 
-fn unix(rfc3339: &str) -> Option<f64> {
-    rfc3339
-        .parse::<Timestamp>()
-        .ok()
-        .map(|t| t.as_millisecond() as f64 / 1000.0)
+fn unix(t: &Time) -> Option<f64> {
+    Some(t.0.as_millisecond() as f64 / 1000.0)
 }
 
 /// The longest gap between consecutive runs of a cron schedule, in seconds. Runs are taken in UTC, as
@@ -105,40 +102,52 @@ mod tests {
         .unwrap()
     }
 
+    fn at(t: &str) -> Time {
+        Time(t.parse().unwrap())
+    }
+
     #[test]
     fn newest_snapshot_failure_and_promotion() {
         let stored = StorageLUNStatus {
             snapshots: vec![
                 SnapshotRecord {
                     name: "b".into(),
-                    created_at: "2026-01-01T08:00:00Z".into(),
+                    created_at: at("2026-01-01T08:00:00Z"),
                     ready_to_use: true,
                 },
                 SnapshotRecord {
                     name: "a".into(),
-                    created_at: "2026-01-01T00:00:00Z".into(),
+                    created_at: at("2026-01-01T00:00:00Z"),
                     ready_to_use: true,
                 },
             ],
             last_snapshot: Some(SnapshotResult {
-                time: "2026-01-01T16:00:00Z".into(),
+                name: None,
+                time: at("2026-01-01T16:00:00Z"),
                 result: "Failed".into(),
-                ..Default::default()
+                message: None,
+                pause_millis: None,
             }),
             ..Default::default()
         };
         let computed = StorageLUNStatus {
             last_promotion: Some(Promotion {
-                promoted_at: "2026-01-02T00:00:00Z".into(),
-                ..Default::default()
+                from: "corp-lun-0-0".into(),
+                to: "corp-lun-0-1".into(),
+                lost_at: at("2026-01-01T23:59:30Z"),
+                promoted_at: at("2026-01-02T00:00:00Z"),
+                seconds: 30.0,
             }),
             ..Default::default()
         };
         let h = of(&spec(), Some(&stored), &computed);
         assert_eq!(h.snapshot_interval_seconds, Some(28800.0));
-        assert_eq!(h.last_snapshot_timestamp, unix("2026-01-01T08:00:00Z"));
+        assert_eq!(h.last_snapshot_timestamp, unix(&at("2026-01-01T08:00:00Z")));
         assert_eq!(h.last_snapshot_failed, Some(true));
-        assert_eq!(h.last_promotion_timestamp, unix("2026-01-02T00:00:00Z"));
+        assert_eq!(
+            h.last_promotion_timestamp,
+            unix(&at("2026-01-02T00:00:00Z"))
+        );
 
         let mut off = spec();
         off.snapshots.enabled = false;

@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 
 use super::{
-    finish, parse, rfc3339, seconds_between, steady_phase, Action, Note, Observation, KIND_FAILBACK,
+    finish, rfc3339, seconds_between, steady_phase, Action, Note, Observation, KIND_FAILBACK,
 };
 use crate::crd::{FailoverPhase, FailoverRecord, SiteFailoverSpec, SiteFailoverStatus};
 
@@ -51,7 +51,7 @@ pub(super) fn failback_step(
     let started = st
         .last_failover
         .as_ref()
-        .and_then(|r| parse(&Some(r.started_at.clone())))
+        .map(|r| r.started_at.0)
         .unwrap_or(obs.now);
     if obs.local_fencing.any_unfenced {
         actions.push(Action::FenceLocal(true));
