@@ -475,6 +475,68 @@ fn strip_nulls(v: &mut Value) {
     }
 }
 
+/// Writes status the one way this operator writes it outside a recorded decision: Server-Side Apply on the
+/// status subresource with `manager`, forced, so the fields `manager` set last time and no longer sets are
+/// removed by the server. Decisions (which replica is active, a site's epoch) are written by
+/// compare-and-swap instead: StorageLUN's `record_decision`, SiteFailover's `record`.
+///
+/// `owned` lists the top-level status fields `manager` writes; the rest of `status` is left out. A field of
+/// `owned` that the stored status still holds after the apply, though `status` no longer sets it, belongs to
+/// no apply manager (an operator version before this one wrote status with merge patches): it is cleared
+/// once with a merge patch of nulls, and from then on the apply alone owns it.
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    manager: &str,
+    status: &Value,
+    owned: &[&str],
+) -> kube::Result<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let mut fields = serde_json::Map::new();
+    if let Some(s) = status.as_object() {
+        for (k, v) in s {
+            if owned.contains(&k.as_str()) && !v.is_null() {
+                fields.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": { "name": name },
+        "status": fields,
+    });
+    let applied = api
+        .patch_status(
+            name,
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    let stored = serde_json::to_value(&applied).unwrap_or_default();
+    let leftovers: serde_json::Map<String, Value> = owned
+        .iter()
+        .filter(|f| !fields.contains_key(**f))
+        .filter(|f| stored["status"].get(**f).is_some_and(|v| !v.is_null()))
+        .map(|f| (f.to_string(), Value::Null))
+        .collect();
+    if leftovers.is_empty() {
+        return Ok(applied);
+    }
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({ "status": leftovers })),
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -536,66 +598,4 @@ mod tests {
         strip_nulls(&mut v);
         assert_eq!(v, json!({"b": {"d": [{}]}}));
     }
-}
-
-/// Writes status the one way this operator writes it outside a recorded decision: Server-Side Apply on the
-/// status subresource with `manager`, forced, so the fields `manager` set last time and no longer sets are
-/// removed by the server. Decisions (which replica is active, a site's epoch) are written by
-/// compare-and-swap instead: StorageLUN's `record_decision`, SiteFailover's `record`.
-///
-/// `owned` lists the top-level status fields `manager` writes; the rest of `status` is left out. A field of
-/// `owned` that the stored status still holds after the apply, though `status` no longer sets it, belongs to
-/// no apply manager (an operator version before this one wrote status with merge patches): it is cleared
-/// once with a merge patch of nulls, and from then on the apply alone owns it.
-pub async fn apply_status<K>(
-    api: &Api<K>,
-    name: &str,
-    manager: &str,
-    status: &Value,
-    owned: &[&str],
-) -> kube::Result<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    let mut fields = serde_json::Map::new();
-    if let Some(s) = status.as_object() {
-        for (k, v) in s {
-            if owned.contains(&k.as_str()) && !v.is_null() {
-                fields.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "metadata": { "name": name },
-        "status": fields,
-    });
-    let applied = api
-        .patch_status(
-            name,
-            &PatchParams::apply(manager).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
-    let stored = serde_json::to_value(&applied).unwrap_or_default();
-    let leftovers: serde_json::Map<String, Value> = owned
-        .iter()
-        .filter(|f| !fields.contains_key(**f))
-        .filter(|f| stored["status"].get(**f).is_some_and(|v| !v.is_null()))
-        .map(|f| (f.to_string(), Value::Null))
-        .collect();
-    if leftovers.is_empty() {
-        return Ok(applied);
-    }
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(&serde_json::json!({ "status": leftovers })),
-    )
-    .await
 }
