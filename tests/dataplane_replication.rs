@@ -482,3 +482,101 @@ fn a_demoted_store_takes_no_more_writes_and_loses_nothing() {
         assert!(agent.stop(), "store agent must exit cleanly");
     }
 }
+
+/// The operator's push on the control port (`POST /role`) switches the replicas at once, with the labels
+/// files still as they were (the kubelet not yet caught up): the demoted one refuses writes before it
+/// answers, the promoted one takes LMTP and logins, and when the files catch up nothing changes again.
+/// Without the LUN's token a push changes nothing.
+#[test]
+fn a_pushed_role_takes_effect_before_the_labels_file_changes() {
+    if !mail_software_present("a_pushed_role_takes_effect_before_the_labels_file_changes") {
+        return;
+    }
+    let mut site = Site::new(1_000_000);
+    let (pa, pb) = (Ports::free(), Ports::free());
+    site.lun(0, &pa);
+    site.mailbox(USER, 0, "alice-pw");
+    site.publish();
+    let password = site.root.path().join("doveadm-password");
+    std::fs::write(&password, "replication-secret\n").unwrap();
+    let (labels_a, labels_b) = (
+        site.root.path().join("a.labels"),
+        site.root.path().join("b.labels"),
+    );
+    set_role(&labels_a, Some("active"));
+    set_role(&labels_b, Some("standby"));
+    let replica = |name: &str, own: &Ports, peer: &Ports, labels: &Path| {
+        let extra: Vec<String> = [
+            "--lun",
+            "corp-lun-0",
+            "--lun-host",
+            "127.0.0.1",
+            "--lun-doveadm-port",
+            &peer.doveadm.to_string(),
+            "--doveadm-password-file",
+            password.to_str().unwrap(),
+            "--labels-file",
+            labels.to_str().unwrap(),
+            "--sync-interval-seconds",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Agent::start_with(&site, "store", name, own, &extra)
+    };
+    let a = replica("replica-a", &pa, &pb, &labels_a);
+    let b = replica("replica-b", &pb, &pa, &labels_b);
+    wait_accepts_writes(&a);
+    let first = subjects("first", 5);
+    deliver_lmtp(pa.lmtp, USER, &first);
+    wait_for_exactly("the standby to mirror the active", &b, &first);
+
+    assert_eq!(a.post_as("/role?role=standby", Some("guess")).0, 401);
+    assert_eq!(replication(&a)["acceptsWrites"], true);
+
+    let (code, body) = a.post("/role?role=standby");
+    assert_eq!(code, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        answer["acceptsWrites"], false,
+        "refused before it answers: {body}"
+    );
+    assert!(
+        !lmtp_one(pa.lmtp, "to-the-demoted"),
+        "the demoted store took LMTP"
+    );
+    let (code, body) = b.post("/role?role=active");
+    assert_eq!(code, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["acceptsWrites"], true, "{body}");
+    assert_eq!(replication(&b)["role"], "active");
+    let promoted = std::time::Instant::now();
+    let second = subjects("second", 5);
+    deliver_lmtp(pb.lmtp, USER, &second);
+    // Dovecot looks at a changed users file at most once a second.
+    wait_for("logins on the promoted store", WAIT, || {
+        let mut s = Session::connect(pb.imap);
+        assert!(s.line().starts_with("* OK"));
+        s.imap(&format!("LOGIN {USER} alice-pw"))
+            .1
+            .starts_with("t OK")
+            .then_some(())
+    });
+    eprintln!(
+        "logins on the promoted store {:.1} s after the push, labels files unchanged",
+        promoted.elapsed().as_secs_f64()
+    );
+
+    // The kubelet's copies catch up: the roles stay as pushed, and the demoted store hands over and mirrors.
+    set_role(&labels_a, Some("standby"));
+    set_role(&labels_b, Some("active"));
+    let all: Vec<String> = [first, second].concat();
+    wait_for_exactly("the old active to mirror the new one", &a, &all);
+    assert_eq!(replication(&b)["acceptsWrites"], true);
+    assert_eq!(replication(&a)["acceptsWrites"], false);
+    let mut agents = [a, b];
+    for agent in agents.iter_mut() {
+        assert!(agent.stop(), "store agent must exit cleanly");
+    }
+}

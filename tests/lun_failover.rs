@@ -99,6 +99,7 @@ fn standby_report(lag: f64, seconds_ago: i64, in_sync: bool) -> ReplicationRepor
         in_sync,
         last_error: None,
         deletion_refused: None,
+        accepts_writes: false,
     }
 }
 
@@ -612,4 +613,77 @@ async fn a_replica_back_within_the_threshold_serves_and_a_later_loss_counts_afre
         Some("corp-lun-0-0"),
         "25 s of the second loss, not 50 s"
     );
+}
+
+/// A switchover pushes each agent its new role on the control port, ahead of the kubelet's copy of the
+/// label: the demotion first, the promotion only once the old active answered that it takes no writes.
+/// An old active that cannot be asked leaves the promotion to the label alone; a steady state pushes nothing.
+#[tokio::test]
+async fn a_switchover_pushes_the_demotion_before_the_promotion_and_only_then() {
+    for old_answers in [true, false] {
+        let server = ApiServer::new();
+        let mut l = lun(LUN, &["a@corp.example"], 10);
+        l.spec.standbys = 1;
+        create_lun(&server, &l).await;
+        let reports = Arc::new(StaticReports::default());
+        let ctx = Arc::new(
+            Context::new(server.client(), RunConfig::default())
+                .with_replication_source(reports.clone()),
+        );
+        create_pod(&server, LUN, 0, true, Some("standby")).await;
+        create_pod(&server, LUN, 1, true, Some("active")).await;
+        set_lun_status(
+            &server,
+            LUN,
+            json!({"targetActive": "corp-lun-0-1", "currentActive": "corp-lun-0-1"}),
+        )
+        .await;
+        reports.set("corp-lun-0-0", standby_report(0.3, 1, true));
+        if old_answers {
+            reports.set(
+                "corp-lun-0-1",
+                ReplicationReport {
+                    role: Some("active".into()),
+                    accepts_writes: true,
+                    ..Default::default()
+                },
+            );
+        }
+        reconcile(&server, &ctx).await;
+        assert_eq!(reports.take_pushes(), vec![], "steady state");
+
+        patch_lun_spec(&server, LUN, json!({"standbys": 0})).await;
+        let st = reconcile(&server, &ctx).await;
+        assert_eq!(st.target_active.as_deref(), Some("corp-lun-0-0"));
+        assert_eq!(
+            role(&server, "corp-lun-0-0").await.as_deref(),
+            Some("active")
+        );
+        assert_eq!(
+            role(&server, "corp-lun-0-1").await.as_deref(),
+            Some("standby")
+        );
+        let pushes = reports.take_pushes();
+        if old_answers {
+            assert_eq!(
+                pushes,
+                vec![
+                    ("corp-lun-0-1".to_string(), "standby".to_string()),
+                    ("corp-lun-0-0".to_string(), "active".to_string()),
+                ]
+            );
+        } else {
+            assert_eq!(
+                pushes,
+                vec![],
+                "nobody may write alongside an old active that cannot be asked"
+            );
+        }
+        reconcile(&server, &ctx).await;
+        assert_eq!(
+            reports.take_pushes(),
+            vec![],
+            "pushed roles are not pushed again"
+        );
+    }
 }

@@ -36,6 +36,7 @@ fn report(lag: f64, seconds_ago: i64) -> ReplicationReport {
         in_sync: true,
         last_error: None,
         deletion_refused: None,
+        accepts_writes: false,
     }
 }
 

@@ -1,4 +1,5 @@
-//! The agent's HTTP endpoints: `/healthz`, `/readyz`, `/metrics`, and on stores `POST /pause`, `POST /resume`.
+//! The agent's HTTP endpoints: `/healthz`, `/readyz`, `/metrics`, and on stores' control port `POST /pause`,
+//! `POST /resume` and `POST /role`.
 //!
 //! `/readyz` speaks each service's protocol on the loopback interface (SMTP banner, IMAP/POP3 greeting, LMTP
 //! LHLO) so a pod is ready only when its mail service really answers.
@@ -50,12 +51,14 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .with_state(state)
 }
 
-/// Pause/resume of delivery, on a port of its own so a NetworkPolicy can open it to the snapshot jobs and
-/// the operator only, and only with the LUN's control token: whoever reaches it can hold a store's mail.
+/// Pause/resume of delivery and the operator's role pushes, on a port of its own so a NetworkPolicy can
+/// open it to the snapshot jobs and the operator only, and only with the LUN's control token: whoever
+/// reaches it can hold a store's mail.
 pub fn control_router(state: Arc<AgentState>, token: super::control_auth::ControlToken) -> Router {
     Router::new()
         .route("/pause", post(pause))
         .route("/resume", post(resume))
+        .route("/role", post(push_role))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(token),
@@ -183,6 +186,37 @@ async fn resume(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
     gate.resume();
     s.metrics.lmtp_paused.set(0);
     (StatusCode::OK, "{\"paused\":false}\n".to_string())
+}
+
+/// `POST /role?role=active|standby`: the operator's role for this replica, taken at once rather than when
+/// the kubelet's copy of the label changes (see agent::replication). Answers once the role is enforced,
+/// with whether this replica takes writes.
+async fn push_role(State(s): State<Arc<AgentState>>, uri: Uri) -> impl IntoResponse {
+    use super::replication::ReplicaRole;
+    let Some(repl) = &s.replication else {
+        return (
+            StatusCode::NOT_FOUND,
+            "roles are served by the store pods of a LUN only\n".to_string(),
+        );
+    };
+    let wanted = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| match kv.split_once('=') {
+            Some(("role", crate::names::labels::ROLE_ACTIVE)) => Some(ReplicaRole::Active),
+            Some(("role", crate::names::labels::ROLE_STANDBY)) => Some(ReplicaRole::Standby),
+            _ => None,
+        });
+    let Some(role) = wanted else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "role=active or role=standby is required\n".to_string(),
+        );
+    };
+    let writes = repl.push_role(role).await;
+    let body = serde_json::json!({ "role": role, "acceptsWrites": writes });
+    (StatusCode::OK, format!("{body}\n"))
 }
 
 /// Speaks the role's protocol to its own listeners.

@@ -55,6 +55,10 @@ use crate::names::labels as l;
 
 /// How often the labels file is read: a promotion stops pulling within this time.
 const ROLE_POLL: Duration = Duration::from_millis(250);
+/// Longest a role the operator pushed (`POST /role` on the control port) stands in for the labels file
+/// while that file does not change. The operator moves the label before it pushes, so the kubelet's copy
+/// normally follows within seconds; should it never, the labels file is the role again.
+pub const PUSH_HOLD: Duration = Duration::from_secs(120);
 /// A standby more than this many intervals behind is not in sync.
 const IN_SYNC_INTERVALS: u32 = 3;
 /// Longest a single pass may take before it is abandoned and counted as a failure.
@@ -283,7 +287,20 @@ pub struct Replication {
     gate: Option<Arc<Gate>>,
     /// Whether writes are currently allowed as enforced (`None`: not yet enforced).
     enforced: Mutex<Option<bool>>,
+    /// One enforcement at a time (the run loop's and a pushed role's), each of the latest observed role.
+    enforcing: tokio::sync::Mutex<()>,
+    /// A role the operator pushed, standing in for the labels file until that file changes.
+    pushed: Mutex<Option<Pushed>>,
     guard: Mutex<Guard>,
+}
+
+/// A pushed role, with what the labels file said when it came: the file changing (the kubelet's copy of
+/// the label the operator moved, or a newer decision) ends it.
+#[derive(Clone, Copy, Debug)]
+struct Pushed {
+    role: ReplicaRole,
+    label: ReplicaRole,
+    at: std::time::Instant,
 }
 
 impl Replication {
@@ -302,6 +319,8 @@ impl Replication {
             metrics,
             gate: None,
             enforced: Mutex::new(None),
+            enforcing: tokio::sync::Mutex::new(()),
+            pushed: Mutex::new(None),
             guard: Mutex::default(),
         }
     }
@@ -315,7 +334,10 @@ impl Replication {
     /// Makes what this replica allows match `role`: writes (LMTP, logins) only while active. On leaving
     /// active, LMTP is refused first, then logins, then every session is kicked. A step that fails is
     /// tried again on the next look at the role.
-    async fn enforce(&self, role: ReplicaRole) {
+    async fn enforce(&self) {
+        let _one = self.enforcing.lock().await;
+        // The latest observed role, not one read before waiting for the lock: a push that came meanwhile wins.
+        let role = self.state.lock().expect("replication state").role;
         let active = role == ReplicaRole::Active;
         if *self.enforced.lock().expect("replication state") == Some(active) {
             return;
@@ -400,7 +422,7 @@ impl Replication {
         let mut next_pass = tokio::time::Instant::now();
         loop {
             let role = self.observe_role();
-            self.enforce(role).await;
+            self.enforce().await;
             if self.observe_source() {
                 next_pass = tokio::time::Instant::now();
             }
@@ -428,9 +450,40 @@ impl Replication {
         }
     }
 
-    /// Reads the labels file and records a role change.
+    /// The role the operator asks for now: a pushed one while the labels file says what it said when the
+    /// push came (and for at most [`PUSH_HOLD`]), else the labels file's.
+    fn wanted_role(&self) -> ReplicaRole {
+        let label = ReplicaRole::read(&self.config.labels_file);
+        let mut pushed = self.pushed.lock().expect("pushed role");
+        match *pushed {
+            Some(p) if p.label == label && p.at.elapsed() < PUSH_HOLD => p.role,
+            Some(_) => {
+                *pushed = None;
+                label
+            }
+            None => label,
+        }
+    }
+
+    /// Takes `role` from the operator at once, ahead of the kubelet's copy of the label, and enforces it;
+    /// returns whether this replica takes writes now. A demotion is enforced (LMTP refused, logins denied,
+    /// sessions kicked) before this returns, so the operator may then let another replica take writes.
+    pub async fn push_role(&self, role: ReplicaRole) -> bool {
+        let label = ReplicaRole::read(&self.config.labels_file);
+        *self.pushed.lock().expect("pushed role") = (role != label).then(|| Pushed {
+            role,
+            label,
+            at: std::time::Instant::now(),
+        });
+        tracing::info!(?role, ?label, "role pushed by the operator");
+        self.observe_role();
+        self.enforce().await;
+        *self.enforced.lock().expect("replication state") == Some(true)
+    }
+
+    /// Reads the role (see [`Self::wanted_role`]) and records a change.
     fn observe_role(&self) -> ReplicaRole {
-        let role = ReplicaRole::read(&self.config.labels_file);
+        let role = self.wanted_role();
         let mut s = self.state.lock().expect("replication state");
         if s.role != role {
             tracing::info!(from = ?s.role, to = ?role, source = %s.source, "replica role changed");
@@ -496,7 +549,7 @@ impl Replication {
     async fn role_leaves(&self, role: ReplicaRole) {
         loop {
             tokio::time::sleep(ROLE_POLL).await;
-            if ReplicaRole::read(&self.config.labels_file) != role {
+            if self.wanted_role() != role {
                 return;
             }
         }
@@ -758,6 +811,38 @@ mod tests {
         let bad = config(dir.path(), "other-lun-1");
         assert!(format!("{:#}", bad.mailboxes().unwrap_err()).contains("not a LUN of MailPod"));
         assert!(config(dir.path(), "corp-lun-01").lun_index().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_pushed_role_stands_until_the_labels_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replication::new(config(dir.path(), "corp-lun-0"), Default::default());
+        let labels = dir.path().join("labels");
+        std::fs::write(&labels, "mailpod.io/role=\"standby\"\n").unwrap();
+        assert_eq!(r.observe_role(), ReplicaRole::Standby);
+        // The operator promotes before the kubelet has rewritten the labels file.
+        r.push_role(ReplicaRole::Active).await;
+        assert_eq!(r.report().role, ReplicaRole::Active);
+        assert_eq!(
+            r.observe_role(),
+            ReplicaRole::Active,
+            "the run loop keeps it"
+        );
+        // The kubelet's copy catches up: the label is the role again.
+        std::fs::write(&labels, "mailpod.io/role=\"active\"\n").unwrap();
+        assert_eq!(r.observe_role(), ReplicaRole::Active);
+        assert!(r.pushed.lock().unwrap().is_none());
+        // A push whose label then moves elsewhere ends with that move: a newer decision wins.
+        r.push_role(ReplicaRole::Standby).await;
+        assert_eq!(r.observe_role(), ReplicaRole::Standby);
+        std::fs::write(&labels, "mailpod.io/role=\"unknown\"\n").unwrap();
+        assert_eq!(r.observe_role(), ReplicaRole::Unassigned);
+        // A push never outlives PUSH_HOLD while the file stays as it was.
+        std::fs::write(&labels, "mailpod.io/role=\"standby\"\n").unwrap();
+        r.push_role(ReplicaRole::Active).await;
+        assert_eq!(r.observe_role(), ReplicaRole::Active);
+        r.pushed.lock().unwrap().as_mut().unwrap().at -= PUSH_HOLD;
+        assert_eq!(r.observe_role(), ReplicaRole::Standby);
     }
 
     #[test]

@@ -389,6 +389,16 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         }
     }
     actuate(&pods, &decision).await?;
+    push_roles(
+        &ctx,
+        &ns,
+        &name,
+        &pod_list.items,
+        &observed,
+        &decision,
+        &reports,
+    )
+    .await;
     point_replicas(&pods, &lun, &pod_list.items).await?;
     let rolling = match roll::next(&decision, &observed, roll_expected, roll_gate) {
         roll::Step::Idle => false,
@@ -851,6 +861,98 @@ async fn actuate(pods: &Api<Pod>, d: &Decision) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pushes each store agent the role its label now has, where the agent acts in another (the label was
+/// just moved, or an earlier push failed), on the agent's control port: the kubelet rewrites the pod's
+/// downward-API labels file only on its next sync of the pod, and until then a promoted store refuses
+/// logins and a demoted one still takes writes. Demotions go first; the new active is pushed only once
+/// every other replica has answered that it takes no writes (a demotion is enforced before the agent
+/// answers), so a push never lets two replicas write: a replica that cannot be asked (a lost active) leaves
+/// the promotion to the label, as before. Best effort: the labels stay the truth, a failed push is logged
+/// and tried again on the next pass, and a steady state asks nothing.
+async fn push_roles(
+    ctx: &Context,
+    ns: &str,
+    lun: &str,
+    pods: &[Pod],
+    observed: &[failover::Replica],
+    d: &Decision,
+    reports: &std::collections::BTreeMap<String, reports::ReplicationReport>,
+) {
+    let label = |r: &failover::Replica| d.roles.get(&r.name).copied().or(r.role);
+    let acts_in = |r: &failover::Replica| reports.get(&r.name).and_then(|p| p.role.clone());
+    let behind: Vec<(&failover::Replica, Role)> = observed
+        .iter()
+        .filter_map(|r| label(r).map(|role| (r, role)))
+        .filter(|(r, role)| {
+            reports.contains_key(&r.name) && acts_in(r).as_deref() != Some(role.as_str())
+        })
+        .collect();
+    if behind.is_empty() {
+        return;
+    }
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let token = match secrets.get_opt(&store::control_secret(lun)).await {
+        Ok(Some(s)) => s
+            .data
+            .and_then(|d| d.get(store::CONTROL_SECRET_KEY).cloned())
+            .map(|b| String::from_utf8_lossy(&b.0).trim().to_string()),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(lun, error = %e, "reading the control token to push roles");
+            return;
+        }
+    };
+    let Some(token) = token else {
+        warn!(lun, "no control token yet: roles follow the labels alone");
+        return;
+    };
+    let mut takes_writes: std::collections::BTreeMap<&str, bool> = observed
+        .iter()
+        .map(|r| {
+            let writes = reports.get(&r.name).is_none_or(|p| p.accepts_writes);
+            (r.name.as_str(), writes)
+        })
+        .collect();
+    async fn push(
+        ctx: &Context,
+        pods: &[Pod],
+        name: &str,
+        role: Role,
+        token: &str,
+    ) -> Result<bool, String> {
+        let Some(p) = pods.iter().find(|p| p.name_any() == name) else {
+            return Err(format!("pod {name} is gone"));
+        };
+        ctx.replication.push_role(p, role.as_str(), token).await
+    }
+    for (r, role) in behind.iter().filter(|(_, role)| *role != Role::Active) {
+        match push(ctx, pods, &r.name, *role, &token).await {
+            Ok(writes) => {
+                info!(lun, pod = %r.name, role = role.as_str(), writes, "role pushed");
+                takes_writes.insert(r.name.as_str(), writes);
+            }
+            Err(e) => {
+                warn!(lun, pod = %r.name, role = role.as_str(), error = %e, "pushing the role")
+            }
+        }
+    }
+    for (r, _) in behind.iter().filter(|(_, role)| *role == Role::Active) {
+        let others_write: Vec<&str> = takes_writes
+            .iter()
+            .filter(|(n, writes)| **n != r.name && **writes)
+            .map(|(n, _)| *n)
+            .collect();
+        if !others_write.is_empty() {
+            info!(lun, pod = %r.name, ?others_write, "not pushing active while another replica may write");
+            continue;
+        }
+        match push(ctx, pods, &r.name, Role::Active, &token).await {
+            Ok(writes) => info!(lun, pod = %r.name, writes, "role pushed: active"),
+            Err(e) => warn!(lun, pod = %r.name, error = %e, "pushing the role: active"),
+        }
+    }
 }
 
 fn compute_status(

@@ -390,6 +390,7 @@ impl Store {
             m.remove("managedFields");
             m.remove("deletionTimestamp");
         }
+        string_data_into_data(resource, &mut value);
         if let Some(n) = &self.normaliser {
             (n.0)(resource, &mut value);
         }
@@ -442,6 +443,7 @@ impl Store {
         if let Some(m) = new_value["metadata"].as_object_mut() {
             m.remove("managedFields");
         }
+        string_data_into_data(resource, &mut new_value);
         if let Some(n) = &self.normaliser {
             (n.0)(resource, &mut new_value);
         }
@@ -768,6 +770,28 @@ impl Store {
             // Dependents with finalizers wait for them, as with any delete.
             let _ = self.delete(&resource, &ns, &name, None, false, changes);
         }
+    }
+}
+
+/// A Secret's `stringData` is write-only, as on the real API server: merged into `data` (base64) and
+/// never stored.
+fn string_data_into_data(resource: &ResourceKey, value: &mut Value) {
+    if &**resource != "v1/secrets" {
+        return;
+    }
+    let Some(obj) = value.as_object_mut() else {
+        return;
+    };
+    let Some(Value::Object(strings)) = obj.remove("stringData") else {
+        return;
+    };
+    let data = obj.entry("data").or_insert_with(|| json!({}));
+    if !data.is_object() {
+        *data = json!({});
+    }
+    for (k, v) in strings {
+        let bytes = v.as_str().unwrap_or_default().as_bytes().to_vec();
+        data[k.as_str()] = serde_json::to_value(k8s_openapi::ByteString(bytes)).unwrap_or_default();
     }
 }
 

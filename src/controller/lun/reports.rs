@@ -39,35 +39,79 @@ pub struct ReplicationReport {
     /// The standby refuses its pass: it would delete too much (see [`super::deletion`]).
     #[serde(default)]
     pub deletion_refused: Option<super::deletion::Refusal>,
+    /// Whether the agent takes writes (LMTP, logins) as it enforces its role now.
+    #[serde(default)]
+    pub accepts_writes: bool,
 }
 
-/// Where replication reports come from.
+/// Where replication reports come from, and where roles are pushed to.
 pub trait ReplicationSource: Send + Sync {
     /// The pod's report, or `None` when it cannot be had (not running, no answer in time).
     fn report<'a>(&'a self, pod: &'a Pod) -> BoxFuture<'a, Option<ReplicationReport>>;
+
+    /// Gives the pod's agent `role` (`active` or `standby`) at once, on its control port with the LUN's
+    /// `token`, ahead of the kubelet's copy of the label; answers whether it takes writes once enforced.
+    fn push_role<'a>(
+        &'a self,
+        pod: &'a Pod,
+        role: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<bool, String>>;
 }
 
-/// Fixed reports by pod name, changed at will: for tests and the benchmark.
+/// Fixed reports by pod name, changed at will: for tests and the benchmark. A pushed role is taken by
+/// the pod's report (as an agent takes it) and recorded, in order; a pod without a report takes none.
 #[derive(Default)]
-pub struct StaticReports(std::sync::Mutex<BTreeMap<String, ReplicationReport>>);
+pub struct StaticReports {
+    reports: std::sync::Mutex<BTreeMap<String, ReplicationReport>>,
+    pushes: std::sync::Mutex<Vec<(String, String)>>,
+}
 
 impl StaticReports {
     pub fn set(&self, pod: &str, report: ReplicationReport) {
-        self.0
+        self.reports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(pod.to_string(), report);
+    }
+
+    /// The pushes so far, `(pod, role)` in order, and forgets them.
+    pub fn take_pushes(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *self.pushes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
 impl ReplicationSource for StaticReports {
     fn report<'a>(&'a self, pod: &'a Pod) -> BoxFuture<'a, Option<ReplicationReport>> {
         let r = self
-            .0
+            .reports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&pod.name_any())
             .cloned();
+        Box::pin(async move { r })
+    }
+
+    fn push_role<'a>(
+        &'a self,
+        pod: &'a Pod,
+        role: &'a str,
+        _token: &'a str,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        let name = pod.name_any();
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let r = match reports.get_mut(&name) {
+            Some(r) => {
+                r.role = Some(role.to_string());
+                r.accepts_writes = role == crate::names::labels::ROLE_ACTIVE;
+                self.pushes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((name, role.to_string()));
+                Ok(r.accepts_writes)
+            }
+            None => Err(format!("pod {name} does not answer")),
+        };
         Box::pin(async move { r })
     }
 }
@@ -109,6 +153,37 @@ impl ReplicationSource for HttpReplicationSource {
                     None
                 }
             }
+        })
+    }
+
+    fn push_role<'a>(
+        &'a self,
+        pod: &'a Pod,
+        role: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let path = format!("/role?role={role}");
+            let a = self
+                .client
+                .call_with_token(pod, ports::CONTROL, Method::POST, &path, Some(token))
+                .await?;
+            if a.status != 200 {
+                return Err(format!(
+                    "pod {}: {} {}",
+                    pod.name_any(),
+                    a.status,
+                    a.body.trim()
+                ));
+            }
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Pushed {
+                accepts_writes: bool,
+            }
+            serde_json::from_str::<Pushed>(&a.body)
+                .map(|p| p.accepts_writes)
+                .map_err(|e| format!("pod {}: unreadable answer: {e}", pod.name_any()))
         })
     }
 }
