@@ -5,9 +5,10 @@
 //! The failover decision (`targetActive`, `currentActive`, `needsResync`, `lastPromotion`) is recorded
 //! before the role labels move, by a merge patch with the resourceVersion read as precondition: on a
 //! conflict the LUN is read again and the decision made again from what is recorded. The other fields
-//! this controller owns are written by JSON merge patch, with explicit nulls for cleared ones: the
-//! snapshot job owns `snapshots` and `lastSnapshot` and writes them with its own patch, so neither
-//! overwrites the other.
+//! this controller owns are applied (Server-Side Apply on the status subresource, field manager
+//! `mailpod-operator`); the snapshot job applies `snapshots` and `lastSnapshot` as
+//! `mailpod-operator-snapshot`, so neither overwrites the other. After the labels move, the agents are
+//! told their new roles on the control port ([`push_roles`]).
 
 pub mod deletion;
 pub mod failover;
