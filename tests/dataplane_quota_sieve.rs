@@ -548,24 +548,15 @@ fn replica(
     labels: &std::path::Path,
     password: &std::path::Path,
 ) -> Agent {
-    let extra: Vec<String> = [
-        "--lun",
-        "corp-lun-0",
-        "--lun-host",
-        &support::pod::cluster_name("corp-lun-0"),
-        "--lun-doveadm-port",
-        &peer.doveadm.to_string(),
-        "--doveadm-password-file",
-        password.to_str().unwrap(),
-        "--labels-file",
-        labels.to_str().unwrap(),
-        "--sync-interval-seconds",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Agent::start_with(site, "store", name, own, &extra)
+    Agent::start_replica(
+        site,
+        name,
+        own,
+        (&support::pod::cluster_name("corp-lun-0"), peer.doveadm),
+        password,
+        labels,
+        None,
+    )
 }
 
 /// The replicas' labels files and doveadm password, active first.

@@ -25,6 +25,50 @@ fn set_role(labels: &Path, role: Option<&str>) {
     std::fs::rename(&tmp, labels).unwrap();
 }
 
+/// Replicas A (active) and B (standby) of LUN 0, each reaching "the LUN's active" at the other's doveadm
+/// port under `host` (as the LUN Service would route), with the labels files that give their roles.
+struct Pair {
+    a: Agent,
+    b: Agent,
+    labels_a: std::path::PathBuf,
+    labels_b: std::path::PathBuf,
+}
+
+fn pair(site: &Site, pa: &Ports, pb: &Ports, host: &str) -> Pair {
+    let password = site.root.path().join("doveadm-password");
+    std::fs::write(&password, "replication-secret\n").unwrap();
+    let (labels_a, labels_b) = (
+        site.root.path().join("a.labels"),
+        site.root.path().join("b.labels"),
+    );
+    set_role(&labels_a, Some("active"));
+    set_role(&labels_b, Some("standby"));
+    let a = Agent::start_replica(
+        site,
+        "replica-a",
+        pa,
+        (host, pb.doveadm),
+        &password,
+        &labels_a,
+        None,
+    );
+    let b = Agent::start_replica(
+        site,
+        "replica-b",
+        pb,
+        (host, pa.doveadm),
+        &password,
+        &labels_b,
+        None,
+    );
+    Pair {
+        a,
+        b,
+        labels_a,
+        labels_b,
+    }
+}
+
 fn subjects(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
 }
@@ -99,38 +143,12 @@ fn standby_mirrors_active_and_roles_swap_on_promotion() {
     site.mailbox(USER, 0, "alice-pw");
     site.mailbox("bob@example.com", 0, "bob-pw");
     site.publish();
-    let password = site.root.path().join("doveadm-password");
-    std::fs::write(&password, "replication-secret\n").unwrap();
-    let (labels_a, labels_b) = (
-        site.root.path().join("a.labels"),
-        site.root.path().join("b.labels"),
-    );
-    set_role(&labels_a, Some("active"));
-    set_role(&labels_b, Some("standby"));
-
-    // Each replica reaches "the LUN's active" at the other's doveadm port, as the LUN Service would route.
-    let replica = |name: &str, own: &Ports, peer: &Ports, labels: &Path| {
-        let extra: Vec<String> = [
-            "--lun",
-            "corp-lun-0",
-            "--lun-host",
-            "127.0.0.1",
-            "--lun-doveadm-port",
-            &peer.doveadm.to_string(),
-            "--doveadm-password-file",
-            password.to_str().unwrap(),
-            "--labels-file",
-            labels.to_str().unwrap(),
-            "--sync-interval-seconds",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        Agent::start_with(&site, "store", name, own, &extra)
-    };
-    let a = replica("replica-a", &pa, &pb, &labels_a);
-    let b = replica("replica-b", &pb, &pa, &labels_b);
+    let Pair {
+        a,
+        b,
+        labels_a,
+        labels_b,
+    } = pair(&site, &pa, &pb, "127.0.0.1");
 
     // 1. Mail delivered to the active appears on the standby, exactly.
     let first = subjects("first", 20);
@@ -242,36 +260,7 @@ fn every_mailbox_of_the_lun_is_replicated() {
         .mailboxes
         .insert("elsewhere@example.com".into(), 1);
     site.publish();
-    let password = site.root.path().join("doveadm-password");
-    std::fs::write(&password, "replication-secret\n").unwrap();
-    let (labels_a, labels_b) = (
-        site.root.path().join("a.labels"),
-        site.root.path().join("b.labels"),
-    );
-    set_role(&labels_a, Some("active"));
-    set_role(&labels_b, Some("standby"));
-    let replica = |name: &str, own: &Ports, peer: &Ports, labels: &Path| {
-        let extra: Vec<String> = [
-            "--lun",
-            "corp-lun-0",
-            "--lun-host",
-            &support::pod::cluster_name("corp-lun-0"),
-            "--lun-doveadm-port",
-            &peer.doveadm.to_string(),
-            "--doveadm-password-file",
-            password.to_str().unwrap(),
-            "--labels-file",
-            labels.to_str().unwrap(),
-            "--sync-interval-seconds",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        Agent::start_with(&site, "store", name, own, &extra)
-    };
-    let a = replica("replica-a", &pa, &pb, &labels_a);
-    let b = replica("replica-b", &pb, &pa, &labels_b);
+    let Pair { a, b, .. } = pair(&site, &pa, &pb, &support::pod::cluster_name("corp-lun-0"));
 
     let all: Vec<String> = [with_password, without].concat();
     wait_accepts_writes(&a);
@@ -348,36 +337,12 @@ fn a_demoted_store_takes_no_more_writes_and_loses_nothing() {
     site.lun(0, &pa);
     site.mailbox(USER, 0, "alice-pw");
     site.publish();
-    let password = site.root.path().join("doveadm-password");
-    std::fs::write(&password, "replication-secret\n").unwrap();
-    let (labels_a, labels_b) = (
-        site.root.path().join("a.labels"),
-        site.root.path().join("b.labels"),
-    );
-    set_role(&labels_a, Some("active"));
-    set_role(&labels_b, Some("standby"));
-    let replica = |name: &str, own: &Ports, peer: &Ports, labels: &Path| {
-        let extra: Vec<String> = [
-            "--lun",
-            "corp-lun-0",
-            "--lun-host",
-            "127.0.0.1",
-            "--lun-doveadm-port",
-            &peer.doveadm.to_string(),
-            "--doveadm-password-file",
-            password.to_str().unwrap(),
-            "--labels-file",
-            labels.to_str().unwrap(),
-            "--sync-interval-seconds",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        Agent::start_with(&site, "store", name, own, &extra)
-    };
-    let a = replica("replica-a", &pa, &pb, &labels_a);
-    let b = replica("replica-b", &pb, &pa, &labels_b);
+    let Pair {
+        a,
+        b,
+        labels_a,
+        labels_b,
+    } = pair(&site, &pa, &pb, "127.0.0.1");
     wait_accepts_writes(&a);
     let first = subjects("first", 10);
     deliver_lmtp(pa.lmtp, USER, &first);
@@ -497,36 +462,12 @@ fn a_pushed_role_takes_effect_before_the_labels_file_changes() {
     site.lun(0, &pa);
     site.mailbox(USER, 0, "alice-pw");
     site.publish();
-    let password = site.root.path().join("doveadm-password");
-    std::fs::write(&password, "replication-secret\n").unwrap();
-    let (labels_a, labels_b) = (
-        site.root.path().join("a.labels"),
-        site.root.path().join("b.labels"),
-    );
-    set_role(&labels_a, Some("active"));
-    set_role(&labels_b, Some("standby"));
-    let replica = |name: &str, own: &Ports, peer: &Ports, labels: &Path| {
-        let extra: Vec<String> = [
-            "--lun",
-            "corp-lun-0",
-            "--lun-host",
-            "127.0.0.1",
-            "--lun-doveadm-port",
-            &peer.doveadm.to_string(),
-            "--doveadm-password-file",
-            password.to_str().unwrap(),
-            "--labels-file",
-            labels.to_str().unwrap(),
-            "--sync-interval-seconds",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        Agent::start_with(&site, "store", name, own, &extra)
-    };
-    let a = replica("replica-a", &pa, &pb, &labels_a);
-    let b = replica("replica-b", &pb, &pa, &labels_b);
+    let Pair {
+        a,
+        b,
+        labels_a,
+        labels_b,
+    } = pair(&site, &pa, &pb, "127.0.0.1");
     wait_accepts_writes(&a);
     let first = subjects("first", 5);
     deliver_lmtp(pa.lmtp, USER, &first);

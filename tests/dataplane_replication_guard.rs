@@ -57,29 +57,17 @@ fn pair(mailboxes: &[String]) -> Pair {
         );
         let annotations = root.join(format!("{name}.annotations"));
         write_podinfo(&annotations, "kubernetes.io/config.seen=\"x\"\n");
-        let extra: Vec<String> = [
-            "--lun",
-            "corp-lun-0",
-            "--lun-host",
-            "127.0.0.1",
-            "--lun-doveadm-port",
-            &peer.doveadm.to_string(),
-            "--doveadm-password-file",
-            root.join("doveadm-password").to_str().unwrap(),
-            "--labels-file",
-            labels.to_str().unwrap(),
-            "--annotations-file",
-            annotations.to_str().unwrap(),
-            "--sync-interval-seconds",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        (
-            Agent::start_with(&site, "store", name, own, &extra),
-            annotations,
-        )
+        let password = root.join("doveadm-password");
+        let agent = Agent::start_replica(
+            &site,
+            name,
+            own,
+            ("127.0.0.1", peer.doveadm),
+            &password,
+            &labels,
+            Some(&annotations),
+        );
+        (agent, annotations)
     };
     let (active, _) = replica("replica-a", &pa, &pb, "active");
     let (standby, standby_annotations) = replica("replica-b", &pb, &pa, "standby");

@@ -54,26 +54,15 @@ fn standby_pulls_from_the_annotated_source() {
     );
 
     let replica = |name: &str, own: &Ports, lun_port: u16, labels: &Path, annotations: &Path| {
-        let extra: Vec<String> = [
-            "--lun",
-            "corp-lun-0",
-            "--lun-host",
-            "127.0.0.1",
-            "--lun-doveadm-port",
-            &lun_port.to_string(),
-            "--doveadm-password-file",
-            password.to_str().unwrap(),
-            "--labels-file",
-            labels.to_str().unwrap(),
-            "--annotations-file",
-            annotations.to_str().unwrap(),
-            "--sync-interval-seconds",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        Agent::start_with(&site, "store", name, own, &extra)
+        Agent::start_replica(
+            &site,
+            name,
+            own,
+            ("127.0.0.1", lun_port),
+            &password,
+            labels,
+            Some(annotations),
+        )
     };
     let a = replica(
         "site-a",

@@ -312,6 +312,41 @@ impl Agent {
         Self::spawn(site, role, name, ports, &[extra, &users[..]].concat(), &[])
     }
 
+    /// A store replica of LUN `corp-lun-0`: the LUN's active doveadm at `lun` (host, port: where the LUN
+    /// Service would route), the shared doveadm password file, its role from `labels` (and its replication
+    /// source from `annotations` when given), a pass every second.
+    pub fn start_replica(
+        site: &Site,
+        name: &str,
+        own: &Ports,
+        lun: (&str, u16),
+        password: &Path,
+        labels: &Path,
+        annotations: Option<&Path>,
+    ) -> Self {
+        let mut extra: Vec<String> = [
+            "--lun",
+            "corp-lun-0",
+            "--lun-host",
+            lun.0,
+            "--lun-doveadm-port",
+            &lun.1.to_string(),
+            "--doveadm-password-file",
+            password.to_str().unwrap(),
+            "--labels-file",
+            labels.to_str().unwrap(),
+            "--sync-interval-seconds",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(a) = annotations {
+            extra.extend(["--annotations-file".to_string(), a.display().to_string()]);
+        }
+        Self::start_with(site, "store", name, own, &extra)
+    }
+
     /// An agent told only what the rendered container tells it: `env` (the container's variables, paths
     /// already mapped to the test's volumes) and `extra` arguments; no `--users-file` of the harness.
     pub fn start_with_env(
