@@ -147,7 +147,11 @@ async fn running_and_converged(
     create_pod(&server, LUN, 1, true, None).await;
     let reports = Arc::new(StaticReports::default());
     reports.set("corp-lun-0-0", active_report());
-    reports.set("corp-lun-0-1", report(0.5, standby_pass_ago));
+    // The agent's lag is the time since its last complete pass, on its own clock.
+    reports.set(
+        "corp-lun-0-1",
+        report(standby_pass_ago as f64 + 0.5, standby_pass_ago),
+    );
     let ctx = Arc::new(
         Context::new(server.client(), RunConfig::default())
             .with_replication_source(reports.clone()),
@@ -169,10 +173,10 @@ async fn running_and_converged(
 }
 
 /// The controller as `run` starts it: after converging, neither its status writes nor a standby's
-/// ever-growing time since its last pass bring more reconciles; the agents are asked again on a timer.
+/// lag bring more reconciles; the agents are asked again on a timer.
 #[tokio::test]
 async fn the_running_controller_goes_quiet() {
-    // A report 100 s old: the lag the controller computes from it grows on every pass.
+    // A standby whose last pass was 100 s ago.
     let (server, ctx, stop, task) = running_and_converged(100).await;
     let api = Api::<StorageLUN>::namespaced(server.client(), NS);
     let before = ctx.stats.reconciles();

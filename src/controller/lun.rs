@@ -301,13 +301,7 @@ async fn reconcile_lun(lun: Arc<StorageLUN>, ctx: Arc<Context>) -> Result<Action
         })?;
     let reports = reports::collect(ctx.replication.as_ref(), &pod_list.items).await;
     let now = ctx.clock.now();
-    let mut observed = replicas::observe(
-        &name,
-        &pod_list.items,
-        &reports,
-        lun.spec.replication.sync_interval_seconds,
-        now,
-    );
+    let mut observed = replicas::observe(&name, &pod_list.items, &reports);
     // Which pods run the StatefulSet's current template, and whether this LUN's turn to roll has come.
     mark_updated(
         &mut observed,

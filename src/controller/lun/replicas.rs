@@ -11,7 +11,7 @@ use super::failover::{PromotionMark, Replica, Role};
 use super::reports::ReplicationReport;
 use crate::names::{annotations as a, labels as l};
 
-/// A sync report older than this many sync intervals no longer vouches for the lag it states.
+/// A standby up to this many sync intervals behind is in its normal range (the floor of [`lag_bucket`]).
 pub const STALE_INTERVALS: f64 = 3.0;
 
 /// Replication lag as status reports it: an upper bound in coarse steps, so that a lag moving between
@@ -46,33 +46,17 @@ pub fn observe(
     lun: &str,
     pods: &[Pod],
     reports: &BTreeMap<String, ReplicationReport>,
-    sync_interval_seconds: u32,
-    now: Timestamp,
 ) -> Vec<Replica> {
     let mut out: Vec<Replica> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| {
-            replica(
-                lun,
-                p,
-                reports.get(&p.name_any()),
-                sync_interval_seconds,
-                now,
-            )
-        })
+        .filter_map(|p| replica(lun, p, reports.get(&p.name_any())))
         .collect();
     out.sort_by_key(|r| r.ordinal);
     out
 }
 
-fn replica(
-    lun: &str,
-    pod: &Pod,
-    report: Option<&ReplicationReport>,
-    sync_interval_seconds: u32,
-    now: Timestamp,
-) -> Option<Replica> {
+fn replica(lun: &str, pod: &Pod, report: Option<&ReplicationReport>) -> Option<Replica> {
     let name = pod.name_any();
     let ordinal = ordinal(lun, &name)?;
     let ready_condition = pod
@@ -90,19 +74,10 @@ fn replica(
     let reported_lag = report
         .and_then(|r| r.lag_seconds)
         .filter(|l| l.is_finite() && *l >= 0.0);
-    // An agent that stopped reporting must not keep a small lag forever: past a few sync intervals the
-    // report's age is the better bound on how far behind it is.
-    let lag_seconds = match (reported_lag, synced_at) {
-        (Some(lag), Some(at)) => {
-            let age = (now.as_millisecond() - at.as_millisecond()).max(0) as f64 / 1000.0;
-            if age > STALE_INTERVALS * f64::from(sync_interval_seconds) {
-                Some(lag.max(age))
-            } else {
-                Some(lag)
-            }
-        }
-        (lag, _) => lag,
-    };
+    // The agent's own figure: the time since its last complete pass, on its own clock, as of this very
+    // report (reports are asked afresh on every pass, never kept). The pass time is never compared with
+    // this machine's clock: a store whose clock is behind would read as that far behind.
+    let lag_seconds = reported_lag;
     let promotion = match (ann.get(a::PROMOTED_FROM), time(a::LOST_AT)) {
         (Some(from), Some(lost_at)) => Some(PromotionMark {
             from: from.clone(),
@@ -151,14 +126,13 @@ mod tests {
 
     #[test]
     fn reads_readiness_role_and_agent_reports() {
-        let now: Timestamp = "2024-01-01T00:00:10Z".parse().unwrap();
         let pods = vec![
             pod("corp-lun-0-1", true),
             pod("corp-lun-0-0", false),
             pod("other-0", true),
         ];
         let reports = report("corp-lun-0-1", 1.5, "2024-01-01T00:00:08Z", true);
-        let r = observe("corp-lun-0", &pods, &reports, 5, now);
+        let r = observe("corp-lun-0", &pods, &reports);
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].ordinal, r[0].ready), (0, false));
         assert_eq!(r[1].lag_seconds, Some(1.5));
@@ -172,13 +146,14 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_lag_report_is_bounded_by_its_age() {
-        let now: Timestamp = "2024-01-01T00:10:00Z".parse().unwrap();
+    fn the_lag_is_the_agents_own_whatever_its_clock_says() {
+        // The pass ended at 00:00:00 by the store's clock, 0.2 s before its report; whatever this
+        // machine's clock says now (minutes later, were the store's behind), the lag is the store's figure.
         let pods = vec![pod("corp-lun-0-1", true)];
         let reports = report("corp-lun-0-1", 0.2, "2024-01-01T00:00:00Z", true);
         assert_eq!(
-            observe("corp-lun-0", &pods, &reports, 5, now)[0].lag_seconds,
-            Some(600.0)
+            observe("corp-lun-0", &pods, &reports)[0].lag_seconds,
+            Some(0.2)
         );
     }
 
