@@ -255,8 +255,19 @@ fn small_mailpod(ns: &str) -> Vec<Value> {
                         "storageClassName": setting("MAILPOD_E2E_STORAGE_CLASS", "csi-hostpath-sc")}},
             "frontend": {"mx": {"replicas": 1, "serviceType": "LoadBalancer"},
                          "submission": {"replicas": 1}, "imap": {"replicas": 1}},
+            // Signed mail: the standby must hold the primary's keys, whose records are published.
+            "dkim": {},
         }}),
     ]
+}
+
+fn status_of_mailpod(kubeconfig: Option<&str>, ns: &str) -> Result<Value, String> {
+    let v = match kubeconfig {
+        Some(k) => get_json_at(k, ns, &["mailpod", MAILPOD]),
+        None => get_json(ns, &["mailpod", MAILPOD]),
+    }
+    .ok_or("MailPod unreadable")?;
+    Ok(v["status"].clone())
 }
 
 fn status_of(kubeconfig: Option<&str>, ns: &str) -> Result<Value, String> {
@@ -456,6 +467,27 @@ fn a_lost_primary_site_is_replaced_by_the_standby_and_fenced_when_it_returns() {
                 .ok_or_else(|| "the passwords differ".to_string())
         },
     );
+    // And the primary's DKIM keys: a promoted standby signs with the keys whose records are published.
+    wait_for("the standby holding the primary's DKIM keys", || {
+        let secret = format!("{MAILPOD}-dkim");
+        let ours = get_json(&s.ns, &["secret", &secret]).ok_or("no DKIM Secret at the primary")?;
+        let theirs = get_json_at(&s.west, &s.ns, &["secret", &secret])
+            .ok_or("no DKIM Secret at the standby")?;
+        let records = |kubeconfig: Option<&str>| {
+            status_of_mailpod(kubeconfig, &s.ns).map(|st| st["dkim"].clone())
+        };
+        let (east_records, west_records) = (records(None)?, records(west)?);
+        (ours["data"] == theirs["data"]
+            && east_records.as_array().is_some_and(|r| !r.is_empty())
+            && east_records == west_records)
+            .then_some(())
+            .ok_or_else(|| {
+                format!(
+                    "keys equal: {}; records {east_records} / {west_records}",
+                    ours["data"] == theirs["data"]
+                )
+            })
+    });
     wait_for("the witness Lease held by the primary", || {
         let (holder, _) = lease_holder(&s)?;
         (holder == PRIMARY).then_some(()).ok_or(holder)
