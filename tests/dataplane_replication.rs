@@ -69,6 +69,21 @@ fn pair(site: &Site, pa: &Ports, pb: &Ports, host: &str) -> Pair {
     }
 }
 
+/// A site whose LUN 0 holds `USER`, with [`pair`] on 127.0.0.1: A active holding `n` delivered messages,
+/// B mirroring them. Returns the site, the pair and the messages' subjects.
+fn mirrored_pair(pa: &Ports, pb: &Ports, n: usize) -> (Site, Pair, Vec<String>) {
+    let mut site = Site::new(1_000_000);
+    site.lun(0, pa);
+    site.mailbox(USER, 0, "alice-pw");
+    site.publish();
+    let p = pair(&site, pa, pb, "127.0.0.1");
+    wait_accepts_writes(&p.a);
+    let first = subjects("first", n);
+    deliver_lmtp(pa.lmtp, USER, &first);
+    wait_for_exactly("the standby to mirror the active", &p.b, &first);
+    (site, p, first)
+}
+
 fn subjects(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
 }
@@ -332,21 +347,18 @@ fn a_demoted_store_takes_no_more_writes_and_loses_nothing() {
     if !mail_software_present("a_demoted_store_takes_no_more_writes_and_loses_nothing") {
         return;
     }
-    let mut site = Site::new(1_000_000);
     let (pa, pb) = (Ports::free(), Ports::free());
-    site.lun(0, &pa);
-    site.mailbox(USER, 0, "alice-pw");
-    site.publish();
-    let Pair {
-        a,
-        b,
-        labels_a,
-        labels_b,
-    } = pair(&site, &pa, &pb, "127.0.0.1");
-    wait_accepts_writes(&a);
-    let first = subjects("first", 10);
-    deliver_lmtp(pa.lmtp, USER, &first);
-    wait_for_exactly("the standby to mirror the active", &b, &first);
+    // The site holds the agents' files: kept to the end of the test.
+    let (
+        _site,
+        Pair {
+            a,
+            b,
+            labels_a,
+            labels_b,
+        },
+        first,
+    ) = mirrored_pair(&pa, &pb, 10);
 
     // A standby never accepts LMTP.
     assert!(
@@ -457,21 +469,18 @@ fn a_pushed_role_takes_effect_before_the_labels_file_changes() {
     if !mail_software_present("a_pushed_role_takes_effect_before_the_labels_file_changes") {
         return;
     }
-    let mut site = Site::new(1_000_000);
     let (pa, pb) = (Ports::free(), Ports::free());
-    site.lun(0, &pa);
-    site.mailbox(USER, 0, "alice-pw");
-    site.publish();
-    let Pair {
-        a,
-        b,
-        labels_a,
-        labels_b,
-    } = pair(&site, &pa, &pb, "127.0.0.1");
-    wait_accepts_writes(&a);
-    let first = subjects("first", 5);
-    deliver_lmtp(pa.lmtp, USER, &first);
-    wait_for_exactly("the standby to mirror the active", &b, &first);
+    // The site holds the agents' files: kept to the end of the test.
+    let (
+        _site,
+        Pair {
+            a,
+            b,
+            labels_a,
+            labels_b,
+        },
+        first,
+    ) = mirrored_pair(&pa, &pb, 5);
 
     assert_eq!(a.post_as("/role?role=standby", Some("guess")).0, 401);
     assert_eq!(replication(&a)["acceptsWrites"], true);

@@ -505,28 +505,37 @@ async fn a_conflicting_promotion_is_decided_again_not_overwritten() {
     );
 }
 
-/// Lowering `standbys` removes the highest ordinals: when the active is one of them the LUN switches
-/// over first, keeps the demoted replica until it has handed its mail over, and only then scales down.
-#[tokio::test]
-async fn lowering_standbys_switches_over_first_and_never_removes_the_active() {
+/// A LUN with `standbys` standbys (ordinals 0..standbys) serving from the last ordinal, as recorded in its
+/// status; no agent reports yet.
+async fn serving_from_the_last(standbys: i32) -> (ApiServer, Arc<Context>, Arc<StaticReports>) {
     let server = ApiServer::new();
     let mut l = lun(LUN, &["a@corp.example"], 10);
-    l.spec.standbys = 2;
+    l.spec.standbys = standbys as u32;
     create_lun(&server, &l).await;
     let reports = Arc::new(StaticReports::default());
     let ctx = Arc::new(
         Context::new(server.client(), RunConfig::default())
             .with_replication_source(reports.clone()),
     );
-    create_pod(&server, LUN, 0, true, Some("standby")).await;
-    create_pod(&server, LUN, 1, true, Some("standby")).await;
-    create_pod(&server, LUN, 2, true, Some("active")).await;
+    for o in 0..standbys {
+        create_pod(&server, LUN, o, true, Some("standby")).await;
+    }
+    create_pod(&server, LUN, standbys, true, Some("active")).await;
+    let active = format!("{LUN}-{standbys}");
     set_lun_status(
         &server,
         LUN,
-        json!({"targetActive": "corp-lun-0-2", "currentActive": "corp-lun-0-2"}),
+        json!({"targetActive": active, "currentActive": active}),
     )
     .await;
+    (server, ctx, reports)
+}
+
+/// Lowering `standbys` removes the highest ordinals: when the active is one of them the LUN switches
+/// over first, keeps the demoted replica until it has handed its mail over, and only then scales down.
+#[tokio::test]
+async fn lowering_standbys_switches_over_first_and_never_removes_the_active() {
+    let (server, ctx, reports) = serving_from_the_last(2).await;
     reports.set("corp-lun-0-0", standby_report(0.3, 1, true));
     reports.set("corp-lun-0-1", standby_report(0.2, 1, true));
     let replicas = |server: &ApiServer| {
@@ -621,23 +630,7 @@ async fn a_replica_back_within_the_threshold_serves_and_a_later_loss_counts_afre
 #[tokio::test]
 async fn a_switchover_pushes_the_demotion_before_the_promotion_and_only_then() {
     for old_answers in [true, false] {
-        let server = ApiServer::new();
-        let mut l = lun(LUN, &["a@corp.example"], 10);
-        l.spec.standbys = 1;
-        create_lun(&server, &l).await;
-        let reports = Arc::new(StaticReports::default());
-        let ctx = Arc::new(
-            Context::new(server.client(), RunConfig::default())
-                .with_replication_source(reports.clone()),
-        );
-        create_pod(&server, LUN, 0, true, Some("standby")).await;
-        create_pod(&server, LUN, 1, true, Some("active")).await;
-        set_lun_status(
-            &server,
-            LUN,
-            json!({"targetActive": "corp-lun-0-1", "currentActive": "corp-lun-0-1"}),
-        )
-        .await;
+        let (server, ctx, reports) = serving_from_the_last(1).await;
         reports.set("corp-lun-0-0", standby_report(0.3, 1, true));
         if old_answers {
             reports.set(

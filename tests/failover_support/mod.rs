@@ -315,6 +315,15 @@ impl Sites {
 }
 
 impl Site {
+    /// The writes this site's API server took since its requests were last cleared, Events aside.
+    pub fn writes(&self) -> Vec<mailpod_operator::testkit::RequestRecord> {
+        self.server
+            .mutating_requests()
+            .into_iter()
+            .filter(|r| !r.path.contains("/events"))
+            .collect()
+    }
+
     pub async fn tick(&self) {
         failover::reconcile_once(&self.failover, NS, SF)
             .await
