@@ -8,7 +8,13 @@
 //!
 //! A removed mailbox's Maildir stays on its LUN's volumes, so each LUN also remembers (in the
 //! [`REMOVED_MAILBOXES`] annotation, at most [`REMEMBERED_PER_LUN`], newest last) the mailboxes that left
-//! it; one that comes back returns to that LUN when it has room, instead of starting empty elsewhere.
+//! it; one that comes back returns to that LUN when it has room.
+//!
+//! An address that comes back is not given the Maildir it left: the address may now belong to somebody
+//! else. Each LUN records (in the [`MAILBOX_INCARNATIONS`] annotation) an incarnation for every address it
+//! took back, and the stores give incarnation `n` a home of its own
+//! ([`crate::mailconfig::layout::home`]), so the previous owner's mail, sieve scripts and vacation replies
+//! stay where they were, on the volume, and the new owner starts empty.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,6 +23,9 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct LunAssignment {
     pub index: u32,
     pub mailboxes: BTreeSet<String>,
+    /// Mailbox -> its incarnation on this LUN, for mailboxes taken back after a removal (1, 2, ...);
+    /// absent: the first, whose home is where it always was.
+    pub incarnations: BTreeMap<String, u32>,
 }
 
 /// Places `wanted` onto LUNs of at most `max_users`, keeping every mailbox of `existing` where it is.
@@ -32,8 +41,23 @@ pub fn place(
 ) -> Vec<LunAssignment> {
     let max = max_users as usize;
     let mut luns: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    let mut incarnations: BTreeMap<u32, BTreeMap<String, u32>> = BTreeMap::new();
     let mut placed: BTreeSet<&str> = BTreeSet::new();
     for lun in existing {
+        let carried: BTreeMap<String, u32> = lun
+            .incarnations
+            .iter()
+            .filter(|(m, n)| {
+                **n > 0
+                    && wanted.contains(*m)
+                    && lun.mailboxes.contains(*m)
+                    && !placed.contains(m.as_str())
+            })
+            .map(|(m, n)| (m.clone(), *n))
+            .collect();
+        if !carried.is_empty() {
+            incarnations.entry(lun.index).or_default().extend(carried);
+        }
         let kept: BTreeSet<String> = lun
             .mailboxes
             .iter()
@@ -69,7 +93,11 @@ pub fn place(
         luns.pop_last();
     }
     luns.into_iter()
-        .map(|(index, mailboxes)| LunAssignment { index, mailboxes })
+        .map(|(index, mailboxes)| LunAssignment {
+            index,
+            mailboxes,
+            incarnations: incarnations.remove(&index).unwrap_or_default(),
+        })
         .collect()
 }
 
@@ -92,12 +120,65 @@ pub fn format_remembered(remembered: &[String]) -> Option<String> {
         .then(|| serde_json::to_string(remembered).expect("a list of strings serialises"))
 }
 
+/// Annotation on a StorageLUN: the incarnation of each address it took back after a removal, a JSON
+/// object (`{"ann@example.com": 1}`), for the addresses it holds and those it remembers as removed.
+pub const MAILBOX_INCARNATIONS: &str = "mailpod.io/mailbox-incarnations";
+
+/// The incarnations a LUN records, from its annotation's value. An unreadable value is an error: reading
+/// it as empty would give a returning address its previous owner's Maildir.
+pub fn parse_incarnations(annotation: Option<&str>) -> Result<BTreeMap<String, u32>, String> {
+    match annotation {
+        None => Ok(BTreeMap::new()),
+        Some(a) => serde_json::from_str(a).map_err(|e| {
+            format!(
+                "annotation {MAILBOX_INCARNATIONS} is not a JSON object of address: number ({e})"
+            )
+        }),
+    }
+}
+
+/// The annotation's value for `incarnations`, `None` when there is nothing to record.
+pub fn format_incarnations(incarnations: &BTreeMap<String, u32>) -> Option<String> {
+    (!incarnations.is_empty())
+        .then(|| serde_json::to_string(incarnations).expect("a map of numbers serialises"))
+}
+
+/// What each LUN records after a placement: the incarnations of the mailboxes `after` places on it, and
+/// those `known` before of the mailboxes it still remembers as removed (`memory`), so that the next return
+/// counts on from there.
+pub fn record_incarnations(
+    after: &[LunAssignment],
+    known: &BTreeMap<u32, BTreeMap<String, u32>>,
+    memory: &BTreeMap<u32, Vec<String>>,
+) -> BTreeMap<u32, BTreeMap<String, u32>> {
+    let mut out: BTreeMap<u32, BTreeMap<String, u32>> = BTreeMap::new();
+    for (index, removed) in memory {
+        if let Some(k) = known.get(index) {
+            for m in removed {
+                if let Some(n) = k.get(m) {
+                    out.entry(*index).or_default().insert(m.clone(), *n);
+                }
+            }
+        }
+    }
+    for a in after {
+        if !a.incarnations.is_empty() {
+            out.entry(a.index)
+                .or_default()
+                .extend(a.incarnations.iter().map(|(m, n)| (m.clone(), *n)));
+        }
+    }
+    out
+}
+
 /// Puts each mailbox of `wanted` that no LUN holds but one remembers back on that LUN, while it has room
-/// under `max_users`, so that [`place`] keeps it there. When several LUNs remember it, the lowest with room
-/// takes it.
+/// under `max_users`, so that [`place`] keeps it there, as its next incarnation there (one more than
+/// `known` records): a new home, never the Maildir it left. When several LUNs remember it, the lowest with
+/// room takes it.
 pub fn return_remembered(
     existing: &mut [LunAssignment],
     remembered: &BTreeMap<u32, Vec<String>>,
+    known: &BTreeMap<u32, BTreeMap<String, u32>>,
     wanted: &BTreeSet<String>,
     max_users: u32,
 ) {
@@ -119,7 +200,13 @@ pub fn return_remembered(
             if lun.mailboxes.len() >= max_users as usize {
                 break;
             }
+            let previous = known
+                .get(&lun.index)
+                .and_then(|k| k.get(m))
+                .copied()
+                .unwrap_or(0);
             lun.mailboxes.insert(m.clone());
+            lun.incarnations.insert(m.clone(), previous + 1);
             returned.insert(m.clone());
         }
     }
@@ -199,12 +286,13 @@ mod tests {
             "without memory it would start empty on LUN 0"
         );
         let mut back = third.clone();
-        return_remembered(&mut back, &memory, &wanted, 4);
+        return_remembered(&mut back, &memory, &BTreeMap::new(), &wanted, 4);
         let fourth = place(&back, &wanted, 4);
+        assert_eq!(where_is(&fourth)[&moved], 1, "back on the LUN it left");
         assert_eq!(
-            where_is(&fourth)[&moved],
-            1,
-            "back on the LUN with its Maildir"
+            fourth[1].incarnations.get(&moved),
+            Some(&1),
+            "as a new incarnation, not with the Maildir it left"
         );
         let memory = remember_removed(&third, &memory, &fourth);
         assert_eq!(memory.get(&1), None, "placed again: forgotten");
@@ -236,8 +324,48 @@ mod tests {
         let mut existing = first.clone();
         let mut wanted = names(0..4);
         wanted.insert("back@example.com".into());
-        return_remembered(&mut existing, &memory, &wanted, 4);
+        return_remembered(&mut existing, &memory, &BTreeMap::new(), &wanted, 4);
         assert_eq!(existing, first);
+    }
+
+    #[test]
+    fn each_return_is_a_new_incarnation_and_placement_keeps_it() {
+        let ann = "ann@example.com".to_string();
+        let mut wanted = names(0..3);
+        wanted.insert(ann.clone());
+        let mut luns = place(&[], &wanted, 10);
+        let mut known: BTreeMap<u32, BTreeMap<String, u32>> = BTreeMap::new();
+        let mut memory: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for round in 1..=3u32 {
+            // Removed: remembered, with the incarnation it had.
+            let mut without = wanted.clone();
+            without.remove(&ann);
+            let removed = place(&luns, &without, 10);
+            memory = remember_removed(&luns, &memory, &removed);
+            known = record_incarnations(&removed, &known, &memory);
+            assert!(removed[0].incarnations.is_empty());
+            if round > 1 {
+                assert_eq!(known[&0][&ann], round - 1, "kept while remembered");
+            }
+            // Added again: the next incarnation.
+            let mut back = removed.clone();
+            return_remembered(&mut back, &memory, &known, &wanted, 10);
+            luns = place(&back, &wanted, 10);
+            memory = remember_removed(&removed, &memory, &luns);
+            known = record_incarnations(&luns, &known, &memory);
+            assert_eq!(luns[0].incarnations[&ann], round);
+            // A pass that changes nothing keeps it; other mailboxes have none.
+            let again = place(&luns, &wanted, 10);
+            assert_eq!(again, luns);
+            assert_eq!(again[0].incarnations.len(), 1);
+        }
+        let text = format_incarnations(&known[&0]).unwrap();
+        assert_eq!(text, r#"{"ann@example.com":3}"#);
+        assert_eq!(parse_incarnations(Some(&text)).unwrap(), known[&0]);
+        let err = parse_incarnations(Some("[1]")).unwrap_err();
+        assert!(err.contains(MAILBOX_INCARNATIONS), "{err}");
+        // Forgotten by the LUN once it is placed nowhere and no longer remembered.
+        assert!(record_incarnations(&[], &known, &BTreeMap::new()).is_empty());
     }
 
     fn names(range: std::ops::Range<u32>) -> BTreeSet<String> {

@@ -287,10 +287,18 @@ fn build_all(docs: &[Doc], opts: &Options, errs: &mut Vec<RenderError>) -> Vec<V
                         continue;
                     }
                 };
-                let existing = owned_luns
+                let owned = owned_luns
                     .get(&(ns.clone(), mp.name_any()))
-                    .map(|luns| assignments(luns.iter().copied()))
+                    .cloned()
                     .unwrap_or_default();
+                let known = match resources::lun::recorded_incarnations(owned.iter().copied()) {
+                    Ok(k) => k,
+                    Err((path, message)) => {
+                        errs.push(err(&d.file, &object, format!("{path}: {message}")));
+                        continue;
+                    }
+                };
+                let existing = assignments(owned.iter().copied(), &known);
                 match resources::mailpod::build(mp, &resolved, &existing, &opts.defaults()) {
                     Ok(desired) => {
                         for child in desired.children {

@@ -530,3 +530,279 @@ fn a_pushed_role_takes_effect_before_the_labels_file_changes() {
         assert!(agent.stop(), "store agent must exit cleanly");
     }
 }
+
+/// One LMTP delivery of `subject` to `to`, in a session of its own: the first non-250 code the store
+/// answers, or 250 once the message is taken.
+fn lmtp_attempt(port: u16, to: &str, subject: &str) -> u16 {
+    let mut s = Session::connect(port);
+    let (code, _) = s.smtp_reply();
+    if code != 220 {
+        return code;
+    }
+    for command in [
+        "LHLO client.test".to_string(),
+        "MAIL FROM:<x@remote.test>".to_string(),
+        format!("RCPT TO:<{to}>"),
+    ] {
+        let (code, _) = s.smtp(&command);
+        if code != 250 {
+            return code;
+        }
+    }
+    let (code, _) = s.smtp("DATA");
+    if code != 354 {
+        return code;
+    }
+    s.send(&message("x@remote.test", &[to], subject, 200));
+    let (code, _) = s.smtp(".");
+    let _ = s.smtp("QUIT");
+    code
+}
+
+/// A store does not know an address until it has read the tables that list it (each pod's copy of a
+/// ConfigMap is updated on its own, so the mx may know it first): the delivery waits (450), it neither
+/// bounces nor lands in a default home.
+#[test]
+fn an_address_the_store_does_not_know_yet_waits() {
+    if !mail_software_present("an_address_the_store_does_not_know_yet_waits") {
+        return;
+    }
+    let (pa, pb) = (Ports::free(), Ports::free());
+    let (mut site, p, _) = mirrored_pair(&pa, &pb, 1);
+    let late = "late@example.com";
+    let mut s = Session::connect(pa.lmtp);
+    assert_eq!(s.smtp_reply().0, 220);
+    assert_eq!(s.smtp("LHLO client.test").0, 250);
+    assert_eq!(s.smtp("MAIL FROM:<x@remote.test>").0, 250);
+    let (code, text) = s.smtp(&format!("RCPT TO:<{late}>"));
+    assert_eq!(code, 450, "{text}");
+    assert!(text.contains(" 4.1.1 "), "{text}");
+    let _ = s.smtp("QUIT");
+    assert!(
+        !p.a.work.join("mail/example.com/late").exists(),
+        "no Maildir for an address the tables do not list"
+    );
+    // Once the store has the tables that list it, the same delivery is taken.
+    site.tables.mailboxes.insert(late.into(), 0);
+    site.publish();
+    wait_for("the late mailbox taken", WAIT, || {
+        (lmtp_attempt(pa.lmtp, late, "late-1") == 250).then_some(())
+    });
+    assert_eq!(maildir_subjects(&p.a, late), ["late-1"]);
+    let mut agents = [p.a, p.b];
+    for agent in agents.iter_mut() {
+        assert!(agent.stop(), "store agent must exit cleanly");
+    }
+}
+
+/// Subjects in the Maildir `home`/Maildir (new and cur) of a store's work dir, sorted.
+fn subjects_in(store: &Agent, home: &str) -> Vec<String> {
+    let maildir = store.work.join("mail").join(home).join("Maildir");
+    let mut out = Vec::new();
+    for sub in ["new", "cur"] {
+        for e in std::fs::read_dir(maildir.join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(text) = std::fs::read_to_string(e.path()) {
+                out.extend(
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("Subject: "))
+                        .map(|s| s.trim().to_string()),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// How many messages IMAP shows in INBOX to `user` logging in on a store.
+fn imap_exists(port: u16, user: &str, password: &str) -> usize {
+    let mut s = Session::connect(port);
+    assert!(s.line().starts_with("* OK"));
+    let (_, st) = s.imap(&format!("LOGIN {user} {password}"));
+    assert!(st.starts_with("t OK"), "{st}");
+    let (untagged, st) = s.imap("SELECT INBOX");
+    assert!(st.starts_with("t OK"), "{st}");
+    let _ = s.imap("LOGOUT");
+    untagged
+        .iter()
+        .find_map(|l| {
+            l.trim_end()
+                .strip_prefix("* ")?
+                .strip_suffix(" EXISTS")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no EXISTS in {untagged:?}"))
+}
+
+/// An address its LUN took back after a removal (incarnation 1 in the tables) may belong to somebody else
+/// now: on both replicas its mail, logins and replication use a new home, and the previous owner's Maildir
+/// stays untouched where it was. A store that has read the removal refuses the address (450) until it
+/// reads the return; mail offered while the home moves waits (421), and none lands in the old home. When a
+/// store sees the next return without the removal between (both within one refresh of its ConfigMap), the
+/// standby's deletion guard does not take the new, empty mailbox for a wiped one. The documented copy
+/// gives the old mail back with its dates.
+#[test]
+fn an_address_taken_back_starts_empty_and_the_previous_owners_mail_stays() {
+    if !mail_software_present(
+        "an_address_taken_back_starts_empty_and_the_previous_owners_mail_stays",
+    ) {
+        return;
+    }
+    let (pa, pb) = (Ports::free(), Ports::free());
+    let (mut site, p, first) = mirrored_pair(&pa, &pb, 12);
+    assert_eq!(imap_exists(pa.imap, USER, "alice-pw"), 12);
+    let userdb = |agent: &Agent| {
+        std::fs::read_to_string(agent.work.join("dovecot").join("userdb")).unwrap_or_default()
+    };
+
+    // Removed: both stores read it; the address is refused as one they do not know.
+    site.tables.mailboxes.remove(USER);
+    site.set_users("");
+    site.publish();
+    let mut answers = std::collections::BTreeMap::<u16, usize>::new();
+    wait_for("the removal read", WAIT, || {
+        let code = lmtp_attempt(pa.lmtp, USER, "while-removed");
+        *answers.entry(code).or_default() += 1;
+        std::thread::sleep(Duration::from_millis(50));
+        (code == 450).then_some(())
+    });
+    for agent in [&p.a, &p.b] {
+        wait_for("the removal read", WAIT, || {
+            (!userdb(agent).contains(USER)).then_some(())
+        });
+    }
+    // Taken before the store read the removal (250), into the home the address had then; afterwards held
+    // (421) or unknown (450), never taken.
+    let taken = answers.get(&250).copied().unwrap_or(0);
+    assert!(
+        answers.keys().all(|c| [250, 421, 450].contains(c)),
+        "{answers:?}"
+    );
+    // What each replica holds in the old home from now on: the active may also hold what it took just
+    // before the removal, which the standby had no pass left to copy.
+    let mut first_sorted = first.clone();
+    first_sorted.sort();
+    let old_a = subjects_in(&p.a, "example.com/alice");
+    let old_b = subjects_in(&p.b, "example.com/alice");
+    assert_eq!(old_a.len(), first.len() + taken, "{old_a:?}");
+    assert!(
+        old_b.len() >= first.len() && old_b.iter().all(|s| old_a.contains(s)),
+        "{old_b:?}"
+    );
+
+    // Taken back by its LUN, by somebody else. Mail for the new owner from the moment the tables change:
+    // each message is offered until the store takes it, as Postfix retries.
+    site.tables.mailboxes.insert(USER.into(), 0);
+    site.tables.incarnations.insert(USER.into(), 1);
+    site.set_users(&format!("{USER}:{{PLAIN}}new-owner-pw\n"));
+    site.publish();
+    let offer = |subjects: &[String]| {
+        let mut answers = std::collections::BTreeMap::<u16, usize>::new();
+        for subject in subjects {
+            wait_for(&format!("{subject} taken"), WAIT, || {
+                let code = lmtp_attempt(pa.lmtp, USER, subject);
+                *answers.entry(code).or_default() += 1;
+                std::thread::sleep(Duration::from_millis(50));
+                (code == 250).then_some(())
+            });
+        }
+        assert!(
+            answers.keys().all(|c| [250, 421, 450].contains(c)),
+            "only temporary refusals while the home moves: {answers:?}"
+        );
+    };
+    let new = subjects("new-owner", 12);
+    offer(&new);
+    let home1 = ".incarnation-1/example.com/alice";
+    wait_for("the new owner's mail on the standby", WAIT, || {
+        (subjects_in(&p.b, home1) == new).then_some(())
+    });
+    assert_eq!(subjects_in(&p.a, home1), new);
+    assert_eq!(
+        imap_exists(pa.imap, USER, "new-owner-pw"),
+        12,
+        "the new owner sees only their own mail"
+    );
+    for (agent, old) in [(&p.a, &old_a), (&p.b, &old_b)] {
+        assert_eq!(
+            &subjects_in(agent, "example.com/alice"),
+            old,
+            "the previous owner's Maildir is left as it was on {}",
+            agent.work.display()
+        );
+    }
+
+    // Removed and taken back again, both within one refresh: the stores go from incarnation 1 to 2.
+    site.tables.incarnations.insert(USER.into(), 2);
+    site.set_users(&format!("{USER}:{{PLAIN}}third-owner-pw\n"));
+    site.publish();
+    for agent in [&p.a, &p.b] {
+        wait_for("the next home read", WAIT, || {
+            userdb(agent).contains(".incarnation-2/").then_some(())
+        });
+    }
+    let third = subjects("third-owner", 1);
+    offer(&third);
+    let home2 = ".incarnation-2/example.com/alice";
+    wait_for("the third owner's mail on the standby", WAIT, || {
+        (subjects_in(&p.b, home2) == third).then_some(())
+    });
+    wait_for("a pass after the change, without a refusal", WAIT, || {
+        let r = replication(&p.b);
+        (r["inSync"] == true && r["lastError"].is_null() && r["deletionRefused"].is_null())
+            .then_some(())
+    });
+    assert_eq!(subjects_in(&p.b, home1), new, "kept on the standby too");
+    assert_eq!(subjects_in(&p.a, "example.com/alice"), old_a);
+    assert_eq!(subjects_in(&p.b, "example.com/alice"), old_b);
+
+    // The first removal was a mistake: the documented copy on the active (docs/operations.md) gives the
+    // old mail back, with its dates, and the standby takes it from there.
+    let date = |agent: &Agent, home: &str| {
+        let mail = agent.work.join("mail");
+        let out = std::process::Command::new("doveadm")
+            .arg("-c")
+            .arg(agent.work.join("dovecot/dovecot.conf"))
+            .args([
+                "-o",
+                &format!("mail_location=maildir:{}/{home}/Maildir", mail.display()),
+            ])
+            .args(["fetch", "-u", USER, "date.received", "subject", "first-000"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let before = date(&p.a, "example.com/alice");
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = std::process::Command::new("doveadm")
+        .arg("-c")
+        .arg(p.a.work.join("dovecot/dovecot.conf"))
+        .args(["import", "-u", USER])
+        .arg(format!(
+            "maildir:{}",
+            p.a.work.join("mail/example.com/alice/Maildir").display()
+        ))
+        .args(["", "all"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "doveadm import: {out:?}");
+    let mut all = [old_a.clone(), third.clone()].concat();
+    all.sort();
+    wait_for("the old mail back on the standby", WAIT, || {
+        (subjects_in(&p.b, home2) == all).then_some(())
+    });
+    assert_eq!(subjects_in(&p.a, home2), all);
+    assert_eq!(imap_exists(pa.imap, USER, "third-owner-pw"), all.len());
+    assert_eq!(date(&p.a, home2), before, "the received date comes along");
+
+    let mut agents = [p.a, p.b];
+    for agent in agents.iter_mut() {
+        assert!(agent.stop(), "store agent must exit cleanly");
+    }
+}

@@ -664,10 +664,12 @@ async fn placement_is_stable_as_mailboxes_come_and_go() {
     assert_eq!(mp.status.unwrap().lun_count, 3);
 }
 
-/// A removed mailbox's Maildir stays on its LUN: when the mailbox comes back it returns there, not to
-/// the lowest LUN that happens to have room; once placed again the LUN forgets it.
+/// A removed mailbox's Maildir stays on its LUN: when the address comes back it returns to that LUN, not
+/// to the lowest LUN that happens to have room, but as a new incarnation with a home of its own (the
+/// address may belong to somebody else now); once placed again the LUN forgets the removal and keeps the
+/// incarnation, which counts on at each return.
 #[tokio::test]
-async fn a_removed_and_re_added_mailbox_goes_back_to_its_maildir() {
+async fn a_removed_and_re_added_mailbox_returns_to_its_lun_with_a_new_home() {
     let server = ApiServer::new();
     let client = server.client();
     let ctx = ctx(&server);
@@ -721,6 +723,77 @@ async fn a_removed_and_re_added_mailbox_goes_back_to_its_maildir() {
         .contains_key("mailpod.io/removed-mailboxes"));
     let lun0: StorageLUN = server.get(NS, "corp-lun-0").unwrap();
     assert!(lun0.annotations()["mailpod.io/removed-mailboxes"].contains("user000010@corp.example"));
+
+    // Its incarnation: recorded on the LUN, and in the tables the stores render their userdb from.
+    let incarnation = |server: &ApiServer| {
+        let lun1: StorageLUN = server.get(NS, "corp-lun-1").unwrap();
+        let tables: ConfigMap = server.get(NS, "corp-access-tables").unwrap();
+        let tables = mailpod_operator::mailconfig::tables::AccessTables::from_data(
+            tables.data.as_ref().unwrap(),
+        )
+        .unwrap();
+        (
+            lun1.annotations()
+                .get("mailpod.io/mailbox-incarnations")
+                .cloned(),
+            tables.incarnations,
+        )
+    };
+    let (annotation, tables) = incarnation(&server);
+    assert_eq!(
+        annotation.as_deref(),
+        Some(r#"{"user001500@corp.example":1}"#)
+    );
+    assert_eq!(tables, BTreeMap::from([(moved.to_string(), 1)]));
+    // Removed: the LUN remembers the incarnation it had; back again: the next one.
+    set_users(users(&[10, 1500])).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let (annotation, tables) = incarnation(&server);
+    assert_eq!(
+        annotation.as_deref(),
+        Some(r#"{"user001500@corp.example":1}"#)
+    );
+    assert!(tables.is_empty());
+    set_users(users(&[10])).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let (annotation, tables) = incarnation(&server);
+    assert_eq!(
+        annotation.as_deref(),
+        Some(r#"{"user001500@corp.example":2}"#)
+    );
+    assert_eq!(tables, BTreeMap::from([(moved.to_string(), 2)]));
+    // A quiet pass writes nothing.
+    server.clear_requests();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    assert_eq!(
+        incarnation(&server).1,
+        BTreeMap::from([(moved.to_string(), 2)])
+    );
+
+    // An unreadable record refuses the MailPod, naming it, and changes nothing.
+    let luns: Api<StorageLUN> = Api::namespaced(client.clone(), NS);
+    luns.patch(
+        "corp-lun-1",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {"mailpod.io/mailbox-incarnations": "two"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let before = children_versions(&server, "corp");
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let ready = condition(&mp, condition::READY);
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready.message.contains(
+            "StorageLUN corp-lun-1 metadata.annotations[mailpod.io/mailbox-incarnations]"
+        ),
+        "{}",
+        ready.message
+    );
+    assert_eq!(children_versions(&server, "corp"), before);
 }
 
 /// An emptied mailbox list (a blank ConfigMap key) would drain every LUN: it is held with a clear

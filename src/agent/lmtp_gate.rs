@@ -30,6 +30,9 @@ pub struct Gate {
     idle: Notify,
     /// Whether this store may take writes: false on a replica that is not its LUN's active (agent::role).
     granted: AtomicBool,
+    /// New transactions wait until then: a mailbox's home just moved (its LUN took the address back), and
+    /// Dovecot may still deliver by the userdb it read before.
+    held_until: Mutex<Option<Instant>>,
 }
 
 /// Result of a pause request.
@@ -49,7 +52,24 @@ impl Gate {
             in_transaction: AtomicUsize::new(0),
             idle: Notify::new(),
             granted: AtomicBool::new(true),
+            held_until: Mutex::new(None),
         })
+    }
+
+    /// Refuses new transactions (`421`, so the mail waits in the sender's queue) for `d` from now.
+    pub fn hold(&self, d: Duration) {
+        *self.held_until.lock().expect("gate lock") = Some(Instant::now() + d);
+        tracing::info!(
+            ms = d.as_millis() as u64,
+            "LMTP held while a mailbox home moves"
+        );
+    }
+
+    fn is_held(&self) -> bool {
+        self.held_until
+            .lock()
+            .expect("gate lock")
+            .is_some_and(|t| Instant::now() < t)
     }
 
     /// Grants or revokes writes (see agent::role). Revoked, new sessions and the next `MAIL FROM` of open
@@ -69,6 +89,12 @@ impl Gate {
         if !self.is_granted() {
             return Some(format!(
                 "421 4.3.2 {} is not the active replica of its LUN, try again later\r\n",
+                self.hostname
+            ));
+        }
+        if self.is_held() {
+            return Some(format!(
+                "421 4.3.2 {} is applying a mailbox change, try again later\r\n",
                 self.hostname
             ));
         }
@@ -214,11 +240,15 @@ async fn session(gate: &Gate, mut client: TcpStream) -> std::io::Result<()> {
     let (backend_r, mut backend_w) = backend.into_split();
     let client_w = Arc::new(tokio::sync::Mutex::new(client_w));
     let last_code = Arc::new(AtomicU16::new(0));
+    // The command the next reply answers (no pipelining: one at a time): an RCPT the store does not know
+    // is answered 450, not Dovecot's 550.
+    let rcpt = Arc::new(AtomicBool::new(false));
 
     // Store -> client: copy replies, hiding PIPELINING and noting each reply's code.
     let replies = {
         let client_w = client_w.clone();
         let last_code = last_code.clone();
+        let rcpt = rcpt.clone();
         async move {
             let mut r = BufReader::new(backend_r);
             let mut line = Vec::new();
@@ -233,6 +263,10 @@ async fn session(gate: &Gate, mut client: TcpStream) -> std::io::Result<()> {
                         .and_then(|c| c.parse().ok())
                         .unwrap_or(0);
                     last_code.store(code, Ordering::SeqCst);
+                }
+                if rcpt.load(Ordering::SeqCst) && line.starts_with(b"550 5.1.1 ") {
+                    line = unknown_here(&line[b"550 5.1.1 ".len()..]);
+                    last_code.store(450, Ordering::SeqCst);
                 }
                 if line.len() > 4 && line[4..].to_ascii_uppercase().starts_with(b"PIPELINING") {
                     line.truncate(4);
@@ -274,6 +308,7 @@ async fn session(gate: &Gate, mut client: TcpStream) -> std::io::Result<()> {
                         .get(..4)
                         .map(|v| v.to_ascii_uppercase())
                         .unwrap_or_default();
+                    rcpt.store(verb.as_slice() == b"RCPT", Ordering::SeqCst);
                     match verb.as_slice() {
                         b"MAIL" => {
                             tx.end();
@@ -300,6 +335,17 @@ async fn session(gate: &Gate, mut client: TcpStream) -> std::io::Result<()> {
         r = replies => r,
         r = commands => r,
     }
+}
+
+/// The answer to a recipient Dovecot does not know (`550 5.1.1 <text>`): temporary. The mx routes here
+/// only addresses its tables place on this LUN, so a store that does not know one has not read those
+/// tables yet (each pod's copy of a ConfigMap is updated on its own); the mail waits in the mx queue
+/// until it has, instead of bouncing, or landing in a home the address no longer has.
+fn unknown_here(text: &[u8]) -> Vec<u8> {
+    let mut line = b"450 4.1.1 ".to_vec();
+    line.extend_from_slice(text.strip_suffix(b"\r\n").unwrap_or(text).trim_ascii_end());
+    line.extend_from_slice(b" (not yet known to this store, try again later)\r\n");
+    line
 }
 
 async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
@@ -354,6 +400,8 @@ mod tests {
                     b"354 go ahead\r\n"
                 } else if line.starts_with(b"QUIT") {
                     b"221 bye\r\n"
+                } else if line.starts_with(b"RCPT TO:<unknown@") {
+                    b"550 5.1.1 <unknown@x> User doesn't exist: unknown@x\r\n"
                 } else {
                     b"250 ok\r\n"
                 };
@@ -407,6 +455,44 @@ mod tests {
             greeting.starts_with("421 4.3.2 store.test is not the active"),
             "{greeting}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_recipient_waits_and_a_held_gate_refuses_new_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("lmtp");
+        let store = fake_store(sock.clone()).await;
+        let gate = Gate::new(sock, "store.test".into());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(gate.clone(), listener));
+
+        let (r, mut w) = TcpStream::connect(addr).await.unwrap().into_split();
+        let mut r = BufReader::new(r);
+        expect(&mut r, "220").await;
+        w.write_all(b"LHLO mx\r\n").await.unwrap();
+        expect(&mut r, "250-store").await;
+        expect(&mut r, "250-X-MAILPOD-GATE").await;
+        expect(&mut r, "250 ENHANCED").await;
+        w.write_all(b"MAIL FROM:<a@x>\r\n").await.unwrap();
+        expect(&mut r, "250").await;
+        w.write_all(b"RCPT TO:<unknown@x>\r\n").await.unwrap();
+        let reply = expect(&mut r, "450 4.1.1 <unknown@x> User doesn't exist").await;
+        assert!(reply.ends_with("try again later)\r\n"), "{reply:?}");
+        // Only RCPT replies are changed.
+        w.write_all(b"RCPT TO:<b@x>\r\n").await.unwrap();
+        expect(&mut r, "250 ok").await;
+        w.write_all(b"RSET\r\n").await.unwrap();
+        expect(&mut r, "250 ok").await;
+        // Held: the next transaction and a new session are refused, and the hold ends by itself.
+        gate.hold(Duration::from_millis(300));
+        w.write_all(b"MAIL FROM:<a@x>\r\n").await.unwrap();
+        let refusal = expect(&mut r, "421 4.3.2").await;
+        assert!(refusal.contains("applying a mailbox change"), "{refusal}");
+        let seen = String::from_utf8(store.await.unwrap()).unwrap();
+        assert_eq!(seen.matches("MAIL FROM").count(), 1, "{seen}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(gate.refuse_now().is_none());
     }
 
     #[tokio::test]

@@ -442,6 +442,10 @@ async fn run(args: AgentArgs) -> Result<()> {
     outcome
 }
 
+/// How long deliveries wait after a mailbox's home moved: Dovecot notices a changed passwd-file at its
+/// next lookup in a later second, and the reload that follows replaces its auth process.
+const HOME_MOVE_HOLD: Duration = Duration::from_secs(3);
+
 /// Applies changed ConfigMaps: maps are recompiled (no reload); main.cf/master.cf and Dovecot changes reload.
 /// `reload_all`: reload every daemon (a retry: the failed attempt may have written files it never reloaded).
 async fn reconfigure(
@@ -454,6 +458,11 @@ async fn reconfigure(
 ) -> Result<()> {
     let inputs = render::read_inputs(&args.config_dir, &args.tables_dir)?;
     let changes = render::apply(args.role, &inputs, layout, ports)?;
+    if changes.homes_moved {
+        if let Some(gate) = &state.gate {
+            gate.hold(HOME_MOVE_HOLD);
+        }
+    }
     for daemon in daemons {
         let needed = match daemon {
             Daemon::Postfix => changes.postfix_config,

@@ -96,6 +96,10 @@ pub struct Changes {
     pub dovecot: bool,
     /// The private copy of the users file (Dovecot re-reads it by itself).
     pub users: bool,
+    /// Store: a mailbox of the userdb has another home (its LUN took the address back) or none (it left the
+    /// tables): until Dovecot has read the new userdb, deliveries wait (lmtp_gate::Gate::hold) and Dovecot
+    /// is reloaded, so no message lands in the home the address had before.
+    pub homes_moved: bool,
 }
 
 impl Changes {
@@ -195,10 +199,11 @@ pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Res
         }
         if role == Role::Store {
             // Re-read by Dovecot when it changes, like the proxy passdb: no reload.
-            changes.users |= write_if_changed(
-                &layout.dovecot_config.join(STORE_USERDB),
-                &store_userdb(&inputs.tables),
-            )?;
+            let userdb = layout.dovecot_config.join(STORE_USERDB);
+            let text = store_userdb(&inputs.tables, &layout.mail_root);
+            changes.homes_moved =
+                homes_moved(&fs::read_to_string(&userdb).unwrap_or_default(), &text);
+            changes.users |= write_passwd_file_if_changed(&userdb, &text)?;
             let password = read_doveadm_password(&layout.doveadm_password_file)?;
             changes.dovecot |= write_private_if_changed(
                 &layout.doveadm_conf(),
@@ -207,6 +212,21 @@ pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Res
         }
     }
     Ok(changes)
+}
+
+/// Whether a mailbox of the `old` userdb text has another home in `new` (the sixth passwd-file field;
+/// empty: the default home), or is not in it.
+fn homes_moved(old: &str, new: &str) -> bool {
+    let homes = |text: &str| -> BTreeMap<String, String> {
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                Some((f.first()?.to_string(), f.get(5)?.to_string()))
+            })
+            .collect()
+    };
+    let after = homes(new);
+    homes(old).iter().any(|(m, h)| after.get(m) != Some(h))
 }
 
 /// The replicas' doveadm password: `None` until the replication Secret is mounted.
@@ -307,9 +327,97 @@ pub fn write_if_changed(path: &Path, text: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// [`write_if_changed`] for a passwd-file Dovecot re-reads by itself. Dovecot notices a change by the
+/// file's modification time in whole seconds and its size, so a second write within the same second and of
+/// the same size (a home `.incarnation-1` becoming `.incarnation-2`) would go unseen: the new file's time is
+/// put at least a second after the old one's.
+pub fn write_passwd_file_if_changed(path: &Path, text: &str) -> Result<bool> {
+    let before = fs::metadata(path).and_then(|m| m.modified()).ok();
+    if !write_if_changed(path, text)? {
+        return Ok(false);
+    }
+    let Some(before) = before else {
+        return Ok(true);
+    };
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    let now = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("reading the time of {}", path.display()))?;
+    if secs(now) <= secs(before) {
+        let later = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs(before) + 1);
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(later))
+            .with_context(|| format!("setting the time of {}", path.display()))?;
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rewritten_passwd_file_always_looks_changed_to_dovecot() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("userdb");
+        let stamp = |p: &Path| {
+            let m = fs::metadata(p).unwrap();
+            (
+                m.modified()
+                    .unwrap()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs(),
+                m.len(),
+            )
+        };
+        assert!(write_passwd_file_if_changed(&p, "b@x:::::/m/.incarnation-1/x/b::\n").unwrap());
+        let mut seen = vec![stamp(&p)];
+        for n in [2, 3, 4] {
+            let text = format!("b@x:::::/m/.incarnation-{n}/x/b::\n");
+            assert!(write_passwd_file_if_changed(&p, &text).unwrap());
+            assert!(!write_passwd_file_if_changed(&p, &text).unwrap());
+            let s = stamp(&p);
+            assert!(!seen.contains(&s), "same time and size as before: {s:?}");
+            seen.push(s);
+        }
+    }
+
+    #[test]
+    fn a_home_moves_when_it_changes_or_its_mailbox_leaves() {
+        let old = "a@x:::::::\nb@x:::::/m/.incarnation-1/x/b::\n";
+        assert!(!homes_moved(old, old));
+        assert!(
+            !homes_moved(old, &format!("{old}c@x:::::::\n")),
+            "one added"
+        );
+        assert!(
+            !homes_moved(
+                old,
+                "a@x:::::::userdb_quota_rule=*:storage=1B\nb@x:::::/m/.incarnation-1/x/b::\n"
+            ),
+            "a quota changed"
+        );
+        assert!(homes_moved(
+            old,
+            "a@x:::::::\nb@x:::::/m/.incarnation-2/x/b::\n"
+        ));
+        assert!(homes_moved(
+            old,
+            "a@x:::::/m/.incarnation-1/x/a::\nb@x:::::/m/.incarnation-1/x/b::\n"
+        ));
+        assert!(
+            homes_moved(old, "b@x:::::/m/.incarnation-1/x/b::\n"),
+            "one left"
+        );
+        assert!(!homes_moved("", old), "the first render");
+    }
 
     #[test]
     fn configmap_dir_skips_kubelet_entries_and_names_bad_fields() {

@@ -231,15 +231,37 @@ impl ReplicationConfig {
     }
 
     /// The mailboxes the access tables place on this LUN.
-    fn mailboxes(&self) -> Result<Vec<String>> {
+    fn mailboxes(&self) -> Result<LunMailboxes> {
         let index = self.lun_index()?;
         let tables = AccessTables::from_data(&read_configmap_dir(&self.tables_dir)?)?;
-        Ok(tables
+        let users: Vec<String> = tables
             .mailboxes
             .into_iter()
             .filter(|(_, lun)| *lun == index)
             .map(|(m, _)| m)
-            .collect())
+            .collect();
+        let incarnations = tables
+            .incarnations
+            .into_iter()
+            .filter(|(m, _)| users.binary_search(m).is_ok())
+            .collect();
+        Ok(LunMailboxes {
+            users,
+            incarnations,
+        })
+    }
+}
+
+/// The mailboxes of this LUN (sorted) and the incarnation of those its LUN took back after a removal.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LunMailboxes {
+    users: Vec<String>,
+    incarnations: std::collections::BTreeMap<String, u32>,
+}
+
+impl LunMailboxes {
+    fn incarnation(&self, user: &str) -> u32 {
+        self.incarnations.get(user).copied().unwrap_or(0)
     }
 }
 
@@ -628,17 +650,18 @@ impl Replication {
     /// pass copies nothing.
     async fn pass(&self, hand_over: bool, source: &str) -> Result<usize> {
         let c = &self.config;
-        let users = c.mailboxes()?;
+        let lun = c.mailboxes()?;
+        let users = &lun.users;
         if users.is_empty() {
             return Ok(0);
         }
         if !hand_over {
-            let confirmed = self.mirror(&users, source).await?;
+            let confirmed = self.mirror(&lun, source).await?;
             self.guard
                 .lock()
                 .expect("replication guard")
                 .passed(confirmed);
-            self.remove_set_aside(&users);
+            self.remove_set_aside(&lun);
             return Ok(users.len());
         }
         tracing::info!(
@@ -646,10 +669,10 @@ impl Replication {
             "after demotion: handing mail only this replica has to the new active"
         );
         for n in 1..=MAX_HAND_OVER_PASSES {
-            let copied = self.hand_over_once(&users, source).await?;
+            let copied = self.hand_over_once(users, source).await?;
             tracing::info!(pass = n, copied, "hand-over pass");
             if copied == 0 {
-                self.set_aside(&users)?;
+                self.set_aside(&lun)?;
                 return Ok(users.len());
             }
         }
@@ -659,11 +682,12 @@ impl Replication {
     /// One mirror pass under the deletion guard (see agent::replication_mirror); true when a person's
     /// confirmation let deletions beyond the limit through. Only mailboxes that have a Maildir here are
     /// asked about locally: nothing else can lose mail, and asking doveadm would create them.
-    async fn mirror(&self, users: &[String], source: &str) -> Result<bool> {
+    async fn mirror(&self, lun: &LunMailboxes, source: &str) -> Result<bool> {
         let c = &self.config;
+        let users = &lun.users;
         let present: Vec<String> = users
             .iter()
-            .filter(|u| self.maildirs(u).is_some_and(|(m, _)| m.exists()))
+            .filter(|u| self.maildirs(lun, u).is_some_and(|(m, _)| m.exists()))
             .cloned()
             .collect();
         let held = if present.is_empty() {
@@ -676,6 +700,7 @@ impl Replication {
         let reference = self.guard.lock().expect("replication guard").reference(
             &held,
             users,
+            &lun.incarnations,
             std::time::Instant::now(),
         );
         let pass = mirror::MirrorPass {
@@ -718,19 +743,23 @@ impl Replication {
         .context("hand-over task")?
     }
 
-    /// A user's Maildir on this replica, and where a hand-over sets it aside.
-    fn maildirs(&self, user: &str) -> Option<(PathBuf, PathBuf)> {
-        let (local, domain) = user.split_once('@')?;
-        let home = self.config.layout.mail_root.join(domain).join(local);
+    /// A user's Maildir on this replica (in its incarnation, as the userdb says), and where a hand-over
+    /// sets it aside.
+    fn maildirs(&self, lun: &LunMailboxes, user: &str) -> Option<(PathBuf, PathBuf)> {
+        let home = crate::mailconfig::layout::home(
+            &self.config.layout.mail_root,
+            user,
+            lun.incarnation(user),
+        )?;
         Some((home.join("Maildir"), home.join("Maildir.handed-over")))
     }
 
     /// After a complete hand-over every message here is also on the new active, but under other UIDs;
     /// `backup -R` cannot repair such a copy (it would delete INBOX, which it cannot). So the handed-over
     /// Maildirs are set aside and the first mirror pass rebuilds them from the active.
-    fn set_aside(&self, users: &[String]) -> Result<()> {
-        for user in users {
-            let Some((maildir, aside)) = self.maildirs(user) else {
+    fn set_aside(&self, lun: &LunMailboxes) -> Result<()> {
+        for user in &lun.users {
+            let Some((maildir, aside)) = self.maildirs(lun, user) else {
                 continue;
             };
             if !maildir.exists() {
@@ -744,9 +773,9 @@ impl Replication {
     }
 
     /// Once a mirror pass has rebuilt them, the set-aside Maildirs go.
-    fn remove_set_aside(&self, users: &[String]) {
-        for user in users {
-            if let Some((_, aside)) = self.maildirs(user) {
+    fn remove_set_aside(&self, lun: &LunMailboxes) {
+        for user in &lun.users {
+            if let Some((_, aside)) = self.maildirs(lun, user) {
                 if aside.exists() {
                     if let Err(e) = std::fs::remove_dir_all(&aside) {
                         tracing::warn!(path = %aside.display(), "removing a handed-over Maildir: {e}");
@@ -806,8 +835,26 @@ mod tests {
             "a@example.com 0\nb@example.com 1\nc@example.com 1\n",
         )
         .unwrap();
+        std::fs::write(
+            dir.path().join("tables/incarnations"),
+            "a@example.com 4\nc@example.com 2\n",
+        )
+        .unwrap();
         let c = config(dir.path(), "corp-lun-1");
-        assert_eq!(c.mailboxes().unwrap(), ["b@example.com", "c@example.com"]);
+        let lun = c.mailboxes().unwrap();
+        assert_eq!(lun.users, ["b@example.com", "c@example.com"]);
+        assert_eq!(
+            lun.incarnations,
+            std::collections::BTreeMap::from([("c@example.com".to_string(), 2)]),
+            "the incarnations of this LUN's mailboxes"
+        );
+        assert_eq!(
+            (
+                lun.incarnation("b@example.com"),
+                lun.incarnation("c@example.com")
+            ),
+            (0, 2)
+        );
         let bad = config(dir.path(), "other-lun-1");
         assert!(format!("{:#}", bad.mailboxes().unwrap_err()).contains("not a LUN of MailPod"));
         assert!(config(dir.path(), "corp-lun-01").lun_index().is_err());

@@ -236,6 +236,8 @@ pub struct Guard {
     /// Per folder, the most messages held since `since` (a replaced folder starts again).
     marks: Mailboxes,
     since: Option<Instant>,
+    /// The incarnation each marked mailbox had (absent: the first).
+    incarnations: BTreeMap<String, u32>,
 }
 
 /// What the guard says about one pass.
@@ -253,8 +255,27 @@ impl Guard {
     /// current [`WINDOW`], `held` (now) included. Against the last pass alone, a wipe spread over several
     /// passes (an `rm -r` of a large volume takes longer than an interval) would go through a share at a
     /// time; against the high-water mark it adds up, while mail that comes and goes (a POP3 client
-    /// fetching and deleting all day) counts once. Only the mailboxes in `users` (the LUN's) are kept.
-    pub fn reference(&mut self, held: &Mailboxes, users: &[String], now: Instant) -> Mailboxes {
+    /// fetching and deleting all day) counts once. Only the mailboxes in `users` (the LUN's) are kept, and
+    /// a mailbox in another incarnation than when it was marked (`incarnations`: its LUN took the address
+    /// back after a removal, with a new, empty home) starts again: its previous owner's mail is not
+    /// deleted, it is simply not this mailbox's.
+    pub fn reference(
+        &mut self,
+        held: &Mailboxes,
+        users: &[String],
+        incarnations: &BTreeMap<String, u32>,
+        now: Instant,
+    ) -> Mailboxes {
+        let renewed: Vec<String> = self
+            .marks
+            .keys()
+            .filter(|m| self.incarnations.get(*m) != incarnations.get(*m))
+            .cloned()
+            .collect();
+        for m in renewed {
+            self.marks.remove(&m);
+        }
+        self.incarnations = incarnations.clone();
         if self.since.is_none_or(|t| now.duration_since(t) > WINDOW) {
             self.marks = held.clone();
             self.since = Some(now);
@@ -567,6 +588,7 @@ mod tests {
     #[test]
     fn a_wipe_over_several_passes_adds_up_within_the_window() {
         let users: Vec<String> = (0..10).map(|i| format!("u{i}@example.com")).collect();
+        let none = BTreeMap::new();
         let t0 = Instant::now();
         let mut guard = Guard::default();
         let mut held = lun(10, 20);
@@ -579,7 +601,8 @@ mod tests {
                 let inbox = source.get_mut(&format!("u{i}@example.com")).unwrap();
                 inbox.get_mut("INBOX").unwrap().messages = 0;
             }
-            let reference = guard.reference(&held, &users, t0 + Duration::from_secs(step as u64));
+            let reference =
+                guard.reference(&held, &users, &none, t0 + Duration::from_secs(step as u64));
             let a = assess(&reference, &source, 50);
             verdicts.push(a.allowed());
             if a.allowed() {
@@ -599,7 +622,7 @@ mod tests {
                 .unwrap();
             inbox.messages = if step % 2 == 0 { 20 } else { 0 };
             let a = assess(
-                &guard.reference(&held, &users, t0 + Duration::from_secs(step)),
+                &guard.reference(&held, &users, &none, t0 + Duration::from_secs(step)),
                 &source,
                 50,
             );
@@ -609,22 +632,57 @@ mod tests {
         // After the window, or a confirmed pass, the reference is what the replica holds now.
         let mut guard = Guard::default();
         let full = lun(10, 20);
-        guard.reference(&full, &users, t0);
+        guard.reference(&full, &users, &none, t0);
         let half = lun(5, 20);
-        let later = guard.reference(&half, &users, t0 + WINDOW + Duration::from_secs(1));
+        let later = guard.reference(&half, &users, &none, t0 + WINDOW + Duration::from_secs(1));
         assert_eq!(later, half);
-        guard.reference(&full, &users, t0 + WINDOW + Duration::from_secs(2));
+        guard.reference(&full, &users, &none, t0 + WINDOW + Duration::from_secs(2));
         guard.passed(true);
         assert_eq!(
-            guard.reference(&half, &users, t0 + WINDOW + Duration::from_secs(3)),
+            guard.reference(&half, &users, &none, t0 + WINDOW + Duration::from_secs(3)),
             half
         );
         // Mailboxes no longer on the LUN are dropped.
         assert_eq!(
             guard
-                .reference(&half, &users[..2], t0 + WINDOW + Duration::from_secs(4))
+                .reference(
+                    &half,
+                    &users[..2],
+                    &none,
+                    t0 + WINDOW + Duration::from_secs(4)
+                )
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn an_address_taken_back_in_a_new_incarnation_starts_again() {
+        let users: Vec<String> = (0..10).map(|i| format!("u{i}@example.com")).collect();
+        let t0 = Instant::now();
+        let mut guard = Guard::default();
+        let held = lun(10, 20);
+        guard.reference(&held, &users, &BTreeMap::new(), t0);
+        // u0 was removed and taken back: on the source its new home holds one new INBOX; here the
+        // previous owner's 20 messages are in the old home, which the pass does not list.
+        let mut source = held.clone();
+        source.insert(
+            "u0@example.com".into(),
+            folders(&[("INBOX", 0, 177), ("Sent", 0, 178)]),
+        );
+        let mut here = held.clone();
+        here.remove("u0@example.com");
+        let same = guard.reference(&here, &users, &BTreeMap::new(), t0 + Duration::from_secs(1));
+        assert!(
+            !assess(&same, &source, 50).allowed(),
+            "in the same incarnation, a replaced mailbox is refused"
+        );
+        let taken_back = BTreeMap::from([("u0@example.com".to_string(), 1)]);
+        let reference = guard.reference(&here, &users, &taken_back, t0 + Duration::from_secs(2));
+        assert!(!reference.contains_key("u0@example.com"));
+        let a = assess(&reference, &source, 50);
+        assert!(a.allowed() && a.deleted == 0, "{a:?}");
+        // The others keep their marks.
+        assert_eq!(reference.len(), 9);
     }
 }

@@ -309,7 +309,15 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     if let Err(errs) = volumes_unchanged(&mp, &live_luns) {
         return reject(&ctx, &mp, errs).await;
     }
-    let existing = assignments(&live_luns);
+    let known = match resources::lun::recorded_incarnations(&live_luns) {
+        Ok(k) => k,
+        Err((path, message)) => {
+            let mut errs = ValidationErrors::default();
+            errs.push(path, message);
+            return reject(&ctx, &mp, errs).await;
+        }
+    };
+    let existing = assignments(&live_luns, &known);
     let current: BTreeSet<String> = existing
         .iter()
         .flat_map(|a| a.mailboxes.iter().cloned())
@@ -335,6 +343,7 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
     placement::return_remembered(
         &mut returning,
         &remembered,
+        &known,
         &wanted,
         mp.spec.backend.max_users_per_lun,
     );
@@ -346,9 +355,10 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
             Err(errs) => return reject(&ctx, &mp, errs).await,
         };
     let memory = placement::remember_removed(&existing, &remembered, &desired.placement);
+    let incarnations = placement::record_incarnations(&desired.placement, &known, &memory);
     for child in &mut desired.children {
         if let Child::StorageLUN(lun) = child {
-            remember_on(lun, &memory);
+            remember_on(lun, &memory, &incarnations);
         }
     }
 
@@ -383,11 +393,11 @@ pub async fn reconcile(mp: Arc<MailPod>, ctx: Arc<Context>) -> Result<Action> {
             if let Some(lun) = lun.filter(|l| !l.spec.mailboxes.is_empty()) {
                 let empty = LunAssignment {
                     index: lun.spec.index,
-                    mailboxes: BTreeSet::new(),
+                    ..Default::default()
                 };
                 let bctx = resources::mailpod::Context::new(&mp, &ctx.config.defaults());
                 let mut emptied = resources::lun::build(&bctx, &empty);
-                remember_on(&mut emptied, &memory);
+                remember_on(&mut emptied, &memory, &incarnations);
                 // Its volumes keep the mail: deleting it later needs a person's confirmation.
                 emptied
                     .metadata
@@ -536,18 +546,36 @@ fn condition_message(status: Option<&MailPodStatus>, type_: &str) -> Option<Stri
         .map(|c| c.message.clone())
 }
 
-/// Writes on `lun` the removed mailboxes it remembers (see [`placement::REMOVED_MAILBOXES`]).
-fn remember_on(lun: &mut StorageLUN, memory: &BTreeMap<u32, Vec<String>>) {
-    let Some(value) = memory
-        .get(&lun.spec.index)
-        .and_then(|list| placement::format_remembered(list))
-    else {
-        return;
-    };
-    lun.metadata
-        .annotations
-        .get_or_insert_with(Default::default)
-        .insert(placement::REMOVED_MAILBOXES.to_string(), value);
+/// Writes on `lun` the removed mailboxes it remembers and the incarnations it records (see
+/// [`placement::REMOVED_MAILBOXES`] and [`placement::MAILBOX_INCARNATIONS`]).
+fn remember_on(
+    lun: &mut StorageLUN,
+    memory: &BTreeMap<u32, Vec<String>>,
+    incarnations: &BTreeMap<u32, BTreeMap<String, u32>>,
+) {
+    let index = lun.spec.index;
+    let values = [
+        (
+            placement::REMOVED_MAILBOXES,
+            memory
+                .get(&index)
+                .and_then(|list| placement::format_remembered(list)),
+        ),
+        (
+            placement::MAILBOX_INCARNATIONS,
+            incarnations
+                .get(&index)
+                .and_then(placement::format_incarnations),
+        ),
+    ];
+    for (key, value) in values {
+        if let Some(value) = value {
+            lun.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(key.to_string(), value);
+        }
+    }
 }
 
 /// Transient failures (API errors, timeouts) are retried with a per-object exponential backoff.

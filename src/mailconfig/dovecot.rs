@@ -40,26 +40,29 @@ pub const STORE_USERDB: &str = "userdb";
 /// The store's userdb file: one passwd-file line per mailbox (uid, gid and home come from the userdb's
 /// `default_fields`); a mailbox with a quota override carries it as userdb fields, which replace the
 /// default rules of the same name (`quota_rule` storage, `quota_rule2` messages).
-pub fn store_userdb(tables: &AccessTables) -> String {
+pub fn store_userdb(tables: &AccessTables, mail_root: &std::path::Path) -> String {
     let mut out = String::new();
     for mailbox in tables.mailboxes.keys() {
-        match tables.quotas.get(mailbox) {
-            // Every field present: passwd-file reads a shorter line as a user it cannot find, and
-            // `doveadm -A` (quota get) then skips the mailbox as one that "no longer exists".
-            None => {
-                let _ = writeln!(out, "{mailbox}:::::::");
+        // A mailbox its LUN took back after a removal has a home of its own; the others take the
+        // default_fields' home (`<mail root>/%d/%n`).
+        let home = tables
+            .incarnations
+            .get(mailbox)
+            .and_then(|n| super::layout::home(mail_root, mailbox, *n))
+            .map(|h| h.display().to_string())
+            .unwrap_or_default();
+        // Every field present: passwd-file reads a shorter line as a user it cannot find, and
+        // `doveadm -A` (quota get) then skips the mailbox as one that "no longer exists".
+        let mut fields = Vec::new();
+        if let Some(q) = tables.quotas.get(mailbox) {
+            if let Some(b) = q.storage_bytes {
+                fields.push(format!("userdb_quota_rule=*:storage={b}B"));
             }
-            Some(q) => {
-                let mut fields = Vec::new();
-                if let Some(b) = q.storage_bytes {
-                    fields.push(format!("userdb_quota_rule=*:storage={b}B"));
-                }
-                if let Some(n) = q.messages {
-                    fields.push(format!("userdb_quota_rule2=*:messages={n}"));
-                }
-                let _ = writeln!(out, "{mailbox}:::::::{}", fields.join(" "));
+            if let Some(n) = q.messages {
+                fields.push(format!("userdb_quota_rule2=*:messages={n}"));
             }
         }
+        let _ = writeln!(out, "{mailbox}:::::{home}::{}", fields.join(" "));
     }
     out
 }
@@ -207,13 +210,18 @@ pub fn dovecot_conf(
             home.display()
         );
     }
-    // The operator's mailbox table decides who exists; a mailbox routed here without a password entry
-    // still receives mail (allow_all_users), it just cannot log in yet.
-    let _ = writeln!(
-        out,
-        "userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={} allow_all_users=yes\n}}",
-        home.display()
-    );
+    // The operator's mailbox table decides who exists: on a store only the userdb above (a mailbox of
+    // the tables without a password entry still receives mail, it just cannot log in yet). No static
+    // fallback there: an address missing from it is one whose tables this store has not read yet, and
+    // a default home would be the one the address had before its LUN took it back. Dovecot answers it
+    // `550 5.1.1`, which the LMTP gate makes a `450` (agent::lmtp_gate), so the mail waits in the mx queue.
+    if role != Role::Store {
+        let _ = writeln!(
+            out,
+            "userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={} allow_all_users=yes\n}}",
+            home.display()
+        );
+    }
     match role {
         Role::Store => {
             out.push_str("mail_location = maildir:~/Maildir\n");
@@ -411,7 +419,11 @@ mod tests {
         assert!(!conf.contains("submission_host"));
         assert!(conf.contains("ssl = no\n"), "stores never terminate TLS");
         assert!(conf.contains("args = /etc/mailpod/users/users\n"));
-        assert!(conf.contains("home=/var/mail/store/%d/%n allow_all_users=yes"));
+        assert!(conf.contains("default_fields = uid=5000 gid=5000 home=/var/mail/store/%d/%n\n"));
+        assert!(
+            !conf.contains("allow_all_users"),
+            "no default home for an address the tables do not list: {conf}"
+        );
         assert!(conf.contains("mail_location = maildir:~/Maildir\n"));
         assert!(conf.contains("unix_listener lmtp {"));
         assert!(conf.contains("inet_listener imap {\n    port = 143\n"));
@@ -501,8 +513,14 @@ mod tests {
             },
         );
         assert_eq!(
-            store_userdb(&t),
+            store_userdb(&t, Path::new("/m")),
             "a@example.com:::::::\nb@example.com:::::::userdb_quota_rule=*:storage=0B userdb_quota_rule2=*:messages=10\n"
+        );
+        // Taken back after a removal: a home of its own, the quota fields as before.
+        t.incarnations.insert("b@example.com".into(), 2);
+        assert_eq!(
+            store_userdb(&t, Path::new("/m")),
+            "a@example.com:::::::\nb@example.com:::::/m/.incarnation-2/example.com/b::userdb_quota_rule=*:storage=0B userdb_quota_rule2=*:messages=10\n"
         );
     }
 

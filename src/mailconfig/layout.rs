@@ -110,6 +110,28 @@ impl Default for Ports {
     }
 }
 
+/// The home of `address` (`user@domain`) under a store's `mail_root`, in its `incarnation` on the LUN:
+/// `<domain>/<user>` for the first (0), `.incarnation-<n>/<domain>/<user>` for an address the LUN took
+/// back after a removal, so it never opens the Maildir, sieve scripts or vacation state its previous owner
+/// left. A dot directory: nothing that looks for `<domain>/<user>/Maildir` mistakes it for a domain, and
+/// no domain starts with a dot. `None` when `address` is not `user@domain`.
+pub fn home(mail_root: &Path, address: &str, incarnation: u32) -> Option<PathBuf> {
+    let (user, domain) = address.split_once('@')?;
+    if user.is_empty()
+        || domain.is_empty()
+        || address.contains('/')
+        || user.starts_with('.')
+        || domain.starts_with('.')
+    {
+        return None;
+    }
+    let base = match incarnation {
+        0 => mail_root.to_path_buf(),
+        n => mail_root.join(format!(".incarnation-{n}")),
+    };
+    Some(base.join(domain).join(user))
+}
+
 /// Files and directories of a mail pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {

@@ -29,6 +29,9 @@ pub mod keys {
     pub const QUOTAS: &str = "quotas";
     /// The listed recipients of relay domains; present only when there are any, as `quotas`.
     pub const RELAY_RECIPIENTS: &str = "relay_recipients";
+    /// `address n` for mailboxes taken back by their LUN after a removal, whose home is a new one
+    /// (placement::MAILBOX_INCARNATIONS); present only when there are any, as `quotas`.
+    pub const INCARNATIONS: &str = "incarnations";
 }
 
 /// Largest rendered size the operator accepts, leaving room for metadata under the 1 MiB object limit.
@@ -97,6 +100,9 @@ pub struct AccessTables {
     pub sender_bcc: BTreeMap<String, String>,
     /// Mailbox -> its quota override (the stores render it into their userdb).
     pub quotas: BTreeMap<String, MailboxQuota>,
+    /// Mailbox -> its incarnation on its LUN, when it is not the first (the stores give it a home of its
+    /// own, mailconfig::layout::home).
+    pub incarnations: BTreeMap<String, u32>,
 }
 
 /// A line of the ConfigMap that cannot be read.
@@ -151,6 +157,15 @@ impl AccessTables {
             luns: placement
                 .iter()
                 .map(|l| (l.index, endpoint(l.index)))
+                .collect(),
+            incarnations: placement
+                .iter()
+                .flat_map(|l| {
+                    l.incarnations
+                        .iter()
+                        .filter(|(m, n)| **n > 0 && l.mailboxes.contains(*m))
+                        .map(|(m, n)| (m.clone(), *n))
+                })
                 .collect(),
             relay_domains: t
                 .relay_domains
@@ -259,6 +274,12 @@ impl AccessTables {
                 lines(self.relay_recipients.iter().cloned()),
             );
         }
+        if !self.incarnations.is_empty() {
+            put(
+                keys::INCARNATIONS,
+                lines(self.incarnations.iter().map(|(m, n)| format!("{m} {n}"))),
+            );
+        }
         if !self.quotas.is_empty() {
             put(
                 keys::QUOTAS,
@@ -365,6 +386,15 @@ impl AccessTables {
                 }
                 map.insert(p.to_string(), b.to_string());
             }
+        }
+        for (n, line) in entries(data, keys::INCARNATIONS) {
+            let (m, i) = split(line);
+            let i = i
+                .parse()
+                .ok()
+                .filter(|i| *i > 0)
+                .ok_or_else(|| err(keys::INCARNATIONS, n, "expected `address incarnation`"))?;
+            t.incarnations.insert(m.to_string(), i);
         }
         for (n, line) in entries(data, keys::QUOTAS) {
             let bad = || {
@@ -543,6 +573,36 @@ mod tests {
         let mut other = t.clone();
         other.mailboxes.insert("d@example.com".into(), 1);
         assert_ne!(other.hash(), t.hash());
+    }
+
+    #[test]
+    fn incarnations_round_trip_and_are_absent_without_any() {
+        let wanted = ["a@example.com", "b@example.org"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let mut placement = place(&[], &wanted, 2);
+        let endpoint = |i| LunEndpoint::in_cluster(format!("corp-lun-{i}"));
+        let plain = AccessTables::build(&spec(), &placement, endpoint);
+        assert!(!plain.to_data().contains_key(keys::INCARNATIONS));
+        placement[0].incarnations.insert("b@example.org".into(), 3);
+        // Only for mailboxes the LUN holds.
+        placement[0]
+            .incarnations
+            .insert("gone@example.org".into(), 1);
+        let t = AccessTables::build(&spec(), &placement, endpoint);
+        let data = t.to_data();
+        assert_eq!(data[keys::INCARNATIONS], "b@example.org 3\n");
+        assert_eq!(AccessTables::from_data(&data).unwrap(), t);
+        assert_ne!(t.hash(), plain.hash());
+        for line in ["b@example.org\n", "b@example.org 0\n", "b@example.org x\n"] {
+            let mut bad = data.clone();
+            bad.insert(keys::INCARNATIONS.into(), line.into());
+            assert_eq!(
+                AccessTables::from_data(&bad).unwrap_err().key,
+                "incarnations"
+            );
+        }
     }
 
     #[test]

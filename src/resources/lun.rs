@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use super::mailpod::Context;
 use crate::crd::{StorageLUN, StorageLUNSpec};
 use crate::names::{self, labels};
-use crate::placement::LunAssignment;
+use crate::placement::{self, LunAssignment};
 
 /// Component label of StorageLUN objects.
 pub const COMPONENT: &str = "lun";
@@ -43,13 +43,59 @@ pub fn build(ctx: &Context, a: &LunAssignment) -> StorageLUN {
     }
 }
 
-/// The placement recorded in existing StorageLUNs of a MailPod (what `place` keeps stable).
-pub fn assignments<'a>(luns: impl IntoIterator<Item = &'a StorageLUN>) -> Vec<LunAssignment> {
+/// The incarnations each existing StorageLUN records ([`placement::MAILBOX_INCARNATIONS`]), by index.
+/// An unreadable annotation is an error naming the LUN: read as empty, it would give an address that came
+/// back the Maildir of its previous owner.
+pub fn recorded_incarnations<'a>(
+    luns: impl IntoIterator<Item = &'a StorageLUN>,
+) -> Result<BTreeMap<u32, BTreeMap<String, u32>>, (String, String)> {
+    let mut out = BTreeMap::new();
+    for l in luns {
+        let value = l
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(placement::MAILBOX_INCARNATIONS));
+        let known = placement::parse_incarnations(value.map(String::as_str)).map_err(|e| {
+            (
+                format!(
+                    "StorageLUN {} metadata.annotations[{}]",
+                    l.metadata.name.as_deref().unwrap_or_default(),
+                    placement::MAILBOX_INCARNATIONS
+                ),
+                e,
+            )
+        })?;
+        if !known.is_empty() {
+            out.insert(l.spec.index, known);
+        }
+    }
+    Ok(out)
+}
+
+/// The placement recorded in existing StorageLUNs of a MailPod (what `place` keeps stable), with the
+/// incarnations `known` records for the mailboxes each holds.
+pub fn assignments<'a>(
+    luns: impl IntoIterator<Item = &'a StorageLUN>,
+    known: &BTreeMap<u32, BTreeMap<String, u32>>,
+) -> Vec<LunAssignment> {
     let mut out: Vec<LunAssignment> = luns
         .into_iter()
-        .map(|l| LunAssignment {
-            index: l.spec.index,
-            mailboxes: l.spec.mailboxes.iter().cloned().collect(),
+        .map(|l| {
+            let mailboxes: std::collections::BTreeSet<String> =
+                l.spec.mailboxes.iter().cloned().collect();
+            let incarnations = known
+                .get(&l.spec.index)
+                .into_iter()
+                .flatten()
+                .filter(|(m, n)| **n > 0 && mailboxes.contains(*m))
+                .map(|(m, n)| (m.clone(), *n))
+                .collect();
+            LunAssignment {
+                index: l.spec.index,
+                mailboxes,
+                incarnations,
+            }
         })
         .collect();
     out.sort_by_key(|a| a.index);
