@@ -125,11 +125,16 @@ impl TlsSession {
 }
 
 fn connect_from_other_address(port: u16) -> TcpStream {
+    connect_from("127.0.0.2", port)
+}
+
+/// A TCP connection to 127.0.0.1:`port` from `address` (a loopback address other than the server's).
+fn connect_from(address: &str, port: u16) -> TcpStream {
     use socket2::{Domain, SockAddr, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     socket
         .bind(&SockAddr::from(
-            "127.0.0.2:0".parse::<std::net::SocketAddr>().unwrap(),
+            format!("{address}:0").parse::<std::net::SocketAddr>().unwrap(),
         ))
         .unwrap();
     socket
@@ -386,4 +391,101 @@ fn implicit_tls_listens_and_a_renewed_certificate_reaches_every_handshake() {
         t.imap("LOGIN erin@example.com erin-pw")
     };
     assert!(st.starts_with("t OK"), "logins after the renewal: {st}");
+}
+
+/// An IMAP session through the proxy's implicit TLS from `address`, logged in as `user`; the tagged reply
+/// of LOGIN.
+fn imaps_login(port: u16, cert: &Path, address: &str, user: &str, password: &str) -> (TlsSession, String) {
+    let tcp = connect_from(address, port);
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut t = TlsSession::upgrade(tcp, cert);
+    let greeting = t.line();
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let (_, st) = t.imap(&format!("LOGIN {user} {password}"));
+    (t, st)
+}
+
+/// The imap proxy passes each client's address on to the store, which trusts it from the proxies'
+/// networks only (`trustedProxyNetworks`): the store's log names the client, and the per-user-and-IP
+/// connection limit (Dovecot's default, 10) stops the client that reaches it, while the same user from
+/// another address still gets in. Without the forwarding every session would count as the proxy's
+/// address and the second client would be refused too. A client that reaches the store directly cannot
+/// claim another address.
+#[test]
+fn the_store_sees_each_clients_address_through_the_proxy_and_limits_it_alone() {
+    if !mail_software_present(
+        "the_store_sees_each_clients_address_through_the_proxy_and_limits_it_alone",
+    ) {
+        return;
+    }
+    let mut site = Site::new(1_000_000);
+    site.settings.tls = true;
+    // The proxy reaches the store from 127.0.0.1; the clients are 127.0.0.2 and 127.0.0.3.
+    site.settings.features.trusted_proxy_networks = vec!["127.0.0.1/32".into()];
+    std::fs::write(
+        site.config_dir().join("settings.yaml"),
+        site.settings.to_yaml(),
+    )
+    .unwrap();
+    let dir = site.root.path().join("cert");
+    make_certificate(&dir);
+    let cert = dir.join("tls.crt");
+    let secret =
+        pod::KubeletVolume::new(site.root.path().join("tls-secret"), rendered_secret_mode());
+    secret.publish(&std::collections::BTreeMap::from(
+        ["tls.crt", "tls.key"].map(|k| (k.to_string(), std::fs::read(dir.join(k)).unwrap())),
+    ));
+    let ps = Ports::free();
+    site.lun(0, &ps);
+    site.mailbox("erin@example.com", 0, "erin-pw");
+    site.publish();
+    let tls_args = ["--tls-dir".to_string(), secret.dir.display().to_string()];
+    let store = Agent::start(&site, "store", "store", &ps);
+    let imap = Agent::start_with(&site, "imap", "imap", &Ports::free(), &tls_args);
+    let store_log = || std::fs::read_to_string(store.work.join("log/dovecot.log")).unwrap_or_default();
+
+    let mut open = vec![];
+    for _ in 0..10 {
+        let (t, st) = imaps_login(imap.ports.imaps, &cert, "127.0.0.2", "erin@example.com", "erin-pw");
+        assert!(st.starts_with("t OK"), "{st}");
+        open.push(t);
+    }
+    let logins = |ip: &str| {
+        store_log()
+            .lines()
+            .filter(|l| l.contains("imap-login: Login: user=<erin@example.com>") && l.contains(&format!("rip={ip},")))
+            .count()
+    };
+    assert_eq!(logins("127.0.0.2"), 10, "the store logs the client: {}", store_log());
+    assert_eq!(logins("127.0.0.1"), 0, "not the proxy");
+    let (_, st) = imaps_login(imap.ports.imaps, &cert, "127.0.0.2", "erin@example.com", "erin-pw");
+    assert!(!st.starts_with("t OK"), "an eleventh session from 127.0.0.2 is over the limit: {st}");
+    wait_for("the store's refusal logged", WAIT, || {
+        store_log()
+            .contains("Maximum number of connections from user+IP exceeded")
+            .then_some(())
+    });
+    let (mut other, st) = imaps_login(imap.ports.imaps, &cert, "127.0.0.3", "erin@example.com", "erin-pw");
+    assert!(st.starts_with("t OK"), "another client is not limited by the first: {st}");
+    assert_eq!(logins("127.0.0.3"), 1);
+    other.imap("LOGOUT");
+
+    // Straight to the store, a client's claim of another address is not believed.
+    let tcp = connect_from("127.0.0.3", ps.imap);
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut s = Session::from_stream(tcp);
+    assert!(s.line().starts_with("* OK"));
+    let _ = s.imap("ID (\"x-originating-ip\" \"192.0.2.7\")");
+    let _ = s.imap("LOGIN erin@example.com erin-pw");
+    let _ = s.imap("LOGOUT");
+    wait_for("the direct attempt logged", WAIT, || {
+        store_log()
+            .lines()
+            .any(|l| l.contains("imap-login") && l.contains("rip=127.0.0.3, lip=127.0.0.1") && !l.contains("proxy"))
+            .then_some(())
+    });
+    assert!(!store_log().contains("192.0.2.7"), "{}", store_log());
+    for mut t in open {
+        t.imap("LOGOUT");
+    }
 }
