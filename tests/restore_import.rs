@@ -383,11 +383,14 @@ fn restores_a_message_a_folder_a_mailbox_and_the_lun_exactly_once() {
     assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
 
     // 4. The whole LUN: bob's mail comes back, alice's stays as it is.
-    let out = restore.ok(&["--all"]);
+    let lun = format!("{ALICE},{BOB}");
+    let err = restore.fails(&["--all"]);
+    assert!(err.contains("--lun-mailboxes"), "{err}");
+    let out = restore.ok(&["--all", "--lun-mailboxes", &lun]);
     assert_eq!(restored_line(&out), "restored 3 messages", "{out}");
     assert_eq!(folders(&store, BOB), bob_before);
     assert_eq!(folders(&store, ALICE), want);
-    let out = restore.ok(&["--all"]);
+    let out = restore.ok(&["--all", "--lun-mailboxes", &lun]);
     assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
     assert_eq!(folders(&store, ALICE), want);
     assert_eq!(folders(&store, BOB), bob_before);
@@ -421,4 +424,321 @@ fn restores_a_message_a_folder_a_mailbox_and_the_lun_exactly_once() {
         let pid = site.root.path().join(format!("restore-{n}/run/master.pid"));
         assert!(!pid.exists(), "{} left running", pid.display());
     }
+}
+
+const CAROL: &str = "carol@example.com";
+
+/// A message put into `user`'s live Maildir as a file, received (mtime) at `received` (Unix seconds),
+/// with Maildir flags `flags` (`S`, `FS`, ...): how mail with a received date other than today's is made.
+fn old_message(store: &Agent, user: &str, folder: &str, subject: &str, received: i64, flags: &str) {
+    let (local, domain) = user.split_once('@').unwrap();
+    let mut dir = store
+        .work
+        .join("mail")
+        .join(domain)
+        .join(local)
+        .join("Maildir");
+    if folder != "INBOX" {
+        dir = dir.join(format!(".{folder}"));
+    }
+    let file = dir.join("cur").join(format!(
+        "{received}.M{}P1.restore-test:2,{flags}",
+        subject.len()
+    ));
+    let text = format!(
+        "From: <x@remote.test>\nTo: <{user}>\nSubject: {subject}\nMessage-ID: <{subject}@example.com>\n\nbody of {subject}\n"
+    );
+    std::fs::write(&file, text).unwrap();
+    std::os::unix::fs::chown(&file, Some(5000), Some(5000)).unwrap();
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(received as u64);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(at)
+        .unwrap();
+}
+
+/// Every message of `user` on the live store: (folder, subject, received date, flags), sorted.
+fn dated(store: &Agent, user: &str) -> Vec<(String, String, String, String)> {
+    let out = store_doveadm(
+        store,
+        &[
+            "-f",
+            "json",
+            "fetch",
+            "-u",
+            user,
+            "mailbox hdr.subject date.received flags",
+            "all",
+        ],
+        None,
+    );
+    let rows: Vec<BTreeMap<String, String>> = serde_json::from_str(&out).unwrap();
+    let mut v: Vec<_> = rows
+        .into_iter()
+        .map(|r| {
+            let mut flags: Vec<&str> = r["flags"]
+                .split_whitespace()
+                .filter(|f| *f != "\\Recent")
+                .collect();
+            flags.sort();
+            (
+                r["mailbox"].clone(),
+                r["hdr.subject"].trim().to_string(),
+                r["date.received"].clone(),
+                flags.join(" "),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn copy_read_only(from: &Path, to: &Path) {
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success());
+    for args in [&["-R", "root:root"][..], &["-R", "a+rX,go-w"]] {
+        let tool = if args[1] == "root:root" {
+            "chown"
+        } else {
+            "chmod"
+        };
+        assert!(Command::new(tool)
+            .args(args)
+            .arg(to)
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
+#[test]
+fn restore_keeps_received_dates_and_flags_and_neither_duplicates_nor_recreates() {
+    if !mail_software_present(
+        "restore_keeps_received_dates_and_flags_and_neither_duplicates_nor_recreates",
+    ) {
+        return;
+    }
+    let mut site = Site::new(1_000_000);
+    let ports = Ports::free();
+    site.lun(0, &ports);
+    for m in [ALICE, BOB, CAROL] {
+        site.mailbox(m, 0, "pw");
+    }
+    site.publish();
+    let password = site.root.path().join("doveadm-password");
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let extra = owned(&["--doveadm-password-file", password.to_str().unwrap()]);
+    let store = Agent::start_with(&site, "store", "store", &ports, &extra);
+
+    for m in [ALICE, BOB, CAROL] {
+        deliver_lmtp(ports.lmtp, m, &owned(&["hello"]));
+    }
+    for f in ["Archive", "Trash"] {
+        store_doveadm(&store, &["mailbox", "create", "-u", ALICE, f], None);
+    }
+    // Received in 2020 and 2021, read, flagged, with a keyword.
+    old_message(&store, ALICE, "INBOX", "old-read", 1_600_000_000, "S");
+    old_message(&store, ALICE, "INBOX", "old-flagged", 1_610_000_000, "FS");
+    old_message(&store, ALICE, "INBOX", "old-moved", 1_620_000_000, "");
+    old_message(&store, ALICE, "Archive", "archived", 1_630_000_000, "S");
+    store_doveadm(
+        &store,
+        &[
+            "flags",
+            "add",
+            "-u",
+            ALICE,
+            "$Important",
+            "mailbox",
+            "INBOX",
+            "header",
+            "Subject",
+            "old-flagged",
+        ],
+        None,
+    );
+    // The same message twice.
+    save(&store, ALICE, "INBOX", "dup", Some("<dup@example.com>"));
+    save(&store, ALICE, "INBOX", "dup", Some("<dup@example.com>"));
+    let before = dated(&store, ALICE);
+    let received = |rows: &[(String, String, String, String)], subject: &str| {
+        rows.iter()
+            .find(|r| r.1 == subject)
+            .map(|r| (r.2.clone(), r.3.clone()))
+            .unwrap_or_else(|| panic!("{subject} in {rows:?}"))
+    };
+    assert!(
+        received(&before, "old-read").0.starts_with("2020-09-13"),
+        "{before:?}"
+    );
+    assert_eq!(
+        received(&before, "old-flagged").1,
+        "$Important \\Flagged \\Seen"
+    );
+
+    let snapshot = site.root.path().join("snapshot");
+    copy_read_only(&store.work.join("mail"), &snapshot);
+
+    // Since the snapshot: one message moved to another folder, one copy of the pair to Trash, one
+    // message deleted, carol's mailbox removed from the LUN (and her Maildir with it).
+    store_doveadm(
+        &store,
+        &[
+            "move",
+            "-u",
+            ALICE,
+            "Archive",
+            "mailbox",
+            "INBOX",
+            "header",
+            "Subject",
+            "old-moved",
+        ],
+        None,
+    );
+    let dup_uid = store_doveadm(
+        &store,
+        &[
+            "-f", "flow", "search", "-u", ALICE, "mailbox", "INBOX", "header", "Subject", "dup",
+        ],
+        None,
+    );
+    let dup_uid = dup_uid.split_whitespace().last().unwrap().to_string();
+    store_doveadm(
+        &store,
+        &[
+            "move", "-u", ALICE, "Trash", "mailbox", "INBOX", "uid", &dup_uid,
+        ],
+        None,
+    );
+    store_doveadm(
+        &store,
+        &[
+            "expunge",
+            "-u",
+            ALICE,
+            "mailbox",
+            "INBOX",
+            "header",
+            "Subject",
+            "old-flagged",
+        ],
+        None,
+    );
+    std::fs::remove_dir_all(store.work.join("mail/example.com/carol")).unwrap();
+    let moved_state = dated(&store, ALICE);
+
+    let restore = Restore {
+        site: &site,
+        store: &store,
+        snapshot: snapshot.clone(),
+        runs: Default::default(),
+    };
+    let staging_left = || {
+        store_doveadm(&store, &["mailbox", "list", "-u", ALICE], None)
+            .lines()
+            .filter(|l| l.starts_with("Restore-in-progress"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+
+    // A moved message is not brought back into its old folder, by folder or by Message-ID.
+    let out = restore.ok(&[
+        "--mailbox",
+        ALICE,
+        "--message-id",
+        "<old-moved@example.com>",
+    ]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+    // The deleted one comes back with its received date and flags; the pair is not made whole again
+    // (its second copy is in Trash); nothing else changes.
+    let out = restore.ok(&["--mailbox", ALICE, "--folder", "INBOX"]);
+    assert_eq!(restored_line(&out), "restored 1 messages", "{out}");
+    assert!(
+        out.contains("alice@example.com/INBOX: 6 in snapshot, 5 already present, 1 restored"),
+        "{out}"
+    );
+    let after = dated(&store, ALICE);
+    assert_eq!(
+        received(&after, "old-flagged"),
+        received(&before, "old-flagged")
+    );
+    let mut want = moved_state.clone();
+    want.push(
+        before
+            .iter()
+            .find(|r| r.1 == "old-flagged")
+            .unwrap()
+            .clone(),
+    );
+    want.sort();
+    assert_eq!(after, want);
+    assert!(staging_left().is_empty(), "{:?}", staging_left());
+    // Whole mailbox, then the whole LUN: nothing more; carol is not recreated, and is named.
+    let out = restore.ok(&["--mailbox", ALICE]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+    let lun = format!("{ALICE},{BOB}");
+    let out = restore.ok(&["--all", "--lun-mailboxes", &lun]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+    assert!(
+        out.contains("carol@example.com: skipped, in the snapshot but no longer on the LUN"),
+        "{out}"
+    );
+    assert!(!store.work.join("mail/example.com/carol").exists());
+    let err = restore.fails(&["--mailbox", CAROL, "--lun-mailboxes", &lun]);
+    assert!(
+        err.contains("mailbox carol@example.com is not on the LUN"),
+        "{err}"
+    );
+    assert!(!store.work.join("mail/example.com/carol").exists());
+    assert_eq!(dated(&store, ALICE), want);
+
+    // What an interrupted restore leaves: a staging folder in the live mailbox holding a message that
+    // is missing from its folder (stopped after dsync), and one that its folder holds too (a move
+    // stopped between copy and expunge). The next run puts the first in place, drops the second
+    // copy, deletes the staging folder and restores nothing twice.
+    let staged = "Restore-in-progress.INBOX";
+    store_doveadm(&store, &["mailbox", "create", "-u", ALICE, staged], None);
+    store_doveadm(
+        &store,
+        &[
+            "move", "-u", ALICE, staged, "mailbox", "INBOX", "header", "Subject", "old-read",
+        ],
+        None,
+    );
+    store_doveadm(
+        &store,
+        &[
+            "copy",
+            "-u",
+            ALICE,
+            staged,
+            "mailbox",
+            "INBOX",
+            "header",
+            "Subject",
+            "old-flagged",
+        ],
+        None,
+    );
+    let out = restore.ok(&["--mailbox", ALICE]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+    assert!(
+        out.contains(
+            "alice@example.com/INBOX: 1 messages left by an interrupted restore put in place"
+        ),
+        "{out}"
+    );
+    assert!(staging_left().is_empty(), "{:?}", staging_left());
+    assert_eq!(dated(&store, ALICE), want);
+    let out = restore.ok(&["--mailbox", ALICE]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+    assert_eq!(dated(&store, ALICE), want);
 }
