@@ -3,6 +3,9 @@
 //! user as a mounted clone would be. After a folder, some messages and a whole mailbox's mail are deleted
 //! from the live store and new mail arrives, one message, one folder, one mailbox and the whole LUN are
 //! restored; every folder is counted exactly afterwards, and running a restore again changes nothing.
+//! Then: a message moved to another folder since the snapshot is not brought back into its old one, a
+//! deleted one comes back with its received date and flags, a mailbox no longer on the LUN is not
+//! recreated by `--all`, and the staging folder an interrupted restore leaves is finished exactly once.
 
 mod support;
 

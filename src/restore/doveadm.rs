@@ -1,9 +1,8 @@
 //! The doveadm commands a restore runs: against the snapshot through a local, auth-only Dovecot, or
-//! against the live store through its doveadm TCP service (`-S host:port`, authenticated with the
-//! `doveadm_password` of the local configuration).
+//! against the live store through its doveadm TCP service (`-S host:port`, and dsync to
+//! `tcp:host:port`, authenticated with the `doveadm_password` of the local configuration).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -36,9 +35,9 @@ pub struct Listed {
     pub key: MessageKey,
 }
 
-/// What makes two copies "the same message": the same header block and size. A message saved from the
-/// snapshot into the live store keeps both byte for byte (its UID and GUID change), so a second restore
-/// recognises what the first one brought back. The Message-ID alone would not do: mail delivered
+/// What makes two copies "the same message": the same header block and size. A message restored from
+/// the snapshot into the live store keeps both byte for byte (dsync and move copy it as it is; its UID
+/// changes), so a second restore recognises what the first one brought back. The Message-ID alone would not do: mail delivered
 /// straight over LMTP, drafts and some automated mail carry none.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageKey {
@@ -81,26 +80,16 @@ impl Doveadm {
         cmd
     }
 
-    /// Runs a command and returns its stdout; `input` is piped to stdin.
-    fn run(&self, side: &Side, args: &[&str], input: Option<&[u8]>) -> Result<Vec<u8>> {
+    /// Runs a command and returns its stdout.
+    fn run(&self, side: &Side, args: &[&str]) -> Result<Vec<u8>> {
         let mut cmd = self.command(side, args);
-        cmd.stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let what = format!("doveadm {} on {side}", args.join(" "));
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting {what} (is Dovecot installed?)"))?;
-        if let Some(bytes) = input {
-            let mut stdin = child.stdin.take().expect("piped stdin");
-            stdin
-                .write_all(bytes)
-                .with_context(|| format!("{what}: writing the message"))?;
-        }
         let out = child
             .wait_with_output()
             .with_context(|| format!("waiting for {what}"))?;
@@ -125,7 +114,6 @@ impl Doveadm {
             &[
                 "-f", "json", "mailbox", "status", "-u", user, "messages", "*",
             ],
-            None,
         )?;
         let rows = parse_json(&out).with_context(|| format!("folders of {user} on {side}"))?;
         Ok(rows
@@ -135,7 +123,7 @@ impl Doveadm {
     }
 
     pub fn create_folder(&self, side: &Side, user: &str, folder: &str) -> Result<()> {
-        self.run(side, &["mailbox", "create", "-u", user, folder], None)
+        self.run(side, &["mailbox", "create", "-u", user, folder])
             .map(drop)
     }
 
@@ -143,7 +131,7 @@ impl Doveadm {
     pub fn list(&self, side: &Side, user: &str, query: &[&str]) -> Result<Vec<Listed>> {
         let mut args = vec!["-f", "json", "fetch", "-u", user, LIST_FIELDS];
         args.extend_from_slice(query);
-        let out = self.run(side, &args, None)?;
+        let out = self.run(side, &args)?;
         let rows = parse_json(&out).with_context(|| format!("messages of {user} on {side}"))?;
         rows.into_iter()
             .map(|r| listed(&r).with_context(|| format!("a message of {user} on {side}")))
@@ -157,7 +145,6 @@ impl Doveadm {
             &[
                 "-f", "json", "fetch", "-u", user, "uid guid", "mailbox", folder, "all",
             ],
-            None,
         )?;
         let rows = parse_json(&out).with_context(|| format!("{folder} of {user} on {side}"))?;
         rows.into_iter()
@@ -174,12 +161,8 @@ impl Doveadm {
     /// Moves every message of `from` into `to` (both folders of `user` on `side`). Inside one store
     /// a move keeps the received date, the flags and the GUID.
     pub fn move_all(&self, side: &Side, user: &str, from: &str, to: &str) -> Result<()> {
-        self.run(
-            side,
-            &["move", "-u", user, to, "mailbox", from, "all"],
-            None,
-        )
-        .map(drop)
+        self.run(side, &["move", "-u", user, to, "mailbox", from, "all"])
+            .map(drop)
     }
 
     /// Expunges the messages `uids` of `folder`.
@@ -188,14 +171,13 @@ impl Doveadm {
         self.run(
             side,
             &["expunge", "-u", user, "mailbox", folder, "uid", &set],
-            None,
         )
         .map(drop)
     }
 
     /// Deletes `folder`, which must be empty.
     pub fn delete_folder(&self, side: &Side, user: &str, folder: &str) -> Result<()> {
-        self.run(side, &["mailbox", "delete", "-u", user, folder], None)
+        self.run(side, &["mailbox", "delete", "-u", user, folder])
             .map(drop)
     }
 
@@ -220,7 +202,6 @@ impl Doveadm {
                 "-o", &scratch, "import", "-u", user, &source, parent, "mailbox", folder, "uid",
                 &set,
             ],
-            None,
         )
         .map(drop)
     }
@@ -253,7 +234,6 @@ impl Doveadm {
                 folder,
                 &destination,
             ],
-            None,
         )
         .map(drop)
     }
