@@ -114,10 +114,20 @@ struct Restore<'a> {
 impl Restore<'_> {
     /// Runs restore-import as the Job would; returns (success, stdout, stderr).
     fn run(&self, scope: &[&str], password_file: &Path) -> (bool, String, String) {
+        let out = self.command(scope, password_file).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The command of the next run, each with its own work directory.
+    fn command(&self, scope: &[&str], password_file: &Path) -> Command {
         let n = self.runs.get() + 1;
         self.runs.set(n);
-        let out = Command::new(env!("CARGO_BIN_EXE_mailpod-operator"))
-            .arg("restore-import")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mailpod-operator"));
+        cmd.arg("restore-import")
             .args([
                 "--target",
                 &format!("127.0.0.1:{}", self.store.ports.doveadm),
@@ -128,14 +138,8 @@ impl Restore<'_> {
             .arg(self.site.root.path().join(format!("restore-{n}")))
             .arg("--doveadm-password-file")
             .arg(password_file)
-            .args(scope)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+            .args(scope);
+        cmd
     }
 
     fn ok(&self, scope: &[&str]) -> String {
@@ -744,4 +748,126 @@ fn restore_keeps_received_dates_and_flags_and_neither_duplicates_nor_recreates()
     let out = restore.ok(&["--mailbox", ALICE]);
     assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
     assert_eq!(dated(&store, ALICE), want);
+}
+
+#[test]
+fn a_restore_killed_in_the_middle_is_finished_by_the_next_exactly_once() {
+    if !mail_software_present("a_restore_killed_in_the_middle_is_finished_by_the_next_exactly_once")
+    {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    const N: usize = 1500;
+    let mut site = Site::new(1_000_000);
+    let ports = Ports::free();
+    site.lun(0, &ports);
+    site.mailbox(ALICE, 0, "pw");
+    site.publish();
+    let password = site.root.path().join("doveadm-password");
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let extra = owned(&["--doveadm-password-file", password.to_str().unwrap()]);
+    let store = Agent::start_with(&site, "store", "store", &ports, &extra);
+    deliver_lmtp(ports.lmtp, ALICE, &owned(&["hello"]));
+    for i in 0..N {
+        old_message(
+            &store,
+            ALICE,
+            "INBOX",
+            &format!("m{i:04}"),
+            1_600_000_000 + i as i64 * 60,
+            if i % 3 == 0 { "S" } else { "" },
+        );
+    }
+    let before = dated(&store, ALICE);
+    assert_eq!(before.len(), N + 1);
+    let snapshot = site.root.path().join("snapshot");
+    copy_read_only(&store.work.join("mail"), &snapshot);
+    store_doveadm(
+        &store,
+        &[
+            "expunge", "-u", ALICE, "mailbox", "INBOX", "header", "Subject", "m",
+        ],
+        None,
+    );
+    assert_eq!(dated(&store, ALICE).len(), 1);
+
+    let restore = Restore {
+        site: &site,
+        store: &store,
+        snapshot,
+        runs: Default::default(),
+    };
+    // Killed, with every process it started (its own process group), as soon as messages arrive in
+    // its staging folder in the live mailbox: in the middle of the dsync, before any move.
+    let staged = store
+        .work
+        .join("mail/example.com/alice/Maildir/.Restore-in-progress.INBOX");
+    let mut child = restore
+        .command(&["--mailbox", ALICE], &password)
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let arrived = || {
+        ["cur", "new"]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(staged.join(d)).ok())
+            .any(|mut d| d.next().is_some())
+    };
+    while !arrived() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended before it could be interrupted"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no staging folder within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let group = format!("-{}", child.id());
+    assert!(Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .status()
+        .unwrap()
+        .success());
+    child.wait().unwrap();
+    // Its local Dovecot left the group when it daemonized: stop it by its pid.
+    let pid_file = site.root.path().join("restore-1/run/master.pid");
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        let _ = Command::new("kill").arg(pid.trim()).status();
+    }
+    // Left behind: the staging folder; nothing moved into INBOX yet. (The store's end of the dsync may
+    // still be committing what it had received: the next run waits for it to hold still.)
+    assert!(staged.exists());
+    let inbox_then = dated(&store, ALICE)
+        .iter()
+        .filter(|r| r.0 == "INBOX")
+        .count();
+    assert_eq!(inbox_then, 1, "nothing was moved into INBOX yet");
+
+    let out = restore.ok(&["--mailbox", ALICE]);
+    let put_in_place: usize = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("alice@example.com/INBOX: ")?
+                .strip_suffix(" messages left by an interrupted restore put in place")
+        })
+        .unwrap_or_else(|| panic!("{out}"))
+        .parse()
+        .unwrap();
+    assert!(put_in_place > 0, "{out}");
+    assert_eq!(
+        restored_line(&out),
+        format!("restored {} messages", N - put_in_place),
+        "{out}"
+    );
+    // Every message once, with its received date and flags; no staging folder left.
+    assert_eq!(dated(&store, ALICE), before);
+    assert!(!staged.exists());
+    let out = restore.ok(&["--mailbox", ALICE]);
+    assert_eq!(restored_line(&out), "restored 0 messages", "{out}");
+    eprintln!("interrupted with {put_in_place} of {N} messages staged");
 }

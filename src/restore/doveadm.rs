@@ -138,6 +138,31 @@ impl Doveadm {
             .collect()
     }
 
+    /// `messages` and `uidnext` of `folder`: they change whenever a message is added or removed.
+    pub fn counts(&self, side: &Side, user: &str, folder: &str) -> Result<(u64, u64)> {
+        let out = self.run(
+            side,
+            &[
+                "-f",
+                "json",
+                "mailbox",
+                "status",
+                "-u",
+                user,
+                "messages uidnext",
+                folder,
+            ],
+        )?;
+        let rows = parse_json(&out)?;
+        let get = |k: &str| {
+            rows.first()
+                .and_then(|r| r.get(k))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{k} of {folder} of {user} on {side}"))
+        };
+        Ok((get("messages")?, get("uidnext")?))
+    }
+
     /// `uid` and `guid` of every message of `folder`.
     pub fn guids(&self, side: &Side, user: &str, folder: &str) -> Result<Vec<(u32, String)>> {
         let out = self.run(

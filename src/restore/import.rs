@@ -251,7 +251,7 @@ pub(crate) fn restore_mailbox(
         }
     }
     let mut live_folders = d.folders(live, mailbox)?;
-    let finished = staging::finish(d, live, mailbox, &live_folders)?;
+    let mut finished = staging::finish(d, live, mailbox, &live_folders)?;
     if !finished.is_empty() {
         live_folders = d.folders(live, mailbox)?;
     }
@@ -315,6 +315,12 @@ pub(crate) fn restore_mailbox(
         if let Some(r) = selected.get_mut(target) {
             r.restored += moved;
         }
+    }
+    // A staging folder that appeared meanwhile (the store's end of a dsync cut off earlier, still
+    // committing) is finished now rather than left for the next run.
+    let now = d.folders(live, mailbox)?;
+    if now.iter().any(|f| staging::is_staging(f)) {
+        finished.extend(staging::finish(d, live, mailbox, &now)?);
     }
     let mut folders: Vec<FolderReport> = selected.into_values().collect();
     for r in &mut folders {

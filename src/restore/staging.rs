@@ -16,6 +16,7 @@
 //! staged counts as present and comes back exactly once.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -147,6 +148,7 @@ pub fn finish(
         if !live_folders.iter().any(|f| f == target) {
             create_folder(d, live, user, target)?;
         }
+        settle(d, live, user, folder)?;
         let moved = move_in_place(d, live, user, folder)
             .with_context(|| format!("finishing {folder:?}, left by an interrupted restore"))?;
         out.push(Finished {
@@ -156,6 +158,31 @@ pub fn finish(
         });
     }
     Ok(out)
+}
+
+/// How long a staging folder must stay unchanged before it is finished, and how long to wait for that.
+const QUIET: Duration = Duration::from_secs(2);
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Waits until nothing writes into a staging folder any more (its count and UIDNEXT hold still for
+/// [`QUIET`]): when a restore is killed, the store's end of its dsync still commits what it had
+/// received. Past [`SETTLE_LIMIT`] it goes ahead: what arrives later is finished by the next run, and
+/// copies of messages restored meanwhile are recognised by their GUID.
+fn settle(d: &Doveadm, live: &Side, user: &str, folder: &str) -> Result<()> {
+    let started = Instant::now();
+    let mut last = d.counts(live, user, folder)?;
+    while started.elapsed() < SETTLE_LIMIT {
+        std::thread::sleep(QUIET);
+        let now = d.counts(live, user, folder)?;
+        if now == last {
+            return Ok(());
+        }
+        last = now;
+    }
+    tracing::warn!(
+        "{folder:?} of {user} is still changing after {SETTLE_LIMIT:?}; finishing it anyway"
+    );
+    Ok(())
 }
 
 /// Creates `folder`, unless it appeared meanwhile (a client, or INBOX created on first access).
@@ -170,33 +197,50 @@ pub fn create_folder(d: &Doveadm, live: &Side, user: &str, folder: &str) -> Resu
 
 /// Moves the staging folder's messages into their folder and deletes it; returns how many it moved.
 /// A message whose GUID the destination holds already is that message's second copy (a move stopped
-/// between copying and expunging): it is expunged instead.
+/// between copying and expunging): it is expunged instead. Dovecot refuses to delete a folder that got
+/// mail meanwhile (the far end of a dsync cut off mid-way may still be committing): then the new mail
+/// is moved too, a few times at most.
 fn move_in_place(d: &Doveadm, live: &Side, user: &str, staged: &str) -> Result<usize> {
-    let target = target_of(staged);
-    let staged_guids = d.guids(live, user, staged)?;
-    let mut moved = staged_guids.len();
-    if !staged_guids.is_empty() {
-        let there: std::collections::HashSet<String> = d
-            .guids(live, user, target)?
-            .into_iter()
-            .map(|(_, g)| g)
-            .collect();
-        let twice: Vec<u32> = staged_guids
-            .iter()
-            .filter(|(_, g)| there.contains(g))
-            .map(|(uid, _)| *uid)
-            .collect();
-        if !twice.is_empty() {
-            d.expunge(live, user, staged, &twice)?;
-            moved -= twice.len();
-        }
-        if moved > 0 {
-            d.move_all(live, user, staged, target)
-                .with_context(|| format!("moving {staged:?} into {target:?}"))?;
+    const ATTEMPTS: u32 = 5;
+    let mut moved = 0;
+    for attempt in 1..=ATTEMPTS {
+        moved += move_once(d, live, user, staged)?;
+        match d.delete_folder(live, user, staged) {
+            Ok(()) => return Ok(moved),
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::warn!("deleting {staged:?} of {user}: {e:#}; moving what arrived");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.context(format!("deleting {staged:?}"))),
         }
     }
-    d.delete_folder(live, user, staged)
-        .with_context(|| format!("deleting {staged:?}"))?;
+    unreachable!("the last attempt returns")
+}
+
+fn move_once(d: &Doveadm, live: &Side, user: &str, staged: &str) -> Result<usize> {
+    let target = target_of(staged);
+    let staged_guids = d.guids(live, user, staged)?;
+    if staged_guids.is_empty() {
+        return Ok(0);
+    }
+    let there: std::collections::HashSet<String> = d
+        .guids(live, user, target)?
+        .into_iter()
+        .map(|(_, g)| g)
+        .collect();
+    let twice: Vec<u32> = staged_guids
+        .iter()
+        .filter(|(_, g)| there.contains(g))
+        .map(|(uid, _)| *uid)
+        .collect();
+    if !twice.is_empty() {
+        d.expunge(live, user, staged, &twice)?;
+    }
+    let moved = staged_guids.len() - twice.len();
+    if moved > 0 {
+        d.move_all(live, user, staged, target)
+            .with_context(|| format!("moving {staged:?} into {target:?}"))?;
+    }
     Ok(moved)
 }
 
