@@ -105,6 +105,16 @@ struct RestoreImportArgs {
     /// Only the message with this Message-ID.
     #[arg(long, requires = "mailbox")]
     message_id: Option<String>,
+    /// The mailboxes the LUN holds now (its spec.mailboxes), comma-separated: a mailbox of the snapshot
+    /// not among them is not restored (reported as skipped with --all, refused with --mailbox).
+    /// Required with --all.
+    #[arg(
+        long,
+        env = "MAILPOD_LUN_MAILBOXES",
+        value_delimiter = ',',
+        required_if_eq("all", "true")
+    )]
+    lun_mailboxes: Option<Vec<String>>,
     /// Mail root of the snapshot clone (the store layout's).
     #[arg(long, default_value = mailpod_operator::resources::pod::paths::MAIL)]
     mail_root: PathBuf,
@@ -194,6 +204,12 @@ fn run_restore_import(args: RestoreImportArgs) -> ExitCode {
         target: args.target,
         password_file: args.doveadm_password_file,
         scope,
+        lun_mailboxes: args.lun_mailboxes.map(|l| {
+            l.into_iter()
+                .map(|m| m.trim().to_lowercase())
+                .filter(|m| !m.is_empty())
+                .collect()
+        }),
         mail_uid: args.mail_uid,
         mail_gid: args.mail_gid,
     };

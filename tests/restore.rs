@@ -287,10 +287,13 @@ async fn dry_run_prints_both_objects_and_creates_nothing() {
         .collect();
     let kinds: Vec<_> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["Job", "PersistentVolumeClaim"]);
-    assert!(docs[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    let args = docs[0]["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_array()
-        .unwrap()
-        .contains(&json!("--all")));
+        .unwrap();
+    assert!(args.contains(&json!("--all")));
+    // Only the mailboxes the LUN holds now are restored.
+    let at = args.iter().position(|a| a == "--lun-mailboxes").unwrap();
+    assert_eq!(args[at + 1], "a@corp.example,b@corp.example", "{args:?}");
     assert_eq!(docs[1]["spec"]["dataSource"]["name"], SNAP);
 }
 

@@ -719,8 +719,9 @@ impl Replication {
     }
 
     /// One hand-over pass: copies to `source` (the new active) every message of the LUN's mailboxes that
-    /// this replica holds more often than it, compared per folder by header block and size (as a restore
-    /// does, see restore::import); returns how many it copied. Unlike `doveadm sync -1`, a repeated pass
+    /// this replica holds more often than it, compared over the whole mailbox by header block and size
+    /// (as a restore does, see restore::import; a message the new active holds in another folder is
+    /// there), with its received date and flags; returns how many it copied. Unlike `doveadm sync -1`, a repeated pass
     /// never copies a message twice, so a pass interrupted by mail arriving on the new active (dsync's
     /// "Mailbox changes caused a desync") can simply run again.
     async fn hand_over_once(&self, users: &[String], source: &str) -> Result<usize> {
@@ -728,14 +729,23 @@ impl Replication {
             config: self.config.dovecot_conf.clone(),
         };
         let live = crate::restore::doveadm::Side::Live(source.to_string());
+        let layout = &self.config.layout;
+        let origin = crate::restore::staging::Origin {
+            mail_root: layout.mail_root.clone(),
+            // Off the mail volume: nothing of it belongs to a mailbox, and it goes after each folder.
+            scratch: layout.dovecot_state.join("hand-over"),
+            mail_uid: layout.mail_uid,
+            mail_gid: layout.mail_gid,
+        };
         let users = users.to_vec();
         tokio::task::spawn_blocking(move || {
             let mut copied = 0;
             for user in &users {
-                let folders =
-                    crate::restore::import::restore_mailbox(&doveadm, &live, user, None, None)
-                        .with_context(|| format!("handing over mailbox {user}"))?;
-                copied += folders.iter().map(|f| f.restored).sum::<usize>();
+                let done = crate::restore::import::restore_mailbox(
+                    &doveadm, &origin, &live, user, None, None,
+                )
+                .with_context(|| format!("handing over mailbox {user}"))?;
+                copied += done.folders.iter().map(|f| f.restored).sum::<usize>();
             }
             anyhow::Ok(copied)
         })

@@ -116,6 +116,11 @@ pub fn assess(held: &Mailboxes, source: &Mailboxes, max_percent: u32) -> Assessm
         };
         let mut replaced_messages = 0;
         for (name, mine) in folders {
+            // A restore's staging folder empties into other folders of the same mailbox: its messages
+            // move, they are not deleted (restore::staging).
+            if crate::restore::staging::is_staging(name) {
+                continue;
+            }
             loss.held += mine.messages;
             let (gone, replaced) = match there.get(name) {
                 Some(s) if s.uidvalidity != mine.uidvalidity => (mine.messages, true),
@@ -427,6 +432,28 @@ mod tests {
         let a = assess(&held, &now, 50);
         assert!(a.allowed(), "{:?}", a.reasons);
         assert_eq!(a.deleted, 30);
+    }
+
+    #[test]
+    fn a_restores_staging_folder_emptying_is_no_deletion() {
+        // A standby mirrored while a restore staged 500 messages; they have moved into INBOX since.
+        let mut held = lun(2, 20);
+        held.get_mut("u0@example.com").unwrap().insert(
+            "Restore-in-progress.INBOX".into(),
+            Folder {
+                messages: 500,
+                uidvalidity: 102,
+            },
+        );
+        let mut now = lun(2, 20);
+        now.get_mut("u0@example.com")
+            .unwrap()
+            .get_mut("INBOX")
+            .unwrap()
+            .messages = 520;
+        let a = assess(&held, &now, 50);
+        assert!(a.allowed(), "{:?}", a.reasons);
+        assert_eq!((a.deleted, a.held), (0, 40));
     }
 
     #[test]

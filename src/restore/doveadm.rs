@@ -1,10 +1,9 @@
 //! The doveadm commands a restore runs: against the snapshot through a local, auth-only Dovecot, or
-//! against the live store through its doveadm TCP service (`-S host:port`, authenticated with the
-//! `doveadm_password` of the local configuration).
+//! against the live store through its doveadm TCP service (`-S host:port`, and dsync to
+//! `tcp:host:port`, authenticated with the `doveadm_password` of the local configuration).
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
@@ -36,9 +35,9 @@ pub struct Listed {
     pub key: MessageKey,
 }
 
-/// What makes two copies "the same message": the same header block and size. A message saved from the
-/// snapshot into the live store keeps both byte for byte (its UID and GUID change), so a second restore
-/// recognises what the first one brought back. The Message-ID alone would not do: mail delivered
+/// What makes two copies "the same message": the same header block and size. A message restored from
+/// the snapshot into the live store keeps both byte for byte (dsync and move copy it as it is; its UID
+/// changes), so a second restore recognises what the first one brought back. The Message-ID alone would not do: mail delivered
 /// straight over LMTP, drafts and some automated mail carry none.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageKey {
@@ -61,8 +60,12 @@ impl Doveadm {
     fn command(&self, side: &Side, args: &[&str]) -> Command {
         let mut cmd = Command::new("doveadm");
         cmd.arg("-c").arg(&self.config);
-        // Formatter options come before the command name, `-S` after it.
-        let (head, rest) = args.split_at(usize::from(args.first() == Some(&"-f")) * 2);
+        // Global options (`-f` formatter, `-o` setting) come before the command name, `-S` after it.
+        let mut globals = 0;
+        while matches!(args.get(globals), Some(&"-f" | &"-o")) && globals + 1 < args.len() {
+            globals += 2;
+        }
+        let (head, rest) = args.split_at(globals);
         cmd.args(head);
         let (name, rest) = match rest.first().copied() {
             // Two-word command names.
@@ -77,26 +80,16 @@ impl Doveadm {
         cmd
     }
 
-    /// Runs a command and returns its stdout; `input` is piped to stdin.
-    fn run(&self, side: &Side, args: &[&str], input: Option<&[u8]>) -> Result<Vec<u8>> {
+    /// Runs a command and returns its stdout.
+    fn run(&self, side: &Side, args: &[&str]) -> Result<Vec<u8>> {
         let mut cmd = self.command(side, args);
-        cmd.stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let what = format!("doveadm {} on {side}", args.join(" "));
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting {what} (is Dovecot installed?)"))?;
-        if let Some(bytes) = input {
-            let mut stdin = child.stdin.take().expect("piped stdin");
-            stdin
-                .write_all(bytes)
-                .with_context(|| format!("{what}: writing the message"))?;
-        }
         let out = child
             .wait_with_output()
             .with_context(|| format!("waiting for {what}"))?;
@@ -121,7 +114,6 @@ impl Doveadm {
             &[
                 "-f", "json", "mailbox", "status", "-u", user, "messages", "*",
             ],
-            None,
         )?;
         let rows = parse_json(&out).with_context(|| format!("folders of {user} on {side}"))?;
         Ok(rows
@@ -131,7 +123,7 @@ impl Doveadm {
     }
 
     pub fn create_folder(&self, side: &Side, user: &str, folder: &str) -> Result<()> {
-        self.run(side, &["mailbox", "create", "-u", user, folder], None)
+        self.run(side, &["mailbox", "create", "-u", user, folder])
             .map(drop)
     }
 
@@ -139,112 +131,164 @@ impl Doveadm {
     pub fn list(&self, side: &Side, user: &str, query: &[&str]) -> Result<Vec<Listed>> {
         let mut args = vec!["-f", "json", "fetch", "-u", user, LIST_FIELDS];
         args.extend_from_slice(query);
-        let out = self.run(side, &args, None)?;
+        let out = self.run(side, &args)?;
         let rows = parse_json(&out).with_context(|| format!("messages of {user} on {side}"))?;
         rows.into_iter()
             .map(|r| listed(&r).with_context(|| format!("a message of {user} on {side}")))
             .collect()
     }
 
-    /// The message exactly as stored (`fetch text`, pager format: `text:` then the raw message).
-    pub fn message(&self, side: &Side, user: &str, folder: &str, uid: u32) -> Result<Vec<u8>> {
-        let uid = uid.to_string();
-        let out = self.run(
-            side,
-            &[
-                "-f", "pager", "fetch", "-u", user, "text", "mailbox", folder, "uid", &uid,
-            ],
-            None,
-        )?;
-        match out.strip_prefix(b"text:\n") {
-            Some(raw) if !raw.is_empty() => Ok(raw.to_vec()),
-            _ => bail!("message uid {uid} of {user} in {folder} on {side} is gone or empty"),
-        }
-    }
-
-    /// Several messages of `folder` in one doveadm run, by UID; those gone meanwhile are left out.
-    /// The pager format prints `uid: N`, `size.physical: S`, `text:` and then exactly S bytes (what
-    /// Maildir stores), records separated by a form feed line; the size, not the form feed, delimits the
-    /// message, so a form feed inside a message cannot cut it. An answer that does not parse this way
-    /// is an error (the caller falls back to [`Doveadm::message`]).
-    pub fn messages(
-        &self,
-        side: &Side,
-        user: &str,
-        folder: &str,
-        uids: &[u32],
-    ) -> Result<BTreeMap<u32, Vec<u8>>> {
-        let set = uids
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+    /// `messages` and `uidnext` of `folder`: they change whenever a message is added or removed.
+    pub fn counts(&self, side: &Side, user: &str, folder: &str) -> Result<(u64, u64)> {
         let out = self.run(
             side,
             &[
                 "-f",
-                "pager",
-                "fetch",
+                "json",
+                "mailbox",
+                "status",
                 "-u",
                 user,
-                "uid size.physical text",
-                "mailbox",
+                "messages uidnext",
                 folder,
-                "uid",
-                &set,
             ],
-            None,
         )?;
-        parse_pager_messages(&out)
-            .with_context(|| format!("messages of {user} in {folder} on {side}"))
+        let rows = parse_json(&out)?;
+        let get = |k: &str| {
+            rows.first()
+                .and_then(|r| r.get(k))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{k} of {folder} of {user} on {side}"))
+        };
+        Ok((get("messages")?, get("uidnext")?))
     }
 
-    /// Appends a message to `folder` (which must exist).
-    pub fn save(&self, side: &Side, user: &str, folder: &str, message: &[u8]) -> Result<()> {
-        self.run(side, &["save", "-u", user, "-m", folder], Some(message))
-            .map(drop)
-    }
-
-    /// The next UID `folder` will assign.
-    pub fn uid_next(&self, side: &Side, user: &str, folder: &str) -> Result<u32> {
+    /// `uid` and `guid` of every message of `folder`.
+    pub fn guids(&self, side: &Side, user: &str, folder: &str) -> Result<Vec<(u32, String)>> {
         let out = self.run(
             side,
             &[
-                "-f", "json", "mailbox", "status", "-u", user, "uidnext", folder,
+                "-f", "json", "fetch", "-u", user, "uid guid", "mailbox", folder, "all",
             ],
-            None,
         )?;
-        parse_json(&out)?
-            .first()
-            .and_then(|r| r.get("uidnext"))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("uidnext of {folder} of {user} on {side}"))
+        let rows = parse_json(&out).with_context(|| format!("{folder} of {user} on {side}"))?;
+        rows.into_iter()
+            .map(|r| {
+                let uid = r.get("uid").and_then(|u| u.parse().ok());
+                match (uid, r.get("guid")) {
+                    (Some(uid), Some(guid)) => Ok((uid, guid.clone())),
+                    _ => bail!("doveadm gave no uid or guid for a message of {user} in {folder}"),
+                }
+            })
+            .collect()
     }
 
-    /// Sets `flags` on the messages `uids` of `folder`.
-    pub fn add_flags(
-        &self,
-        side: &Side,
-        user: &str,
-        folder: &str,
-        flags: &[String],
-        uids: &[u32],
-    ) -> Result<()> {
-        let flags = flags.join(" ");
-        let uids = uids
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+    /// Moves every message of `from` into `to` (both folders of `user` on `side`). Inside one store
+    /// a move keeps the received date, the flags and the GUID.
+    pub fn move_all(&self, side: &Side, user: &str, from: &str, to: &str) -> Result<()> {
+        self.run(side, &["move", "-u", user, to, "mailbox", from, "all"])
+            .map(drop)
+    }
+
+    /// Expunges the messages `uids` of `folder`.
+    pub fn expunge(&self, side: &Side, user: &str, folder: &str, uids: &[u32]) -> Result<()> {
+        let set = uid_set(uids);
         self.run(
             side,
-            &[
-                "flags", "add", "-u", user, &flags, "mailbox", folder, "uid", &uids,
-            ],
-            None,
+            &["expunge", "-u", user, "mailbox", folder, "uid", &set],
         )
         .map(drop)
     }
+
+    /// Deletes `folder`, which must be empty.
+    pub fn delete_folder(&self, side: &Side, user: &str, folder: &str) -> Result<()> {
+        self.run(side, &["mailbox", "delete", "-u", user, folder])
+            .map(drop)
+    }
+
+    /// Copies the messages `uids` of `folder` of the Maildir at `source` (read with in-memory indexes)
+    /// into `<parent>.<folder>` of the scratch Maildir `scratch`, as `user`. `doveadm import` keeps each
+    /// message's received date, flags, keywords and GUID.
+    pub fn import_to_scratch(
+        &self,
+        scratch: &Path,
+        user: &str,
+        source: &Path,
+        folder: &str,
+        parent: &str,
+        uids: &[u32],
+    ) -> Result<()> {
+        let scratch = scratch_location(scratch);
+        let source = format!("maildir:{}:INDEX=MEMORY", source.display());
+        let set = uid_set(uids);
+        self.run(
+            &Side::Snapshot,
+            &[
+                "-o", &scratch, "import", "-u", user, &source, parent, "mailbox", folder, "uid",
+                &set,
+            ],
+        )
+        .map(drop)
+    }
+
+    /// dsync of one folder of the scratch Maildir into the live store (`sync -1 -m`): a folder the live
+    /// store lacks is created there with the messages' received dates, flags, keywords and GUIDs. Only
+    /// the last `-m` counts in Dovecot 2.3, hence one folder per run.
+    pub fn sync_to_live(
+        &self,
+        scratch: &Path,
+        user: &str,
+        folder: &str,
+        live: &Side,
+    ) -> Result<()> {
+        let Side::Live(target) = live else {
+            bail!("a scratch folder is synced to the live store only");
+        };
+        let scratch = scratch_location(scratch);
+        let destination = format!("tcp:{target}");
+        self.run(
+            &Side::Snapshot,
+            &[
+                "-o",
+                &scratch,
+                "sync",
+                "-1",
+                "-u",
+                user,
+                "-m",
+                folder,
+                &destination,
+            ],
+        )
+        .map(drop)
+    }
+}
+
+/// The `mail_location` override that points doveadm at a scratch Maildir.
+fn scratch_location(maildir: &Path) -> String {
+    format!("mail_location=maildir:{}", maildir.display())
+}
+
+/// `1:3,7,9:10`: a doveadm UID set, ranges collapsed so that thousands of UIDs stay a short argument.
+pub fn uid_set(uids: &[u32]) -> String {
+    let mut sorted = uids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts: Vec<String> = vec![];
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        while i + 1 < sorted.len() && sorted[i + 1] == sorted[i] + 1 {
+            i += 1;
+        }
+        parts.push(if sorted[i] == start {
+            start.to_string()
+        } else {
+            format!("{start}:{}", sorted[i])
+        });
+        i += 1;
+    }
+    parts.join(",")
 }
 
 /// doveadm's JSON formatter: an array of objects with string values (empty output: no rows).
@@ -253,41 +297,6 @@ fn parse_json(out: &[u8]) -> Result<Vec<BTreeMap<String, String>>> {
         return Ok(vec![]);
     }
     serde_json::from_slice(out).context("parsing doveadm's JSON output")
-}
-
-fn parse_pager_messages(mut out: &[u8]) -> Result<BTreeMap<u32, Vec<u8>>> {
-    fn field<'a>(out: &mut &'a [u8], name: &str) -> Result<&'a str> {
-        let prefix = format!("{name}:");
-        let end = out
-            .iter()
-            .position(|b| *b == b'\n')
-            .with_context(|| format!("no line `{name}:`"))?;
-        let line = std::str::from_utf8(&out[..end]).context("not text")?;
-        let value = line
-            .strip_prefix(&prefix)
-            .with_context(|| format!("expected `{name}:`, found {line:?}"))?;
-        *out = &out[end + 1..];
-        Ok(value.trim())
-    }
-    let mut messages = BTreeMap::new();
-    while !out.is_empty() {
-        let uid: u32 = field(&mut out, "uid")?.parse().context("uid")?;
-        let size: usize = field(&mut out, "size.physical")?
-            .parse()
-            .context("size.physical")?;
-        field(&mut out, "text")?;
-        if out.len() < size {
-            bail!("message uid {uid} is shorter than its size {size}");
-        }
-        let (text, rest) = out.split_at(size);
-        out = match rest {
-            [] => rest,
-            [b'\x0c', b'\n', more @ ..] => more,
-            _ => bail!("message uid {uid} does not end at its size {size}"),
-        };
-        messages.insert(uid, text.to_vec());
-    }
-    Ok(messages)
 }
 
 fn listed(row: &BTreeMap<String, String>) -> Result<Listed> {
@@ -355,17 +364,46 @@ mod tests {
             ]
         );
         assert_eq!(
-            argv(live(), &["save", "-u", "a@b", "-m", "INBOX"]),
+            argv(
+                live(),
+                &[
+                    "move",
+                    "-u",
+                    "a@b",
+                    "INBOX",
+                    "mailbox",
+                    "Restore-in-progress.INBOX",
+                    "all"
+                ]
+            ),
             [
                 "-c",
                 "/w/dovecot.conf",
-                "save",
+                "move",
                 "-S",
                 "corp-lun-0:12345",
                 "-u",
                 "a@b",
-                "-m",
-                "INBOX"
+                "INBOX",
+                "mailbox",
+                "Restore-in-progress.INBOX",
+                "all"
+            ]
+        );
+        assert_eq!(
+            argv(
+                Side::Snapshot,
+                &["-o", "mail_location=maildir:/s", "sync", "-1", "-u", "a@b"]
+            ),
+            [
+                "-c",
+                "/w/dovecot.conf",
+                "-o",
+                "mail_location=maildir:/s",
+                "sync",
+                "-1",
+                "-u",
+                "a@b"
             ]
         );
         assert_eq!(
@@ -384,18 +422,10 @@ mod tests {
     }
 
     #[test]
-    fn pager_messages_are_cut_by_their_size() {
-        let out = b"uid: 1\nsize.physical: 13\ntext:\nA: b\n\nx\x0c\nuid:\x0c\nuid: 3\nsize.physical: 5\ntext:\nno nl";
-        let m = parse_pager_messages(out).unwrap();
-        assert_eq!(m[&1], b"A: b\n\nx\x0c\nuid:");
-        assert_eq!(m[&3], b"no nl");
-        assert!(parse_pager_messages(b"").unwrap().is_empty());
-        let err = parse_pager_messages(b"uid: 1\nsize.physical: 3\ntext:\nabcd").unwrap_err();
-        assert!(
-            err.to_string().contains("does not end at its size"),
-            "{err}"
-        );
-        assert!(parse_pager_messages(b"uid: 1\nsize.physical: 9\ntext:\nab").is_err());
+    fn uid_sets_collapse_ranges() {
+        assert_eq!(uid_set(&[7, 1, 2, 3, 9, 10, 3]), "1:3,7,9:10");
+        assert_eq!(uid_set(&[5]), "5");
+        assert_eq!(uid_set(&[]), "");
     }
 
     #[test]

@@ -104,7 +104,13 @@ pub fn import_args(plan: &Plan) -> Vec<String> {
         WORK_DIR.to_string(),
     ];
     match plan.scope {
-        Scope::All => args.push("--all".into()),
+        // Only the mailboxes the LUN holds now: a Maildir in the snapshot of one moved or removed since
+        // stays where it is.
+        Scope::All => args.extend([
+            "--all".into(),
+            "--lun-mailboxes".into(),
+            plan.lun.spec.mailboxes.join(","),
+        ]),
         Scope::Mailbox {
             address,
             folder,

@@ -125,6 +125,7 @@ mod tests {
             target: "corp-lun-0:12345".into(),
             password_file: "/p".into(),
             scope: Scope::All,
+            lun_mailboxes: None,
             mail_uid: 5000,
             mail_gid: 5000,
         };

@@ -11,6 +11,7 @@ pub mod doveadm;
 pub mod import;
 pub mod job;
 pub mod local;
+pub mod staging;
 
 use std::time::Duration;
 
