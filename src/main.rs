@@ -105,16 +105,18 @@ struct RestoreImportArgs {
     /// Only the message with this Message-ID.
     #[arg(long, requires = "mailbox")]
     message_id: Option<String>,
-    /// The mailboxes the LUN holds now (its spec.mailboxes), comma-separated: a mailbox of the snapshot
-    /// not among them is not restored (reported as skipped with --all, refused with --mailbox).
-    /// Required with --all.
-    #[arg(
-        long,
-        env = "MAILPOD_LUN_MAILBOXES",
-        value_delimiter = ',',
-        required_if_eq("all", "true")
-    )]
+    /// The mailboxes the LUN holds now, comma-separated: a mailbox of the snapshot not among them is not
+    /// restored (reported as skipped with --all, refused with --mailbox). With --all, this or
+    /// --tables-dir is required.
+    #[arg(long, env = "MAILPOD_LUN_MAILBOXES", value_delimiter = ',')]
     lun_mailboxes: Option<Vec<String>>,
+    /// The MailPod's access tables as mounted (the restore Job's): the LUN's mailboxes and the
+    /// incarnations of those it took back after a removal come from there, as the stores read them.
+    #[arg(long, requires = "lun_index", conflicts_with = "lun_mailboxes")]
+    tables_dir: Option<PathBuf>,
+    /// Index of the LUN in its MailPod (with --tables-dir).
+    #[arg(long, requires = "tables_dir")]
+    lun_index: Option<u32>,
     /// Mail root of the snapshot clone (the store layout's).
     #[arg(long, default_value = mailpod_operator::resources::pod::paths::MAIL)]
     mail_root: PathBuf,
@@ -198,18 +200,32 @@ fn run_restore_import(args: RestoreImportArgs) -> ExitCode {
         },
         None => Scope::All,
     };
+    let (lun_mailboxes, incarnations) = match (&args.tables_dir, args.lun_index) {
+        (Some(dir), Some(index)) => match import::lun_from_tables(dir, index) {
+            Ok((m, i)) => (Some(m), i),
+            Err(e) => {
+                eprintln!("restore-import: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => (
+            args.lun_mailboxes.map(|l| {
+                l.into_iter()
+                    .map(|m| m.trim().to_lowercase())
+                    .filter(|m| !m.is_empty())
+                    .collect()
+            }),
+            Default::default(),
+        ),
+    };
     let opts = ImportOptions {
         mail_root: args.mail_root,
         work_dir: args.work_dir,
         target: args.target,
         password_file: args.doveadm_password_file,
         scope,
-        lun_mailboxes: args.lun_mailboxes.map(|l| {
-            l.into_iter()
-                .map(|m| m.trim().to_lowercase())
-                .filter(|m| !m.is_empty())
-                .collect()
-        }),
+        lun_mailboxes,
+        incarnations,
         mail_uid: args.mail_uid,
         mail_gid: args.mail_gid,
     };

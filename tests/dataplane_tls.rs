@@ -134,7 +134,9 @@ fn connect_from(address: &str, port: u16) -> TcpStream {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     socket
         .bind(&SockAddr::from(
-            format!("{address}:0").parse::<std::net::SocketAddr>().unwrap(),
+            format!("{address}:0")
+                .parse::<std::net::SocketAddr>()
+                .unwrap(),
         ))
         .unwrap();
     socket
@@ -395,7 +397,13 @@ fn implicit_tls_listens_and_a_renewed_certificate_reaches_every_handshake() {
 
 /// An IMAP session through the proxy's implicit TLS from `address`, logged in as `user`; the tagged reply
 /// of LOGIN.
-fn imaps_login(port: u16, cert: &Path, address: &str, user: &str, password: &str) -> (TlsSession, String) {
+fn imaps_login(
+    port: u16,
+    cert: &Path,
+    address: &str,
+    user: &str,
+    password: &str,
+) -> (TlsSession, String) {
     let tcp = connect_from(address, port);
     tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut t = TlsSession::upgrade(tcp, cert);
@@ -442,31 +450,64 @@ fn the_store_sees_each_clients_address_through_the_proxy_and_limits_it_alone() {
     let tls_args = ["--tls-dir".to_string(), secret.dir.display().to_string()];
     let store = Agent::start(&site, "store", "store", &ps);
     let imap = Agent::start_with(&site, "imap", "imap", &Ports::free(), &tls_args);
-    let store_log = || std::fs::read_to_string(store.work.join("log/dovecot.log")).unwrap_or_default();
+    let store_log =
+        || std::fs::read_to_string(store.work.join("log/dovecot.log")).unwrap_or_default();
 
     let mut open = vec![];
     for _ in 0..10 {
-        let (t, st) = imaps_login(imap.ports.imaps, &cert, "127.0.0.2", "erin@example.com", "erin-pw");
+        let (t, st) = imaps_login(
+            imap.ports.imaps,
+            &cert,
+            "127.0.0.2",
+            "erin@example.com",
+            "erin-pw",
+        );
         assert!(st.starts_with("t OK"), "{st}");
         open.push(t);
     }
     let logins = |ip: &str| {
         store_log()
             .lines()
-            .filter(|l| l.contains("imap-login: Login: user=<erin@example.com>") && l.contains(&format!("rip={ip},")))
+            .filter(|l| {
+                l.contains("imap-login: Login: user=<erin@example.com>")
+                    && l.contains(&format!("rip={ip},"))
+            })
             .count()
     };
-    assert_eq!(logins("127.0.0.2"), 10, "the store logs the client: {}", store_log());
+    assert_eq!(
+        logins("127.0.0.2"),
+        10,
+        "the store logs the client: {}",
+        store_log()
+    );
     assert_eq!(logins("127.0.0.1"), 0, "not the proxy");
-    let (_, st) = imaps_login(imap.ports.imaps, &cert, "127.0.0.2", "erin@example.com", "erin-pw");
-    assert!(!st.starts_with("t OK"), "an eleventh session from 127.0.0.2 is over the limit: {st}");
+    let (_, st) = imaps_login(
+        imap.ports.imaps,
+        &cert,
+        "127.0.0.2",
+        "erin@example.com",
+        "erin-pw",
+    );
+    assert!(
+        !st.starts_with("t OK"),
+        "an eleventh session from 127.0.0.2 is over the limit: {st}"
+    );
     wait_for("the store's refusal logged", WAIT, || {
         store_log()
             .contains("Maximum number of connections from user+IP exceeded")
             .then_some(())
     });
-    let (mut other, st) = imaps_login(imap.ports.imaps, &cert, "127.0.0.3", "erin@example.com", "erin-pw");
-    assert!(st.starts_with("t OK"), "another client is not limited by the first: {st}");
+    let (mut other, st) = imaps_login(
+        imap.ports.imaps,
+        &cert,
+        "127.0.0.3",
+        "erin@example.com",
+        "erin-pw",
+    );
+    assert!(
+        st.starts_with("t OK"),
+        "another client is not limited by the first: {st}"
+    );
     assert_eq!(logins("127.0.0.3"), 1);
     other.imap("LOGOUT");
 
@@ -481,7 +522,11 @@ fn the_store_sees_each_clients_address_through_the_proxy_and_limits_it_alone() {
     wait_for("the direct attempt logged", WAIT, || {
         store_log()
             .lines()
-            .any(|l| l.contains("imap-login") && l.contains("rip=127.0.0.3, lip=127.0.0.1") && !l.contains("proxy"))
+            .any(|l| {
+                l.contains("imap-login")
+                    && l.contains("rip=127.0.0.3, lip=127.0.0.1")
+                    && !l.contains("proxy")
+            })
             .then_some(())
     });
     assert!(!store_log().contains("192.0.2.7"), "{}", store_log());

@@ -669,7 +669,7 @@ impl Replication {
             "after demotion: handing mail only this replica has to the new active"
         );
         for n in 1..=MAX_HAND_OVER_PASSES {
-            let copied = self.hand_over_once(users, source).await?;
+            let copied = self.hand_over_once(&lun, source).await?;
             tracing::info!(pass = n, copied, "hand-over pass");
             if copied == 0 {
                 self.set_aside(&lun)?;
@@ -724,7 +724,7 @@ impl Replication {
     /// there), with its received date and flags; returns how many it copied. Unlike `doveadm sync -1`, a repeated pass
     /// never copies a message twice, so a pass interrupted by mail arriving on the new active (dsync's
     /// "Mailbox changes caused a desync") can simply run again.
-    async fn hand_over_once(&self, users: &[String], source: &str) -> Result<usize> {
+    async fn hand_over_once(&self, lun: &LunMailboxes, source: &str) -> Result<usize> {
         let doveadm = crate::restore::doveadm::Doveadm {
             config: self.config.dovecot_conf.clone(),
         };
@@ -736,8 +736,9 @@ impl Replication {
             scratch: layout.dovecot_state.join("hand-over"),
             mail_uid: layout.mail_uid,
             mail_gid: layout.mail_gid,
+            incarnations: lun.incarnations.clone(),
         };
-        let users = users.to_vec();
+        let users = lun.users.clone();
         tokio::task::spawn_blocking(move || {
             let mut copied = 0;
             for user in &users {

@@ -49,9 +49,32 @@ pub struct ImportOptions {
     /// The mailboxes the LUN holds now (its `spec.mailboxes`): a mailbox of the snapshot that is not
     /// among them is not restored. Required with [`Scope::All`].
     pub lun_mailboxes: Option<Vec<String>>,
+    /// The incarnation of each mailbox its LUN took back after a removal (absent: the first): its mail
+    /// in the snapshot is in that incarnation's home, and a previous owner's is never restored to it.
+    pub incarnations: BTreeMap<String, u32>,
     /// Owner of the Maildirs (the image's vmail user).
     pub mail_uid: u32,
     pub mail_gid: u32,
+}
+
+/// The mailboxes the MailPod's tables (as mounted in `dir`) place on LUN `index`, and the incarnations of
+/// those that have one.
+pub fn lun_from_tables(dir: &Path, index: u32) -> Result<(Vec<String>, BTreeMap<String, u32>)> {
+    let data = crate::agent::render::read_configmap_dir(dir)
+        .with_context(|| format!("reading the access tables in {}", dir.display()))?;
+    let tables = crate::mailconfig::tables::AccessTables::from_data(&data)?;
+    let mailboxes: Vec<String> = tables
+        .mailboxes
+        .into_iter()
+        .filter(|(_, lun)| *lun == index)
+        .map(|(m, _)| m)
+        .collect();
+    let incarnations = tables
+        .incarnations
+        .into_iter()
+        .filter(|(m, _)| mailboxes.binary_search(m).is_ok())
+        .collect();
+    Ok((mailboxes, incarnations))
 }
 
 /// What happened in one folder.
@@ -99,7 +122,7 @@ impl std::fmt::Display for Report {
         for s in &self.skipped {
             writeln!(
                 f,
-                "{s}: skipped, in the snapshot but no longer on the LUN (not in its spec.mailboxes)"
+                "{s}: skipped, in the snapshot but not a mailbox of the LUN now (removed since, or its address taken back by a new owner)"
             )?;
         }
         for r in &self.finished {
@@ -148,17 +171,31 @@ pub fn run(opts: &ImportOptions) -> Result<Report> {
             if opts.lun_mailboxes.is_none() {
                 bail!("--all needs --lun-mailboxes (the LUN's spec.mailboxes): only mailboxes the LUN still holds are restored");
             }
-            let (keep, skip) = mailboxes_in(&opts.mail_root)?
+            let (mut keep, skip): (Vec<String>, Vec<String>) = mailboxes_in(&opts.mail_root)?
                 .into_iter()
-                .partition(|m| on_lun(m));
+                .partition(|m| on_lun(m) && !opts.incarnations.contains_key(m));
             report.skipped = skip;
+            // Mailboxes taken back after a removal: from their own incarnation's home only.
+            for m in opts.incarnations.keys().filter(|m| on_lun(m)) {
+                if staging::maildir(&opts.mail_root, m, opts.incarnations[m])?.is_dir() {
+                    keep.push(m.clone());
+                }
+            }
+            keep.sort();
+            if keep.is_empty() {
+                bail!(
+                    "the snapshot holds no mailbox the LUN lists (under {})",
+                    opts.mail_root.display()
+                );
+            }
             keep
         }
         Scope::Mailbox { address, .. } => {
             if !on_lun(address) {
                 bail!("mailbox {address} is not on the LUN (not in --lun-mailboxes, the LUN's spec.mailboxes): not restored");
             }
-            let dir = staging::maildir(&opts.mail_root, address)?;
+            let incarnation = opts.incarnations.get(address).copied().unwrap_or(0);
+            let dir = staging::maildir(&opts.mail_root, address, incarnation)?;
             if !dir.is_dir() {
                 bail!(
                     "mailbox {address} has no mail in the snapshot (no {})",
@@ -175,6 +212,7 @@ pub fn run(opts: &ImportOptions) -> Result<Report> {
         scratch: opts.work_dir.join("scratch"),
         mail_uid: opts.mail_uid,
         mail_gid: opts.mail_gid,
+        incarnations: opts.incarnations.clone(),
     };
     for mailbox in &mailboxes {
         let (folder, message_id) = match &opts.scope {

@@ -102,15 +102,17 @@ pub fn import_args(plan: &Plan) -> Vec<String> {
         paths::MAIL.to_string(),
         "--work-dir".to_string(),
         WORK_DIR.to_string(),
+        // The LUN's mailboxes and their incarnations as the MailPod's tables say when the import runs:
+        // a Maildir in the snapshot of a mailbox moved or removed since, or of an address's previous
+        // owner, stays where it is. Read from the mounted ConfigMap, not the command line, which could not
+        // hold a full LUN's list.
+        "--tables-dir".to_string(),
+        paths::TABLES.to_string(),
+        "--lun-index".to_string(),
+        plan.lun.spec.index.to_string(),
     ];
     match plan.scope {
-        // Only the mailboxes the LUN holds now: a Maildir in the snapshot of one moved or removed since
-        // stays where it is.
-        Scope::All => args.extend([
-            "--all".into(),
-            "--lun-mailboxes".into(),
-            plan.lun.spec.mailboxes.join(","),
-        ]),
+        Scope::All => args.push("--all".into()),
         Scope::Mailbox {
             address,
             folder,
@@ -140,6 +142,7 @@ pub fn job(plan: &Plan) -> Job {
     let mounts = vec![
         pod::mount(volumes::MAIL, paths::MAIL, false),
         pod::mount(volumes::REPLICATION, paths::REPLICATION, true),
+        pod::mount(volumes::TABLES, paths::TABLES, true),
         pod::mount(WORK_VOLUME, WORK_DIR, false),
     ];
     let volumes_ = vec![
@@ -154,6 +157,10 @@ pub fn job(plan: &Plan) -> Job {
         // Not optional: without the password the store refuses the import anyway; better a pod that
         // waits for the Secret and says so.
         pod::secret_volume(volumes::REPLICATION, &replication_secret(&lun.name_any())),
+        pod::config_map_volume(
+            volumes::TABLES,
+            &crate::names::access_tables(&lun.spec.mail_pod),
+        ),
         Volume {
             name: WORK_VOLUME.into(),
             empty_dir: Some(EmptyDirVolumeSource::default()),

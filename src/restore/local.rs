@@ -25,6 +25,18 @@ impl LocalDovecot {
         std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
         let secret = work.join("doveadm.conf");
         write_private(&secret, &doveadm_password_conf(Some(password)))?;
+        // The homes of mailboxes their LUN took back after a removal, as the stores' userdb has them.
+        let userdb = work.join("userdb");
+        let tables = crate::mailconfig::tables::AccessTables {
+            mailboxes: opts.incarnations.keys().map(|m| (m.clone(), 0)).collect(),
+            incarnations: opts.incarnations.clone(),
+            ..Default::default()
+        };
+        std::fs::write(
+            &userdb,
+            crate::mailconfig::dovecot::store_userdb(&tables, &opts.mail_root),
+        )
+        .with_context(|| format!("writing {}", userdb.display()))?;
         let config = work.join("dovecot.conf");
         std::fs::write(&config, local_conf(opts, &base_dir, &secret))
             .with_context(|| format!("writing {}", config.display()))?;
@@ -102,6 +114,7 @@ pub fn local_conf(opts: &ImportOptions, base_dir: &Path, secret: &Path) -> Strin
          mail_uid = {uid}\nmail_gid = {gid}\nfirst_valid_uid = {uid}\nfirst_valid_gid = {gid}\n\
          # No login service listens: the passdb only satisfies the auth process.\n\
          passdb {{\n  driver = static\n  args = nopassword=y\n}}\n\
+         userdb {{\n  driver = passwd-file\n  args = {work}/userdb\n  default_fields = uid={uid} gid={gid} home={home}\n}}\n\
          userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={home} allow_all_users=yes\n}}\n\
          mail_location = maildir:~/Maildir:INDEX=MEMORY\n\
          !include {secret}\n",
@@ -126,6 +139,7 @@ mod tests {
             password_file: "/p".into(),
             scope: Scope::All,
             lun_mailboxes: None,
+            incarnations: Default::default(),
             mail_uid: 5000,
             mail_gid: 5000,
         };

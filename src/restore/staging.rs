@@ -51,19 +51,12 @@ pub fn staging_folder(folder: &str) -> String {
     format!("{STAGING}{SEPARATOR}{folder}")
 }
 
-/// `user`'s Maildir under `root` (`<domain>/<user>/Maildir`); anything but a plain address is refused.
-pub fn maildir(root: &Path, user: &str) -> Result<PathBuf> {
-    match user.split_once('@') {
-        Some((local, domain))
-            if !local.is_empty()
-                && !domain.is_empty()
-                && !user.contains('/')
-                && !local.starts_with('.')
-                && !domain.starts_with('.') =>
-        {
-            Ok(root.join(domain).join(local).join("Maildir"))
-        }
-        _ => anyhow::bail!("mailbox {user:?} is not an address (user@domain)"),
+/// `user`'s Maildir under `root` in its `incarnation` on the LUN (`<domain>/<user>/Maildir` for the first,
+/// see mailconfig::layout::home); anything but a plain address is refused.
+pub fn maildir(root: &Path, user: &str, incarnation: u32) -> Result<PathBuf> {
+    match crate::mailconfig::layout::home(root, user, incarnation) {
+        Some(home) => Ok(home.join("Maildir")),
+        None => anyhow::bail!("mailbox {user:?} is not an address (user@domain)"),
     }
 }
 
@@ -76,12 +69,15 @@ pub struct Origin {
     pub scratch: PathBuf,
     pub mail_uid: u32,
     pub mail_gid: u32,
+    /// The incarnation of each mailbox its LUN took back after a removal (absent: the first).
+    pub incarnations: std::collections::BTreeMap<String, u32>,
 }
 
 impl Origin {
-    /// `user`'s Maildir under the mail root.
+    /// `user`'s Maildir under the mail root, in its current incarnation: never a previous owner's.
     pub fn maildir(&self, user: &str) -> Result<PathBuf> {
-        maildir(&self.mail_root, user)
+        let n = self.incarnations.get(user).copied().unwrap_or(0);
+        maildir(&self.mail_root, user, n)
     }
 
     /// An empty scratch Maildir location (its parent created and owned by the mail user).
@@ -275,7 +271,12 @@ mod tests {
             scratch: "/s".into(),
             mail_uid: 5000,
             mail_gid: 5000,
+            incarnations: [("bob@a.example".to_string(), 2)].into(),
         };
+        assert_eq!(
+            o.maildir("bob@a.example").unwrap(),
+            Path::new("/m/.incarnation-2/a.example/bob/Maildir")
+        );
         assert_eq!(
             o.maildir("ann@a.example").unwrap(),
             Path::new("/m/a.example/ann/Maildir")
