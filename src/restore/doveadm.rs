@@ -55,12 +55,24 @@ const LIST_FIELDS: &str = "mailbox uid flags hdr.message-id size.virtual hdr";
 #[derive(Clone, Debug)]
 pub struct Doveadm {
     pub config: PathBuf,
+    /// Global `-o` settings before every command: how a live store across sites is reached over TLS
+    /// (agent::replication_mirror::Remote::options).
+    pub options: Vec<String>,
 }
 
 impl Doveadm {
+    /// doveadm with `config` and no other settings.
+    pub fn new(config: PathBuf) -> Self {
+        Self {
+            config,
+            options: vec![],
+        }
+    }
+
     fn command(&self, side: &Side, args: &[&str]) -> Command {
         let mut cmd = Command::new("doveadm");
         cmd.arg("-c").arg(&self.config);
+        cmd.args(&self.options);
         // Formatter options come before the command name, `-S` after it.
         let (head, rest) = args.split_at(usize::from(args.first() == Some(&"-f")) * 2);
         cmd.args(head);
@@ -322,9 +334,7 @@ mod tests {
     use super::*;
 
     fn argv(side: Side, args: &[&str]) -> Vec<String> {
-        let d = Doveadm {
-            config: "/w/dovecot.conf".into(),
-        };
+        let d = Doveadm::new("/w/dovecot.conf".into());
         d.command(&side, args)
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())

@@ -41,7 +41,7 @@ impl LocalDovecot {
             );
         }
         let started = Self {
-            doveadm: Doveadm { config },
+            doveadm: Doveadm::new(config),
             base_dir,
         };
         let socket = started.base_dir.join("auth-userdb");
