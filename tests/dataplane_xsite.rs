@@ -312,6 +312,25 @@ fn standby_pulls_from_the_annotated_source_over_verified_tls() {
         Some("serial=01"),
         "A's TLS listener presents the site certificate"
     );
+    // Its expiry is watched like a front end's certificate.
+    let expiry = wait_for("A to report the site certificate's expiry", WAIT, || {
+        let (_, body) = a.get("/metrics");
+        body.lines()
+            .find(|l| {
+                l.starts_with("mailpod_tls_certificate_expiry_timestamp_seconds{")
+                    && l.contains("site-tls")
+            })
+            .map(String::from)
+    });
+    let not_after: f64 = expiry.rsplit(' ').next().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now + 86_400.0..now + 3.0 * 86_400.0).contains(&not_after),
+        "a 2-day certificate: {expiry}"
+    );
     // Nothing there answers in clear; the in-site listener does (it needs the password first).
     let greeting = clear_text_greeting(pa.doveadm_tls);
     assert!(

@@ -256,7 +256,12 @@ async fn run(args: AgentArgs) -> Result<()> {
         .then(|| lmtp_gate::Gate::new(layout.lmtp_socket(), inputs.settings.hostname.clone()));
     let queue_dir = role.runs_postfix().then(|| layout.postfix_queue.clone());
     let mut metrics = metrics::Metrics::new(queue_dir, role == Role::Store);
-    metrics.watch_certificate(layout.tls_dir.join("tls.crt"));
+    // Stores present no front-end certificate; with site replication they present the site's.
+    let presented = match (&layout.site_tls_dir, role) {
+        (Some(dir), Role::Store) => dir.join("tls.crt"),
+        _ => layout.tls_dir.join("tls.crt"),
+    };
+    metrics.watch_certificate(presented);
     let quota = (role == Role::Store).then(|| quota::QuotaPoller {
         dovecot_conf: layout.dovecot_conf(),
         config_dir: args.config_dir.clone(),
