@@ -77,11 +77,19 @@ fn make_ca(dir: &Path, name: &str) -> PathBuf {
 
 /// A server certificate for `host` issued by CA `ca` (in `dir`), with serial `serial`: the Secret's files.
 fn issue(dir: &Path, ca: &str, host: &str, serial: u32) -> BTreeMap<String, Vec<u8>> {
+    issue_for(dir, ca, &[host], serial)
+}
+
+/// [`issue`] for every name of `hosts` (the first is the subject's CN).
+fn issue_for(dir: &Path, ca: &str, hosts: &[&str], serial: u32) -> BTreeMap<String, Vec<u8>> {
+    let host = hosts[0];
     let leaf = format!("{host}-{serial}");
+    let names: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();
     std::fs::write(
         dir.join(format!("{leaf}.ext")),
         format!(
-            "subjectAltName=DNS:{host}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n"
+            "subjectAltName={}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            names.join(",")
         ),
     )
     .unwrap();
@@ -512,6 +520,101 @@ fn a_standby_refuses_a_peer_its_ca_did_not_sign_or_that_names_another_host() {
         (r["inSync"] == true).then_some(r)
     });
     assert!(rb_state["lastError"].is_null(), "{rb_state}");
+
+    let mut agents = [a, b];
+    for agent in agents.iter_mut() {
+        assert!(agent.stop(), "store agent must exit cleanly");
+    }
+}
+
+/// A primary site's store that comes back after the other site took over: fenced, it becomes a standby
+/// that pulls from the other site, and first hands over (over TLS, doveadm's fetch and save with `-S`) the
+/// mail only it holds. Every message ends on both sites exactly once.
+#[test]
+fn a_returning_primarys_store_hands_its_mail_to_the_other_site_over_tls() {
+    if !mail_software_present(
+        "a_returning_primarys_store_hands_its_mail_to_the_other_site_over_tls",
+    ) {
+        return;
+    }
+    let Sites {
+        mut site,
+        root,
+        password,
+        host,
+        closed,
+    } = sites();
+    let (pa, pb) = (Ports::free(), Ports::free());
+    site.lun(0, &pa);
+    site.mailbox(USER, 0, "alice-pw");
+    // The other site's replication Service, by its own name in the certificate.
+    let host_b = cluster_name("corp-lun-0-replication-b");
+    site.dns.set(&host_b, Ipv4Addr::LOCALHOST);
+    site.publish();
+    let certs = root.join("certs");
+    make_ca(&certs, "site-ca");
+    // One certificate naming both sites' addresses, as the runbook asks.
+    let secret = issue_for(&certs, "site-ca", &[&host, &host_b], 1);
+    let (ra, rb) = (
+        Replica::new(&root, "a", "active"),
+        Replica::new(&root, "b", "standby"),
+    );
+    ra.site_tls.publish(&secret);
+    rb.site_tls.publish(&secret);
+    rb.pull_from(&format!("{host}:{}", pa.doveadm_tls));
+    let a = ra.start(&site, "site-a", &pa, closed, &password);
+    let b = rb.start(&site, "site-b", &pb, closed, &password);
+
+    // 1. B mirrors A.
+    wait_accepts_writes(&a);
+    let first: Vec<String> = (0..5).map(|i| format!("first-{i}")).collect();
+    deliver_lmtp(pa.lmtp, USER, &first);
+    let mut want = first.clone();
+    want.sort();
+    wait_for("B to mirror A", WAIT, || {
+        (maildir_subjects(&b, USER) == want).then_some(())
+    });
+
+    // 2. Site B takes over: its LUN unfenced, its store active. A, cut off, still took mail meanwhile.
+    replace(
+        &rb.annotations,
+        "kubectl.kubernetes.io/default-container=\"store\"\n",
+    );
+    replace(&rb.labels, "mailpod.io/role=\"active\"\n");
+    wait_accepts_writes(&b);
+    let only_a: Vec<String> = (0..3).map(|i| format!("only-on-a-{i}")).collect();
+    deliver_lmtp(pa.lmtp, USER, &only_a);
+    let on_b: Vec<String> = (0..2).map(|i| format!("on-b-{i}")).collect();
+    deliver_lmtp(pb.lmtp, USER, &on_b);
+
+    // 3. A returns fenced: a standby of the other site.
+    ra.pull_from(&format!("{host_b}:{}", pb.doveadm_tls));
+    replace(&ra.labels, "mailpod.io/role=\"standby\"\n");
+    let mut all = [first, only_a, on_b].concat();
+    all.sort();
+    let mut last = (Vec::new(), Vec::new());
+    let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(
+            "both sites to hold every message exactly once",
+            WAIT,
+            || {
+                last = (maildir_subjects(&b, USER), maildir_subjects(&a, USER));
+                (last.0 == all && last.1 == all).then_some(())
+            },
+        )
+    }));
+    assert!(
+        ok.is_ok(),
+        "B {:?}, A {:?}, want {all:?}; A's replication {}",
+        last.0,
+        last.1,
+        a.get("/replication").1
+    );
+    let ra_state = wait_for("A to report in sync with B", WAIT, || {
+        let r = replication(&a);
+        (r["inSync"] == true).then_some(r)
+    });
+    assert_eq!(ra_state["source"], format!("{host_b}:{}", pb.doveadm_tls));
 
     let mut agents = [a, b];
     for agent in agents.iter_mut() {
