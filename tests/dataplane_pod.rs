@@ -461,6 +461,17 @@ fn rendered_mailpod_delivers_and_logs_in_under_pod_conditions() {
             store.work.display(),
             String::from_utf8_lossy(&hello.stderr)
         );
+        // Dovecot's global `ssl = yes` (which that listener needs) gives the mail protocols no STARTTLS:
+        // the proxies speak to the stores in clear inside the cluster.
+        let mut s = Session::connect(store_ports[&index].imap);
+        let greeting = s.line();
+        assert!(
+            greeting.starts_with("* OK") && !greeting.contains("STARTTLS"),
+            "{greeting}"
+        );
+        let (lines, done) = s.imap("CAPABILITY");
+        assert!(done.starts_with("t OK"), "{done}");
+        assert!(lines.iter().all(|l| !l.contains("STARTTLS")), "{lines:?}");
     }
 
     // 4. The stores run under the rendered capabilities: no Dovecot process needed a chroot.
