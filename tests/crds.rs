@@ -363,6 +363,10 @@ fn cel_rules_agree_with_rust_validation() {
         ),
         (
             json!({"domains": ["example.com"], "backend": {"siteReplication": {"sourceRanges": ["198.51.100.0/24"]}}}),
+            false,
+        ),
+        (
+            json!({"domains": ["example.com"], "backend": {"siteReplication": {"sourceRanges": ["198.51.100.0/24"], "tls": {"secretName": "site-tls"}}}}),
             true,
         ),
         (

@@ -1,7 +1,7 @@
 //! What the operator renders for a MailPod, run as its pods would run it: the access-tables and
 //! mail-settings ConfigMaps verbatim (only the stores' ports are the test's), each agent told only what its
-//! rendered container's environment tells it, the users Secret mounted as the kubelet mounts it (mode as
-//! rendered, root-owned, `..data` symlinks), names resolved by cluster DNS through a pod's resolv.conf
+//! rendered container's environment tells it, the users Secret and the stores' site replication
+//! certificate mounted as the kubelet mounts them (mode as rendered, root-owned, `..data` symlinks), names resolved by cluster DNS through a pod's resolv.conf
 //! (search list, ndots:5), the rendered capabilities (no SYS_CHROOT) and clients on another address.
 //!
 //! Each defect this catches broke every installation: deliveries bounced because Postfix's LMTP client
@@ -37,7 +37,11 @@ spec:
   mailboxes:
     inline: [alice@example.com, bob@example.com, carol@example.com]
     passwdFileSecret: {name: corp-users, key: users}
-  backend: {maxUsersPerLun: 2, standbys: 0}
+  backend:
+    maxUsersPerLun: 2
+    standbys: 0
+    # The stores mount the site replication certificate and serve doveadm over TLS with it.
+    siteReplication: {sourceRanges: [198.51.100.0/24], tls: {secretName: corp-site-tls}}
   postmaster: alice@example.com
   # The pod conditions are what this test is about; TLS has its own (tests/dataplane_tls.rs).
   insecurePlaintextAuth: true
@@ -54,6 +58,8 @@ struct Rendered {
     tables: BTreeMap<String, String>,
     settings: String,
     containers: BTreeMap<String, Container>,
+    /// `defaultMode` of the stores' site replication Secret volume.
+    site_tls_mode: Option<u32>,
 }
 
 fn render() -> Rendered {
@@ -64,11 +70,16 @@ fn render() -> Rendered {
         tables: BTreeMap::new(),
         settings: String::new(),
         containers: BTreeMap::new(),
+        site_tls_mode: None,
     };
     let mut add_sts = |sts: &k8s_openapi::api::apps::v1::StatefulSet| {
         let name = sts.metadata.name.clone().unwrap();
         let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         out.containers.insert(name, pod.containers[0].clone());
+        let site_tls = pod.volumes.iter().flatten().find(|v| v.name == "site-tls");
+        if let Some(mode) = site_tls.and_then(|v| v.secret.as_ref()?.default_mode) {
+            out.site_tls_mode = Some(mode as u32);
+        }
     };
     for child in &desired.children {
         match child {
@@ -123,6 +134,34 @@ fn container_env(
         env.push((e.name, value));
     }
     env
+}
+
+/// The name the site replication certificate is for.
+const SITE_HOST: &str = "corp-replication.site-a.example";
+
+/// A self-signed certificate and key for `host` in `dir` (its own CA).
+fn self_signed(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", &format!("/CN={host}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{host}")])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("openssl is installed with Dovecot");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (crt, key)
 }
 
 fn mounts_of(c: &Container) -> BTreeSet<String> {
@@ -217,11 +256,31 @@ fn rendered_mailpod_delivers_and_logs_in_under_pod_conditions() {
 
     let replication_dir = site.root.path().join("replication-secret");
     std::fs::create_dir_all(&replication_dir).unwrap();
+    // The site replication Secret as the kubelet mounts it, at the rendered mode.
+    let site_tls = support::pod::KubeletVolume::new(
+        site.root.path().join("site-tls-secret"),
+        rendered
+            .site_tls_mode
+            .expect("the stores mount the site replication Secret"),
+    );
+    let certificate = self_signed(&site.root.path().join("certs"), SITE_HOST);
+    site_tls.publish(&BTreeMap::from([
+        (
+            "tls.crt".to_string(),
+            std::fs::read(&certificate.0).unwrap(),
+        ),
+        (
+            "tls.key".to_string(),
+            std::fs::read(&certificate.1).unwrap(),
+        ),
+        ("ca.crt".to_string(), std::fs::read(&certificate.0).unwrap()),
+    ]));
     let volumes: BTreeMap<&str, PathBuf> = BTreeMap::from([
         (paths::PASSWD, site.users.dir.clone()),
         (paths::TABLES, site.tables_dir()),
         (paths::SETTINGS, site.config_dir()),
         (paths::REPLICATION, replication_dir),
+        (paths::SITE_TLS, site_tls.dir.clone()),
     ]);
     let start = |role: &'static str, sts: &str, ports: &Ports| {
         let c = rendered
@@ -374,7 +433,48 @@ fn rendered_mailpod_delivers_and_logs_in_under_pod_conditions() {
         "no agent was restarted"
     );
 
-    // 3. The stores run under the rendered capabilities: no Dovecot process needed a chroot.
+    // 3. The stores read the site replication Secret as mounted (root-owned, the rendered mode, `..data`
+    //    symlinks) and serve doveadm over TLS with it, for the other site.
+    for (index, store) in [(0, &store0), (1, &store1)] {
+        let port = store_ports[&index].doveadm_tls;
+        let hello = std::process::Command::new("timeout")
+            .args([
+                "5",
+                "openssl",
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args([
+                "-verify_hostname",
+                SITE_HOST,
+                "-verify_return_error",
+                "-CAfile",
+            ])
+            .arg(&certificate.0)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            hello.status.success(),
+            "{}: doveadm's TLS listener with the mounted certificate: {}",
+            store.work.display(),
+            String::from_utf8_lossy(&hello.stderr)
+        );
+        // Dovecot's global `ssl = yes` (which that listener needs) gives the mail protocols no STARTTLS:
+        // the proxies speak to the stores in clear inside the cluster.
+        let mut s = Session::connect(store_ports[&index].imap);
+        let greeting = s.line();
+        assert!(
+            greeting.starts_with("* OK") && !greeting.contains("STARTTLS"),
+            "{greeting}"
+        );
+        let (lines, done) = s.imap("CAPABILITY");
+        assert!(done.starts_with("t OK"), "{done}");
+        assert!(lines.iter().all(|l| !l.contains("STARTTLS")), "{lines:?}");
+    }
+
+    // 4. The stores run under the rendered capabilities: no Dovecot process needed a chroot.
     for store in [&store0, &store1] {
         let log = std::fs::read_to_string(store.work.join("log/dovecot.log")).unwrap_or_default();
         assert!(

@@ -141,7 +141,7 @@ async fn standby_luns_pull_from_the_primarys_replication_service() {
         .unwrap();
     let svc: Service = serde_json::from_value(json!({
         "metadata": {"name": format!("{lun}-replication"), "namespace": NS},
-        "spec": {"type": "LoadBalancer", "ports": [{"name": "doveadm", "port": 12345}]}
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "doveadm-tls", "port": 12346}]}
     }))
     .unwrap();
     let services = Api::<Service>::namespaced(east.clone(), NS);
@@ -189,7 +189,8 @@ async fn standby_luns_pull_from_the_primarys_replication_service() {
     let standby_lun = luns.get(lun).await.unwrap();
     assert_eq!(
         standby_lun.spec.replication_source.as_deref(),
-        Some("198.51.100.9:12345")
+        Some("198.51.100.9:12346"),
+        "the replication Service's TLS port"
     );
     assert!(
         standby_lun.spec.fenced,
@@ -202,6 +203,80 @@ async fn standby_luns_pull_from_the_primarys_replication_service() {
     sites.west.tick().await;
     let m = sites.west.writes();
     assert!(m.is_empty(), "steady state wrote {m:?}");
+}
+
+/// The standby's stores verify the primary's doveadm certificate with the CA of the site replication
+/// Secret, and present the same certificate once promoted: the mirror copies it, and a renewal follows.
+#[tokio::test]
+async fn the_standby_holds_the_primarys_site_replication_certificate() {
+    use k8s_openapi::api::core::v1::Secret;
+    let mut manifest = failover_support::mailpod_manifest();
+    manifest["spec"]["backend"] = json!({"siteReplication": {
+        "sourceRanges": ["198.51.100.0/24"],
+        "tls": {"secretName": "corp-site-tls"}
+    }});
+    let sites = Sites::with_mailpod(manifest).await;
+    let tls = |crt: &str| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": "corp-site-tls", "namespace": NS},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": crt, "tls.key": "key", "ca.crt": "ca"}
+        }))
+        .unwrap()
+    };
+    let east_secrets = Api::<Secret>::namespaced(sites.east.server.client(), NS);
+    let west_secrets = Api::<Secret>::namespaced(sites.west.server.client(), NS);
+    east_secrets
+        .create(&Default::default(), &tls("crt-1"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        sites.round().await;
+    }
+    let data = |s: Secret| {
+        let mut d: Vec<(String, Vec<u8>)> = s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        d.extend(
+            s.string_data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes())),
+        );
+        d.sort();
+        d
+    };
+    let want = |crt: &str| {
+        vec![
+            ("ca.crt".to_string(), b"ca".to_vec()),
+            ("tls.crt".to_string(), crt.as_bytes().to_vec()),
+            ("tls.key".to_string(), b"key".to_vec()),
+        ]
+    };
+    assert_eq!(
+        data(west_secrets.get("corp-site-tls").await.unwrap()),
+        want("crt-1"),
+        "the standby holds the primary's certificate, key and CA"
+    );
+    assert_eq!(
+        sites.west.mailpod().unwrap().spec.backend.site_replication,
+        sites.east.mailpod().unwrap().spec.backend.site_replication,
+        "both sites' MailPods name it"
+    );
+
+    // A renewal at the primary (cert-manager rewrites the Secret) reaches the standby.
+    east_secrets
+        .replace("corp-site-tls", &Default::default(), &tls("crt-2"))
+        .await
+        .unwrap();
+    sites.round().await;
+    assert_eq!(
+        data(west_secrets.get("corp-site-tls").await.unwrap()),
+        want("crt-2")
+    );
 }
 
 /// East's site goes dark: its API and its front ends stop answering.

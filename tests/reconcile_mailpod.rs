@@ -339,6 +339,83 @@ async fn invalid_spec_reports_the_field_and_touches_no_child() {
     assert_eq!(children_versions(&server, "corp"), before);
 }
 
+/// Site replication without a certificate would carry mail and the doveadm password across sites in clear:
+/// refused, naming the field, and nothing running changes; with `tls` the LUNs' replication Services appear.
+#[tokio::test]
+async fn site_replication_without_tls_is_refused_and_touches_no_child() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let ctx = ctx(&server);
+    fixtures::create_mailpod(&client, NS, "corp", "corp.example", 50).await;
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let before = children_versions(&server, "corp");
+
+    let mps: Api<MailPod> = Api::namespaced(client.clone(), NS);
+    let site_replication = |tls: serde_json::Value| {
+        let mut sr = json!({"sourceRanges": ["198.51.100.0/24"]});
+        if !tls.is_null() {
+            sr["tls"] = tls;
+        }
+        Patch::Merge(json!({"spec": {"backend": {"siteReplication": sr}}}))
+    };
+    mps.patch(
+        "corp",
+        &PatchParams::default(),
+        &site_replication(serde_json::Value::Null),
+    )
+    .await
+    .unwrap();
+    server.clear_requests();
+    let action = reconcile_once(&client, &ctx, NS, "corp").await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    let ready = condition(&mp, condition::READY);
+    assert_eq!(ready.reason, condition::REASON_INVALID_SPEC);
+    assert!(
+        ready
+            .message
+            .contains("spec.backend.siteReplication.tls: required"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(
+        children_versions(&server, "corp"),
+        before,
+        "a child changed"
+    );
+    assert!(
+        server
+            .mutating_requests()
+            .iter()
+            .all(|r| r.path.ends_with("/mailpods/corp/status") || r.path.contains("/events")),
+        "only the status and an Event are written"
+    );
+
+    mps.patch(
+        "corp",
+        &PatchParams::default(),
+        &site_replication(json!({"secretName": "corp-site-tls"})),
+    )
+    .await
+    .unwrap();
+    reconcile_to_fixed_point(&server, &ctx, NS, "corp", 5).await;
+    let mp: MailPod = server.get(NS, "corp").unwrap();
+    assert_ne!(
+        condition(&mp, condition::READY).reason,
+        condition::REASON_INVALID_SPEC
+    );
+    let lun: mailpod_operator::crd::StorageLUN = server.get(NS, "corp-lun-0").unwrap();
+    assert_eq!(
+        lun.spec
+            .site_replication
+            .and_then(|sr| sr.tls)
+            .map(|t| t.secret_name)
+            .as_deref(),
+        Some("corp-site-tls"),
+        "the LUN carries the certificate its stores mount"
+    );
+}
+
 /// The store volumes' size and class are fixed once LUNs exist: a changed `lunTemplate` is refused by the
 /// operator too (where the CRD's transition rule is missing, or in `render`), naming the field, and no
 /// child changes.

@@ -346,7 +346,7 @@ fn one_bad_document_prints_nothing_for_the_good_ones() {
 #[test]
 fn site_replication_exposes_each_luns_active_replica_to_the_other_site() {
     let mp = format!(
-        "{MP}spec:\n  domains: [example.com]\n  tls: {{secretName: t}}\n  postmaster: a@example.com\n  mailboxes:\n    inline: [a@example.com]\n  backend:\n    siteReplication:\n      sourceRanges: [198.51.100.0/24]\n"
+        "{MP}spec:\n  domains: [example.com]\n  tls: {{secretName: t}}\n  postmaster: a@example.com\n  mailboxes:\n    inline: [a@example.com]\n  backend:\n    siteReplication:\n      sourceRanges: [198.51.100.0/24]\n      tls: {{secretName: bad-site-tls}}\n"
     );
     let out = render(&["-f", "-"], Some(&mp));
     assert!(
@@ -361,7 +361,10 @@ fn site_replication_exposes_each_luns_active_replica_to_the_other_site() {
         .expect("the LUN's replication Service");
     assert_eq!(svc["spec"]["type"], "LoadBalancer");
     assert_eq!(svc["spec"]["selector"]["mailpod.io/role"], "active");
-    assert_eq!(svc["spec"]["ports"][0]["port"], 12345);
+    // Only doveadm's TLS listener is exposed; the plain one stays inside the cluster.
+    assert_eq!(svc["spec"]["ports"].as_sequence().unwrap().len(), 1);
+    assert_eq!(svc["spec"]["ports"][0]["port"], 12346);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "doveadm-tls");
     assert_eq!(
         svc["spec"]["loadBalancerSourceRanges"][0],
         "198.51.100.0/24"
@@ -375,8 +378,62 @@ fn site_replication_exposes_each_luns_active_replica_to_the_other_site() {
         rules
             .iter()
             .any(|r| r["from"][0]["ipBlock"]["cidr"] == "198.51.100.0/24"
-                && r["ports"][0]["port"] == 12345),
-        "{np:?}"
+                && r["ports"][0]["port"] == 12346
+                && r["ports"].as_sequence().unwrap().len() == 1),
+        "the other site reaches the TLS listener only: {np:?}"
+    );
+    // The store pods mount the certificate read-only, as a Secret volume of the rendered mode, and the
+    // agent is told where it is.
+    let sts = d
+        .iter()
+        .find(|o| o["kind"] == "StatefulSet" && o["metadata"]["name"] == "bad-lun-0")
+        .unwrap();
+    let pod = &sts["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "site-tls")
+        .expect("the site-tls volume");
+    assert_eq!(volume["secret"]["secretName"], "bad-site-tls");
+    assert_eq!(volume["secret"]["defaultMode"], 0o440);
+    let container = &pod["containers"][0];
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "site-tls")
+        .expect("the site-tls mount");
+    assert_eq!(mount["mountPath"], "/etc/mailpod/site-tls");
+    assert_eq!(mount["readOnly"], true);
+    assert!(container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "MAILPOD_SITE_TLS_DIR" && e["value"] == "/etc/mailpod/site-tls"));
+    assert!(container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "doveadm-tls" && p["containerPort"] == 12346));
+
+    // No certificate: refused, naming the field; the channel is never in clear.
+    let bad = render(
+        &["-f", "-"],
+        Some(&format!(
+            "{MP}spec:\n  domains: [example.com]\n  backend:\n    siteReplication:\n      sourceRanges: [198.51.100.0/24]\n"
+        )),
+    );
+    assert_rejected(&bad, &["spec.backend.siteReplication.tls: required"]);
+    let bad = render(
+        &["-f", "-"],
+        Some(&format!(
+            "{MP}spec:\n  domains: [example.com]\n  backend:\n    siteReplication:\n      sourceRanges: [198.51.100.0/24]\n      tls: {{secretName: Not_A_Name}}\n"
+        )),
+    );
+    assert_rejected(
+        &bad,
+        &["spec.backend.siteReplication.tls.secretName: `Not_A_Name` is not a Secret name"],
     );
 
     let bad = render(

@@ -121,6 +121,15 @@ pub struct AgentArgs {
     /// Store: this replica's own doveadm TCP port (standbys pull from the active's).
     #[arg(long, env = "MAILPOD_DOVEADM_PORT", default_value_t = 12345)]
     pub doveadm_port: u16,
+    /// Store: doveadm's TLS listener for the other site's standbys (served with `--site-tls-dir` only).
+    #[arg(long, env = "MAILPOD_DOVEADM_TLS_PORT", default_value_t = 12346)]
+    pub doveadm_tls_port: u16,
+    /// Store: directory of the site replication certificate (`tls.crt`, `tls.key`, `ca.crt`, a
+    /// kubernetes.io/tls Secret). With it the store serves doveadm over TLS on `--doveadm-tls-port`, and a
+    /// standby pulls from a `mailpod.io/replication-source` only over TLS, verifying the peer's
+    /// certificate and host name against `ca.crt`. Without it a standby pulls nothing across sites.
+    #[arg(long, env = "MAILPOD_SITE_TLS_DIR")]
+    pub site_tls_dir: Option<PathBuf>,
     /// Store: password the LUN's replicas share for doveadm (a Secret that may appear after start-up).
     #[arg(long, env = "MAILPOD_DOVEADM_PASSWORD_FILE")]
     pub doveadm_password_file: Option<PathBuf>,
@@ -172,6 +181,7 @@ impl AgentArgs {
         if let Some(f) = &self.doveadm_password_file {
             layout.doveadm_password_file = f.clone();
         }
+        layout.site_tls_dir = self.site_tls_dir.clone();
         layout
     }
 
@@ -187,6 +197,7 @@ impl AgentArgs {
             pop3s: self.pop3s_port,
             lmtp: self.lmtp_port,
             doveadm: self.doveadm_port,
+            doveadm_tls: self.doveadm_tls_port,
             sieve: self.sieve_port,
         }
     }
@@ -245,7 +256,12 @@ async fn run(args: AgentArgs) -> Result<()> {
         .then(|| lmtp_gate::Gate::new(layout.lmtp_socket(), inputs.settings.hostname.clone()));
     let queue_dir = role.runs_postfix().then(|| layout.postfix_queue.clone());
     let mut metrics = metrics::Metrics::new(queue_dir, role == Role::Store);
-    metrics.watch_certificate(layout.tls_dir.join("tls.crt"));
+    // Stores present no front-end certificate; with site replication they present the site's.
+    let presented = match (&layout.site_tls_dir, role) {
+        (Some(dir), Role::Store) => dir.join("tls.crt"),
+        _ => layout.tls_dir.join("tls.crt"),
+    };
+    metrics.watch_certificate(presented);
     let quota = (role == Role::Store).then(|| quota::QuotaPoller {
         dovecot_conf: layout.dovecot_conf(),
         config_dir: args.config_dir.clone(),
@@ -491,6 +507,10 @@ fn mounted_hash(args: &AgentArgs, layout: &Layout) -> Result<String> {
     // The TLS Secret: a renewed certificate must reach every daemon that presents it (render::TLS_DIGEST).
     if args.role != Role::Store {
         all.extend(render::tls_files(layout)?);
+    }
+    // The site replication certificate, likewise (its digest is in site-tls.conf).
+    if args.role == Role::Store {
+        all.extend(render::site_tls_files(layout)?);
     }
     // The users Secret, updated by the kubelet like a ConfigMap: its private copy follows (agent::passwd).
     if matches!(args.role, Role::Store | Role::Submission) {

@@ -14,8 +14,8 @@ use anyhow::{bail, Context, Result};
 use super::passwd;
 
 use crate::mailconfig::dovecot::{
-    doveadm_password_conf, dovecot_conf, proxy_passdb, proxy_protocols, store_userdb,
-    PROXY_PASSDB_PREFIX, STORE_USERDB,
+    doveadm_password_conf, dovecot_conf, proxy_passdb, proxy_protocols, site_tls_conf,
+    store_userdb, PROXY_PASSDB_PREFIX, STORE_USERDB,
 };
 use crate::mailconfig::layout::{Layout, Ports, Role};
 use crate::mailconfig::postfix::{main_cf, map_sources, master_cf};
@@ -138,6 +138,46 @@ pub fn tls_files(layout: &Layout) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
+/// The mounted site replication certificate, key and CA (`spec.backend.siteReplication.tls`), keyed
+/// `site-tls/<file>`; empty without `--site-tls-dir`, files not there are left out.
+pub fn site_tls_files(layout: &Layout) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let Some(dir) = &layout.site_tls_dir else {
+        return Ok(out);
+    };
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        let path = dir.join(key);
+        match fs::read(&path) {
+            Ok(b) => {
+                out.insert(
+                    format!("site-tls/{key}"),
+                    String::from_utf8_lossy(&b).into_owned(),
+                );
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    Ok(out)
+}
+
+/// site-tls.conf of a store: the TLS listener once the certificate and key are both mounted (Dovecot
+/// refuses to start on an `ssl_cert` it cannot read), with their digest so a renewal reloads Dovecot.
+fn store_site_tls_conf(layout: &Layout, ports: &Ports) -> Result<String> {
+    let files = site_tls_files(layout)?;
+    let ready = ["site-tls/tls.crt", "site-tls/tls.key"]
+        .iter()
+        .all(|k| files.contains_key(*k));
+    if layout.site_tls_dir.is_some() && !ready {
+        tracing::warn!(
+            "the site replication certificate (tls.crt, tls.key) is not mounted yet: no TLS listener \
+             for the other site"
+        );
+    }
+    let dir = layout.site_tls_dir.as_deref().filter(|_| ready);
+    Ok(site_tls_conf(dir, ports.doveadm_tls, &data_hash(&files)))
+}
+
 /// Writes every file of `role` for `inputs`, compiling changed maps with `postmap`.
 pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Result<Changes> {
     let mut changes = Changes::default();
@@ -204,6 +244,10 @@ pub fn apply(role: Role, inputs: &Inputs, layout: &Layout, ports: &Ports) -> Res
             changes.homes_moved =
                 homes_moved(&fs::read_to_string(&userdb).unwrap_or_default(), &text);
             changes.users |= write_passwd_file_if_changed(&userdb, &text)?;
+            changes.dovecot |= write_if_changed(
+                &layout.site_tls_conf(),
+                &store_site_tls_conf(layout, ports)?,
+            )?;
             let password = read_doveadm_password(&layout.doveadm_password_file)?;
             changes.dovecot |= write_private_if_changed(
                 &layout.doveadm_conf(),

@@ -210,6 +210,36 @@ impl ReplicationConfig {
         }
     }
 
+    /// How doveadm reaches `source`: the LUN's own active over the plain in-site listener; any other
+    /// (the `mailpod.io/replication-source` of a standby site) only over TLS, verified against the site
+    /// replication CA. Without that CA nothing is pulled across sites: the mail and the doveadm password
+    /// would cross in clear.
+    pub fn remote(&self, source: &str) -> Result<mirror::Remote> {
+        if source == self.lun_source() {
+            return Ok(mirror::Remote {
+                addr: source.to_string(),
+                ca_file: None,
+            });
+        }
+        let Some(ca) = self.layout.site_ca_file() else {
+            bail!(
+                "not pulling from {source} across sites in clear: no site replication certificate \
+                 (spec.backend.siteReplication.tls, --site-tls-dir)"
+            );
+        };
+        if !ca.exists() {
+            bail!(
+                "not pulling from {source} across sites: {} is not mounted yet \
+                 (spec.backend.siteReplication.tls names a Secret with ca.crt)",
+                ca.display()
+            );
+        }
+        Ok(mirror::Remote {
+            addr: source.to_string(),
+            ca_file: Some(ca),
+        })
+    }
+
     /// The refused pass a person confirmed, from the annotations file.
     fn confirmation(&self) -> Option<String> {
         let text = std::fs::read_to_string(&self.annotations_file).unwrap_or_default();
@@ -655,6 +685,7 @@ impl Replication {
         if users.is_empty() {
             return Ok(0);
         }
+        let source = &c.remote(source)?;
         if !hand_over {
             let confirmed = self.mirror(&lun, source).await?;
             self.guard
@@ -682,7 +713,7 @@ impl Replication {
     /// One mirror pass under the deletion guard (see agent::replication_mirror); true when a person's
     /// confirmation let deletions beyond the limit through. Only mailboxes that have a Maildir here are
     /// asked about locally: nothing else can lose mail, and asking doveadm would create them.
-    async fn mirror(&self, lun: &LunMailboxes, source: &str) -> Result<bool> {
+    async fn mirror(&self, lun: &LunMailboxes, source: &mirror::Remote) -> Result<bool> {
         let c = &self.config;
         let users = &lun.users;
         let present: Vec<String> = users
@@ -724,11 +755,12 @@ impl Replication {
     /// there), with its received date and flags; returns how many it copied. Unlike `doveadm sync -1`, a repeated pass
     /// never copies a message twice, so a pass interrupted by mail arriving on the new active (dsync's
     /// "Mailbox changes caused a desync") can simply run again.
-    async fn hand_over_once(&self, lun: &LunMailboxes, source: &str) -> Result<usize> {
+    async fn hand_over_once(&self, lun: &LunMailboxes, source: &mirror::Remote) -> Result<usize> {
         let doveadm = crate::restore::doveadm::Doveadm {
             config: self.config.dovecot_conf.clone(),
+            options: source.options(),
         };
-        let live = crate::restore::doveadm::Side::Live(source.to_string());
+        let live = crate::restore::doveadm::Side::Live(source.addr.clone());
         let layout = &self.config.layout;
         let origin = crate::restore::staging::Origin {
             mail_root: layout.mail_root.clone(),
@@ -962,6 +994,27 @@ mod tests {
             let e = parse_source(bad).unwrap_err();
             assert!(e.contains("mailpod.io/replication-source"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn only_the_luns_own_active_is_pulled_from_in_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path(), "corp-lun-0");
+        let own = c.remote(&c.lun_source()).unwrap();
+        assert_eq!(own.ca_file, None);
+        // Across sites with no certificate: refused, naming the field.
+        let e = c.remote("198.51.100.9:12346").unwrap_err().to_string();
+        assert!(e.contains("spec.backend.siteReplication.tls"), "{e}");
+        // The certificate's directory named but ca.crt not there yet: refused too.
+        let tls = dir.path().join("site-tls");
+        c.layout.site_tls_dir = Some(tls.clone());
+        let e = c.remote("198.51.100.9:12346").unwrap_err().to_string();
+        assert!(e.contains("ca.crt"), "{e}");
+        std::fs::create_dir(&tls).unwrap();
+        std::fs::write(tls.join("ca.crt"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let r = c.remote("198.51.100.9:12346").unwrap();
+        assert_eq!(r.ca_file, Some(tls.join("ca.crt")));
+        assert_eq!(r.dsync_target(), "tcps:198.51.100.9:12346");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! mailboxes that lose nothing are mirrored even while a pass is refused, so their new mail still comes.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
 
@@ -44,6 +44,56 @@ pub fn parse_status(json: &[u8], user: Option<&str>, out: &mut Mailboxes) -> Res
         out.entry(mailbox).or_default().insert(r.mailbox, folder);
     }
     Ok(())
+}
+
+/// A doveadm service a pass pulls from, and how doveadm reaches it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remote {
+    /// `host:port`.
+    pub addr: String,
+    /// Across sites: only over TLS, the peer's certificate and host name verified against this CA.
+    /// `None`: the LUN's own active, over the plain listener inside the cluster.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Remote {
+    /// doveadm's global settings for this remote. Dovecot 2.3.19: dsync's `tcps:` target does TLS by
+    /// itself, but `-S host:port` (the mailbox status a guarded pass asks the source for, the hand-over's
+    /// fetch and save) uses TLS only with `doveadm_ssl = ssl` *and* a non-zero `doveadm_port` (with port 0
+    /// doveadm never looks at `doveadm_ssl` and speaks in clear). `ssl_client_require_valid_cert = yes`
+    /// (Dovecot's default, stated) makes both refuse a certificate the CA did not sign or that does not
+    /// name the host.
+    pub fn options(&self) -> Vec<String> {
+        let Some(ca) = &self.ca_file else {
+            return vec![];
+        };
+        let port = self.addr.rsplit(':').next().unwrap_or_default();
+        [
+            "doveadm_ssl=ssl".to_string(),
+            format!("doveadm_port={port}"),
+            format!("ssl_client_ca_file={}", ca.display()),
+            "ssl_client_require_valid_cert=yes".to_string(),
+        ]
+        .into_iter()
+        .flat_map(|o| ["-o".to_string(), o])
+        .collect()
+    }
+
+    /// The dsync destination of `doveadm backup`.
+    pub fn dsync_target(&self) -> String {
+        let scheme = if self.ca_file.is_some() {
+            "tcps"
+        } else {
+            "tcp"
+        };
+        format!("{scheme}:{}", self.addr)
+    }
+}
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
 }
 
 /// Runs doveadm; success, stdout and the last lines of stderr.
@@ -87,9 +137,13 @@ pub async fn held(conf: &Path, users_list: &Path) -> Result<Mailboxes> {
     Ok(out)
 }
 
-/// What `source` (`host:port` of a doveadm service) holds for one mailbox.
-pub async fn at_source(conf: &Path, source: &str, user: &str) -> Result<Mailboxes> {
-    let args = [&STATUS[..4], &["-S", source, "-u", user], &STATUS[4..]].concat();
+/// What `source` holds for one mailbox.
+pub async fn at_source(conf: &Path, source: &Remote, user: &str) -> Result<Mailboxes> {
+    let options = source.options();
+    let mut args: Vec<&str> = options.iter().map(String::as_str).collect();
+    args.extend(STATUS[..4].iter().copied());
+    args.extend(["-S", source.addr.as_str(), "-u", user]);
+    args.extend(STATUS[4..].iter().copied());
     let (ok, stdout, stderr) = doveadm(conf, &args).await?;
     if !ok {
         bail!("doveadm mailbox status of {user} on {source}: {stderr}");
@@ -102,9 +156,12 @@ pub async fn at_source(conf: &Path, source: &str, user: &str) -> Result<Mailboxe
 }
 
 /// `doveadm backup -R` of one mailbox from `source`: this replica becomes an exact copy of it.
-async fn backup(conf: &Path, source: &str, user: &str) -> Result<()> {
-    let target = format!("tcp:{source}");
-    let (ok, _, stderr) = doveadm(conf, &["backup", "-R", "-u", user, &target]).await?;
+async fn backup(conf: &Path, source: &Remote, user: &str) -> Result<()> {
+    let target = source.dsync_target();
+    let options = source.options();
+    let mut args: Vec<&str> = options.iter().map(String::as_str).collect();
+    args.extend(["backup", "-R", "-u", user, &target]);
+    let (ok, _, stderr) = doveadm(conf, &args).await?;
     if !ok {
         bail!("doveadm backup -R of {user} from {source}: {stderr}");
     }
@@ -114,7 +171,7 @@ async fn backup(conf: &Path, source: &str, user: &str) -> Result<()> {
 /// One guarded mirror pass.
 pub struct MirrorPass<'a> {
     pub conf: &'a Path,
-    pub source: &'a str,
+    pub source: &'a Remote,
     /// The LUN's mailboxes.
     pub users: &'a [String],
     /// What this replica held at most within the window (see `Guard::reference`).
@@ -165,7 +222,7 @@ pub async fn mirror(pass: MirrorPass<'_>, guard: &Mutex<Guard>) -> Result<bool> 
                     let loses = a.losses.iter().any(|l| l.mailbox == user);
                     if !a.allowed() && loses {
                         let g = guard.lock().expect("replication guard");
-                        if g.confirms(&a, pass.source, confirmation) {
+                        if g.confirms(&a, &pass.source.addr, confirmation) {
                             *confirmed.lock().expect("mirror pass") = true;
                         } else {
                             withheld.lock().expect("mirror pass").insert(user.clone());
@@ -192,7 +249,7 @@ pub async fn mirror(pass: MirrorPass<'_>, guard: &Mutex<Guard>) -> Result<bool> 
     );
     let admission = guard.lock().expect("replication guard").admit(
         &a,
-        pass.source,
+        &pass.source.addr,
         pass.max_percent,
         confirmation,
     );
@@ -206,6 +263,38 @@ pub async fn mirror(pass: MirrorPass<'_>, guard: &Mutex<Guard>) -> Result<bool> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remote_across_sites_is_reached_only_over_verified_tls() {
+        let plain = Remote {
+            addr: "corp-lun-0.mail.svc.cluster.local:12345".into(),
+            ca_file: None,
+        };
+        assert!(plain.options().is_empty());
+        assert_eq!(
+            plain.dsync_target(),
+            "tcp:corp-lun-0.mail.svc.cluster.local:12345"
+        );
+        let tls = Remote {
+            addr: "[2001:db8::7]:12346".into(),
+            ca_file: Some("/etc/mailpod/site-tls/ca.crt".into()),
+        };
+        assert_eq!(tls.dsync_target(), "tcps:[2001:db8::7]:12346");
+        assert_eq!(
+            tls.options(),
+            [
+                "-o",
+                "doveadm_ssl=ssl",
+                "-o",
+                "doveadm_port=12346",
+                "-o",
+                "ssl_client_ca_file=/etc/mailpod/site-tls/ca.crt",
+                "-o",
+                "ssl_client_require_valid_cert=yes"
+            ]
+        );
+        assert_eq!(tls.to_string(), "[2001:db8::7]:12346");
+    }
 
     #[test]
     fn doveadm_status_json() {

@@ -300,6 +300,7 @@ pub struct Backend {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.sourceRanges) && size(self.sourceRanges) > 0").message("sourceRanges must name the other site's egress ranges: the doveadm service carries mail and a password that authorises every doveadm command, and an empty list would admit any address").field_path(".sourceRanges"))]
+#[x_kube(validation = Rule::new("has(self.tls)").message(SITE_REPLICATION_NEEDS_TLS).field_path(".tls"))]
 pub struct SiteReplication {
     /// Service type of `<lun>-replication` (default LoadBalancer).
     #[serde(default = "default_replication_expose")]
@@ -312,6 +313,29 @@ pub struct SiteReplication {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(max = 43)))]
     pub source_ranges: Vec<String>,
+    /// The certificate the exposed doveadm service presents, and the CA the other site's standbys verify
+    /// it with. Required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<SiteReplicationTls>,
+}
+
+/// Why a `siteReplication` without `tls` is refused (the CRD's rule and the operator's validation).
+pub const SITE_REPLICATION_NEEDS_TLS: &str = "required: the doveadm service carries mail and a \
+     password that authorises every doveadm command across sites, so it is served only over TLS (name a \
+     kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt)";
+
+/// TLS of the exposed doveadm service.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteReplicationTls {
+    /// A `kubernetes.io/tls` Secret in the MailPod's namespace with `tls.crt`, `tls.key` and `ca.crt`
+    /// (the layout cert-manager writes). The certificate must name every address a standby pulls from:
+    /// the load-balancer host name or IP of each LUN's `<lun>-replication` Service, at both sites (either
+    /// may be active). `ca.crt` must be the CA that issued it: the standby site, whose MailPod carries the
+    /// same spec (the SiteFailover mirrors this Secret), verifies the peer's certificate and host name
+    /// against it.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 fn default_replication_expose() -> ExposeType {
@@ -814,6 +838,17 @@ impl MailPodSpec {
                         format!("`{r}` is not a CIDR range such as 198.51.100.0/24"),
                     );
                 }
+            }
+            match &sr.tls {
+                None => errs.push(
+                    "spec.backend.siteReplication.tls",
+                    SITE_REPLICATION_NEEDS_TLS,
+                ),
+                Some(t) if !is_dns_subdomain_name(&t.secret_name) => errs.push(
+                    "spec.backend.siteReplication.tls.secretName",
+                    format!("`{}` is not a Secret name", t.secret_name),
+                ),
+                Some(_) => {}
             }
         }
 

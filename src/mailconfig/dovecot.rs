@@ -247,11 +247,15 @@ pub fn dovecot_conf(
             // The LUN's standbys pull from the active over doveadm's TCP service (dsync). The password
             // lives in its own 0600 file from the replication Secret; until that exists the service
             // refuses every remote command (Dovecot requires doveadm_password for TCP clients).
+            // In-site replication stays on this plain listener (the store NetworkPolicy admits only the
+            // LUN's replicas and restore jobs); the other site reaches only the TLS listener of
+            // site-tls.conf.
             let _ = writeln!(
                 out,
-                "service doveadm {{\n  inet_listener {{\n    port = {}\n  }}\n}}\n!include_try {}",
+                "service doveadm {{\n  inet_listener {{\n    port = {}\n  }}\n}}\n!include_try {}\n!include_try {}",
                 ports.doveadm,
-                layout.doveadm_conf().display()
+                layout.doveadm_conf().display(),
+                layout.site_tls_conf().display()
             );
         }
         Role::Imap => {
@@ -294,6 +298,33 @@ pub fn doveadm_password_conf(password: Option<&str>) -> String {
         ),
         None => String::new(),
     }
+}
+
+/// The store's cross-site doveadm listener over TLS (`site-tls.conf`, included after dovecot.conf's own
+/// settings, so it overrides them). Dovecot 2.3 opens no `ssl = yes` listener while the global `ssl` is
+/// `no` (silently: no error, nothing listens), so the global setting becomes `yes` with the site
+/// certificate, and every mail protocol is kept as it was with `ssl = no` (stores never offer STARTTLS:
+/// the proxies speak to them in clear inside the cluster). `digest` (of the certificate, key and CA) is
+/// written as a comment, so a renewed certificate changes the file and the agent reloads Dovecot, which
+/// reads the certificate only when it (re)loads its configuration. `None` (no certificate mounted yet)
+/// renders an empty file: no TLS listener.
+pub fn site_tls_conf(dir: Option<&Path>, port: u16, digest: &str) -> String {
+    let Some(dir) = dir else {
+        return String::new();
+    };
+    let mut out = format!(
+        "# Cross-site replication over TLS; certificate digest {digest}\nssl = yes\nssl_cert = <{}\nssl_key = <{}\n",
+        dir.join("tls.crt").display(),
+        dir.join("tls.key").display()
+    );
+    for protocol in ["imap", "pop3", "lmtp", "sieve"] {
+        let _ = writeln!(out, "protocol {protocol} {{\n  ssl = no\n}}");
+    }
+    let _ = writeln!(
+        out,
+        "service doveadm {{\n  inet_listener doveadm-tls {{\n    port = {port}\n    ssl = yes\n  }}\n}}"
+    );
+    out
 }
 
 /// Sieve on a store (Pigeonhole): LMTP runs each mailbox's active script; scripts live in the mailbox's
@@ -455,7 +486,8 @@ mod tests {
         }
         assert!(conf.contains(
             "service doveadm {\n  inet_listener {\n    port = 12345\n  }\n}\n\
-             !include_try /var/lib/mailpod/dovecot/doveadm.conf\n"
+             !include_try /var/lib/mailpod/dovecot/doveadm.conf\n\
+             !include_try /var/lib/mailpod/dovecot/site-tls.conf\n"
         ));
     }
 
@@ -547,6 +579,35 @@ mod tests {
         assert!(
             !imap.contains("sieve_max_script_size"),
             "proxies run no scripts"
+        );
+    }
+
+    #[test]
+    fn site_tls_serves_doveadm_over_tls_and_keeps_the_mail_protocols_plain() {
+        assert_eq!(
+            site_tls_conf(None, 12346, "x"),
+            "",
+            "no certificate: no listener"
+        );
+        let conf = site_tls_conf(Some(Path::new("/etc/mailpod/site-tls")), 12346, "ab12");
+        assert!(conf.starts_with("# Cross-site replication over TLS; certificate digest ab12\n"));
+        // Dovecot opens no ssl listener while the global ssl is no.
+        assert!(conf.contains(
+            "ssl = yes\nssl_cert = </etc/mailpod/site-tls/tls.crt\nssl_key = </etc/mailpod/site-tls/tls.key\n"
+        ));
+        for protocol in ["imap", "pop3", "lmtp", "sieve"] {
+            assert!(
+                conf.contains(&format!("protocol {protocol} {{\n  ssl = no\n}}\n")),
+                "{protocol}: {conf}"
+            );
+        }
+        assert!(conf.ends_with(
+            "service doveadm {\n  inet_listener doveadm-tls {\n    port = 12346\n    ssl = yes\n  }\n}\n"
+        ));
+        assert_ne!(
+            conf,
+            site_tls_conf(Some(Path::new("/etc/mailpod/site-tls")), 12346, "cd34"),
+            "a renewed certificate changes the file, which asks for a reload"
         );
     }
 

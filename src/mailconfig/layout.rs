@@ -88,6 +88,8 @@ pub struct Ports {
     pub lmtp: u16,
     /// Store role: Dovecot's doveadm TCP service, which the LUN's standbys replicate from.
     pub doveadm: u16,
+    /// Store role: doveadm's TLS listener for the other site's standbys (only with a site certificate).
+    pub doveadm_tls: u16,
     /// Store and imap roles: ManageSieve (the imap proxies forward it to the user's store).
     pub sieve: u16,
 }
@@ -105,6 +107,7 @@ impl Default for Ports {
             pop3s: 995,
             lmtp: 24,
             doveadm: 12345,
+            doveadm_tls: 12346,
             sieve: 4190,
         }
     }
@@ -158,6 +161,10 @@ pub struct Layout {
     /// Store role: the password the LUN's replicas share for doveadm over TCP, from a Secret that may
     /// appear after the pod starts.
     pub doveadm_password_file: PathBuf,
+    /// Store role: `tls.crt`, `tls.key` and `ca.crt` of `spec.backend.siteReplication.tls` (a
+    /// kubernetes.io/tls Secret): the certificate doveadm's TLS listener presents to the other site, and
+    /// the CA a standby verifies the other site's with. `None` when the MailPod has no site replication.
+    pub site_tls_dir: Option<PathBuf>,
     /// Numeric owner of the Maildirs (the image's `vmail` user).
     pub mail_uid: u32,
     pub mail_gid: u32,
@@ -177,6 +184,7 @@ impl Default for Layout {
             tls_dir: "/etc/mailpod/tls".into(),
             users_file: "/etc/mailpod/users/users".into(),
             doveadm_password_file: "/etc/mailpod/replication/doveadm-password".into(),
+            site_tls_dir: None,
             mail_uid: 5000,
             mail_gid: 5000,
         }
@@ -222,6 +230,17 @@ impl Layout {
     /// (mode 0600) and included by dovecot.conf when present.
     pub fn doveadm_conf(&self) -> PathBuf {
         self.dovecot_config.join("doveadm.conf")
+    }
+
+    /// Store role: the cross-site TLS listener and its certificate, included by dovecot.conf; empty until
+    /// the site certificate is mounted (see mailconfig::dovecot::site_tls_conf).
+    pub fn site_tls_conf(&self) -> PathBuf {
+        self.dovecot_config.join("site-tls.conf")
+    }
+
+    /// Store role: the CA a standby verifies the other site's doveadm certificate with.
+    pub fn site_ca_file(&self) -> Option<PathBuf> {
+        self.site_tls_dir.as_ref().map(|d| d.join("ca.crt"))
     }
 
     /// Store role: where the agent records this replica's last role, on the mail volume so it outlives

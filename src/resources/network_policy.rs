@@ -113,10 +113,10 @@ pub fn build(ctx: &Context) -> Vec<Child> {
             from: Some(vec![pods_of(ctx.name(), &[STORE, "restore"])]),
         },
     ];
-    // The other site's standby stores pull over the exposed doveadm service.
+    // The other site's standby stores pull over the exposed doveadm service, on its TLS listener only.
     if let Some(sr) = &ctx.spec().backend.site_replication {
         store_rules.push(NetworkPolicyIngressRule {
-            ports: Some(vec![tcp(ports::DOVEADM)]),
+            ports: Some(vec![tcp(ports::DOVEADM_TLS)]),
             from: (!sr.source_ranges.is_empty()).then(|| {
                 sr.source_ranges
                     .iter()

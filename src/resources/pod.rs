@@ -30,6 +30,8 @@ pub mod paths {
     pub const REPLICATION: &str = "/etc/mailpod/replication";
     /// The LUN's control Secret on store pods.
     pub const CONTROL: &str = "/etc/mailpod/control";
+    /// The cross-site replication certificate (`spec.backend.siteReplication.tls`) on store pods.
+    pub const SITE_TLS: &str = "/etc/mailpod/site-tls";
 }
 
 /// Volume names.
@@ -43,6 +45,7 @@ pub mod volumes {
     pub const PODINFO: &str = "podinfo";
     pub const REPLICATION: &str = "replication";
     pub const CONTROL: &str = "control";
+    pub const SITE_TLS: &str = "site-tls";
 }
 
 /// Ports (container and Service).
@@ -59,6 +62,9 @@ pub mod ports {
     pub const SIEVE: i32 = 4190;
     /// doveadm's TCP service, for replication between the replicas of a LUN.
     pub const DOVEADM: i32 = 12345;
+    /// doveadm's TCP service over TLS, which the other site's standby stores pull from.
+    pub const DOVEADM_TLS: i32 = 12346;
+    pub const DOVEADM_TLS_NAME: &str = "doveadm-tls";
     pub const HTTP: i32 = 80;
     /// The agent's /healthz, /readyz and /metrics.
     pub const METRICS: i32 = 8080;

@@ -103,6 +103,24 @@ fn store_ports() -> Vec<(&'static str, i32)> {
     ]
 }
 
+/// The ports of a store container: the replication certificate adds doveadm's TLS listener.
+fn container_ports(lun: &StorageLUN) -> Vec<(&'static str, i32)> {
+    let mut out = store_ports();
+    if site_tls_secret(lun).is_some() {
+        out.push((ports::DOVEADM_TLS_NAME, ports::DOVEADM_TLS));
+    }
+    out
+}
+
+/// The Secret of `spec.siteReplication.tls`, when the LUN is exposed to the other site.
+pub fn site_tls_secret(lun: &StorageLUN) -> Option<&str> {
+    lun.spec
+        .site_replication
+        .as_ref()
+        .and_then(|sr| sr.tls.as_ref())
+        .map(|t| t.secret_name.as_str())
+}
+
 fn service_ports(list: &[(&'static str, i32)]) -> Vec<ServicePort> {
     list.iter()
         .map(|(name, port)| ServicePort {
@@ -152,8 +170,9 @@ pub fn site_replication_service_name(lun: &str) -> String {
     format!("{lun}-replication")
 }
 
-/// The active replica's doveadm service for the other site: its address is what the peer's SiteFailover
-/// controller sets as its LUN's `spec.replicationSource`.
+/// The active replica's doveadm service for the other site, over TLS only (the plain listener stays inside
+/// the cluster): its address is what the peer's SiteFailover controller sets as its LUN's
+/// `spec.replicationSource`.
 fn site_replication_service(ctx: &Context, sr: &crate::crd::SiteReplication) -> Service {
     let mut selector = ctx.replica_selector();
     selector.insert(l::ROLE.to_string(), l::ROLE_ACTIVE.to_string());
@@ -167,7 +186,10 @@ fn site_replication_service(ctx: &Context, sr: &crate::crd::SiteReplication) -> 
         spec: Some(ServiceSpec {
             type_: Some(sr.service_type.as_str().into()),
             selector: Some(selector),
-            ports: Some(service_ports(&[("doveadm", ports::DOVEADM)])),
+            ports: Some(service_ports(&[(
+                ports::DOVEADM_TLS_NAME,
+                ports::DOVEADM_TLS,
+            )])),
             load_balancer_source_ranges: (lb && !sr.source_ranges.is_empty())
                 .then(|| sr.source_ranges.clone()),
             ..Default::default()
@@ -178,7 +200,7 @@ fn site_replication_service(ctx: &Context, sr: &crate::crd::SiteReplication) -> 
 
 fn statefulset(ctx: &Context) -> StatefulSet {
     let spec = &ctx.lun.spec;
-    let mut container_ports: Vec<_> = store_ports()
+    let mut container_ports: Vec<_> = container_ports(ctx.lun)
         .into_iter()
         .map(|(n, p)| pod::container_port(n, p))
         .collect();
@@ -209,6 +231,14 @@ fn statefulset(ctx: &Context) -> StatefulSet {
         volumes::CONTROL,
         &control_secret(ctx.name()),
     ));
+    // The certificate doveadm's TLS listener presents to the other site, and the CA this site's standbys
+    // verify the other site's with. Optional, like the replication Secret: until it is there the store
+    // serves without that listener (and a standby pulls nothing across sites) instead of not starting.
+    let site_tls = site_tls_secret(ctx.lun);
+    if let Some(secret) = site_tls {
+        mounts.push(pod::mount(volumes::SITE_TLS, paths::SITE_TLS, true));
+        volumes_.push(pod::optional_secret_volume(volumes::SITE_TLS, secret));
+    }
     let mut env = vec![
         pod::value_env(
             "MAILPOD_CONTROL_TOKEN_FILE",
@@ -238,6 +268,9 @@ fn statefulset(ctx: &Context) -> StatefulSet {
             &format!("{}/{}", paths::REPLICATION, REPLICATION_SECRET_KEY),
         ),
     ];
+    if site_tls.is_some() {
+        env.push(pod::value_env("MAILPOD_SITE_TLS_DIR", paths::SITE_TLS));
+    }
     // Users authenticate against the MailPod's passwd-file Secret, when it names one.
     env.extend(
         spec.passwd_file_secret

@@ -54,12 +54,24 @@ const LIST_FIELDS: &str = "mailbox uid flags hdr.message-id size.virtual hdr";
 #[derive(Clone, Debug)]
 pub struct Doveadm {
     pub config: PathBuf,
+    /// Global `-o` settings before every command: how a live store across sites is reached over TLS
+    /// (agent::replication_mirror::Remote::options).
+    pub options: Vec<String>,
 }
 
 impl Doveadm {
+    /// doveadm with `config` and no other settings.
+    pub fn new(config: PathBuf) -> Self {
+        Self {
+            config,
+            options: vec![],
+        }
+    }
+
     fn command(&self, side: &Side, args: &[&str]) -> Command {
         let mut cmd = Command::new("doveadm");
         cmd.arg("-c").arg(&self.config);
+        cmd.args(&self.options);
         // Global options (`-f` formatter, `-o` setting) come before the command name, `-S` after it.
         let mut globals = 0;
         while matches!(args.get(globals), Some(&"-f" | &"-o")) && globals + 1 < args.len() {
@@ -245,7 +257,14 @@ impl Doveadm {
             bail!("a scratch folder is synced to the live store only");
         };
         let scratch = scratch_location(scratch);
-        let destination = format!("tcp:{target}");
+        // Across sites the live store answers only over TLS, verified as `options` say
+        // (agent::replication_mirror::Remote): dsync then needs `tcps:`.
+        let scheme = if self.options.iter().any(|o| o == "doveadm_ssl=ssl") {
+            "tcps"
+        } else {
+            "tcp"
+        };
+        let destination = format!("{scheme}:{target}");
         self.run(
             &Side::Snapshot,
             &[
@@ -331,9 +350,7 @@ mod tests {
     use super::*;
 
     fn argv(side: Side, args: &[&str]) -> Vec<String> {
-        let d = Doveadm {
-            config: "/w/dovecot.conf".into(),
-        };
+        let d = Doveadm::new("/w/dovecot.conf".into());
         d.command(&side, args)
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())

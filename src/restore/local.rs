@@ -53,7 +53,7 @@ impl LocalDovecot {
             );
         }
         let started = Self {
-            doveadm: Doveadm { config },
+            doveadm: Doveadm::new(config),
             base_dir,
         };
         let socket = started.base_dir.join("auth-userdb");

@@ -262,6 +262,8 @@ pub struct Ports {
     pub http: u16,
     pub control: u16,
     pub doveadm: u16,
+    /// doveadm's TLS listener (served only with a site replication certificate).
+    pub doveadm_tls: u16,
     pub sieve: u16,
 }
 
@@ -279,6 +281,7 @@ impl Ports {
             http: free_port(),
             control: free_port(),
             doveadm: free_port(),
+            doveadm_tls: free_port(),
             sieve: free_port(),
         }
     }
@@ -324,6 +327,21 @@ impl Agent {
         labels: &Path,
         annotations: Option<&Path>,
     ) -> Self {
+        Self::start_replica_with(site, name, own, lun, password, labels, annotations, &[])
+    }
+
+    /// [`Agent::start_replica`] with `more` arguments (a site replication certificate, say).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_replica_with(
+        site: &Site,
+        name: &str,
+        own: &Ports,
+        lun: (&str, u16),
+        password: &Path,
+        labels: &Path,
+        annotations: Option<&Path>,
+        more: &[String],
+    ) -> Self {
         let mut extra: Vec<String> = [
             "--lun",
             "corp-lun-0",
@@ -344,6 +362,7 @@ impl Agent {
         if let Some(a) = annotations {
             extra.extend(["--annotations-file".to_string(), a.display().to_string()]);
         }
+        extra.extend(more.iter().cloned());
         Self::start_with(site, "store", name, own, &extra)
     }
 
@@ -400,6 +419,7 @@ impl Agent {
         .args(["--pop3s-port", &ports.pop3s.to_string()])
         .args(["--lmtp-port", &ports.lmtp.to_string()])
         .args(["--doveadm-port", &ports.doveadm.to_string()])
+        .args(["--doveadm-tls-port", &ports.doveadm_tls.to_string()])
         .args(["--sieve-port", &ports.sieve.to_string()])
         .args(["--poll-ms", "200", "--grace-seconds", "5"])
         .args(extra)

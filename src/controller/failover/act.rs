@@ -246,7 +246,7 @@ async fn peer_replication_address(
         .and_then(|ing| ing.into_iter().find_map(|i| i.ip.or(i.hostname)));
     Ok(address.map(|a| {
         let host = if a.contains(':') { format!("[{a}]") } else { a };
-        format!("{host}:{}", crate::resources::pod::ports::DOVEADM)
+        format!("{host}:{}", crate::resources::pod::ports::DOVEADM_TLS)
     }))
 }
 
@@ -267,6 +267,17 @@ fn referenced_sources(mp: &MailPod) -> Vec<(&'static str, String)> {
     // its own (receivers would fail DKIM, and DMARC would refuse the mail).
     if let Some(d) = &mp.spec.dkim {
         out.push(("Secret", d.secret(&mp.name_any())));
+    }
+    // The cross-site replication certificate: the standby's stores verify the primary's with its ca.crt,
+    // and present the same certificate once promoted.
+    if let Some(t) = mp
+        .spec
+        .backend
+        .site_replication
+        .as_ref()
+        .and_then(|sr| sr.tls.as_ref())
+    {
+        out.push(("Secret", t.secret_name.clone()));
     }
     out.sort();
     out.dedup();
