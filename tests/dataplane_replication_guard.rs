@@ -349,3 +349,58 @@ fn a_wiped_and_recreated_mailbox_is_refused() {
     p.standby_holds("u0's new mail during the refusal", &users[0], &u0);
     p.stop();
 }
+
+/// A wipe that races the standby's passes, mailbox after mailbox over a few seconds while passes run,
+/// takes from the standby at most what the limit allows plus the mailboxes being copied at that moment
+/// (docs/dataplane.md, "No mass deletion by replication"): 24 mailboxes of 6 messages, a limit of 50%,
+/// passes copying 4 mailboxes at a time, so at most 72 + 4 × 6 of the 144 messages, never the LUN.
+#[test]
+fn a_wipe_racing_the_passes_loses_at_most_the_allowed_share_and_the_mailboxes_in_flight() {
+    if !mail_software_present(
+        "a_wipe_racing_the_passes_loses_at_most_the_allowed_share_and_the_mailboxes_in_flight",
+    ) {
+        return;
+    }
+    const PER_MAILBOX: usize = 6;
+    const IN_FLIGHT: usize = 4;
+    let users: Vec<String> = (0..24).map(|i| format!("w{i:02}@example.com")).collect();
+    let p = pair(&users);
+    let mail: Vec<Vec<String>> = users.iter().map(|u| subjects(u, PER_MAILBOX)).collect();
+    for (u, m) in users.iter().zip(&mail) {
+        deliver_lmtp(p.active.ports.lmtp, u, m);
+    }
+    for (u, m) in users.iter().zip(&mail) {
+        p.standby_holds("the standby to mirror the active", u, m);
+    }
+    let passes = || {
+        p.standby
+            .metric("mailpod_replication_passes_total")
+            .unwrap_or(0.0)
+    };
+    let before = passes();
+    for u in &users {
+        remove_messages(&p.active, u);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let during = passes() - before;
+    p.refusal("the standby to refuse once the wipe passes the limit");
+    // Passes keep being refused; what the standby still holds stays.
+    std::thread::sleep(Duration::from_secs(3));
+    let held: usize = users
+        .iter()
+        .map(|u| maildir_subjects(&p.standby, u).len())
+        .sum();
+    let total = users.len() * PER_MAILBOX;
+    let lost = total - held;
+    let bound = total / 2 + IN_FLIGHT * PER_MAILBOX;
+    eprintln!(
+        "wipe over {during} passes: the standby lost {lost} of {total} messages (bound {bound})"
+    );
+    assert!(during >= 1.0, "the wipe raced no pass: {during}");
+    assert!(
+        lost <= bound,
+        "the standby lost {lost} of {total} messages, more than {bound}"
+    );
+    assert!(held > 0, "never the LUN");
+    p.stop();
+}

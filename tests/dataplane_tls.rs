@@ -469,7 +469,7 @@ fn the_store_sees_each_clients_address_through_the_proxy_and_limits_it_alone() {
         store_log()
             .lines()
             .filter(|l| {
-                l.contains("imap-login: Login: user=<erin@example.com>")
+                l.contains("imap-login: Info: Login: user=<erin@example.com>")
                     && l.contains(&format!("rip={ip},"))
             })
             .count()

@@ -214,6 +214,10 @@ async fn creates_exactly_the_clone_and_the_job() {
             "/var/mail/store",
             "--work-dir",
             "/var/lib/mailpod/restore",
+            "--tables-dir",
+            "/etc/mailpod/tables",
+            "--lun-index",
+            "0",
             "--mailbox",
             "a@corp.example",
             "--folder",
@@ -291,9 +295,20 @@ async fn dry_run_prints_both_objects_and_creates_nothing() {
         .as_array()
         .unwrap();
     assert!(args.contains(&json!("--all")));
-    // Only the mailboxes the LUN holds now are restored.
-    let at = args.iter().position(|a| a == "--lun-mailboxes").unwrap();
-    assert_eq!(args[at + 1], "a@corp.example,b@corp.example", "{args:?}");
+    // Only the mailboxes the LUN holds now are restored: read from the mounted tables when it runs.
+    let at = args.iter().position(|a| a == "--tables-dir").unwrap();
+    assert_eq!(args[at + 1], "/etc/mailpod/tables", "{args:?}");
+    let at = args.iter().position(|a| a == "--lun-index").unwrap();
+    assert_eq!(args[at + 1], "0", "{args:?}");
+    let volumes = docs[0]["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["configMap"]["name"] == "corp-access-tables"),
+        "{volumes:?}"
+    );
     assert_eq!(docs[1]["spec"]["dataSource"]["name"], SNAP);
 }
 
