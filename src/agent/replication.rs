@@ -49,7 +49,7 @@ use super::metrics::ReplicationMetrics;
 use super::render::read_configmap_dir;
 use super::replication_guard::{self as guard, Guard, Refusal, Refused};
 use super::replication_mirror as mirror;
-use crate::mailconfig::tables::AccessTables;
+use crate::mailconfig::tables::{AccessTables, LunMailboxes};
 use crate::names::annotations;
 use crate::names::labels as l;
 
@@ -264,34 +264,7 @@ impl ReplicationConfig {
     fn mailboxes(&self) -> Result<LunMailboxes> {
         let index = self.lun_index()?;
         let tables = AccessTables::from_data(&read_configmap_dir(&self.tables_dir)?)?;
-        let users: Vec<String> = tables
-            .mailboxes
-            .into_iter()
-            .filter(|(_, lun)| *lun == index)
-            .map(|(m, _)| m)
-            .collect();
-        let incarnations = tables
-            .incarnations
-            .into_iter()
-            .filter(|(m, _)| users.binary_search(m).is_ok())
-            .collect();
-        Ok(LunMailboxes {
-            users,
-            incarnations,
-        })
-    }
-}
-
-/// The mailboxes of this LUN (sorted) and the incarnation of those its LUN took back after a removal.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct LunMailboxes {
-    users: Vec<String>,
-    incarnations: std::collections::BTreeMap<String, u32>,
-}
-
-impl LunMailboxes {
-    fn incarnation(&self, user: &str) -> u32 {
-        self.incarnations.get(user).copied().unwrap_or(0)
+        Ok(tables.lun(index))
     }
 }
 

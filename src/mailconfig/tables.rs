@@ -105,6 +105,21 @@ pub struct AccessTables {
     pub incarnations: BTreeMap<String, u32>,
 }
 
+/// The mailboxes the tables place on one LUN (sorted), and the incarnation of those the LUN took back
+/// after a removal: what a store replicates and hands over, and what a restore may bring back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LunMailboxes {
+    pub users: Vec<String>,
+    pub incarnations: BTreeMap<String, u32>,
+}
+
+impl LunMailboxes {
+    /// `user`'s incarnation on the LUN (0: the first).
+    pub fn incarnation(&self, user: &str) -> u32 {
+        self.incarnations.get(user).copied().unwrap_or(0)
+    }
+}
+
 /// A line of the ConfigMap that cannot be read.
 #[derive(Debug, thiserror::Error)]
 #[error("access tables: key `{key}` line {line}: {message}")]
@@ -422,6 +437,25 @@ impl AccessTables {
             t.quotas.insert(mailbox.to_string(), quota);
         }
         Ok(t)
+    }
+
+    /// The mailboxes placed on LUN `index`, with their incarnations.
+    pub fn lun(self, index: u32) -> LunMailboxes {
+        let users: Vec<String> = self
+            .mailboxes
+            .into_iter()
+            .filter(|(_, lun)| *lun == index)
+            .map(|(m, _)| m)
+            .collect();
+        let incarnations = self
+            .incarnations
+            .into_iter()
+            .filter(|(m, _)| users.binary_search(m).is_ok())
+            .collect();
+        LunMailboxes {
+            users,
+            incarnations,
+        }
     }
 
     /// SHA-256 over the rendered data (keys and values in order): equal tables, equal hash, on any site.

@@ -62,19 +62,8 @@ pub struct ImportOptions {
 pub fn lun_from_tables(dir: &Path, index: u32) -> Result<(Vec<String>, BTreeMap<String, u32>)> {
     let data = crate::agent::render::read_configmap_dir(dir)
         .with_context(|| format!("reading the access tables in {}", dir.display()))?;
-    let tables = crate::mailconfig::tables::AccessTables::from_data(&data)?;
-    let mailboxes: Vec<String> = tables
-        .mailboxes
-        .into_iter()
-        .filter(|(_, lun)| *lun == index)
-        .map(|(m, _)| m)
-        .collect();
-    let incarnations = tables
-        .incarnations
-        .into_iter()
-        .filter(|(m, _)| mailboxes.binary_search(m).is_ok())
-        .collect();
-    Ok((mailboxes, incarnations))
+    let lun = crate::mailconfig::tables::AccessTables::from_data(&data)?.lun(index);
+    Ok((lun.users, lun.incarnations))
 }
 
 /// What happened in one folder.
