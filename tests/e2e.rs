@@ -1760,3 +1760,132 @@ fn a_new_store_template_rolls_one_lun_at_a_time_standbys_first() {
     );
     sc.wait_ready();
 }
+
+/// The rendered userdb of a store pod, as its agent wrote it from the tables the kubelet mounted.
+fn store_userdb(ns: &str, pod: &str) -> Result<String, String> {
+    kubectl(
+        &[
+            "exec",
+            "-n",
+            ns,
+            pod,
+            "--",
+            "cat",
+            "/var/lib/mailpod/dovecot/userdb",
+        ],
+        None,
+    )
+}
+
+/// A removed address that is added again belongs to its new owner only, through the real kubelet's
+/// ConfigMap updates: once both store replicas have read the removal and then the return, the address
+/// logs in to an empty INBOX in its new home, new mail lands there on both replicas, and the previous
+/// owner's message stays on the volume where it was, unseen.
+#[test]
+fn a_removed_and_re_added_address_starts_empty_and_the_old_mail_stays() {
+    if !cluster_given("a_removed_and_re_added_address_starts_empty_and_the_old_mail_stays") {
+        return;
+    }
+    let sc = Scenario::new("readd");
+    sc.apply_small(5);
+    sc.wait_ready();
+    let prefix = format!("e2e-readd-{}-", sc.ns);
+    let carol = "carol@example.com";
+    let old = format!("{prefix}previous-owner");
+    send_mail(&sc.ns, carol, &old);
+    wait_for("carol's message", || {
+        let got = imap_subjects(&sc.ns, carol, "INBOX", &prefix)?;
+        (got == [old.clone()])
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    });
+    let stores = [format!("{LUN}-0"), format!("{LUN}-1")];
+    let inline = |list: &[&str]| {
+        kubectl(
+            &[
+                "patch",
+                "-n",
+                &sc.ns,
+                "mailpod",
+                MAILPOD,
+                "--type=merge",
+                "-p",
+                &json!({"spec": {"mailboxes": {"inline": list}}}).to_string(),
+            ],
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    };
+    inline(&["alice@example.com", "bob@example.com"]);
+    for pod in &stores {
+        wait_for(&format!("{pod} to read the removal"), || {
+            let u = store_userdb(&sc.ns, pod)?;
+            (!u.contains(carol)).then_some(()).ok_or(u)
+        });
+    }
+    inline(&["alice@example.com", "bob@example.com", carol]);
+    wait_for("the LUN to record carol's incarnation", || {
+        let lun = get_json(&sc.ns, &["storagelun", LUN]).ok_or("no LUN")?;
+        let a = lun["metadata"]["annotations"]["mailpod.io/mailbox-incarnations"].clone();
+        (a == json!(r#"{"carol@example.com":1}"#))
+            .then_some(())
+            .ok_or(a.to_string())
+    });
+    for pod in &stores {
+        wait_for(&format!("{pod} to read the return"), || {
+            let u = store_userdb(&sc.ns, pod)?;
+            u.contains("/var/mail/store/.incarnation-1/example.com/carol")
+                .then_some(())
+                .ok_or(u)
+        });
+    }
+    wait_for("carol to log in to an empty INBOX", || {
+        let got = imap_subjects(&sc.ns, carol, "INBOX", &prefix)?;
+        got.is_empty().then_some(()).ok_or(format!("{got:?}"))
+    });
+    let new = format!("{prefix}new-owner");
+    send_mail(&sc.ns, carol, &new);
+    wait_for("the new owner's message", || {
+        let got = imap_subjects(&sc.ns, carol, "INBOX", &prefix)?;
+        (got == [new.clone()])
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    });
+    for pod in &stores {
+        wait_for(&format!("the new home on {pod}"), || {
+            kubectl(
+                &[
+                    "exec",
+                    "-n",
+                    &sc.ns,
+                    pod,
+                    "--",
+                    "grep",
+                    "-rlF",
+                    &new,
+                    "/var/mail/store/.incarnation-1/example.com/carol/Maildir",
+                ],
+                None,
+            )
+            .map(|_| ())
+        });
+        let legacy = kubectl(
+            &[
+                "exec",
+                "-n",
+                &sc.ns,
+                pod,
+                "--",
+                "grep",
+                "-rlF",
+                &old,
+                "/var/mail/store/example.com/carol/Maildir",
+            ],
+            None,
+        );
+        assert!(
+            legacy.is_ok(),
+            "the previous owner's message stays on {pod}: {legacy:?}"
+        );
+    }
+}
